@@ -1,0 +1,1 @@
+//! Admin listener: health, readiness, Prometheus metrics and token status. (To be built.)

@@ -1,0 +1,209 @@
+//! Configuration: the TOML file is read into raw serde structs (`raw`), then checked into the
+//! validated [`Config`] below (`validate`), collecting every problem with its file and key.
+//! Nothing else in the crate reads TOML; everything else takes a validated `Config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::secret::Secret;
+
+pub const DEFAULT_REFRESH_FRACTION: f64 = 0.75;
+pub const DEFAULT_REFRESH_JITTER: f64 = 0.05;
+pub const DEFAULT_MIN_MARGIN: Duration = Duration::from_secs(5);
+pub const DEFAULT_EXPIRY_SKEW: Duration = Duration::from_secs(2);
+pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub const DEFAULT_API_TOKEN_TTL_MINUTES: i64 = 43_200; // 30 days
+pub const DEFAULT_ACCESS_TOKEN_TTL_MINUTES: i64 = 30;
+pub const DEFAULT_IDENTITY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_IDENTITY_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_REPLAY_BUFFER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The whole validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from, for reload and messages.
+    pub source: Option<PathBuf>,
+    pub listeners: Vec<ListenerConfig>,
+    pub admin: Option<AdminConfig>,
+    pub identity: IdentityConfig,
+    pub tokens: TokenPolicy,
+    pub callers: Vec<CallerConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub limits: Limits,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub tls: Option<ServerTls>,
+    /// A listener bound to exactly one caller (sidecar use): every connection is that caller.
+    pub caller: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, client certificates are required and verified against this CA (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    /// Scheme and authority of the identity service, e.g. `https://id.example.com` (no path).
+    pub base_url: String,
+    pub tenant: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Scope asked for the admin bearer; `None` asks for none.
+    pub scope: Option<String>,
+    /// Extra CA certificates (PEM) trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InjectMode {
+    /// Exchange the API token and inject the short-lived access token (default).
+    AccessToken,
+    /// Inject the API token itself.
+    ApiToken,
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenPolicy {
+    pub api_token_ttl_minutes: i64,
+    pub access_token_ttl_minutes: i64,
+    /// `Some(1)`: each API token can be exchanged once; `Some(-1)`/`None`: unlimited.
+    pub max_count_of_uses: Option<i32>,
+    pub inject: InjectMode,
+    /// Renew when this fraction of a credential's lifetime has passed.
+    pub refresh_fraction: f64,
+    /// Relative jitter applied to the refresh point (0.05 = +-5 %).
+    pub refresh_jitter: f64,
+    /// Renew at least this long before expiry.
+    pub min_margin: Duration,
+    /// A credential is treated as expired this long before its real expiry.
+    pub expiry_skew: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Fetch every caller's tokens at start; readiness waits for it.
+    pub warm_up: bool,
+    /// Keeps API tokens across restarts.
+    pub state_file: Option<PathBuf>,
+    /// Prefix of the API tokens' display names (`<prefix>-<caller>`).
+    pub display_name_prefix: String,
+}
+
+impl Default for TokenPolicy {
+    fn default() -> Self {
+        TokenPolicy {
+            api_token_ttl_minutes: DEFAULT_API_TOKEN_TTL_MINUTES,
+            access_token_ttl_minutes: DEFAULT_ACCESS_TOKEN_TTL_MINUTES,
+            max_count_of_uses: None,
+            inject: InjectMode::AccessToken,
+            refresh_fraction: DEFAULT_REFRESH_FRACTION,
+            refresh_jitter: DEFAULT_REFRESH_JITTER,
+            min_margin: DEFAULT_MIN_MARGIN,
+            expiry_skew: DEFAULT_EXPIRY_SKEW,
+            backoff_initial: DEFAULT_BACKOFF_INITIAL,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            warm_up: false,
+            state_file: None,
+            display_name_prefix: "tokenbroker".to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CallerConfig {
+    pub name: String,
+    /// The OAuth client the caller's API token is issued for (`client_id` of create).
+    pub client_id: Option<String>,
+    /// SHA-256 of each accepted caller key (`Proxy-Authorization: Bearer <key>`).
+    pub key_hashes: Vec<[u8; 32]>,
+    /// Client-certificate identities that map to this caller.
+    pub cert_identities: Vec<CertIdentity>,
+    /// Overrides of the token policy for this caller.
+    pub inject: Option<InjectMode>,
+    pub max_count_of_uses: Option<i32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CertIdentity {
+    /// A URI SAN, e.g. a SPIFFE ID `spiffe://example.org/ns/default/sa/billing`.
+    Uri(String),
+    /// A DNS SAN.
+    Dns(String),
+    /// The subject common name.
+    Cn(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Matches the request's Host (without port), case-insensitively; `None` matches any host.
+    pub host: Option<String>,
+    /// Matches a path prefix on a segment boundary; "/" matches everything.
+    pub path_prefix: String,
+    /// Remove `path_prefix` before forwarding.
+    pub strip_prefix: bool,
+    /// Upstream base URL: scheme, authority and an optional base path.
+    pub upstream: http::Uri,
+    pub upstream_ca_file: Option<PathBuf>,
+    /// Callers allowed on this route; everyone else gets 403.
+    pub allow: Vec<String>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: Option<u64>,
+    pub max_connections: usize,
+    /// Request bodies up to this size are buffered so that an upstream 401 can be replayed.
+    pub replay_buffer_bytes: usize,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_body_bytes: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            replay_buffer_bytes: DEFAULT_REPLAY_BUFFER_BYTES,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoggingConfig {
+    /// `tracing` filter directive, e.g. `info` or `tokenbroker=debug`.
+    pub level: Option<String>,
+    pub json: bool,
+}

@@ -1,0 +1,1 @@
+//! The identity-service emulator and echo upstream. (To be built.)

@@ -1,0 +1,19 @@
+//! tokenbroker: an authenticating reverse proxy that injects VMware Identity Services tokens.
+//!
+//! `main.rs` only parses the command line; everything lives here:
+//! - [`config`]: TOML -> validated [`config::Config`]
+//! - [`secret`]: the redacting secret type
+//! - [`identity`]: the identity-service client
+//! - [`broker`]: token lifecycle (cache, refresh, recovery, persistence)
+//! - [`proxy`]: listeners, caller identification, routing, header rewrite, forwarding
+//! - [`admin`]: health, readiness, metrics, token status
+//! - [`emulator`]: a strict emulator of the identity service and an echo upstream
+//! - [`server`]: the shared accept loop and shutdown signal
+
+pub mod broker;
+pub mod config;
+pub mod secret;
+pub mod server;
+pub mod admin;
+pub mod emulator;
+pub mod proxy;
