@@ -10,10 +10,11 @@
 //! - [`emulator`]: a strict emulator of the identity service and an echo upstream
 //! - [`server`]: the shared accept loop and shutdown signal
 
+pub mod admin;
 pub mod broker;
 pub mod config;
+pub mod emulator;
+pub mod metrics;
+pub mod proxy;
 pub mod secret;
 pub mod server;
-pub mod admin;
-pub mod emulator;
-pub mod proxy;

@@ -26,7 +26,11 @@ impl Secret {
     /// The last `n` characters, for operators to tell tokens apart (`token_suffix`).
     pub fn suffix(&self, n: usize) -> String {
         let s = self.expose();
-        let start = s.char_indices().rev().nth(n.saturating_sub(1)).map_or(0, |(i, _)| i);
+        let start = s
+            .char_indices()
+            .rev()
+            .nth(n.saturating_sub(1))
+            .map_or(0, |(i, _)| i);
         s[start..].to_string()
     }
 
@@ -106,10 +110,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
         std::fs::write(&p, "topsecret\n").unwrap();
-        assert_eq!(SecretSource::File(p.clone()).load().unwrap().expose(), "topsecret");
-        let missing = SecretSource::File(dir.path().join("nope")).load().unwrap_err();
+        assert_eq!(
+            SecretSource::File(p.clone()).load().unwrap().expose(),
+            "topsecret"
+        );
+        let missing = SecretSource::File(dir.path().join("nope"))
+            .load()
+            .unwrap_err();
         assert!(missing.contains("cannot read secret file"));
-        let env = SecretSource::Env("TOKENBROKER_TEST_UNSET_VAR".into()).load().unwrap_err();
+        let env = SecretSource::Env("TOKENBROKER_TEST_UNSET_VAR".into())
+            .load()
+            .unwrap_err();
         assert!(env.contains("not set"));
     }
 }

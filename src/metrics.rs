@@ -1,0 +1,222 @@
+//! Prometheus metrics: one [`Metrics`] per process, shared by the proxy, the broker and the admin
+//! listener. Labels carry names only (route, caller, kind, outcome), never a token or a key.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub caller: String,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    /// `admin_bearer`, `create`, `regenerate`, `exchange`.
+    pub kind: &'static str,
+    /// `ok`, `transient`, `rejected`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallerKindLabels {
+    pub caller: String,
+    /// `api_token` or `access_token`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallerLabels {
+    pub caller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 us .. ~26 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+/// Every metric the process exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub upstream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub token_fetches: Family<FetchLabels, Counter>,
+    pub token_expiry_seconds: Family<CallerKindLabels, Gauge>,
+    pub token_waiters: Family<CallerLabels, Counter>,
+    pub config_reloads: Family<OutcomeLabels, Counter>,
+    pub connections_open: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("tokenbroker");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        let upstream_duration =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        let token_fetches = Family::<FetchLabels, Counter>::default();
+        let token_expiry_seconds = Family::<CallerKindLabels, Gauge>::default();
+        let token_waiters = Family::<CallerLabels, Counter>::default();
+        let config_reloads = Family::<OutcomeLabels, Counter>::default();
+        let connections_open = Gauge::default();
+        registry.register(
+            "requests",
+            "Proxied requests by route, caller and status class",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request received to response headers sent",
+            request_duration.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time from forwarding to upstream response headers",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "token_fetches",
+            "Calls to the identity service by kind and outcome",
+            token_fetches.clone(),
+        );
+        registry.register(
+            "token_expiry_seconds",
+            "Seconds until the caller's current token expires",
+            token_expiry_seconds.clone(),
+        );
+        registry.register(
+            "token_waiters",
+            "Requests that waited on a token fetch in flight",
+            token_waiters.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by outcome",
+            config_reloads.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Open client connections on proxy listeners",
+            connections_open.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            token_fetches,
+            token_expiry_seconds,
+            token_waiters,
+            config_reloads,
+            connections_open,
+        })
+    }
+
+    /// Records one finished proxied request.
+    pub fn record_request(
+        &self,
+        route: &str,
+        caller: &str,
+        status: u16,
+        total: Duration,
+        upstream: Option<Duration>,
+    ) {
+        let status_class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                caller: caller.to_string(),
+                status_class,
+            })
+            .inc();
+        let route = RouteLabels {
+            route: route.to_string(),
+        };
+        self.request_duration
+            .get_or_create(&route)
+            .observe(total.as_secs_f64());
+        if let Some(up) = upstream {
+            self.upstream_duration
+                .get_or_create(&route)
+                .observe(up.as_secs_f64());
+        }
+    }
+
+    /// Records one call to the identity service.
+    pub fn record_fetch(&self, kind: &'static str, outcome: &'static str) {
+        self.token_fetches
+            .get_or_create(&FetchLabels { kind, outcome })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_show_up_in_the_exposition() {
+        let m = Metrics::new();
+        m.record_request(
+            "api",
+            "billing",
+            204,
+            Duration::from_millis(3),
+            Some(Duration::from_millis(2)),
+        );
+        m.record_fetch("create", "ok");
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"tokenbroker_requests_total{route="api",caller="billing",status_class="2xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tokenbroker_token_fetches_total{kind="create",outcome="ok"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("tokenbroker_upstream_duration_seconds_count{route=\"api\"} 1"),
+            "{text}"
+        );
+    }
+}
