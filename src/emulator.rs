@@ -4,13 +4,13 @@
 //! says nothing, the choices are listed here and in the submodules.
 //!
 //! This file owns the public interface and wires the parts together:
-//! - [`tokens`]: every credential the emulator issued, and their lifetimes;
-//! - [`identity_api`]: the HTTP handlers of the identity service;
-//! - [`faults`]: the injected faults and which request they hit;
-//! - [`listener`]: the identity listener, which a `Refuse` fault closes and reopens;
-//! - [`control`]: the `/_emulator/` control API (never counted, never hit by faults);
-//! - [`echo`]: the echo upstream;
-//! - [`http`]: response helpers and the one error-to-response table.
+//! - `tokens`: every credential the emulator issued, and their lifetimes;
+//! - `identity_api`: the HTTP handlers of the identity service;
+//! - `faults`: the injected faults and which request they hit;
+//! - `listener`: the identity listener, which a `Refuse` fault closes and reopens;
+//! - `control`: the `/_emulator/` control API (never counted, never hit by faults);
+//! - `echo`: the echo upstream;
+//! - `http`: response helpers and the one error-to-response table.
 //!
 //! Choices where the protocol is silent:
 //! - **Counters** count a request once it is known to be for an operation, whatever happens next

@@ -236,6 +236,23 @@ async fn client_credentials_rejects_bad_client_auth() {
     )
     .await;
     assert_error(&both, 400, "invalid_request");
+    let mismatched = token_request(
+        &emu,
+        &[("authorization", &basic("admin", "secret"))],
+        &[("grant_type", "client_credentials"), ("client_id", "other")],
+    )
+    .await;
+    assert_error(&mismatched, 401, "invalid_client");
+    let matching = token_request(
+        &emu,
+        &[("authorization", &basic("admin", "secret"))],
+        &[("grant_type", "client_credentials"), ("client_id", "admin")],
+    )
+    .await;
+    assert_eq!(
+        matching.0, 200,
+        "a form client_id next to Basic may repeat it"
+    );
     let long_scope = "s".repeat(1025);
     let scope = token_request(
         &emu,
@@ -246,7 +263,7 @@ async fn client_credentials_rejects_bad_client_auth() {
     assert_error(&scope, 400, "invalid_scope");
     assert_eq!(
         emu.counters().client_credentials,
-        8,
+        10,
         "failed requests count too"
     );
     emu.shutdown().await;

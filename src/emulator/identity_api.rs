@@ -164,7 +164,7 @@ fn client_credentials(
     headers: &HeaderMap,
     form: &Form,
 ) -> Result<Response, ApiError> {
-    let (client_id, secret) = client_auth(headers, form)?;
+    let candidates = client_auth(headers, form)?;
     let scope = form.get("scope")?.unwrap_or(ADMIN_SCOPE);
     if scope.len() > MAX_SCOPE {
         return Err(ApiError::invalid_scope(format!(
@@ -173,12 +173,9 @@ fn client_credentials(
     }
     let now = Now::get();
     let mut tokens = shared.tokens();
-    let client_id = [client_id.clone(), form_decode(&client_id)]
+    let (client_id, _) = candidates
         .into_iter()
-        .find(|id| {
-            tokens.authenticate_client(id, &secret)
-                || tokens.authenticate_client(id, &form_decode(&secret))
-        })
+        .find(|(id, secret)| tokens.authenticate_client(id, secret))
         .ok_or_else(|| ApiError::invalid_client("client authentication failed"))?;
     let issued = tokens.issue_admin_bearer(&client_id, scope, &now);
     drop(tokens);
@@ -186,13 +183,14 @@ fn client_credentials(
     Ok(token_response(&issued))
 }
 
-/// (client_id, secret) from HTTP Basic or from the form, never both.
-fn client_auth(headers: &HeaderMap, form: &Form) -> Result<(String, String), ApiError> {
+/// The (client_id, secret) the request may mean: from the form, or from HTTP Basic taken raw or
+/// form-urlencoded (RFC 6749 2.3.1; clients differ). Never both methods.
+fn client_auth(headers: &HeaderMap, form: &Form) -> Result<Vec<(String, String)>, ApiError> {
     let form_id = form.get("client_id")?;
     let form_secret = form.get("client_secret")?;
     let Some(basic) = authorization(headers, "Basic") else {
         return match (form_id, form_secret) {
-            (Some(id), Some(secret)) => Ok((id.to_string(), secret.to_string())),
+            (Some(id), Some(secret)) => Ok(vec![(id.to_string(), secret.to_string())]),
             (None, None) => Err(ApiError::invalid_client(
                 "client authentication is required",
             )),
@@ -208,12 +206,13 @@ fn client_auth(headers: &HeaderMap, form: &Form) -> Result<(String, String), Api
     }
     let (id, secret) = decode_basic(basic)
         .ok_or_else(|| ApiError::invalid_client("malformed Basic credentials"))?;
-    if form_id.is_some_and(|f| f != id && f != form_decode(&id)) {
+    let decoded = (form_decode(&id), form_decode(&secret));
+    if form_id.is_some_and(|f| f != id && f != decoded.0) {
         return Err(ApiError::invalid_client(
             "client_id differs from the Basic credentials",
         ));
     }
-    Ok((id, secret))
+    Ok(vec![(id, secret), decoded])
 }
 
 fn decode_basic(credential: &str) -> Option<(String, String)> {
