@@ -852,11 +852,11 @@ async fn slow_answers_normally_after_the_delay() {
 async fn a_fault_ends_after_its_seconds_or_when_cleared() {
     let emu = start().await;
     emu.inject_fault(Fault {
-        seconds: Some(0.3),
+        seconds: Some(1.0),
         ..fault(FaultKind::ServerError, vec![], None)
     });
     assert_eq!(emu.active_faults().len(), 1);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     admin_bearer(&emu).await;
 
     emu.inject_fault(fault(FaultKind::ServerError, vec![], None));
@@ -896,7 +896,7 @@ async fn refuse_closes_the_port_until_cleared() {
 
     // Time-based: back by itself.
     emu.inject_fault(Fault {
-        seconds: Some(0.3),
+        seconds: Some(1.0),
         ..fault(FaultKind::Refuse, vec![], None)
     });
     assert!(support::connection_refused(addr).await);
@@ -1118,7 +1118,7 @@ async fn control_api_over_http() {
 async fn refuse_over_http_with_seconds() {
     let emu = start().await;
     let addr = emu.addr();
-    let f = r#"{"kind":"refuse","seconds":0.3}"#;
+    let f = r#"{"kind":"refuse","seconds":1.0}"#;
     let reply = http(
         "POST",
         &format!("{}/_emulator/faults", emu.base_url()),
