@@ -118,7 +118,11 @@ async fn thousand_concurrent_first_requests_cause_one_fetch_of_each_kind() {
         (1, 1, 1),
         "{c:?}"
     );
-    assert_eq!(broker.status()[0].state, "ready");
+    let status = &broker.status()[0];
+    assert_eq!(status.state, "ready");
+    assert_eq!(status.fetches.get("create_ok"), Some(&1));
+    assert_eq!(status.fetches.get("exchange_ok"), Some(&1));
+    assert!(status.waited_requests >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
