@@ -2,7 +2,7 @@
 //! with its timeouts and error classification.
 //!
 //! One client per distinct upstream setting (extra CA file, connect timeout), built when a config
-//! is loaded, never per request. Each is a keep-alive pool over rustls (system roots plus the
+//! is loaded (the system roots are read then), never per request. Each is a keep-alive pool over rustls (system roots plus the
 //! route's CA), speaking HTTP/1.1 or HTTP/2 as ALPN decides, plain `http` too.
 //!
 //! Must never: collect a streamed body, hold a lock across an await, or turn an upstream's error
@@ -23,10 +23,8 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::RootCertStore;
 
 use super::error::ProxyError;
-use super::tls;
 use crate::config::{Config, RouteConfig};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -72,7 +70,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Empty => true,
-            ProxyBody::Full(bytes) => bytes.as_ref().map_or(true, Bytes::is_empty),
+            ProxyBody::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
             ProxyBody::Stream(body) => body.is_end_stream(),
             ProxyBody::Limited(body) => body.is_end_stream(),
         }
@@ -108,7 +106,6 @@ impl Clients {
     /// Builds one client per distinct setting and returns, for each route (in config order), the
     /// index of its client.
     pub fn from_config(config: &Config) -> Result<(Clients, Vec<usize>), String> {
-        let roots = tls::native_roots();
         let mut index: HashMap<ClientKey, usize> = HashMap::new();
         let mut clients = Vec::new();
         let mut per_route = Vec::with_capacity(config.routes.len());
@@ -120,7 +117,7 @@ impl Clients {
             let i = match index.get(&key) {
                 Some(i) => *i,
                 None => {
-                    clients.push(build_client(route, roots.clone(), config)?);
+                    clients.push(build_client(route, config)?);
                     index.insert(key, clients.len() - 1);
                     clients.len() - 1
                 }
@@ -143,15 +140,10 @@ impl Clients {
     }
 }
 
-fn build_client(
-    route: &RouteConfig,
-    mut roots: RootCertStore,
-    config: &Config,
-) -> Result<UpstreamClient, String> {
-    if let Some(ca) = &route.upstream_ca_file {
-        tls::add_ca_file(&mut roots, ca).map_err(|e| format!("route {}: {e}", route.name))?;
-    }
-    let tls = tls::client_config(roots).map_err(|e| format!("route {}: {e}", route.name))?;
+fn build_client(route: &RouteConfig, config: &Config) -> Result<UpstreamClient, String> {
+    // ALPN is left to the connector builder (h2, http/1.1).
+    let tls = crate::tls::client_config(route.upstream_ca_file.as_deref())
+        .map_err(|e| format!("route {}: {e}", route.name))?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

@@ -1,59 +1,20 @@
-//! TLS for the proxy: server configs for the listeners (ALPN h2 + http/1.1, optional required
-//! client certificates verified against a CA), client configs for the upstreams (system roots plus
-//! extra CAs), and reading a verified client certificate's identities.
-//!
-//! Every config is built with the ring provider explicitly (`builder_with_provider`), so nothing
-//! depends on a process-wide default provider.
+//! TLS for the proxy's listeners: server configs (ALPN h2 + http/1.1, optional required client
+//! certificates verified against a CA) and reading a verified client certificate's identities.
+//! Upstream client configs come from the crate-wide [`crate::tls`].
 //!
 //! Must never: accept an unverified client certificate as an identity, or log key material.
 
-use std::path::Path;
 use std::sync::Arc;
 
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::PrivateKeyDer;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{RootCertStore, ServerConfig};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::{CertIdentity, ServerTls};
-
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("cannot read certificates from {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("no certificate in {}", path.display()));
-    }
-    Ok(certs)
-}
-
-/// Adds every certificate of a PEM file to `roots`.
-pub fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), String> {
-    for cert in read_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
-    }
-    Ok(())
-}
-
-/// The system's trusted roots; unreadable ones are skipped (and logged).
-pub fn native_roots() -> RootCertStore {
-    let mut roots = RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    for e in &found.errors {
-        tracing::warn!(error = %e, "could not load some system root certificates");
-    }
-    let (_added, _ignored) = roots.add_parsable_certificates(found.certs);
-    roots
-}
+use crate::tls::{provider, read_certs};
 
 /// The listener's server config. With `client_ca`, client certificates are required and
 /// verified against it.
@@ -68,7 +29,11 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ServerConfig>, String> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            add_ca_file(&mut roots, ca)?;
+            for cert in read_certs(ca)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("bad CA certificate in {}: {e}", ca.display()))?;
+            }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
@@ -80,15 +45,6 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ServerConfig>, String> {
         .map_err(|e| format!("certificate {}: {e}", tls.cert.display()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// The client config for upstreams trusting `roots`.
-pub fn client_config(roots: RootCertStore) -> Result<ClientConfig, String> {
-    Ok(ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// The identities of a (verified) client certificate: URI SANs, then DNS SANs, then the subject
