@@ -45,6 +45,7 @@ pub use forward::ProxyBody;
 pub use identify::{identify, Callers, ConnIdentity};
 pub use rewrite::{rewrite_request, rewrite_response, Forwarded};
 pub use route::{request_host, Route, Routes};
+pub use service::{check_head, find_route, ConnInfo};
 
 /// Why the proxy could not start (or a new config could not be applied).
 #[derive(Debug, thiserror::Error)]

@@ -781,3 +781,106 @@ impl Fixture {
         }
     }
 }
+
+/// Collects log output in memory.
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every task of this (single-threaded) test runtime logs to the thread's default subscriber.
+#[tokio::test]
+async fn no_caller_key_or_token_in_trace_logs() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let f = Fixture::start().await;
+    let forged = ("authorization", "Bearer forged-secret-value");
+    let (status, _, _) = http("GET", &f.url("plain", "/fake/a"), &[BILLING, forged], "").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = http(
+        "GET",
+        &f.url("plain", "/fake/b"),
+        &[("proxy-authorization", "Bearer unknown-secret-key")],
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let h2c = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<Bytes>>();
+    let response = h2c
+        .request(get(&f.url("plain", "/fake/c"), &[BILLING, forged]))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    f.emu.revoke_access_tokens();
+    let (status, _, _) = http("GET", &f.url("plain", "/echo/d"), &[BILLING], "").await;
+    assert_eq!(status, StatusCode::OK);
+
+    let token = f.broker.token("billing").await.unwrap();
+    let token = token
+        .header
+        .to_str()
+        .unwrap()
+        .trim_start_matches("Bearer ")
+        .to_string();
+    let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
+    assert_eq!(
+        logs.matches("tokenbroker::request").count(),
+        4,
+        "one line per request"
+    );
+    for secret in [
+        "billing-key",
+        "unknown-secret-key",
+        "forged-secret-value",
+        &token,
+    ] {
+        assert!(!logs.contains(secret), "a secret is in the logs");
+    }
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start_with(|c| c.limits.max_connections = 1).await;
+    let plain = f.addr("plain");
+    let _held = tokio::net::TcpStream::connect(plain).await.unwrap();
+    let open = || async {
+        f.metrics
+            .encode()
+            .contains("tokenbroker_connections_open 1")
+    };
+    assert!(support::eventually(LONG, open).await);
+    let mut second = tokio::net::TcpStream::connect(plain).await.unwrap();
+    let _ = second
+        .write_all(
+            b"GET /fake/x HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer billing-key\r\n\r\n",
+        )
+        .await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(LONG, second.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    assert!(
+        read.is_err() || answer.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    f.assert_nothing_forwarded();
+}
