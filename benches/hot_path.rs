@@ -1,1 +1,279 @@
-fn main() {}
+//! The per-request work of the proxy with a warm token cache, step by step and as a whole:
+//! caller identification (`Proxy-Authorization` key, SHA-256, table lookup), route match (and the
+//! upstream URI), token lookup (the real `Broker`, warmed on the in-process emulator), header
+//! rewrite, and the request id. Target: the whole under 500 ns per request.
+//!
+//! No socket I/O is measured here (that is `benches/load.sh`); the emulator only serves the one
+//! warm-up fetch per caller.
+//!
+//! Run: `cargo bench --bench hot_path` (add `-- --quick` for a short run).
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::{HeaderMap, HeaderValue, Request};
+use sha2::{Digest, Sha256};
+use tokio::runtime::Runtime;
+
+use tokenbroker::broker::Broker;
+use tokenbroker::config::{
+    CallerConfig, Config, IdentityConfig, Limits, ListenerConfig, LoggingConfig, RouteConfig,
+    TokenPolicy,
+};
+use tokenbroker::emulator::{Emulator, EmulatorConfig};
+use tokenbroker::metrics::Metrics;
+use tokenbroker::proxy::rewrite::request_id;
+use tokenbroker::proxy::{
+    check_head, find_route, identify, rewrite_request, ConnInfo, Forwarded, State,
+};
+use tokenbroker::secret::Secret;
+
+/// Callers in the config (the key table), of which the benchmark uses one.
+const CALLERS: usize = 100;
+/// The caller the requests come from.
+const CALLER: usize = 42;
+const ADMIN_ID: &str = "bench-admin";
+
+/// A made-up caller key for caller `i`; only its hash goes into the config.
+fn caller_key(i: usize) -> String {
+    format!("bench-caller-key-{i:04}-0123456789abcdef")
+}
+
+fn caller_name(i: usize) -> String {
+    format!("caller-{i:03}")
+}
+
+fn route(name: &str, host: Option<&str>, prefix: &str, allow: Vec<String>) -> RouteConfig {
+    RouteConfig {
+        name: name.into(),
+        host: host.map(Into::into),
+        path_prefix: prefix.into(),
+        strip_prefix: true,
+        upstream: "http://127.0.0.1:9/base".parse().expect("upstream uri"),
+        upstream_ca_file: None,
+        allow,
+        connect_timeout: Duration::from_secs(2),
+        response_timeout: Duration::from_secs(20),
+    }
+}
+
+fn config(identity_url: String, admin_secret: &str) -> Config {
+    let callers: Vec<CallerConfig> = (0..CALLERS)
+        .map(|i| CallerConfig {
+            name: caller_name(i),
+            client_id: None,
+            key_hashes: vec![Sha256::digest(caller_key(i)).into()],
+            cert_identities: vec![],
+            inject: None,
+            max_count_of_uses: None,
+        })
+        .collect();
+    let everyone: Vec<String> = callers.iter().map(|c| c.name.clone()).collect();
+    // A handful of routes, as a shared proxy would have; the request matches the third one tried
+    // (routes are tried longest prefix first).
+    let routes = vec![
+        route("billing", None, "/billing/v2", everyone.clone()),
+        route("search", Some("search.internal"), "/", everyone.clone()),
+        route("inventory", None, "/inventory", everyone.clone()),
+        route("api", None, "/api", everyone.clone()),
+        route("reports", None, "/reports", everyone.clone()),
+        route("fallback", None, "/", vec![caller_name(0)]),
+    ];
+    Config {
+        source: None,
+        listeners: vec![ListenerConfig {
+            name: "main".into(),
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            tls: None,
+            caller: None,
+        }],
+        admin: None,
+        identity: IdentityConfig {
+            base_url: identity_url,
+            tenant: "CUSTOMER".into(),
+            client_id: ADMIN_ID.into(),
+            client_secret: Secret::new(admin_secret),
+            scope: None,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+        },
+        tokens: TokenPolicy::default(),
+        callers,
+        routes,
+        limits: Limits::default(),
+        logging: LoggingConfig::default(),
+    }
+}
+
+/// A typical HTTP/1.1 request as a caller sends it to the proxy.
+fn template_request() -> Request<()> {
+    Request::builder()
+        .method("GET")
+        .uri("/api/v1/orders/12345?expand=items")
+        .header("host", "tokenbroker.internal:8080")
+        .header("user-agent", "orders-client/1.4")
+        .header("accept", "application/json")
+        .header("accept-encoding", "gzip")
+        .header(
+            "proxy-authorization",
+            format!("Bearer {}", caller_key(CALLER)),
+        )
+        .header("connection", "keep-alive")
+        .body(())
+        .expect("request")
+}
+
+struct Fixture {
+    rt: Runtime,
+    _emulator: Emulator,
+    broker: Arc<Broker>,
+    state: State,
+    conn: ConnInfo,
+    caller: String,
+    request: Request<()>,
+}
+
+fn fixture() -> Fixture {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let admin_secret = format!("bench-admin-secret-{}", std::process::id());
+    let (emulator, broker, config) = rt.block_on(async {
+        let emulator = Emulator::start(EmulatorConfig {
+            clients: vec![(ADMIN_ID.into(), Secret::new(admin_secret.as_str()))],
+            ..EmulatorConfig::default()
+        })
+        .await
+        .expect("emulator");
+        let config = config(emulator.base_url(), &admin_secret);
+        let broker = Broker::start(&config, Metrics::new())
+            .await
+            .expect("broker");
+        (emulator, broker, config)
+    });
+    let caller = caller_name(CALLER);
+    rt.block_on(broker.token(&caller))
+        .expect("warm-up token from the emulator");
+    let state = {
+        let _guard = rt.enter();
+        State::from_config(&config).expect("proxy state")
+    };
+    let conn = ConnInfo::new("main", SocketAddr::from(([127, 0, 0, 1], 40_000)));
+    Fixture {
+        rt,
+        _emulator: emulator,
+        broker,
+        state,
+        conn,
+        caller,
+        request: template_request(),
+    }
+}
+
+fn fresh_headers(f: &Fixture) -> HeaderMap {
+    f.request.headers().clone()
+}
+
+fn hot_path(c: &mut Criterion) {
+    let f = fixture();
+    let token =
+        f.rt.block_on(f.broker.token(&f.caller))
+            .expect("warm token");
+    let mut g = c.benchmark_group("hot_path");
+
+    g.bench_function("identify", |b| {
+        b.iter(|| {
+            identify(
+                &f.state.callers,
+                &f.conn.identity,
+                black_box(f.request.headers()),
+            )
+            .expect("caller")
+            .len()
+        })
+    });
+
+    g.bench_function("route", |b| {
+        b.iter(|| {
+            let route = find_route(&f.state, black_box(&f.request), &f.caller).expect("route");
+            route.upstream_uri(f.request.uri()).expect("uri")
+        })
+    });
+
+    g.bench_function("token_warm", |b| {
+        b.to_async(&f.rt)
+            .iter(|| async { f.broker.token(black_box(&f.caller)).await.expect("token") })
+    });
+
+    g.bench_function("rewrite", |b| {
+        let request_id = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
+        let host = f.request.headers().get(http::header::HOST).cloned();
+        b.iter_batched_ref(
+            || fresh_headers(&f),
+            |headers| {
+                rewrite_request(
+                    headers,
+                    &token.header,
+                    &Forwarded {
+                        peer_ip: f.conn.peer.ip(),
+                        proto: f.conn.proto,
+                        host: host.as_ref(),
+                        request_id: &request_id,
+                    },
+                )
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    g.bench_function("request_id_new", |b| {
+        b.iter(|| request_id(black_box(f.request.headers())))
+    });
+
+    // Everything above in the order `proxy::service` does it, on a fresh copy of the request
+    // each time (the copy is made outside the measurement).
+    g.bench_function("per_request", |b| {
+        b.to_async(&f.rt).iter_batched(
+            || f.request.clone(),
+            |mut request| async {
+                let request_id = request_id(request.headers());
+                check_head(&request, &f.conn.activity, &f.state.limits).expect("head");
+                let caller = identify(&f.state.callers, &f.conn.identity, request.headers())
+                    .expect("caller");
+                let route = find_route(&f.state, &request, caller).expect("route");
+                let token = f.broker.token(caller).await.expect("token");
+                let uri = route.upstream_uri(request.uri()).expect("uri");
+                let host = request.headers().get(http::header::HOST).cloned();
+                rewrite_request(
+                    request.headers_mut(),
+                    &token.header,
+                    &Forwarded {
+                        peer_ip: f.conn.peer.ip(),
+                        proto: f.conn.proto,
+                        host: host.as_ref(),
+                        request_id: &request_id,
+                    },
+                );
+                *request.uri_mut() = uri;
+                request
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = hot_path
+}
+criterion_main!(benches);
