@@ -1,11 +1,52 @@
 //! A strict emulator of VMware Identity Services (token endpoint, api-tokens create and
 //! regenerate), its control API under `/_emulator/`, and an echo upstream that accepts only live
-//! access tokens. (Interface; filled in by the emulator work.)
+//! access tokens. It speaks plain HTTP on loopback and follows `IDENTITY_API.md`; where the vendor
+//! says nothing, the choices are listed here and in the submodules.
+//!
+//! This file owns the public interface and wires the parts together:
+//! - `tokens`: every credential the emulator issued, and their lifetimes;
+//! - `identity_api`: the HTTP handlers of the identity service;
+//! - `faults`: the injected faults and which request they hit;
+//! - `listener`: the identity listener, which a `Refuse` fault closes and reopens;
+//! - `control`: the `/_emulator/` control API (never counted, never hit by faults);
+//! - `echo`: the echo upstream;
+//! - `http`: response helpers and the one error-to-response table.
+//!
+//! Choices where the protocol is silent:
+//! - **Counters** count a request once it is known to be for an operation, whatever happens next
+//!   (validation failure, bad credentials, a fault): create and regenerate as soon as their path and
+//!   method match on the configured tenant and the body was read; token-endpoint requests once the
+//!   `grant_type` is known. Requests with a wrong tenant, method or content type on the token endpoint,
+//!   or an unknown grant, count nowhere. Under `Refuse` nothing is received, so nothing is counted.
+//! - **Faults** hit the first matching active fault in injection order; each hit counts against its
+//!   `requests`. `Refuse` is connection-level: it ignores `operations` and `requests`, ends after
+//!   `seconds` or when cleared, and also closes the control API (it shares the port): inject it over
+//!   HTTP only with `seconds`, or use [`Emulator::clear_faults`].
+//! - **Time**: lifetimes are real durations (`ttl minutes * seconds_per_minute` seconds) on the
+//!   monotonic clock; dates in JSON are the wall clock plus that duration.
+//! - Access tokens (from the API-token exchange) and admin bearers (from `client_credentials`) are
+//!   distinct: [`Emulator::revoke_access_tokens`] kills the former, [`Emulator::revoke_admin_bearers`]
+//!   the latter. Revoking or regenerating an API token does not kill access tokens already exchanged
+//!   from it (they are self-contained JWTs in the real service).
+
+mod control;
+mod echo;
+mod faults;
+mod http;
+mod identity_api;
+mod listener;
+mod tokens;
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
 
 use crate::secret::Secret;
+use crate::server::{serve, Shutdown};
 
 #[derive(Clone, Debug)]
 pub struct EmulatorConfig {
@@ -87,50 +128,227 @@ pub struct Fault {
     pub seconds: Option<f64>,
 }
 
+/// How long shutdown waits for open connections before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// A running emulator. Dropping it does not stop it; call [`Emulator::shutdown`].
 pub struct Emulator {
-    _private: (),
+    shared: Arc<Shared>,
+    echo_addr: Option<SocketAddr>,
+    /// Stops the echo upstream.
+    shutdown: Shutdown,
+    echo_task: Option<JoinHandle<()>>,
 }
 
 impl Emulator {
+    /// Binds the identity port (and the echo port, if configured) and starts serving. Fails if a
+    /// port cannot be bound or `seconds_per_minute` is not a positive number.
     pub async fn start(config: EmulatorConfig) -> std::io::Result<Emulator> {
-        let _ = config;
-        todo!("emulator")
+        if !(config.seconds_per_minute.is_finite() && config.seconds_per_minute > 0.0) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seconds_per_minute must be a positive number",
+            ));
+        }
+        let runtime = Handle::current();
+        let gate = listener::Gate::bind(config.listen, runtime.clone())?;
+        let echo_listener = match config.echo_upstream {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let echo_addr = match &echo_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            tenant: config.tenant.clone(),
+            echo_accepts_api_tokens: config.echo_accepts_api_tokens,
+            tokens: Mutex::new(tokens::Tokens::new(&config)),
+            counters: Mutex::new(Counters::default()),
+            faults: Mutex::new(faults::Faults::default()),
+            gate,
+            runtime,
+        });
+        shared.open_listener()?;
+
+        let shutdown = Shutdown::new();
+        let echo_task = echo_listener.map(|listener| {
+            let handler_shared = shared.clone();
+            let handler = move |req, _peer| echo::handle(handler_shared.clone(), req);
+            tokio::spawn(serve(listener, handler, shutdown.clone(), SHUTDOWN_GRACE))
+        });
+        tracing::info!(addr = %shared.gate.addr(), echo = ?echo_addr, tenant = %config.tenant, "emulator started");
+        Ok(Emulator {
+            shared,
+            echo_addr,
+            shutdown,
+            echo_task,
+        })
     }
+
     pub fn addr(&self) -> SocketAddr {
-        todo!("emulator")
+        self.shared.gate.addr()
     }
+
     /// `http://<addr>`: the identity service's base URL for the client.
     pub fn base_url(&self) -> String {
-        todo!("emulator")
+        format!("http://{}", self.addr())
     }
+
     pub fn echo_addr(&self) -> Option<SocketAddr> {
-        todo!("emulator")
+        self.echo_addr
     }
+
+    /// `http://<echo addr>`, if the echo upstream runs.
+    pub fn echo_url(&self) -> Option<String> {
+        self.echo_addr.map(|a| format!("http://{a}"))
+    }
+
     pub fn counters(&self) -> Counters {
-        todo!("emulator")
+        *self.shared.counters()
     }
+
     pub fn reset_counters(&self) {
-        todo!("emulator")
+        *self.shared.counters() = Counters::default();
     }
+
+    /// Injects a fault. A fault that cannot work (`requests: 0`, `seconds` negative or not a number)
+    /// is logged and ignored; [`Emulator::try_inject_fault`] reports it instead.
     pub fn inject_fault(&self, fault: Fault) {
-        let _ = fault;
-        todo!("emulator")
+        if let Err(e) = self.shared.inject_fault(fault) {
+            tracing::warn!(error = %e, "fault ignored");
+        }
     }
+
+    /// Injects a fault, or says why it cannot work.
+    pub fn try_inject_fault(&self, fault: Fault) -> Result<(), String> {
+        self.shared.inject_fault(fault)
+    }
+
     pub fn clear_faults(&self) {
-        todo!("emulator")
+        self.shared.clear_faults();
     }
+
+    /// The faults still active, in injection order.
+    pub fn active_faults(&self) -> Vec<Fault> {
+        self.shared.faults().active(Instant::now())
+    }
+
     /// Revokes the API token with this id (its secret stops working). False if unknown.
     pub fn revoke_api_token(&self, id: &str) -> bool {
-        let _ = id;
-        todo!("emulator")
+        self.shared.tokens().revoke_api_token(id)
     }
+
     /// Every access token issued so far stops working.
     pub fn revoke_access_tokens(&self) {
-        todo!("emulator")
+        self.shared.tokens().revoke_access_tokens();
     }
+
+    /// Every admin bearer (from `client_credentials`) issued so far stops working.
+    pub fn revoke_admin_bearers(&self) {
+        self.shared.tokens().revoke_admin_bearers();
+    }
+
     pub async fn shutdown(self) {
-        let _ = Duration::ZERO;
-        todo!("emulator")
+        let mut tasks = self.shared.gate.stop();
+        self.shutdown.trigger();
+        tasks.extend(self.echo_task);
+        for task in tasks {
+            let _ = task.await;
+        }
+        tracing::info!("emulator stopped");
+    }
+}
+
+/// What every handler of one emulator shares. Locks are held for a few map operations, never
+/// across an `.await`.
+struct Shared {
+    tenant: String,
+    echo_accepts_api_tokens: bool,
+    tokens: Mutex<tokens::Tokens>,
+    counters: Mutex<Counters>,
+    faults: Mutex<faults::Faults>,
+    gate: listener::Gate,
+    runtime: Handle,
+}
+
+/// A poisoned lock only means a panic elsewhere; the data is still consistent enough for a test tool.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn tokens(&self) -> MutexGuard<'_, tokens::Tokens> {
+        lock(&self.tokens)
+    }
+
+    fn counters(&self) -> MutexGuard<'_, Counters> {
+        lock(&self.counters)
+    }
+
+    fn faults(&self) -> MutexGuard<'_, faults::Faults> {
+        lock(&self.faults)
+    }
+
+    /// Starts serving the identity API on its port, unless it is already served.
+    fn open_listener(self: &Arc<Self>) -> std::io::Result<()> {
+        let shared = self.clone();
+        self.gate
+            .open(move |req, _peer| identity_api::handle(shared.clone(), req))
+    }
+
+    /// Counts a request for `op`, then applies the fault that hits it, if any: `Some(response)`
+    /// when the fault answers instead of the emulator.
+    async fn admit(&self, op: Operation) -> Option<http::Response> {
+        {
+            let mut c = self.counters();
+            match op {
+                Operation::ClientCredentials => c.client_credentials += 1,
+                Operation::Create => c.create += 1,
+                Operation::Regenerate => c.regenerate += 1,
+                Operation::Exchange => c.exchange += 1,
+            }
+        }
+        let kind = self.faults().hit(op, Instant::now())?;
+        tracing::debug!(?op, ?kind, "fault hit");
+        faults::respond(&kind).await
+    }
+
+    fn inject_fault(self: &Arc<Self>, fault: Fault) -> Result<(), String> {
+        let refuse_until = {
+            let mut faults = self.faults();
+            let until = faults.add(fault.clone(), Instant::now())?;
+            (fault.kind == FaultKind::Refuse).then_some(until)
+        };
+        tracing::info!(?fault, "fault injected");
+        if let Some(until) = refuse_until {
+            self.gate.close();
+            if let Some(until) = until {
+                let shared = self.clone();
+                self.runtime.spawn(async move {
+                    tokio::time::sleep_until(until.into()).await;
+                    shared.end_refuse_if_over();
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn end_refuse_if_over(self: &Arc<Self>) {
+        if !self.faults().refusing(Instant::now()) {
+            self.reopen();
+        }
+    }
+
+    fn clear_faults(self: &Arc<Self>) {
+        self.faults().clear();
+        self.reopen();
+        tracing::info!("faults cleared");
+    }
+
+    fn reopen(self: &Arc<Self>) {
+        if let Err(e) = self.open_listener() {
+            tracing::error!(addr = %self.gate.addr(), error = %e, "cannot reopen the identity listener");
+        }
     }
 }

@@ -62,6 +62,9 @@ where
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
+            // Shutdown first: once triggered, nothing more is accepted.
+            biased;
+            _ = shutdown.wait() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -70,7 +73,6 @@ where
                     continue;
                 }
             },
-            _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();

@@ -1,0 +1,86 @@
+//! The backoff gate of one credential: after a failure, no new attempt until the backoff step
+//! has passed, however many requests or timers ask. Holds the last error for status pages.
+
+use std::time::{Duration, Instant};
+
+use super::policy::{backoff, Timing};
+
+#[derive(Debug, Default)]
+pub struct Gate {
+    failures: u32,
+    next_attempt: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl Gate {
+    /// `Some(wait)` while attempts are not allowed.
+    pub fn closed_for(&self, now: Instant) -> Option<Duration> {
+        self.next_attempt.filter(|at| *at > now).map(|at| at - now)
+    }
+
+    /// When the next attempt is allowed, if a backoff is running.
+    pub fn next_attempt(&self) -> Option<Instant> {
+        self.next_attempt
+    }
+
+    /// Records a failure; returns the backoff before the next attempt.
+    pub fn failed(
+        &mut self,
+        now: Instant,
+        error: String,
+        retry_after: Option<Duration>,
+        timing: &Timing,
+    ) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let wait = backoff(self.failures, timing, rand::random::<f64>(), retry_after);
+        self.next_attempt = Some(now + wait);
+        self.last_error = Some(error);
+        wait
+    }
+
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+        self.next_attempt = None;
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closes_after_failure_and_opens_after_success() {
+        let timing = Timing {
+            refresh_fraction: 0.75,
+            refresh_jitter: 0.0,
+            min_margin: Duration::from_secs(1),
+            expiry_skew: Duration::from_secs(1),
+            backoff_initial: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(8),
+        };
+        let now = Instant::now();
+        let mut gate = Gate::default();
+        assert_eq!(gate.closed_for(now), None);
+        let wait = gate.failed(now, "boom".into(), None, &timing);
+        assert!(wait >= Duration::from_secs(1) && wait <= Duration::from_secs(2));
+        assert_eq!(gate.closed_for(now), Some(wait));
+        assert_eq!(gate.closed_for(now + wait), None);
+        assert_eq!(gate.last_error(), Some("boom"));
+        gate.succeeded();
+        assert_eq!(gate.closed_for(now), None);
+        assert_eq!(gate.failures(), 0);
+        assert_eq!(
+            gate.last_error(),
+            Some("boom"),
+            "last error stays for status"
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! Runs the whole token lifecycle with every log at `trace` captured, and checks that no secret
+//! (client secret, API token, access token, admin bearer) appears anywhere in the output.
+//! Its own test binary, so that the global subscriber sees every thread.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokenbroker::broker::Broker;
+use tokenbroker::config::{
+    CallerConfig, Config, IdentityConfig, InjectMode, Limits, LoggingConfig, TokenPolicy,
+};
+use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultKind, Operation};
+use tokenbroker::metrics::Metrics;
+use tokenbroker::secret::Secret;
+
+const CLIENT_SECRET: &str = "Client-Secret-That-Must-Never-Be-Logged-42";
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn caller(name: &str, inject: InjectMode, uses: Option<i32>) -> CallerConfig {
+    CallerConfig {
+        name: name.into(),
+        client_id: None,
+        key_hashes: vec![[1; 32]],
+        cert_identities: vec![],
+        inject: Some(inject),
+        max_count_of_uses: uses,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_in_trace_logs() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+
+    let emu = Emulator::start(EmulatorConfig {
+        clients: vec![("admin".into(), Secret::new(CLIENT_SECRET))],
+        seconds_per_minute: 1.0,
+        echo_upstream: Some("127.0.0.1:0".parse().unwrap()),
+        ..EmulatorConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let identity = IdentityConfig {
+        base_url: emu.base_url(),
+        tenant: "CUSTOMER".into(),
+        client_id: "admin".into(),
+        client_secret: Secret::new(CLIENT_SECRET),
+        scope: Some("admin".into()),
+        ca_file: None,
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+    };
+    let config = Config {
+        source: None,
+        listeners: vec![],
+        admin: None,
+        identity: identity.clone(),
+        tokens: TokenPolicy {
+            api_token_ttl_minutes: 4,
+            access_token_ttl_minutes: 2,
+            state_file: Some(state.clone()),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(500),
+            ..TokenPolicy::default()
+        },
+        callers: vec![
+            caller("plain", InjectMode::AccessToken, None),
+            caller("once", InjectMode::AccessToken, Some(1)),
+            caller("raw", InjectMode::ApiToken, None),
+        ],
+        routes: vec![],
+        limits: Limits::default(),
+        logging: LoggingConfig::default(),
+    };
+    let broker = Broker::start(&config, Metrics::new()).await.unwrap();
+    let mut headers = Vec::new();
+    for name in ["plain", "once", "raw"] {
+        let t = broker.token(name).await.unwrap();
+        headers.push(t.header.to_str().unwrap().to_string());
+        let renewed = broker.rejected(name, t.generation).await.unwrap();
+        headers.push(renewed.header.to_str().unwrap().to_string());
+    }
+    // failures with server bodies, a refused regenerate, refresh through a few lifetimes
+    emu.inject_fault(Fault {
+        kind: FaultKind::Garbage,
+        operations: vec![Operation::Exchange],
+        requests: Some(2),
+        seconds: None,
+    });
+    let id = broker.status()[0].api_token_id.clone().unwrap();
+    emu.revoke_api_token(&id);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for name in ["plain", "once", "raw"] {
+        let t = broker.token(name).await.unwrap();
+        headers.push(t.header.to_str().unwrap().to_string());
+    }
+    // a broker with a wrong client secret reports the failure
+    let mut wrong = config.clone();
+    wrong.identity.client_secret = Secret::new("Wrong-Secret-Also-Never-Logged-77");
+    wrong.tokens.state_file = None;
+    let failing = Broker::start(&wrong, Metrics::new()).await.unwrap();
+    let err = failing.token("plain").await.unwrap_err();
+    broker.shutdown().await;
+
+    let stored = std::fs::read_to_string(&state).unwrap();
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("API token created"), "logs were captured");
+    assert!(logs.len() > 10_000, "trace level was on ({} bytes)", logs.len());
+
+    let mut secrets: Vec<String> = vec![CLIENT_SECRET.into(), "Wrong-Secret-Also-Never-Logged-77".into()];
+    secrets.extend(headers.iter().map(|h| h.trim_start_matches("Bearer ").to_string()));
+    for s in &secrets {
+        assert!(!logs.contains(s.as_str()), "a secret leaked into the logs");
+        assert!(!err.to_string().contains(s.as_str()));
+    }
+    assert!(stored.contains("vidb_"), "state file holds the API tokens");
+    // no API token and no JWT-shaped access token or admin bearer at all, whichever it was
+    assert!(!logs.contains("vidb_"), "an API token leaked into the logs");
+    assert!(!logs.contains("eyJ"), "an access token or admin bearer leaked into the logs");
+    assert!(!format!("{:?}", broker.status()).contains("vidb_"));
+}

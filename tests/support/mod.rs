@@ -1,0 +1,149 @@
+//! HTTP helpers shared by the integration tests (`mod support;`). Generic on purpose: nothing
+//! here knows the emulator or the proxy.
+//!
+//! Every call opens a fresh connection (no pool), so one step of a test cannot leak a kept-alive
+//! connection into the next; `raw` speaks hand-written HTTP/1.1 for malformed requests.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A whole answer: status, headers, body.
+pub type Reply = (StatusCode, HeaderMap, Bytes);
+
+/// How long any helper waits before failing the test.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Sends a request and returns the response with its body unread (for streaming tests).
+pub async fn try_send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Response<Incoming>, String> {
+    let mut req = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req
+        .body(Full::new(body.into()))
+        .map_err(|e| format!("bad request: {e}"))?;
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http::<Full<Bytes>>();
+    match tokio::time::timeout(TIMEOUT, client.request(req)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(format!("{e:?}")),
+        Err(_) => Err("timed out".to_string()),
+    }
+}
+
+/// Sends a request and reads the whole answer; `Err` describes a transport failure.
+pub async fn try_http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Reply, String> {
+    let resp = try_send(method, url, headers, body).await?;
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(TIMEOUT, body.collect())
+        .await
+        .map_err(|_| "body timed out".to_string())?
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok((parts.status, parts.headers, body))
+}
+
+/// Like [`try_http`]; panics on a transport failure.
+pub async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    match try_http(method, url, headers, body).await {
+        Ok(reply) => reply,
+        Err(e) => panic!("{method} {url} failed: {e}"),
+    }
+}
+
+/// Writes `request` as is on a new connection and reads until the server closes it (send
+/// `Connection: close`). Returns the raw answer, lossily decoded.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(request).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    match tokio::time::timeout(TIMEOUT, exchange).await {
+        Ok(Ok(answer)) => String::from_utf8_lossy(&answer).into_owned(),
+        Ok(Err(e)) => panic!("raw request to {addr} failed: {e}"),
+        Err(_) => panic!("raw request to {addr} timed out"),
+    }
+}
+
+/// Whether a TCP connection to `addr` is refused.
+pub async fn connection_refused(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::net::TcpStream::connect(addr).await,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// Polls `check` every 50 ms until it holds; false if it never did within `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The body as JSON; panics with the body text if it is not JSON.
+pub fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+/// A header's value as text ("" if absent).
+pub fn header<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// `Basic base64(id:secret)`.
+pub fn basic(id: &str, secret: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+    )
+}
+
+/// `application/x-www-form-urlencoded` of the pairs.
+pub fn form(pairs: &[(&str, &str)]) -> String {
+    serde_urlencoded::to_string(pairs).expect("form encoding")
+}
