@@ -78,6 +78,8 @@ pub struct CallerStatus {
     pub last_renewal: Option<SystemTime>,
     pub last_error: Option<String>,
     pub waited_requests: u64,
+    /// Identity calls made for this caller, by `<kind>_<outcome>` (e.g. `exchange_ok`).
+    pub fetches: std::collections::BTreeMap<String, u64>,
 }
 
 /// A credential with its timing; entries of the caches.
@@ -202,6 +204,7 @@ struct CallerState {
     active: AtomicBool,
     last_renewal: Mutex<Option<SystemTime>>,
     waited: AtomicU64,
+    fetches: Mutex<std::collections::BTreeMap<String, u64>>,
     /// The last inject generation an upstream refused (api_token mode regenerates on it).
     rejected_generation: AtomicU64,
     wake: tokio::sync::Notify,
@@ -219,6 +222,7 @@ impl CallerState {
             active: AtomicBool::new(false),
             last_renewal: Mutex::new(None),
             waited: AtomicU64::new(0),
+            fetches: Mutex::default(),
             rejected_generation: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
             removed: AtomicBool::new(false),
@@ -527,6 +531,7 @@ impl Broker {
                     last_renewal: *c.last_renewal.lock().unwrap_or_else(|e| e.into_inner()),
                     last_error: gate.last_error().map(str::to_string),
                     waited_requests: c.waited.load(Ordering::Relaxed),
+                    fetches: c.fetches.lock().unwrap_or_else(|e| e.into_inner()).clone(),
                 }
             })
             .collect()

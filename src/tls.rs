@@ -42,13 +42,13 @@ pub fn root_store(extra_ca: Option<&Path>) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// A client config trusting the system roots and `extra_ca`, offering the given ALPN protocols.
-pub fn client_config(extra_ca: Option<&Path>, alpn: &[&[u8]]) -> Result<ClientConfig, String> {
-    let mut config = ClientConfig::builder_with_provider(provider())
+/// A client config trusting the system roots and `extra_ca`. No ALPN: hyper-rustls sets it from
+/// the HTTP versions it enables.
+pub fn client_config(extra_ca: Option<&Path>) -> Result<ClientConfig, String> {
+    let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup failed: {e}"))?
         .with_root_certificates(root_store(extra_ca)?)
         .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }

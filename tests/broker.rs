@@ -1,6 +1,8 @@
 //! The token broker against the real emulator over real sockets, with TTLs shortened by
 //! `seconds_per_minute`. Checks behaviour and call counts, never speed.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,23 +77,24 @@ fn policy(api_minutes: i64, access_minutes: i64) -> TokenPolicy {
 }
 
 async fn start(cfg: &Config) -> Arc<Broker> {
-    Broker::start(cfg, Metrics::new()).await.expect("broker starts")
+    Broker::start(cfg, Metrics::new())
+        .await
+        .expect("broker starts")
 }
 
 /// Presents the token to the emulator's echo upstream: true when it is accepted as live.
 async fn accepted_upstream(emu: &Emulator, result: &TokenResult) -> bool {
     let Ok(token) = result else { return false };
     let addr = emu.echo_addr().expect("echo upstream");
-    let client = hyper_util::client::legacy::Client::builder(
-        hyper_util::rt::TokioExecutor::new(),
+    let header = token.header.to_str().expect("ASCII header");
+    let (status, _, _) = support::http(
+        "GET",
+        &format!("http://{addr}/check"),
+        &[("authorization", header)],
+        "",
     )
-    .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let req = http::Request::get(format!("http://{addr}/check"))
-        .header(http::header::AUTHORIZATION, token.header.clone())
-        .body(http_body_util::Empty::new())
-        .unwrap();
-    let resp = client.request(req).await.expect("echo upstream answers");
-    resp.status() == http::StatusCode::OK
+    .await;
+    status == http::StatusCode::OK
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,8 +113,16 @@ async fn thousand_concurrent_first_requests_cause_one_fetch_of_each_kind() {
     }
     assert_eq!(generations.len(), 1, "every request got the same token");
     let c = emu.counters();
-    assert_eq!((c.client_credentials, c.create, c.exchange), (1, 1, 1), "{c:?}");
-    assert_eq!(broker.status()[0].state, "ready");
+    assert_eq!(
+        (c.client_credentials, c.create, c.exchange),
+        (1, 1, 1),
+        "{c:?}"
+    );
+    let status = &broker.status()[0];
+    assert_eq!(status.state, "ready");
+    assert_eq!(status.fetches.get("create_ok"), Some(&1));
+    assert_eq!(status.fetches.get("exchange_ok"), Some(&1));
+    assert!(status.waited_requests >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,7 +141,11 @@ async fn hundred_cold_callers_cause_exactly_hundred_creates() {
         t.await.unwrap().expect("token");
     }
     let c = emu.counters();
-    assert_eq!((c.client_credentials, c.create, c.exchange), (1, 100, 100), "{c:?}");
+    assert_eq!(
+        (c.client_credentials, c.create, c.exchange),
+        (1, 100, 100),
+        "{c:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,18 +158,33 @@ async fn steady_traffic_over_ten_lifetimes_never_sees_an_expired_token() {
     while Instant::now() < until {
         let result = broker.token("billing").await;
         assert!(result.is_ok(), "request {requests} got {result:?}");
-        assert!(accepted_upstream(&emu, &result).await, "request {requests}: token refused upstream");
+        assert!(
+            accepted_upstream(&emu, &result).await,
+            "request {requests}: token refused upstream"
+        );
         requests += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let c = emu.counters();
-    assert_eq!(c.create, 1, "the API token is regenerated, never re-created: {c:?}");
-    assert!(c.regenerate >= 2, "API token renewed ahead of its expiry: {c:?}");
-    assert!(c.exchange >= 10, "access token renewed every lifetime: {c:?}");
+    assert_eq!(
+        c.create, 1,
+        "the API token is regenerated, never re-created: {c:?}"
+    );
+    assert!(
+        c.regenerate >= 2,
+        "API token renewed ahead of its expiry: {c:?}"
+    );
+    assert!(
+        c.exchange >= 10,
+        "access token renewed every lifetime: {c:?}"
+    );
     assert_eq!(c.echo_rejected, 0);
     let status = &broker.status()[0];
     assert_eq!(status.state, "ready");
-    assert!(status.waited_requests <= 1, "renewals happened off the request path: {status:?}");
+    assert!(
+        status.waited_requests <= 1,
+        "renewals happened off the request path: {status:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,10 +241,16 @@ async fn long_outage_gives_503_material_then_recovers_with_bounded_attempts() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(unavailable > 0, "requests get token_unavailable once the token expired");
+    assert!(
+        unavailable > 0,
+        "requests get token_unavailable once the token expired"
+    );
     let attempts = emu.counters().exchange - before.exchange;
     // backoff 0.2 s doubling to a 1 s cap over ~6 s: at most ~9 steps, whatever the load
-    assert!((2..=10).contains(&attempts), "{attempts} exchange attempts during the outage");
+    assert!(
+        (2..=10).contains(&attempts),
+        "{attempts} exchange attempts during the outage"
+    );
     assert_eq!(broker.status()[0].state, "unavailable");
     emu.clear_faults();
     // recovers by itself within the backoff cap (1 s) plus one attempt
@@ -224,7 +260,10 @@ async fn long_outage_gives_503_material_then_recovers_with_bounded_attempts() {
         if broker.token("billing").await.is_ok() {
             break;
         }
-        assert!(Instant::now() < deadline, "did not recover after the outage");
+        assert!(
+            Instant::now() < deadline,
+            "did not recover after the outage"
+        );
     }
     assert_eq!(emu.counters().create, 1);
 }
@@ -266,7 +305,10 @@ async fn refused_regenerate_leads_to_exactly_one_create() {
     assert!(accepted_upstream(&emu, &Ok(renewed)).await);
     let c = emu.counters();
     assert_eq!((c.create, c.regenerate, c.exchange), (2, 1, 3), "{c:?}");
-    assert_ne!(broker.status()[0].api_token_id.as_deref(), Some(id.as_str()));
+    assert_ne!(
+        broker.status()[0].api_token_id.as_deref(),
+        Some(id.as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,7 +358,11 @@ async fn state_file_keeps_api_tokens_across_restarts() {
     let token = second.token("billing").await.unwrap();
     assert!(accepted_upstream(&emu, &Ok(token)).await);
     let c = emu.counters();
-    assert_eq!((c.create, c.exchange), (1, 2), "restart created nothing: {c:?}");
+    assert_eq!(
+        (c.create, c.exchange),
+        (1, 2),
+        "restart created nothing: {c:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,7 +373,10 @@ async fn damaged_state_file_means_a_fresh_start() {
     let mut tokens = policy(60, 30);
     tokens.state_file = Some(path.clone());
     let cfg = config(&emu, vec![caller("billing")], tokens);
-    for damage in ["{\"version\":1,\"api_tokens\":{\"billing\":{\"id\":", "\u{0}garbage"] {
+    for damage in [
+        "{\"version\":1,\"api_tokens\":{\"billing\":{\"id\":",
+        "\u{0}garbage",
+    ] {
         std::fs::write(&path, damage).unwrap();
         let broker = start(&cfg).await;
         broker.token("billing").await.expect("fresh start works");
@@ -336,7 +385,10 @@ async fn damaged_state_file_means_a_fresh_start() {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(names.iter().any(|n| n.starts_with("state.json.damaged-")), "{names:?}");
+        assert!(
+            names.iter().any(|n| n.starts_with("state.json.damaged-")),
+            "{names:?}"
+        );
         for n in names.iter().filter(|n| n.contains("damaged")) {
             std::fs::remove_file(dir.path().join(n)).unwrap();
         }
@@ -365,11 +417,19 @@ async fn warm_up_fetches_every_caller_before_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_bearer_refused_is_renewed_once() {
     let emu = emulator(60.0).await;
-    let broker = start(&config(&emu, vec![caller("a1"), caller("b2")], policy(60, 30))).await;
+    let broker = start(&config(
+        &emu,
+        vec![caller("a1"), caller("b2")],
+        policy(60, 30),
+    ))
+    .await;
     broker.token("a1").await.unwrap();
-    // the emulator forgets every bearer it issued: the cached admin bearer is now refused
-    emu.revoke_access_tokens();
-    broker.token("b2").await.expect("create succeeds with a new admin bearer");
+    // the emulator forgets every admin bearer it issued: the cached one is now refused
+    emu.revoke_admin_bearers();
+    broker
+        .token("b2")
+        .await
+        .expect("create succeeds with a new admin bearer");
     let c = emu.counters();
     assert_eq!((c.client_credentials, c.create), (2, 3), "{c:?}");
 }

@@ -92,7 +92,12 @@ async fn full_protocol_round_trip() {
 
     let counters = emu.counters();
     assert_eq!(
-        (counters.client_credentials, counters.create, counters.regenerate, counters.exchange),
+        (
+            counters.client_credentials,
+            counters.create,
+            counters.regenerate,
+            counters.exchange
+        ),
         (1, 1, 1, 2)
     );
 }
@@ -102,12 +107,24 @@ async fn regenerate_kills_the_old_secret_at_once() {
     let emu = emulator(60.0).await;
     let c = client(&emu);
     let bearer = admin(&c).await;
-    let api = c.create_api_token(&bearer, &create_request("old-secret")).await.unwrap();
-    c.regenerate_api_token(&bearer, &api.token, 60).await.unwrap();
+    let api = c
+        .create_api_token(&bearer, &create_request("old-secret"))
+        .await
+        .unwrap();
+    c.regenerate_api_token(&bearer, &api.token, 60)
+        .await
+        .unwrap();
 
     let exchange = c.exchange(&api.token).await.unwrap_err();
-    assert_eq!(exchange.class(), ErrorClass::InvalidCredential, "{exchange}");
-    let again = c.regenerate_api_token(&bearer, &api.token, 60).await.unwrap_err();
+    assert_eq!(
+        exchange.class(),
+        ErrorClass::InvalidCredential,
+        "{exchange}"
+    );
+    let again = c
+        .regenerate_api_token(&bearer, &api.token, 60)
+        .await
+        .unwrap_err();
     assert_eq!(again.class(), ErrorClass::InvalidCredential, "{again}");
     assert!(again.to_string().contains("400"));
 }
@@ -155,7 +172,10 @@ async fn invalid_create_requests_are_refused_with_the_reason() {
     let emu = emulator(60.0).await;
     let c = client(&emu);
     let bearer = admin(&c).await;
-    let e = c.create_api_token(&bearer, &create_request("ab")).await.unwrap_err();
+    let e = c
+        .create_api_token(&bearer, &create_request("ab"))
+        .await
+        .unwrap_err();
     assert_eq!(e.class(), ErrorClass::Refused, "{e}");
     assert!(e.to_string().contains("token_display_name"), "{e}");
     let mut req = create_request("fine-name");
@@ -193,7 +213,10 @@ async fn transient_failures_are_classified_and_carry_retry_after() {
     let emu = emulator(60.0).await;
     let c = client_for(emu.base_url(), Duration::from_millis(500));
     let bearer = admin(&c).await;
-    let api = c.create_api_token(&bearer, &create_request("faults")).await.unwrap();
+    let api = c
+        .create_api_token(&bearer, &create_request("faults"))
+        .await
+        .unwrap();
 
     emu.inject_fault(fault(FaultKind::ServerError, Operation::Exchange));
     let e = c.exchange(&api.token).await.unwrap_err();
@@ -201,7 +224,9 @@ async fn transient_failures_are_classified_and_carry_retry_after() {
     assert!(e.to_string().contains("500"));
 
     emu.inject_fault(fault(
-        FaultKind::TooManyRequests { retry_after_secs: 7 },
+        FaultKind::TooManyRequests {
+            retry_after_secs: 7,
+        },
         Operation::Exchange,
     ));
     let e = c.exchange(&api.token).await.unwrap_err();
@@ -213,7 +238,10 @@ async fn transient_failures_are_classified_and_carry_retry_after() {
     assert!(matches!(e, IdentityError::BadBody { .. }), "{e:?}");
     assert_eq!(e.class(), ErrorClass::Transient);
 
-    emu.inject_fault(fault(FaultKind::Slow { delay_ms: 2000 }, Operation::Exchange));
+    emu.inject_fault(fault(
+        FaultKind::Slow { delay_ms: 2000 },
+        Operation::Exchange,
+    ));
     let e = c.exchange(&api.token).await.unwrap_err();
     assert!(matches!(e, IdentityError::Timeout(_)), "{e:?}");
 

@@ -125,10 +125,21 @@ async fn no_secret_in_trace_logs() {
     let stored = std::fs::read_to_string(&state).unwrap();
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("API token created"), "logs were captured");
-    assert!(logs.len() > 10_000, "trace level was on ({} bytes)", logs.len());
+    assert!(
+        logs.len() > 10_000,
+        "trace level was on ({} bytes)",
+        logs.len()
+    );
 
-    let mut secrets: Vec<String> = vec![CLIENT_SECRET.into(), "Wrong-Secret-Also-Never-Logged-77".into()];
-    secrets.extend(headers.iter().map(|h| h.trim_start_matches("Bearer ").to_string()));
+    let mut secrets: Vec<String> = vec![
+        CLIENT_SECRET.into(),
+        "Wrong-Secret-Also-Never-Logged-77".into(),
+    ];
+    secrets.extend(
+        headers
+            .iter()
+            .map(|h| h.trim_start_matches("Bearer ").to_string()),
+    );
     for s in &secrets {
         assert!(!logs.contains(s.as_str()), "a secret leaked into the logs");
         assert!(!err.to_string().contains(s.as_str()));
@@ -136,6 +147,9 @@ async fn no_secret_in_trace_logs() {
     assert!(stored.contains("vidb_"), "state file holds the API tokens");
     // no API token and no JWT-shaped access token or admin bearer at all, whichever it was
     assert!(!logs.contains("vidb_"), "an API token leaked into the logs");
-    assert!(!logs.contains("eyJ"), "an access token or admin bearer leaked into the logs");
+    assert!(
+        !logs.contains("eyJ"),
+        "an access token or admin bearer leaked into the logs"
+    );
     assert!(!format!("{:?}", broker.status()).contains("vidb_"));
 }

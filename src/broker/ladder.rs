@@ -55,11 +55,20 @@ impl Broker {
     /// Runs one identity call, counting it by kind and outcome.
     async fn call<T>(
         &self,
+        c: Option<&CallerState>,
         kind: &'static str,
         fut: impl Future<Output = Result<T, IdentityError>>,
     ) -> Result<T, IdentityError> {
         let result = fut.await;
-        self.metrics.record_fetch(kind, outcome(&result));
+        let outcome = outcome(&result);
+        self.metrics.record_fetch(kind, outcome);
+        if let Some(c) = c {
+            *c.fetches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(format!("{kind}_{outcome}"))
+                .or_default() += 1;
+        }
         if let Err(e) = &result {
             tracing::debug!(kind, error = %e, "identity call failed");
         }
@@ -161,7 +170,11 @@ impl Broker {
                 loop {
                     let identity = self.identity_now();
                     let result = self
-                        .call("exchange", identity.client.exchange(&api.value.token))
+                        .call(
+                            Some(c),
+                            "exchange",
+                            identity.client.exchange(&api.value.token),
+                        )
                         .await;
                     match result {
                         Ok(t) => {
@@ -231,7 +244,7 @@ impl Broker {
         let identity = self.identity_now();
         let token = &current.value.token;
         let result = self
-            .admin_call("regenerate", |admin| {
+            .admin_call(Some(c), "regenerate", |admin| {
                 let client = &identity.client;
                 async move { client.regenerate_api_token(&admin, token, ttl).await }
             })
@@ -270,7 +283,7 @@ impl Broker {
         let identity = self.identity_now();
         let request = &request;
         let t = self
-            .admin_call("create", |admin| {
+            .admin_call(Some(c), "create", |admin| {
                 let client = &identity.client;
                 async move { client.create_api_token(&admin, request).await }
             })
@@ -303,13 +316,18 @@ impl Broker {
 
     /// Runs an api-tokens call with the admin bearer; on 401 fetches a new bearer once and
     /// retries once.
-    async fn admin_call<T, F, Fut>(&self, kind: &'static str, op: F) -> Result<T, IdentityError>
+    async fn admin_call<T, F, Fut>(
+        &self,
+        c: Option<&CallerState>,
+        kind: &'static str,
+        op: F,
+    ) -> Result<T, IdentityError>
     where
         F: Fn(Secret) -> Fut,
         Fut: Future<Output = Result<T, IdentityError>>,
     {
         let admin = self.admin_bearer().await?;
-        match self.call(kind, op(admin.value.clone())).await {
+        match self.call(c, kind, op(admin.value.clone())).await {
             Err(e) if e.class() == ErrorClass::Unauthorized => {
                 tracing::warn!(kind, "admin bearer refused; fetching a new one");
                 if let Some(current) = self.admin.get(&()).await {
@@ -318,7 +336,7 @@ impl Broker {
                     }
                 }
                 let admin = self.admin_bearer().await?;
-                self.call(kind, op(admin.value.clone())).await
+                self.call(c, kind, op(admin.value.clone())).await
             }
             other => other,
         }
@@ -347,6 +365,7 @@ impl Broker {
         let identity = self.identity_now();
         let result = self
             .call(
+                None,
                 "admin_bearer",
                 identity.client.client_credentials(
                     &identity.client_id,

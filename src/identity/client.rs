@@ -85,7 +85,7 @@ struct Answer {
 
 impl IdentityClient {
     pub fn new(config: &IdentityConfig) -> Result<Self, String> {
-        let tls = crate::tls::client_config(config.ca_file.as_deref(), &[b"http/1.1"])?;
+        let tls = crate::tls::client_config(config.ca_file.as_deref())?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
@@ -380,12 +380,19 @@ fn api_token_from(answer: Answer, fallback_ttl_minutes: i64) -> Result<ApiToken,
         .id
         .filter(|t| !t.is_empty())
         .ok_or_else(|| missing(status, "id"))?;
-    let server_now = answer
+    let modified = media.modified_date.as_deref().and_then(wire::parse_date);
+    let date_header = answer
         .headers
         .get(DATE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok())
-        .or_else(|| media.modified_date.as_deref().and_then(wire::parse_date));
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    // The Date header counts whole seconds; a modified_date within that same second says the
+    // same with milliseconds.
+    let server_now = match (date_header, modified) {
+        (Some(date), Some(m)) if m >= date && m < date + Duration::from_secs(1) => Some(m),
+        (Some(date), _) => Some(date),
+        (None, m) => m,
+    };
     let expires = media.expiration_date.as_deref().and_then(wire::parse_date);
     let lifetime = match (expires, server_now) {
         (Some(expires), Some(now)) => expires.duration_since(now).unwrap_or_default(),
@@ -444,6 +451,29 @@ mod tests {
         let t = api_token_from(a, 5).unwrap();
         assert_eq!(t.lifetime, Duration::from_secs(3600));
         assert_eq!(t.suffix, "fghij");
+    }
+
+    #[test]
+    fn modified_date_refines_the_date_header_within_its_second() {
+        let a = answer(
+            201,
+            &[("date", "Fri, 28 Mar 2025 18:11:11 GMT")],
+            r#"{"id":"i","token":"vidb_x","expiration_date":"2025-03-28T18:11:12.000Z","modified_date":"2025-03-28T18:11:11.750Z"}"#,
+        );
+        assert_eq!(
+            api_token_from(a, 5).unwrap().lifetime,
+            Duration::from_millis(250)
+        );
+        // a modified_date far from the answer's Date (e.g. an old token) is not used
+        let a = answer(
+            201,
+            &[("date", "Fri, 28 Mar 2025 18:11:11 GMT")],
+            r#"{"id":"i","token":"vidb_x","expiration_date":"2025-03-28T18:11:21.000Z","modified_date":"2025-03-20T00:00:00Z"}"#,
+        );
+        assert_eq!(
+            api_token_from(a, 5).unwrap().lifetime,
+            Duration::from_secs(10)
+        );
     }
 
     #[test]
