@@ -3,6 +3,7 @@
 //! process signals onto that ([`run`]). Tests drive [`AppHandle`] directly, without signals.
 //! A reload that fails validation changes nothing.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -319,6 +320,7 @@ pub fn init_tracing(logging: &LoggingConfig, json: bool) {
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second installation (tests, dev after emulate) keeps the first subscriber.
     let _ = if json || logging.json {
