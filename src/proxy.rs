@@ -1,21 +1,119 @@
 //! The proxy data path: listeners (plain, TLS, mTLS), caller identification, routing, header
-//! rewrite, forwarding, error responses. (Interface; filled in by the proxy work.)
+//! rewrite, forwarding, error responses.
+//!
+//! - [`listener`]: accept loops, connection limits, idle timeout, graceful drain
+//! - [`io`]: the watched client stream (activity, ambiguous framing)
+//! - [`tls`]: server and client TLS configs, client-certificate identities
+//! - [`identify`]: who is calling
+//! - [`route`]: where it goes
+//! - [`rewrite`]: header rewrite (pure functions)
+//! - [`forward`]: upstream clients, the body type, one send
+//! - [`service`]: one request from start to log line
+//! - [`error`]: the error table
+//!
+//! What a request sees of the config is one immutable [`State`], swapped atomically by
+//! [`ProxyHandle::reconfigure`]; a request keeps the `State` it started with.
+//!
+//! Must never: forward a request without an identified, allowed caller and a token from the
+//! broker, or print a caller key or a token.
 
+pub mod error;
+pub mod forward;
+pub mod identify;
+pub mod io;
+pub mod listener;
+pub mod rewrite;
+pub mod route;
+pub mod service;
+pub mod tls;
+
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::broker::Broker;
-use crate::config::Config;
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::broker::{Broker, TokenResult};
+use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
 use crate::server::Shutdown;
 
+pub use error::ProxyError;
+pub use forward::ProxyBody;
+pub use identify::{identify, Callers, ConnIdentity};
+pub use rewrite::{rewrite_request, rewrite_response, Forwarded};
+pub use route::{request_host, Route, Routes};
+pub use service::{check_head, find_route, ConnInfo};
+
+/// Why the proxy could not start (or a new config could not be applied).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ProxyError(pub String);
+pub struct StartError(pub String);
+
+/// Where the proxy gets the token to inject. [`Broker`] is the real one; tests and benches may
+/// bring their own.
+pub trait TokenSource: Send + Sync + 'static {
+    /// The caller's current token.
+    fn token(&self, caller: &str) -> impl Future<Output = TokenResult> + Send;
+    /// The upstream refused `generation` with 401: the renewed token.
+    fn rejected(&self, caller: &str, generation: u64) -> impl Future<Output = TokenResult> + Send;
+}
+
+impl TokenSource for Broker {
+    fn token(&self, caller: &str) -> impl Future<Output = TokenResult> + Send {
+        Broker::token(self, caller)
+    }
+    fn rejected(&self, caller: &str, generation: u64) -> impl Future<Output = TokenResult> + Send {
+        Broker::rejected(self, caller, generation)
+    }
+}
+
+/// Everything a request needs from one config: built once per config, then read-only.
+pub struct State {
+    pub callers: Callers,
+    pub routes: Routes,
+    pub clients: forward::Clients,
+    pub limits: Limits,
+}
+
+impl State {
+    /// Indexes callers and routes and builds the upstream clients (reads CA files).
+    pub fn from_config(config: &Config) -> Result<State, StartError> {
+        let (clients, client_of_route) =
+            forward::Clients::from_config(config).map_err(StartError)?;
+        let routes = config
+            .routes
+            .iter()
+            .zip(client_of_route)
+            .map(|(r, client)| Route::new(r, client))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError)?;
+        Ok(State {
+            callers: Callers::from_config(config),
+            routes: Routes::new(routes),
+            clients,
+            limits: config.limits.clone(),
+        })
+    }
+}
+
+/// What every connection task shares.
+pub(crate) struct Shared<T> {
+    pub state: Arc<ArcSwap<State>>,
+    pub tokens: Arc<T>,
+    pub metrics: Arc<Metrics>,
+}
 
 /// The running proxy: every configured listener, bound.
 pub struct ProxyHandle {
-    _private: (),
+    addrs: Vec<(String, SocketAddr)>,
+    state: Arc<ArcSwap<State>>,
+    accept_tasks: Vec<JoinHandle<()>>,
+    /// Closes when every connection task has ended.
+    drained: mpsc::Receiver<()>,
+    shutdown: Shutdown,
 }
 
 impl ProxyHandle {
@@ -25,26 +123,109 @@ impl ProxyHandle {
         broker: Arc<Broker>,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
-    ) -> Result<ProxyHandle, ProxyError> {
-        let _ = (config, broker, metrics, shutdown);
-        todo!("proxy")
+    ) -> Result<ProxyHandle, StartError> {
+        Self::start_with(config, broker, metrics, shutdown).await
+    }
+
+    /// [`ProxyHandle::start`] with any token source.
+    pub async fn start_with<T: TokenSource>(
+        config: Arc<Config>,
+        tokens: Arc<T>,
+        metrics: Arc<Metrics>,
+        shutdown: Shutdown,
+    ) -> Result<ProxyHandle, StartError> {
+        let state = Arc::new(ArcSwap::from_pointee(State::from_config(&config)?));
+        let shared = Arc::new(Shared {
+            state: state.clone(),
+            tokens,
+            metrics,
+        });
+        let (drain_tx, drained) = mpsc::channel(1);
+        let listeners = listener::bind_all(&config).await?;
+        let addrs = listeners
+            .iter()
+            .map(|l| (l.name().to_string(), l.local_addr()))
+            .collect();
+        let hard_stop = Shutdown::new();
+        let accept_tasks = listener::spawn_all(
+            listeners,
+            &config.limits,
+            shared,
+            shutdown.clone(),
+            hard_stop,
+            drain_tx,
+        );
+        Ok(ProxyHandle {
+            addrs,
+            state,
+            accept_tasks,
+            drained,
+            shutdown,
+        })
     }
 
     /// Listener names and the addresses they are bound to (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
-        todo!("proxy")
+        self.addrs.clone()
     }
 
     /// Swaps in a reloaded config (callers, routes, limits) for new requests. Listeners whose
-    /// address changed are not rebound.
+    /// address changed are not rebound. A config whose upstream clients cannot be built is
+    /// refused (logged) and the current one stays; see [`ProxyHandle::try_reconfigure`].
     pub fn reconfigure(&self, config: Arc<Config>) {
-        let _ = config;
-        todo!("proxy")
+        if let Err(e) = self.try_reconfigure(&config) {
+            tracing::error!(error = %e, "proxy kept its current config");
+        }
+    }
+
+    /// Like [`ProxyHandle::reconfigure`], telling whether the config was applied.
+    pub fn try_reconfigure(&self, config: &Config) -> Result<(), StartError> {
+        let state = State::from_config(config)?;
+        self.state.store(Arc::new(state));
+        Ok(())
     }
 
     /// Resolves when every listener has stopped and in-flight requests have drained (or the
     /// grace period passed) after shutdown was triggered.
-    pub async fn wait(self) {
-        todo!("proxy")
+    pub async fn wait(mut self) {
+        self.shutdown.wait().await;
+        for task in self.accept_tasks.drain(..) {
+            let _ = task.await;
+        }
+        // Every connection task holds a sender; `None` once the last one has ended (they end at
+        // the latest at the hard deadline).
+        let _ = self.drained.recv().await;
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use std::time::Duration;
+
+    use crate::config::*;
+    use crate::secret::Secret;
+
+    /// A minimal valid config: no listeners, callers or routes.
+    pub fn config() -> Config {
+        Config {
+            source: None,
+            listeners: vec![],
+            admin: None,
+            identity: IdentityConfig {
+                base_url: "http://127.0.0.1:1".into(),
+                tenant: "CUSTOMER".into(),
+                client_id: "admin".into(),
+                client_secret: Secret::new("secret"),
+                scope: None,
+                ca_file: None,
+                connect_timeout: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(1),
+            },
+            tokens: TokenPolicy::default(),
+            callers: vec![],
+            routes: vec![],
+            limits: Limits::default(),
+            logging: LoggingConfig::default(),
+        }
     }
 }

@@ -1,0 +1,331 @@
+//! Header rewrite, as pure functions over a `HeaderMap`: what leaves the proxy towards the
+//! upstream, and what goes back to the caller.
+//!
+//! Request: headers named by `Connection` go first, then the hop-by-hop headers (RFC 9110 7.6.1),
+//! the caller's `Authorization`, `Proxy-Authorization` and `Host`; then the broker's token and the
+//! `X-Forwarded-*` / `X-Request-Id` headers are inserted, after every removal, so that no header
+//! the caller sent can remove or replace them. Response: the hop-by-hop headers are removed.
+//!
+//! Must never: log or copy a header value anywhere else, or let a caller-sent header survive in
+//! place of one this module sets.
+
+use std::net::IpAddr;
+
+use http::header::{AUTHORIZATION, CONNECTION, HOST, PROXY_AUTHORIZATION};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers: meaningful for one connection only, never forwarded (either way).
+pub const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+];
+
+/// Longest `X-Request-Id` a caller may send and have kept.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// What the proxy adds about the original request.
+pub struct Forwarded<'a> {
+    /// The caller's address (appended to `X-Forwarded-For`).
+    pub peer_ip: IpAddr,
+    /// `http` or `https`: how the caller reached the proxy.
+    pub proto: &'static str,
+    /// The Host (or `:authority`) the caller asked for, if any.
+    pub host: Option<&'a HeaderValue>,
+    /// The request's id (the caller's if sane, else a generated one).
+    pub request_id: &'a HeaderValue,
+}
+
+/// Rewrites the headers of a request about to be forwarded. `token` is the broker's ready
+/// `Authorization` value.
+pub fn rewrite_request(headers: &mut HeaderMap, token: &HeaderValue, fwd: &Forwarded<'_>) {
+    strip_hop_by_hop(headers);
+    headers.remove(AUTHORIZATION);
+    // The upstream authority comes from the route; the client sets Host from the upstream URI.
+    headers.remove(HOST);
+
+    headers.insert(AUTHORIZATION, token.clone());
+    append_forwarded_for(headers, fwd.peer_ip);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    match fwd.host {
+        Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+    headers.insert(X_REQUEST_ID, fwd.request_id.clone());
+}
+
+/// Rewrites the headers of an upstream response before it goes back to the caller.
+pub fn rewrite_response(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+}
+
+/// Removes every header named in `Connection`, then every hop-by-hop header.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Collected first because the map cannot be changed while `Connection` is borrowed. Names that
+    // are removed anyway (keep-alive, upgrade, ...) and `close` are skipped, so the usual values
+    // allocate nothing.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(CONNECTION) {
+        for token in value.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"close")
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                named.push(name);
+            }
+        }
+    }
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
+    let peer = peer.to_string();
+    let mut previous = headers.get_all(X_FORWARDED_FOR).iter().peekable();
+    let value = if previous.peek().is_none() {
+        peer
+    } else {
+        let mut joined = String::with_capacity(64);
+        for v in previous {
+            if let Ok(v) = v.to_str() {
+                let v = v.trim();
+                if !v.is_empty() {
+                    joined.push_str(v);
+                    joined.push_str(", ");
+                }
+            }
+        }
+        joined.push_str(&peer);
+        joined
+    };
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+/// The request's id: the caller's `X-Request-Id` when it is sane (1 to 128 characters of
+/// `[A-Za-z0-9._:/+=@-]`), otherwise a new random one (32 hex digits).
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(X_REQUEST_ID) {
+        if is_sane_request_id(v.as_bytes()) {
+            return v.clone();
+        }
+    }
+    new_request_id()
+}
+
+fn is_sane_request_id(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/+=@-".contains(b))
+}
+
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n: u128 = rand::random();
+    let mut out = [0u8; 32];
+    for b in out.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn token() -> HeaderValue {
+        let mut v = HeaderValue::from_static("Bearer injected");
+        v.set_sensitive(true);
+        v
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn rewrite(mut h: HeaderMap) -> HeaderMap {
+        let host = HeaderValue::from_static("proxy.example:8080");
+        let id = HeaderValue::from_static("id-1");
+        rewrite_request(
+            &mut h,
+            &token(),
+            &Forwarded {
+                peer_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
+                proto: "https",
+                host: Some(&host),
+                request_id: &id,
+            },
+        );
+        h
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_is_removed() {
+        for name in HOP_BY_HOP {
+            let h = rewrite(headers(&[(name.as_str(), "x"), ("accept", "*/*")]));
+            assert!(!h.contains_key(&name), "{name} survived");
+            assert_eq!(h["accept"], "*/*");
+        }
+        let mut h = headers(&[
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authenticate", "Basic"),
+            ("connection", "upgrade"),
+        ]);
+        rewrite_response(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn headers_named_by_connection_are_removed() {
+        let h = rewrite(headers(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("connection", " x-other ,, close"),
+            ("x-secret-hop", "1"),
+            ("x-other", "2"),
+            ("x-kept", "3"),
+        ]));
+        assert!(!h.contains_key("x-secret-hop"));
+        assert!(!h.contains_key("x-other"));
+        assert!(!h.contains_key(CONNECTION));
+        assert_eq!(h["x-kept"], "3");
+    }
+
+    #[test]
+    fn garbage_in_connection_is_ignored() {
+        let h = rewrite(headers(&[("connection", "bad name, ()"), ("x-kept", "1")]));
+        assert_eq!(h["x-kept"], "1");
+    }
+
+    #[test]
+    fn forged_authorization_is_replaced_by_the_token() {
+        let h = rewrite(headers(&[
+            ("authorization", "Bearer forged"),
+            ("authorization", "Basic Zm9vOmJhcg=="),
+            ("proxy-authorization", "Bearer caller-key"),
+        ]));
+        let auth: Vec<_> = h.get_all(AUTHORIZATION).iter().collect();
+        assert_eq!(auth, vec![&token()]);
+        assert!(auth[0].is_sensitive());
+        assert!(!h.contains_key(PROXY_AUTHORIZATION));
+    }
+
+    #[test]
+    fn connection_naming_authorization_does_not_remove_the_token() {
+        let h = rewrite(headers(&[
+            ("connection", "authorization, proxy-authorization"),
+            ("authorization", "Bearer forged"),
+            ("proxy-authorization", "Bearer caller-key"),
+        ]));
+        assert_eq!(h.get_all(AUTHORIZATION).iter().count(), 1);
+        assert_eq!(h[AUTHORIZATION], "Bearer injected");
+        assert!(!h.contains_key(PROXY_AUTHORIZATION));
+        assert!(!h.contains_key(CONNECTION));
+    }
+
+    #[test]
+    fn connection_cannot_remove_what_the_proxy_sets() {
+        let h = rewrite(headers(&[
+            (
+                "connection",
+                "x-forwarded-for, x-forwarded-proto, x-forwarded-host, x-request-id",
+            ),
+            ("x-forwarded-for", "1.2.3.4"),
+        ]));
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.7");
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+        assert_eq!(h[X_FORWARDED_HOST], "proxy.example:8080");
+        assert_eq!(h[X_REQUEST_ID], "id-1");
+    }
+
+    #[test]
+    fn forwarded_headers_are_set_and_host_removed() {
+        let h = rewrite(headers(&[
+            ("host", "proxy.example:8080"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2, 3.3.3.3"),
+            ("x-forwarded-proto", "gopher"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-request-id", "caller-id"),
+        ]));
+        assert!(!h.contains_key(HOST));
+        assert_eq!(h[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.7");
+        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+        assert_eq!(h[X_FORWARDED_HOST], "proxy.example:8080");
+        assert_eq!(h[X_REQUEST_ID], "id-1");
+    }
+
+    #[test]
+    fn no_host_means_no_forwarded_host() {
+        let mut h = headers(&[("x-forwarded-host", "evil.example")]);
+        let id = HeaderValue::from_static("id");
+        rewrite_request(
+            &mut h,
+            &token(),
+            &Forwarded {
+                peer_ip: "::1".parse().unwrap(),
+                proto: "http",
+                host: None,
+                request_id: &id,
+            },
+        );
+        assert!(!h.contains_key(X_FORWARDED_HOST));
+        assert_eq!(h[X_FORWARDED_FOR], "::1");
+    }
+
+    #[test]
+    fn request_id_kept_when_sane_else_generated() {
+        let kept = request_id(&headers(&[("x-request-id", "abc-123_x.y:z")]));
+        assert_eq!(kept, "abc-123_x.y:z");
+        for bad in ["", "has space", "semi;colon", &"a".repeat(129)] {
+            let mut h = HeaderMap::new();
+            h.insert(X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
+            let id = request_id(&h);
+            assert_ne!(id, bad);
+            assert_eq!(id.len(), 32);
+        }
+        let a = request_id(&HeaderMap::new());
+        let b = request_id(&HeaderMap::new());
+        assert_ne!(a, b);
+        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
+    }
+}

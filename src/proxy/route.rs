@@ -1,0 +1,354 @@
+//! Routing: which configured upstream a request goes to, and the exact upstream URI.
+//!
+//! A route matches by Host (port removed, case-insensitive; optional) and path prefix on segment
+//! boundaries (`/api` matches `/api` and `/api/x`, not `/apix`); the longest prefix wins, and at
+//! equal length a route naming a host beats one that does not. The upstream URI is the route's
+//! scheme and authority, its base path, the request path (minus the prefix when `strip_prefix`)
+//! and the request's query.
+//!
+//! Must never: take the upstream authority from the request (Host, `:authority` or an
+//! absolute-form URI), or forward a path with dot segments that could climb out of the base path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HOST;
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Uri};
+
+use super::error::ProxyError;
+use crate::config::RouteConfig;
+
+/// One route, ready to match.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    /// Lower case, without port.
+    host: Option<String>,
+    /// `/` or a prefix without trailing slash.
+    prefix: String,
+    strip_prefix: bool,
+    scheme: Scheme,
+    authority: Authority,
+    /// Empty or a path without trailing slash.
+    base_path: String,
+    allow: Vec<Arc<str>>,
+    /// Index of the upstream client (see `forward::Clients`).
+    pub(crate) client: usize,
+    pub response_timeout: Duration,
+}
+
+/// Every route of one config, longest prefix first.
+#[derive(Debug, Default)]
+pub struct Routes {
+    routes: Vec<Route>,
+}
+
+impl Route {
+    /// `client` is the index of the upstream client this route uses.
+    pub fn new(config: &RouteConfig, client: usize) -> Result<Route, String> {
+        let scheme = config
+            .upstream
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("route {}: upstream has no scheme", config.name))?;
+        let authority = config
+            .upstream
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("route {}: upstream has no authority", config.name))?;
+        let mut prefix = config.path_prefix.trim_end_matches('/').to_string();
+        if !prefix.starts_with('/') {
+            prefix.insert(0, '/');
+        }
+        Ok(Route {
+            name: Arc::from(config.name.as_str()),
+            host: config.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            prefix,
+            strip_prefix: config.strip_prefix,
+            scheme,
+            authority,
+            base_path: config.upstream.path().trim_end_matches('/').to_string(),
+            allow: config.allow.iter().map(|c| Arc::from(c.as_str())).collect(),
+            client,
+            response_timeout: config.response_timeout,
+        })
+    }
+
+    fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        let host_ok = match &self.host {
+            None => true,
+            Some(want) => host.is_some_and(|h| h.eq_ignore_ascii_case(want)),
+        };
+        host_ok && under_prefix(&self.prefix, path)
+    }
+
+    pub fn allows(&self, caller: &str) -> bool {
+        self.allow.iter().any(|a| **a == *caller)
+    }
+
+    /// The upstream URI for a request URI that matched this route.
+    pub fn upstream_uri(&self, request: &Uri) -> Result<Uri, ProxyError> {
+        let path = request.path();
+        let rest = if self.strip_prefix && self.prefix != "/" {
+            &path[self.prefix.len()..]
+        } else {
+            path
+        };
+        let query = request.query();
+        let mut pq = String::with_capacity(
+            self.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
+        );
+        pq.push_str(&self.base_path);
+        pq.push_str(rest);
+        if pq.is_empty() {
+            pq.push('/');
+        }
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))
+    }
+}
+
+impl Routes {
+    pub fn new(mut routes: Vec<Route>) -> Routes {
+        // Stable: among equals the config order decides.
+        routes.sort_by_key(|r| (std::cmp::Reverse(r.prefix.len()), r.host.is_none()));
+        Routes { routes }
+    }
+
+    /// The route for this host (without port) and path, if any.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(host, path))
+    }
+}
+
+fn under_prefix(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The host the caller asked for, without port: the request URI's authority (HTTP/2, or an
+/// absolute-form HTTP/1 target) or else the Host header. Used for matching only.
+pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    let host = match uri.host() {
+        Some(h) => h,
+        None => strip_port(headers.get(HOST)?.to_str().ok()?),
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    (!host.is_empty()).then_some(host)
+}
+
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        // [v6]:port
+        return authority
+            .find(']')
+            .map_or(authority, |end| &authority[..=end]);
+    }
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _port)| host)
+}
+
+/// Refuses request targets that are not an absolute path or that hold `.`/`..` segments (also
+/// percent-encoded), which an upstream could resolve to outside the route's base path.
+pub fn check_path(path: &str) -> Result<(), ProxyError> {
+    if !path.starts_with('/') {
+        return Err(ProxyError::BadRequest(
+            "the request target must be an absolute path",
+        ));
+    }
+    if path.split('/').any(is_dot_segment) {
+        return Err(ProxyError::BadRequest(
+            "the request path holds a dot segment",
+        ));
+    }
+    Ok(())
+}
+
+/// `.` or `..`, each dot possibly written `%2e`.
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case(b"%2e") {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    (1..=2).contains(&dots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, host: Option<&str>, prefix: &str, strip: bool, up: &str) -> Route {
+        Route::new(
+            &RouteConfig {
+                name: name.into(),
+                host: host.map(Into::into),
+                path_prefix: prefix.into(),
+                strip_prefix: strip,
+                upstream: up.parse().unwrap(),
+                upstream_ca_file: None,
+                allow: vec!["billing".into()],
+                connect_timeout: Duration::from_secs(1),
+                response_timeout: Duration::from_secs(1),
+            },
+            0,
+        )
+        .unwrap()
+    }
+
+    fn routes() -> Routes {
+        Routes::new(vec![
+            route("root", None, "/", false, "http://root.internal"),
+            route("api", None, "/api", true, "https://api.internal:8443/v1/"),
+            route(
+                "api-users",
+                None,
+                "/api/users/",
+                false,
+                "http://users.internal",
+            ),
+            route(
+                "api-b",
+                Some("B.example"),
+                "/api",
+                false,
+                "http://b.internal",
+            ),
+        ])
+    }
+
+    fn find<'a>(r: &'a Routes, host: Option<&str>, path: &str) -> Option<&'a str> {
+        r.find(host, path).map(|r| &*r.name)
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundaries_wins() {
+        let r = routes();
+        assert_eq!(find(&r, None, "/api"), Some("api"));
+        assert_eq!(find(&r, None, "/api/"), Some("api"));
+        assert_eq!(find(&r, None, "/api/x"), Some("api"));
+        assert_eq!(find(&r, None, "/apix"), Some("root"));
+        assert_eq!(find(&r, None, "/api/users"), Some("api-users"));
+        assert_eq!(find(&r, None, "/api/users/7"), Some("api-users"));
+        assert_eq!(find(&r, None, "/api/usersx"), Some("api"));
+        assert_eq!(find(&r, None, "/"), Some("root"));
+    }
+
+    #[test]
+    fn host_routes_match_case_insensitively_and_beat_hostless_ones() {
+        let r = routes();
+        assert_eq!(find(&r, Some("b.example"), "/api/x"), Some("api-b"));
+        assert_eq!(find(&r, Some("B.EXAMPLE"), "/api"), Some("api-b"));
+        assert_eq!(find(&r, Some("c.example"), "/api"), Some("api"));
+        // A longer hostless prefix still wins over a shorter host route.
+        assert_eq!(
+            find(&r, Some("b.example"), "/api/users/1"),
+            Some("api-users")
+        );
+        let only_host = Routes::new(vec![route("h", Some("a.example"), "/", false, "http://a")]);
+        assert_eq!(find(&only_host, None, "/"), None);
+        assert_eq!(find(&only_host, Some("b.example"), "/"), None);
+    }
+
+    #[test]
+    fn upstream_uri_strips_joins_and_keeps_the_query() {
+        let r = routes();
+        let up = |host: Option<&str>, target: &str| {
+            let uri: Uri = target.parse().unwrap();
+            r.find(host, uri.path())
+                .unwrap()
+                .upstream_uri(&uri)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            up(None, "/api/x/y?a=1&b=2"),
+            "https://api.internal:8443/v1/x/y?a=1&b=2"
+        );
+        assert_eq!(up(None, "/api"), "https://api.internal:8443/v1");
+        assert_eq!(up(None, "/api/"), "https://api.internal:8443/v1/");
+        assert_eq!(
+            up(None, "/api/users/1"),
+            "http://users.internal/api/users/1"
+        );
+        assert_eq!(up(None, "/other?q"), "http://root.internal/other?q");
+        assert_eq!(up(Some("b.example"), "/api/z"), "http://b.internal/api/z");
+        let bare = Routes::new(vec![route("s", None, "/svc", true, "http://s.internal")]);
+        let uri: Uri = "/svc?x=1".parse().unwrap();
+        let out = bare.find(None, "/svc").unwrap().upstream_uri(&uri).unwrap();
+        assert_eq!(out.to_string(), "http://s.internal/?x=1");
+    }
+
+    #[test]
+    fn the_upstream_authority_never_comes_from_the_request() {
+        let r = routes();
+        let uri: Uri = "http://evil.example:1/api/x".parse().unwrap();
+        let out = r
+            .find(None, uri.path())
+            .unwrap()
+            .upstream_uri(&uri)
+            .unwrap();
+        assert_eq!(out.authority().unwrap(), "api.internal:8443");
+    }
+
+    #[test]
+    fn request_host_drops_the_port() {
+        let mut h = HeaderMap::new();
+        let rel: Uri = "/x".parse().unwrap();
+        assert_eq!(request_host(&rel, &h), None);
+        for (host, want) in [
+            ("Example.com:8080", "Example.com"),
+            ("example.com", "example.com"),
+            ("example.com.", "example.com"),
+            ("[::1]:443", "[::1]"),
+            ("[::1]", "[::1]"),
+        ] {
+            h.insert(HOST, host.parse().unwrap());
+            assert_eq!(request_host(&rel, &h), Some(want), "{host}");
+        }
+        let abs: Uri = "http://abs.example:81/x".parse().unwrap();
+        assert_eq!(request_host(&abs, &h), Some("abs.example"));
+    }
+
+    #[test]
+    fn dot_segments_and_odd_targets_are_refused() {
+        for ok in ["/", "/a/b", "/a/.well-known", "/a/..b", "/a/b..", "/%2e%2f"] {
+            assert_eq!(check_path(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "/a/../b",
+            "/..",
+            "/a/.",
+            "/./a",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a/.%2e",
+            "/%2e",
+            "*",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+        let allow = route("r", None, "/", false, "http://x");
+        assert!(allow.allows("billing"));
+        assert!(!allow.allows("billin"));
+    }
+}

@@ -1,0 +1,317 @@
+//! One proxied request, from the first header to the log line: check framing and limits,
+//! identify the caller, route, fetch the token, rewrite, forward (replaying once after an upstream
+//! 401 when the body allows it), and stream the answer back.
+//!
+//! [`handle`] never fails: the inner [`proxy`] returns `Result`, and [`handle`] turns an error into
+//! its response once, then writes the one log line and the metrics of the request.
+//!
+//! Must never: log a header value, contact the broker or the upstream before the caller is
+//! identified and allowed, or replay a request whose body was streamed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
+use http_body::Body;
+use http_body_util::Limited;
+use hyper::body::Incoming;
+
+use super::forward::{self, ProxyBody, UpstreamClient};
+use super::io::Activity;
+use super::rewrite::{self, Forwarded, X_REQUEST_ID};
+use super::route::{self, Route};
+use super::{identify, ConnIdentity, ProxyError, Shared, State, TokenSource};
+use crate::broker::InjectToken;
+use crate::config::Limits;
+
+/// What a request knows about its connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub identity: ConnIdentity,
+    pub peer: SocketAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    pub activity: Arc<Activity>,
+}
+
+impl ConnInfo {
+    /// A connection as a benchmark or test would describe it.
+    pub fn new(listener: &str, peer: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            identity: ConnIdentity {
+                listener: Arc::from(listener),
+                cert: Vec::new(),
+            },
+            peer,
+            proto: "http",
+            activity: Arc::default(),
+        }
+    }
+}
+
+/// What the log line and the metrics say about a request.
+#[derive(Default)]
+struct Outcome<'s> {
+    caller: Option<&'s str>,
+    route: Option<&'s str>,
+    upstream: Option<Duration>,
+}
+
+/// Serves one request; never fails.
+pub(crate) async fn handle<T: TokenSource>(
+    request: Request<Incoming>,
+    conn: &ConnInfo,
+    shared: &Shared<T>,
+) -> Response<ProxyBody> {
+    let _in_flight = conn.activity.request_started();
+    let started = Instant::now();
+    let state = shared.state.load_full();
+    let request_id = rewrite::request_id(request.headers());
+    let method = request.method().clone();
+    let version = request.version();
+    let mut outcome = Outcome::default();
+
+    let result = proxy(
+        request,
+        conn,
+        &state,
+        &*shared.tokens,
+        &request_id,
+        &mut outcome,
+    )
+    .await;
+    let (response, error) = match result {
+        Ok(response) => (response, None),
+        Err(e) => {
+            let logged = (e.spec().code, e.detail().map(str::to_owned));
+            (e.into_response(&request_id, version), Some(logged))
+        }
+    };
+
+    let total = started.elapsed();
+    let status = response.status().as_u16();
+    let route = outcome.route.unwrap_or("-");
+    let caller = outcome.caller.unwrap_or("-");
+    let (error, detail) = error.unzip();
+    tracing::info!(
+        target: "tokenbroker::request",
+        method = %method,
+        route,
+        caller,
+        status,
+        latency_ms = total.as_secs_f64() * 1e3,
+        upstream_ms = outcome.upstream.map(|d| d.as_secs_f64() * 1e3),
+        request_id = request_id.to_str().unwrap_or("-"),
+        error,
+        detail = detail.flatten(),
+        "request"
+    );
+    shared
+        .metrics
+        .record_request(route, caller, status, total, outcome.upstream);
+    response
+}
+
+async fn proxy<'s, T: TokenSource>(
+    request: Request<Incoming>,
+    conn: &ConnInfo,
+    state: &'s State,
+    tokens: &T,
+    request_id: &HeaderValue,
+    outcome: &mut Outcome<'s>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    check_head(&request, &conn.activity, &state.limits)?;
+    let caller = identify(&state.callers, &conn.identity, request.headers())?;
+    outcome.caller = Some(caller);
+    let route = find_route(state, &request, caller)?;
+    outcome.route = Some(&route.name);
+    let content_length = content_length(request.headers());
+    if let (Some(max), Some(len)) = (state.limits.max_body_bytes, content_length) {
+        if len > max {
+            return Err(ProxyError::BodyTooLarge);
+        }
+    }
+
+    let token = tokens.token(caller).await?;
+    let uri = route.upstream_uri(request.uri())?;
+    let original_host = original_host(&request);
+    let (mut parts, body) = request.into_parts();
+    rewrite::rewrite_request(
+        &mut parts.headers,
+        &token.header,
+        &Forwarded {
+            peer_ip: conn.peer.ip(),
+            proto: conn.proto,
+            host: original_host.as_ref(),
+            request_id,
+        },
+    );
+    parts.uri = uri;
+    // The client picks HTTP/1.1 or h2 towards the upstream; it refuses an HTTP/2 request on an
+    // HTTP/1 connection, so the request goes out as version-neutral HTTP/1.1.
+    parts.version = Version::HTTP_11;
+
+    let client = state.clients.get(route.client);
+    let body = outgoing_body(body, content_length, &state.limits).await?;
+    let upstream_started = Instant::now();
+    let result = match body {
+        Outgoing::Replayable(body) => {
+            let renew = Renew {
+                tokens,
+                caller,
+                token: &token,
+            };
+            send_replayable(client, route, parts, body, renew).await
+        }
+        Outgoing::Streaming(body) => {
+            forward::send(
+                client,
+                Request::from_parts(parts, body),
+                route.response_timeout,
+            )
+            .await
+        }
+    };
+    outcome.upstream = Some(upstream_started.elapsed());
+
+    let (mut parts, body) = result?.into_parts();
+    rewrite::rewrite_response(&mut parts.headers);
+    parts.headers.insert(X_REQUEST_ID, request_id.clone());
+    Ok(Response::from_parts(parts, ProxyBody::Stream(body)))
+}
+
+/// Framing and size checks that need no caller: ambiguous framing (400) and header size (431).
+pub fn check_head<B>(
+    request: &Request<B>,
+    activity: &Activity,
+    limits: &Limits,
+) -> Result<(), ProxyError> {
+    let headers = request.headers();
+    if headers.contains_key(TRANSFER_ENCODING)
+        && (headers.contains_key(CONTENT_LENGTH)
+            || (request.version() <= Version::HTTP_11 && activity.saw_ambiguous_framing()))
+    {
+        return Err(ProxyError::BadRequest(
+            "a request must not carry both Content-Length and Transfer-Encoding",
+        ));
+    }
+    if header_bytes(headers) > limits.max_header_bytes {
+        return Err(ProxyError::HeadersTooLarge);
+    }
+    Ok(())
+}
+
+/// Size of the headers as sent on HTTP/1 (`name: value\r\n`).
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+/// The route for a request and caller: 400 for a bad path, 404 without a route, 403 when the
+/// caller is not allowed on it.
+pub fn find_route<'s, B>(
+    state: &'s State,
+    request: &Request<B>,
+    caller: &str,
+) -> Result<&'s Route, ProxyError> {
+    let path = request.uri().path();
+    route::check_path(path)?;
+    let host = route::request_host(request.uri(), request.headers());
+    let route = state.routes.find(host, path).ok_or(ProxyError::NoRoute)?;
+    if !route.allows(caller) {
+        return Err(ProxyError::Forbidden);
+    }
+    Ok(route)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The Host the caller asked for, as sent (for `X-Forwarded-Host`).
+fn original_host<B>(request: &Request<B>) -> Option<HeaderValue> {
+    match request.headers().get(HOST) {
+        Some(host) => Some(host.clone()),
+        None => HeaderValue::from_str(request.uri().authority()?.as_str()).ok(),
+    }
+}
+
+enum Outgoing {
+    /// No body, or a small one in memory: can be sent again.
+    Replayable(Option<Bytes>),
+    Streaming(ProxyBody),
+}
+
+/// Buffers the body only when its length is known and at most `replay_buffer_bytes`; streams it
+/// otherwise (under `max_body_bytes` when set).
+async fn outgoing_body(
+    body: Incoming,
+    content_length: Option<u64>,
+    limits: &Limits,
+) -> Result<Outgoing, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(Outgoing::Replayable(None));
+    }
+    if let Some(len) = content_length {
+        if len <= limits.replay_buffer_bytes as u64 {
+            let bytes = forward::buffer(body, len as usize).await?;
+            return Ok(Outgoing::Replayable(Some(bytes)));
+        }
+    }
+    Ok(Outgoing::Streaming(match limits.max_body_bytes {
+        Some(max) => ProxyBody::Limited(Limited::new(
+            body,
+            usize::try_from(max).unwrap_or(usize::MAX),
+        )),
+        None => ProxyBody::Stream(body),
+    }))
+}
+
+fn replay_body(body: &Option<Bytes>) -> ProxyBody {
+    match body {
+        None => ProxyBody::Empty,
+        Some(bytes) => ProxyBody::full(bytes.clone()),
+    }
+}
+
+/// What an upstream 401 needs to get a renewed token.
+struct Renew<'a, T> {
+    tokens: &'a T,
+    caller: &'a str,
+    token: &'a InjectToken,
+}
+
+/// Sends a request that can be sent twice; after an upstream 401 the token's generation is
+/// reported to the broker and the request is sent once more with the renewed token.
+async fn send_replayable<T: TokenSource>(
+    client: &UpstreamClient,
+    route: &Route,
+    mut parts: Parts,
+    body: Option<Bytes>,
+    renew: Renew<'_, T>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let mut first = Request::new(replay_body(&body));
+    *first.method_mut() = parts.method.clone();
+    *first.uri_mut() = parts.uri.clone();
+    *first.version_mut() = parts.version;
+    *first.headers_mut() = parts.headers.clone();
+    let response = forward::send(client, first, route.response_timeout).await?;
+    if response.status() != StatusCode::UNAUTHORIZED {
+        return Ok(response);
+    }
+    drop(response);
+    let renewed = renew
+        .tokens
+        .rejected(renew.caller, renew.token.generation)
+        .await?;
+    tracing::debug!(caller = renew.caller, route = %route.name, "upstream refused the token; replaying once");
+    parts.headers.insert(AUTHORIZATION, renewed.header.clone());
+    let second = Request::from_parts(parts, replay_body(&body));
+    forward::send(client, second, route.response_timeout).await
+}
