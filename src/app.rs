@@ -18,7 +18,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::{self, Config, ConfigError, ConfigErrors, LoggingConfig};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::proxy::{ProxyError, ProxyHandle};
+use crate::proxy::{ProxyHandle, StartError as ProxyStartError};
 use crate::server::Shutdown;
 
 /// Why the process could not start serving.
@@ -32,7 +32,7 @@ pub enum StartError {
     #[error("token broker: {0}")]
     Broker(#[from] BrokerError),
     #[error("proxy: {0}")]
-    Proxy(#[from] ProxyError),
+    Proxy(#[from] ProxyStartError),
 }
 
 struct AdminTask {
@@ -160,9 +160,8 @@ impl AppHandle {
                 message: "the running config was not read from a file".to_string(),
             }])),
         };
-        let outcome = match loaded {
-            Ok(new) => {
-                self.apply(new);
+        let outcome = match loaded.and_then(|new| self.apply(new)) {
+            Ok(()) => {
                 tracing::info!("configuration reloaded");
                 Ok(())
             }
@@ -185,7 +184,9 @@ impl AppHandle {
         outcome
     }
 
-    fn apply(&self, new: Config) {
+    /// Applies a validated config: the proxy first, as it can still refuse it (e.g. an upstream
+    /// CA file that does not parse); then the broker.
+    fn apply(&self, new: Config) -> Result<(), ConfigErrors> {
         let new = Arc::new(new);
         let old = self.config();
         let addrs = |c: &Config| {
@@ -202,9 +203,16 @@ impl AppHandle {
         {
             tracing::warn!("listener addresses changed: they take effect at the next restart");
         }
+        if let Err(e) = self.proxy.try_reconfigure(&new) {
+            return Err(ConfigErrors(vec![ConfigError {
+                file: new.source.clone().unwrap_or_default(),
+                key: String::new(),
+                message: e.to_string(),
+            }]));
+        }
         self.broker.reconfigure(&new);
-        self.proxy.reconfigure(new.clone());
         *self.config.lock().expect("config lock") = new;
+        Ok(())
     }
 
     /// Stops in order: readiness goes to 503, proxy listeners stop accepting and drain (up to
@@ -241,11 +249,8 @@ pub async fn run(config: Config, log_json: bool) -> ExitCode {
     exit_code(outcome)
 }
 
-/// Logs where everything listens.
+/// Logs where the admin listener is (the proxy logs its own listeners).
 pub fn announce(app: &AppHandle) {
-    for (name, addr) in app.proxy_addrs() {
-        tracing::info!(listener = %name, %addr, "proxy listening");
-    }
     if let Some(addr) = app.admin_addr() {
         tracing::info!(%addr, "admin listening (/healthz /readyz /metrics /tokens)");
     }
