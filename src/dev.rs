@@ -121,6 +121,24 @@ fn point_at_emulator(
     }
 }
 
+/// `config/../certs` -> `certs`, for paths shown to people.
+fn lexically_clean(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// What to try, with the real addresses.
 fn banner(app: &AppHandle, emulator: &str, echo: std::net::SocketAddr) -> String {
     let mut out = String::new();
@@ -144,7 +162,7 @@ fn banner(app: &AppHandle, emulator: &str, echo: std::net::SocketAddr) -> String
                 "  curl -s -H 'Proxy-Authorization: Bearer {DEMO_KEY}' http://{addr}/hello\n"
             )),
             Some(tls) if tls.client_ca.is_some() => {
-                let certs = tls.cert.parent().unwrap_or(Path::new("."));
+                let certs = lexically_clean(tls.cert.parent().unwrap_or(Path::new(".")));
                 let ca = certs.join("ca.pem");
                 out.push_str(&format!(
                     "  curl -s --cacert {} --cert {} --key {} https://{addr}/hello\n",
@@ -162,4 +180,25 @@ fn banner(app: &AppHandle, emulator: &str, echo: std::net::SocketAddr) -> String
     }
     out.push_str("\nCtrl-C stops everything.");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_paths_lose_dot_dot() {
+        assert_eq!(
+            lexically_clean(Path::new("config/../certs")),
+            Path::new("certs")
+        );
+        assert_eq!(
+            lexically_clean(Path::new("/a/b/../c/./d")),
+            Path::new("/a/c/d")
+        );
+        assert_eq!(
+            lexically_clean(Path::new("../certs")),
+            Path::new("../certs")
+        );
+    }
 }
