@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
@@ -234,6 +234,9 @@ impl AppHandle {
 /// `tokenbroker run`: serves until SIGTERM or SIGINT, reloading on SIGHUP.
 pub async fn run(config: Config, log_json: bool) -> ExitCode {
     init_tracing(&config.logging, log_json);
+    let Some(mut signals) = Signals::install() else {
+        return ExitCode::FAILURE;
+    };
     let app = match AppHandle::start(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -242,11 +245,11 @@ pub async fn run(config: Config, log_json: bool) -> ExitCode {
         }
     };
     announce(&app);
-    let outcome = serve_until_stopped(&app).await;
+    signals.serve(&app).await;
     tracing::info!("shutting down: draining in-flight requests");
     app.shutdown().await;
     tracing::info!("stopped");
-    exit_code(outcome)
+    ExitCode::SUCCESS
 }
 
 /// Logs where the admin listener is (the proxy logs its own listeners).
@@ -256,44 +259,61 @@ pub fn announce(app: &AppHandle) {
     }
 }
 
-/// Waits for SIGTERM or SIGINT; on each SIGHUP, reloads the configuration.
-pub async fn serve_until_stopped(app: &AppHandle) -> std::io::Result<()> {
-    let mut hangup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            stop = stop_signal() => return stop,
-            _ = hangup.recv() => {
-                tracing::info!("SIGHUP: reloading the configuration");
-                let _ = app.reload();
+/// The process signals tokenbroker handles. Installed before anything starts, so that a signal
+/// arriving early is handled rather than killing the process with the default action.
+pub struct Signals {
+    hangup: Signal,
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; `None` (logged) if the system refuses.
+    pub fn install() -> Option<Signals> {
+        let installed = (|| {
+            Ok::<_, std::io::Error>(Signals {
+                hangup: signal(SignalKind::hangup())?,
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
+        })();
+        installed
+            .map_err(|e| tracing::error!(error = %e, "cannot install signal handlers"))
+            .ok()
+    }
+
+    /// Reloads `app`'s configuration on each SIGHUP; returns on SIGTERM or SIGINT.
+    pub async fn serve(&mut self, app: &AppHandle) {
+        loop {
+            tokio::select! {
+                _ = self.hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let _ = app.reload();
+                }
+                () = stop(&mut self.terminate, &mut self.interrupt) => return,
             }
         }
     }
+
+    /// Resolves on SIGTERM or SIGINT.
+    pub async fn stopped(&mut self) {
+        stop(&mut self.terminate, &mut self.interrupt).await;
+    }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn stop_signal() -> std::io::Result<()> {
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+async fn stop(terminate: &mut Signal, interrupt: &mut Signal) {
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
-    }
-    Ok(())
-}
-
-fn exit_code(outcome: std::io::Result<()>) -> ExitCode {
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for signals");
-            ExitCode::FAILURE
-        }
     }
 }
 
 /// `tokenbroker emulate`: the identity-service emulator alone, until SIGTERM or SIGINT.
 pub async fn emulate(config: EmulatorConfig) -> ExitCode {
     init_tracing(&LoggingConfig::default(), false);
+    let Some(mut signals) = Signals::install() else {
+        return ExitCode::FAILURE;
+    };
     let tenant = config.tenant.clone();
     let emulator = match Emulator::start(config).await {
         Ok(e) => e,
@@ -310,9 +330,9 @@ pub async fn emulate(config: EmulatorConfig) -> ExitCode {
     if let Some(echo) = emulator.echo_addr() {
         println!("echo upstream on http://{echo}");
     }
-    let outcome = stop_signal().await;
+    signals.stopped().await;
     emulator.shutdown().await;
-    exit_code(outcome)
+    ExitCode::SUCCESS
 }
 
 /// Installs the log subscriber: `RUST_LOG` when set, else the config's level, else `info`;

@@ -28,6 +28,9 @@ pub async fn run(args: DevArgs) -> ExitCode {
         }
     };
     app::init_tracing(&config.logging, false);
+    let Some(mut signals) = app::Signals::install() else {
+        return ExitCode::FAILURE;
+    };
 
     let port = |fixed: &str| {
         let addr: std::net::SocketAddr = fixed.parse().expect("fixed demo address");
@@ -76,13 +79,10 @@ pub async fn run(args: DevArgs) -> ExitCode {
     };
     app::announce(&app);
     println!("{}", banner(&app, &emulator.base_url(), echo));
-    let outcome = app::serve_until_stopped(&app).await;
+    signals.serve(&app).await;
     app.shutdown().await;
     emulator.shutdown().await;
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::FAILURE,
-    }
+    ExitCode::SUCCESS
 }
 
 /// `config/dev.toml` as given; else the one in the source tree this binary was built from (so
