@@ -56,7 +56,7 @@ pub async fn serve(
 }
 
 /// The answer to one admin request.
-pub fn respond(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+fn respond(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
     let known = matches!(path, "/healthz" | "/readyz" | "/metrics" | "/tokens");
     if !known {
         return text(StatusCode::NOT_FOUND, "not found\n");

@@ -131,6 +131,23 @@ fn without_values(message: &str) -> String {
         .to_string()
 }
 
+/// What is wrong with a URL for an upstream or the identity service, if anything.
+fn url_problem(uri: &http::Uri, path_allowed: bool) -> Option<&'static str> {
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let path = uri.path();
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || authority.is_empty() {
+        Some("must start with http:// or https:// and name a host")
+    } else if authority.contains('@') {
+        Some("must not carry credentials")
+    } else if uri.query().is_some() {
+        Some("must not have a query")
+    } else if !(path_allowed || path.is_empty() || path == "/") {
+        Some("must be scheme and host only, without a path")
+    } else {
+        None
+    }
+}
+
 /// A name of a listener, caller or route: it appears in metrics labels, logs and token names.
 fn is_name(s: &str) -> bool {
     !s.is_empty()
@@ -262,22 +279,24 @@ impl Checker {
         })
     }
 
+    /// A duration longer than zero (timeouts, margins).
     fn duration(&mut self, key: &str, value: Option<String>, default: Duration) -> Duration {
-        let Some(text) = value else { return default };
-        match humantime::parse_duration(&text) {
-            Ok(d) if d.is_zero() && !key.ends_with("shutdown_grace") => {
-                self.add(key, "must be longer than zero");
-                default
-            }
-            Ok(d) => d,
-            Err(e) => {
-                self.add(
-                    key,
-                    format!("`{text}` is not a duration like \"5s\" or \"2m\": {e}"),
-                );
-                default
-            }
+        let d = self.any_duration(key, value, default);
+        if d.is_zero() {
+            self.add(key, "must be longer than zero");
+            return default;
         }
+        d
+    }
+
+    /// A duration, zero included.
+    fn any_duration(&mut self, key: &str, value: Option<String>, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        humantime::parse_duration(&text).unwrap_or_else(|e| {
+            let msg = format!("`{text}` is not a duration like \"5s\" or \"2m\": {e}");
+            self.add(key, msg);
+            default
+        })
     }
 
     /// An integer within `min..=max`.
@@ -376,26 +395,14 @@ impl Checker {
     fn url(&mut self, key: &str, value: Option<String>, path_allowed: bool) -> Option<http::Uri> {
         let text = self.required(key, value)?;
         let problem = match text.parse::<http::Uri>() {
-            Err(e) => Some(format!("not a URL: {e}")),
-            Ok(uri) => {
-                let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
-                let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-                let path = uri.path();
-                if !scheme_ok || authority.is_empty() {
-                    Some("must start with http:// or https:// and name a host".to_string())
-                } else if authority.contains('@') {
-                    Some("must not carry credentials".to_string())
-                } else if uri.query().is_some() {
-                    Some("must not have a query".to_string())
-                } else if !(path_allowed || path.is_empty() || path == "/") {
-                    Some("must be scheme and host only, without a path".to_string())
-                } else {
-                    return Some(uri);
-                }
-            }
+            Err(e) => format!("not a URL: {e}"),
+            Ok(uri) => match url_problem(&uri, path_allowed) {
+                None => return Some(uri),
+                Some(problem) => problem.to_string(),
+            },
         };
         // The URL text is not echoed: it could carry credentials.
-        self.add(key, problem.unwrap_or_default());
+        self.add(key, problem);
         None
     }
 
@@ -681,7 +688,7 @@ impl Checker {
             max_connections,
             replay_buffer_bytes,
             idle_timeout: self.duration("limits.idle_timeout", r.idle_timeout, d.idle_timeout),
-            shutdown_grace: self.duration(
+            shutdown_grace: self.any_duration(
                 "limits.shutdown_grace",
                 r.shutdown_grace,
                 d.shutdown_grace,
