@@ -205,6 +205,9 @@ struct CallerState {
     last_renewal: Mutex<Option<SystemTime>>,
     waited: AtomicU64,
     fetches: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The inject token obtained last (also before the cache has it): what the single-flight
+    /// re-check and the refresh schedule look at.
+    latest: Mutex<Option<Arc<Held<InjectCred>>>>,
     /// The last inject generation an upstream refused (api_token mode regenerates on it).
     rejected_generation: AtomicU64,
     wake: tokio::sync::Notify,
@@ -223,6 +226,7 @@ impl CallerState {
             last_renewal: Mutex::new(None),
             waited: AtomicU64::new(0),
             fetches: Mutex::default(),
+            latest: Mutex::default(),
             rejected_generation: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
             removed: AtomicBool::new(false),
@@ -234,6 +238,15 @@ impl CallerState {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The latest inject token while it is usable.
+    fn latest(&self) -> Option<Arc<Held<InjectCred>>> {
+        self.latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|h| h.usable_until > Instant::now())
     }
 }
 
@@ -376,15 +389,17 @@ impl Broker {
     /// The upstream refused `generation` with 401: marks it bad (once for any number of concurrent
     /// calls with the same generation) and returns the renewed token.
     pub async fn rejected(&self, caller: &str, generation: u64) -> TokenResult {
-        if let Some(held) = self.inject.get(caller).await {
-            if held.generation == generation && !held.value.rejected.swap(true, Ordering::AcqRel) {
-                tracing::info!(caller, generation, "upstream refused the token; renewing");
-                if let Some(state) = self.caller(caller) {
+        if let Some(state) = self.caller(caller) {
+            if let Some(held) = state.latest() {
+                if held.generation == generation
+                    && !held.value.rejected.swap(true, Ordering::AcqRel)
+                {
+                    tracing::info!(caller, generation, "upstream refused the token; renewing");
                     state
                         .rejected_generation
                         .store(generation, Ordering::Release);
+                    self.inject.invalidate(caller).await;
                 }
-                self.inject.invalidate(caller).await;
             }
         }
         self.token(caller).await

@@ -84,7 +84,7 @@ impl Broker {
         renewing: Option<u64>,
     ) -> Result<Arc<Held<InjectCred>>, Failure> {
         let _flight = c.inject_lock.lock().await;
-        if let Some(held) = self.inject.get(&*c.name).await {
+        if let Some(held) = c.latest() {
             let fresh = !held.value.rejected.load(Ordering::Acquire)
                 && renewing.is_none_or(|g| g != held.generation);
             if fresh {
@@ -110,6 +110,8 @@ impl Broker {
             Ok(held) => {
                 gate.succeeded();
                 drop(gate);
+                let held = Arc::new(held);
+                *c.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&held));
                 *c.last_renewal.lock().unwrap_or_else(|e| e.into_inner()) = Some(SystemTime::now());
                 if !c.active.swap(true, Ordering::AcqRel) {
                     c.wake.notify_one();
@@ -119,7 +121,7 @@ impl Broker {
                     generation = held.generation,
                     "token ready"
                 );
-                Ok(Arc::new(held))
+                Ok(held)
             }
             Err(e) => {
                 let wait = gate.failed(now, e.to_string(), e.retry_after(), &self.timing());

@@ -50,7 +50,7 @@ impl Broker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .next_attempt();
-        let mut at = match self.inject.get(&*c.name).await {
+        let mut at = match c.latest() {
             Some(held) => held.refresh_at,
             None => Instant::now(),
         };
@@ -91,7 +91,7 @@ impl Broker {
                 }
             }
         }
-        let current = self.inject.get(&*c.name).await;
+        let current = c.latest();
         if current.as_ref().is_some_and(|h| now < h.refresh_at) {
             return;
         }
