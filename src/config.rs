@@ -1,10 +1,17 @@
 //! Configuration: the TOML file is read into raw serde structs (`raw`), then checked into the
 //! validated [`Config`] below (`validate`), collecting every problem with its file and key.
 //! Nothing else in the crate reads TOML; everything else takes a validated `Config`.
+//! Loading reads the secrets the file refers to; no error message ever carries a secret.
 
+mod raw;
+mod validate;
+
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use sha2::{Digest, Sha256};
 
 use crate::secret::Secret;
 
@@ -26,6 +33,87 @@ pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_TENANT: &str = "CUSTOMER";
+pub const DEFAULT_DISPLAY_NAME_PREFIX: &str = "tokenbroker";
+
+/// Reads, checks and builds the configuration in `path`, with the secrets it refers to.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => from_toml_str(&text, path),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            key: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        }])),
+    }
+}
+
+/// Checks and builds the configuration from `text`, as if read from `path`: relative paths in it
+/// are relative to `path`'s folder, and messages name `path`.
+pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    validate::validate(text, path)
+}
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Where in the file, e.g. `route[2].upstream` (items count from 0); empty for the whole file.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file, one per line when displayed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The SHA-256 of a caller key, as compared against [`CallerConfig::key_hashes`].
+pub fn key_hash(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+/// A caller key's hash as written in the config: `sha256:<64 hex digits>`.
+pub fn format_key_hash(hash: &[u8; 32]) -> String {
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// `sha256:<64 hex digits>` -> the 32 bytes.
+pub fn parse_key_hash(text: &str) -> Option<[u8; 32]> {
+    let hex = text.strip_prefix("sha256:")?;
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
 
 /// The whole validated configuration.
 #[derive(Clone, Debug)]
@@ -128,7 +216,7 @@ impl Default for TokenPolicy {
             backoff_max: DEFAULT_BACKOFF_MAX,
             warm_up: false,
             state_file: None,
-            display_name_prefix: "tokenbroker".to_string(),
+            display_name_prefix: DEFAULT_DISPLAY_NAME_PREFIX.to_string(),
         }
     }
 }

@@ -11,8 +11,11 @@
 //! - [`server`]: the shared accept loop and shutdown signal
 
 pub mod admin;
+pub mod app;
 pub mod broker;
+pub mod cli;
 pub mod config;
+pub mod dev;
 pub mod emulator;
 pub mod identity;
 pub mod metrics;

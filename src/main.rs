@@ -1,6 +1,7 @@
-//! The `tokenbroker` binary: parses the command line and calls into the library.
+//! The `tokenbroker` binary: parses the command line and hands it to the library.
 
-fn main() {
-    eprintln!("tokenbroker: not yet wired");
-    std::process::exit(64);
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    tokenbroker::cli::execute(tokenbroker::cli::Cli::parse())
 }

@@ -1,0 +1,356 @@
+//! The running process: wires the metrics registry, the broker, the proxy listeners and the admin
+//! listener together ([`AppHandle`]), reloads the configuration, shuts down in order, and maps
+//! process signals onto that ([`run`]). Tests drive [`AppHandle`] directly, without signals.
+//! A reload that fails validation changes nothing.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::broker::{Broker, BrokerError};
+use crate::config::{self, Config, ConfigError, ConfigErrors, LoggingConfig};
+use crate::emulator::{Emulator, EmulatorConfig};
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::proxy::{ProxyHandle, StartError as ProxyStartError};
+use crate::server::Shutdown;
+
+/// Why the process could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind the admin listener on {addr}: {source}")]
+    AdminBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("token broker: {0}")]
+    Broker(#[from] BrokerError),
+    #[error("proxy: {0}")]
+    Proxy(#[from] ProxyStartError),
+}
+
+struct AdminTask {
+    state: Arc<AdminState>,
+    shutdown: Shutdown,
+    task: JoinHandle<()>,
+}
+
+/// A running tokenbroker: proxy listeners, broker and admin listener.
+pub struct AppHandle {
+    config: Mutex<Arc<Config>>,
+    metrics: Arc<Metrics>,
+    broker: Arc<Broker>,
+    proxy: ProxyHandle,
+    proxy_shutdown: Shutdown,
+    proxy_addrs: Vec<(String, SocketAddr)>,
+    admin: Option<AdminTask>,
+    admin_addr: Option<SocketAddr>,
+}
+
+impl AppHandle {
+    /// Starts everything `config` describes. The admin port is bound first, so that a port
+    /// conflict is reported before any token is fetched.
+    pub async fn start(config: Config) -> Result<AppHandle, StartError> {
+        // One crypto provider for every rustls config in the process; a second call is a no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = Arc::new(config);
+        let metrics = Metrics::new();
+        let admin_listener =
+            match &config.admin {
+                Some(a) => Some(TcpListener::bind(a.addr).await.map_err(|source| {
+                    StartError::AdminBind {
+                        addr: a.addr,
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+        let broker = Broker::start(&config, metrics.clone()).await?;
+        let proxy_shutdown = Shutdown::new();
+        let proxy = match ProxyHandle::start(
+            config.clone(),
+            broker.clone(),
+            metrics.clone(),
+            proxy_shutdown.clone(),
+        )
+        .await
+        {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                broker.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        let proxy_addrs = proxy.local_addrs();
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let admin = admin_listener.map(|listener| {
+            let state = AdminState::new(broker.clone(), metrics.clone());
+            state.listening.store(true, Ordering::Release);
+            let shutdown = Shutdown::new();
+            let grace = config.limits.shutdown_grace;
+            let task = tokio::spawn(admin::serve(
+                listener,
+                state.clone(),
+                shutdown.clone(),
+                grace,
+            ));
+            AdminTask {
+                state,
+                shutdown,
+                task,
+            }
+        });
+        Ok(AppHandle {
+            config: Mutex::new(config),
+            metrics,
+            broker,
+            proxy,
+            proxy_shutdown,
+            proxy_addrs,
+            admin,
+            admin_addr,
+        })
+    }
+
+    /// Where the admin listener is bound, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Each proxy listener's name and bound address.
+    pub fn proxy_addrs(&self) -> &[(String, SocketAddr)] {
+        &self.proxy_addrs
+    }
+
+    /// The bound address of the proxy listener called `name`.
+    pub fn proxy_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.proxy_addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.lock().expect("config lock").clone()
+    }
+
+    /// Reads the config file (and the secrets it refers to) again and applies it. A config with
+    /// problems is refused, logged problem by problem, and the current one stays in force.
+    pub fn reload(&self) -> Result<(), ConfigErrors> {
+        let loaded = match self.config().source.clone() {
+            Some(path) => config::load(&path),
+            None => Err(ConfigErrors(vec![ConfigError {
+                file: Default::default(),
+                key: String::new(),
+                message: "the running config was not read from a file".to_string(),
+            }])),
+        };
+        let outcome = match loaded.and_then(|new| self.apply(new)) {
+            Ok(()) => {
+                tracing::info!("configuration reloaded");
+                Ok(())
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!(problem = %e, "reloaded configuration refused");
+                }
+                tracing::warn!(
+                    problems = errors.0.len(),
+                    "configuration reload refused; the previous configuration stays in force"
+                );
+                Err(errors)
+            }
+        };
+        let label = if outcome.is_ok() { "ok" } else { "rejected" };
+        self.metrics
+            .config_reloads
+            .get_or_create(&OutcomeLabels { outcome: label })
+            .inc();
+        outcome
+    }
+
+    /// Applies a validated config: the proxy first, as it can still refuse it (e.g. an upstream
+    /// CA file that does not parse); then the broker.
+    fn apply(&self, new: Config) -> Result<(), ConfigErrors> {
+        let new = Arc::new(new);
+        let old = self.config();
+        let addrs = |c: &Config| {
+            let mut v: Vec<_> = c
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.addr))
+                .collect();
+            v.sort();
+            v
+        };
+        if addrs(&old) != addrs(&new)
+            || old.admin.as_ref().map(|a| a.addr) != new.admin.as_ref().map(|a| a.addr)
+        {
+            tracing::warn!("listener addresses changed: they take effect at the next restart");
+        }
+        if let Err(e) = self.proxy.try_reconfigure(&new) {
+            return Err(ConfigErrors(vec![ConfigError {
+                file: new.source.clone().unwrap_or_default(),
+                key: String::new(),
+                message: e.to_string(),
+            }]));
+        }
+        self.broker.reconfigure(&new);
+        *self.config.lock().expect("config lock") = new;
+        Ok(())
+    }
+
+    /// Stops in order: readiness goes to 503, proxy listeners stop accepting and drain (up to
+    /// `shutdown_grace`), the broker stops and saves its state, then the admin listener closes.
+    pub async fn shutdown(self) {
+        if let Some(admin) = &self.admin {
+            admin.state.listening.store(false, Ordering::Release);
+        }
+        self.proxy_shutdown.trigger();
+        self.proxy.wait().await;
+        self.broker.shutdown().await;
+        if let Some(admin) = self.admin {
+            admin.shutdown.trigger();
+            let _ = admin.task.await;
+        }
+    }
+}
+
+/// `tokenbroker run`: serves until SIGTERM or SIGINT, reloading on SIGHUP.
+pub async fn run(config: Config, log_json: bool) -> ExitCode {
+    init_tracing(&config.logging, log_json);
+    let Some(mut signals) = Signals::install() else {
+        return ExitCode::FAILURE;
+    };
+    let app = match AppHandle::start(config).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "tokenbroker could not start");
+            return ExitCode::FAILURE;
+        }
+    };
+    announce(&app);
+    signals.serve(&app).await;
+    tracing::info!("shutting down: draining in-flight requests");
+    app.shutdown().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// Logs where the admin listener is (the proxy logs its own listeners).
+pub fn announce(app: &AppHandle) {
+    if let Some(addr) = app.admin_addr() {
+        tracing::info!(%addr, "admin listening (/healthz /readyz /metrics /tokens)");
+    }
+}
+
+/// The process signals tokenbroker handles. Installed before anything starts, so that a signal
+/// arriving early is handled rather than killing the process with the default action.
+pub struct Signals {
+    hangup: Signal,
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; `None` (logged) if the system refuses.
+    pub fn install() -> Option<Signals> {
+        let installed = (|| {
+            Ok::<_, std::io::Error>(Signals {
+                hangup: signal(SignalKind::hangup())?,
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
+        })();
+        installed
+            .map_err(|e| tracing::error!(error = %e, "cannot install signal handlers"))
+            .ok()
+    }
+
+    /// Reloads `app`'s configuration on each SIGHUP; returns on SIGTERM or SIGINT.
+    pub async fn serve(&mut self, app: &AppHandle) {
+        loop {
+            tokio::select! {
+                _ = self.hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let _ = app.reload();
+                }
+                () = stop(&mut self.terminate, &mut self.interrupt) => return,
+            }
+        }
+    }
+
+    /// Resolves on SIGTERM or SIGINT.
+    pub async fn stopped(&mut self) {
+        stop(&mut self.terminate, &mut self.interrupt).await;
+    }
+}
+
+async fn stop(terminate: &mut Signal, interrupt: &mut Signal) {
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// `tokenbroker emulate`: the identity-service emulator alone, until SIGTERM or SIGINT.
+pub async fn emulate(config: EmulatorConfig) -> ExitCode {
+    init_tracing(&LoggingConfig::default(), false);
+    let Some(mut signals) = Signals::install() else {
+        return ExitCode::FAILURE;
+    };
+    let tenant = config.tenant.clone();
+    let emulator = match Emulator::start(config).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "the emulator could not start");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "identity-service emulator on {} (tenant {tenant}): token endpoint {}/acs/t/{tenant}/token",
+        emulator.base_url(),
+        emulator.base_url()
+    );
+    if let Some(echo) = emulator.echo_addr() {
+        println!("echo upstream on http://{echo}");
+    }
+    signals.stopped().await;
+    emulator.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// Installs the log subscriber: `RUST_LOG` when set, else the config's level, else `info`;
+/// JSON lines when the config or the command line asks for them. Logs go to standard error.
+pub fn init_tracing(logging: &LoggingConfig, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::try_new(logging.level.as_deref().unwrap_or("info"))
+            .unwrap_or_else(|_| EnvFilter::new("info"))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    // A second installation (tests, dev after emulate) keeps the first subscriber.
+    let _ = if json || logging.json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

@@ -1,0 +1,126 @@
+//! The TOML file as written: serde structs that mirror its sections, with every key optional so
+//! that a missing key becomes a named problem instead of a parse failure. Nothing here checks a
+//! value; `validate` does. Tables that can hold further tables (sections, `tls`, `client_secret`)
+//! stay `toml::Value` here and are read one by one, so that a mistake in one hides nothing else.
+
+use serde::Deserialize;
+
+/// The top level: one entry per section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub listener: Vec<toml::Value>,
+    pub admin: Option<toml::Value>,
+    pub identity: Option<toml::Value>,
+    pub tokens: Option<toml::Value>,
+    #[serde(default)]
+    pub caller: Vec<toml::Value>,
+    #[serde(default)]
+    pub route: Vec<toml::Value>,
+    pub limits: Option<toml::Value>,
+    pub logging: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: Option<String>,
+    pub address: Option<String>,
+    pub tls: Option<toml::Value>,
+    pub caller: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub client_ca: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub base_url: Option<String>,
+    pub tenant: Option<String>,
+    pub client_id: Option<String>,
+    /// `{ env = "NAME" }` or `{ file = "path" }`; kept raw so that an inline string is refused
+    /// without its value ever reaching an error message.
+    pub client_secret: Option<toml::Value>,
+    pub scope: Option<String>,
+    pub ca_file: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokens {
+    pub api_token_ttl_minutes: Option<i64>,
+    pub access_token_ttl_minutes: Option<i64>,
+    pub max_count_of_uses: Option<i64>,
+    pub inject: Option<String>,
+    pub refresh_fraction: Option<f64>,
+    pub refresh_jitter: Option<f64>,
+    pub min_margin: Option<String>,
+    pub expiry_skew: Option<String>,
+    pub backoff_initial: Option<String>,
+    pub backoff_max: Option<String>,
+    pub warm_up: Option<bool>,
+    pub state_file: Option<String>,
+    pub display_name_prefix: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCaller {
+    pub name: Option<String>,
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub key_hashes: Vec<String>,
+    #[serde(default)]
+    pub cert_identities: Vec<String>,
+    pub inject: Option<String>,
+    pub max_count_of_uses: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Option<String>,
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub strip_prefix: Option<bool>,
+    pub upstream: Option<String>,
+    pub upstream_ca_file: Option<String>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+    pub connect_timeout: Option<String>,
+    pub response_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub header_read_timeout: Option<String>,
+    pub max_header_bytes: Option<i64>,
+    pub max_body_bytes: Option<i64>,
+    pub max_connections: Option<i64>,
+    pub replay_buffer_bytes: Option<i64>,
+    pub idle_timeout: Option<String>,
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogging {
+    pub level: Option<String>,
+    pub json: Option<bool>,
+}

@@ -1,0 +1,476 @@
+//! Configuration loading and the commands around it: the shipped example files are valid, every
+//! kind of problem is reported (all at once, with its key), secrets are never echoed, relative
+//! paths follow the config file, and `check` / `hash-key` behave as documented.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use sha2::{Digest, Sha256};
+use tokenbroker::config::{self, CertIdentity, Config, ConfigError, InjectMode};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenbroker");
+const HASH: &str = "sha256:c07cc13209d7c900066bdc4c4f260050e560637a8814486f6623bfcd754deaa9";
+
+/// A small valid config; tests append to it or replace parts of it.
+fn base() -> String {
+    format!(
+        r#"
+[[listener]]
+name = "main"
+address = "127.0.0.1:0"
+
+[identity]
+base_url = "http://127.0.0.1:7001"
+client_id = "admin"
+client_secret = {{ file = "client-secret" }}
+
+[[caller]]
+name = "svc"
+key_hashes = ["{HASH}"]
+
+[[route]]
+name = "all"
+upstream = "http://127.0.0.1:7002"
+allow = ["svc"]
+"#
+    )
+}
+
+/// A folder holding the secret `base()` refers to.
+fn folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("client-secret"), "s3cr3t-client-value\n").unwrap();
+    dir
+}
+
+fn load(dir: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
+    config::from_toml_str(text, &dir.join("tokenbroker.toml")).map_err(|e| e.0)
+}
+
+fn problems(text: &str) -> Vec<ConfigError> {
+    let dir = folder();
+    load(dir.path(), text).expect_err("config should be refused")
+}
+
+fn assert_problem(all: &[ConfigError], key: &str, words: &str) {
+    assert!(
+        all.iter()
+            .any(|p| p.key == key && p.message.contains(words)),
+        "no problem at `{key}` saying `{words}` in:\n{}",
+        all.iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+fn check(path: &Path, env: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(path)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+#[test]
+fn the_base_config_is_valid_and_gets_defaults() {
+    let dir = folder();
+    let c = load(dir.path(), &base()).unwrap();
+    assert_eq!(c.identity.client_secret.expose(), "s3cr3t-client-value");
+    assert_eq!(c.identity.tenant, config::DEFAULT_TENANT);
+    assert_eq!(c.identity.base_url, "http://127.0.0.1:7001");
+    assert_eq!(c.tokens.refresh_fraction, config::DEFAULT_REFRESH_FRACTION);
+    assert_eq!(c.tokens.inject, InjectMode::AccessToken);
+    assert_eq!(c.limits.shutdown_grace, config::DEFAULT_SHUTDOWN_GRACE);
+    assert_eq!(c.routes[0].path_prefix, "/");
+    assert_eq!(
+        c.routes[0].connect_timeout,
+        config::DEFAULT_UPSTREAM_CONNECT_TIMEOUT
+    );
+    assert_eq!(
+        c.callers[0].key_hashes[0],
+        config::parse_key_hash(HASH).unwrap()
+    );
+    assert_eq!(
+        c.source.as_deref(),
+        Some(dir.path().join("tokenbroker.toml").as_path())
+    );
+}
+
+#[test]
+fn dev_config_is_valid_and_lists_the_demo_key() {
+    let c = config::load(&repo("config/dev.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let demo = c.callers.iter().find(|x| x.name == "demo").unwrap();
+    let hash = config::key_hash(tokenbroker::dev::DEMO_KEY.as_bytes());
+    assert!(demo.key_hashes.contains(&hash));
+    assert!(c.routes.iter().any(|r| r.allow.contains(&demo.name)));
+}
+
+#[test]
+fn production_example_is_valid_with_its_files_and_secret() {
+    // The example refers to files relative to its folder: give it a folder that has them.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenbroker.toml");
+    std::fs::copy(repo("config/tokenbroker.toml"), &path).unwrap();
+    std::fs::create_dir(dir.path().join("tls")).unwrap();
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    for f in ["server.pem", "server.key", "clients-ca.pem"] {
+        std::fs::write(dir.path().join("tls").join(f), "PEM").unwrap();
+    }
+    let out = check(&path, &[("TOKENBROKER_CLIENT_SECRET", "example-secret")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("valid: 3 listeners, 2 callers, 2 routes"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 1, "{text}");
+}
+
+#[test]
+fn check_names_an_unknown_key_a_bad_url_and_a_missing_secret_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = base()
+        .replace(
+            "client_secret = { file = \"client-secret\" }",
+            "client_secret = { env = \"TOKENBROKER_TEST_SURELY_UNSET\" }",
+        )
+        .replace(
+            "upstream = \"http://127.0.0.1:7002\"",
+            "upstream = \"ftp//nowhere\"",
+        )
+        .replace("name = \"main\"", "name = \"main\"\nbogus_key = 1");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = check(&path, &[]);
+    assert_eq!(out.status.code(), Some(64));
+    let text = stdout(&out);
+    assert!(
+        text.contains("listener[0].bogus_key: unknown key"),
+        "{text}"
+    );
+    assert!(text.contains("route[0].upstream:"), "{text}");
+    assert!(
+        text.contains(
+            "identity.client_secret: environment variable TOKENBROKER_TEST_SURELY_UNSET is not set"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("3 problems found"), "{text}");
+    assert!(
+        text.contains("bad.toml"),
+        "every line names the file: {text}"
+    );
+}
+
+#[test]
+fn an_inline_secret_is_refused_without_repeating_it() {
+    let text = base().replace(
+        "client_secret = { file = \"client-secret\" }",
+        "client_secret = \"inline-hunter2\"",
+    );
+    let all = problems(&text);
+    assert_problem(
+        &all,
+        "identity.client_secret",
+        "inline secret is not allowed",
+    );
+    for p in &all {
+        assert!(!p.to_string().contains("hunter2"), "{p}");
+    }
+    // A table of the wrong shape is refused without its contents either.
+    let text = base().replace(
+        "client_secret = { file = \"client-secret\" }",
+        "client_secret = { value = \"inline-hunter2\" }",
+    );
+    let all = problems(&text);
+    assert_problem(&all, "identity.client_secret", "env = \"NAME\"");
+    assert!(all.iter().all(|p| !p.to_string().contains("hunter2")));
+}
+
+#[test]
+fn values_of_the_wrong_type_are_not_echoed() {
+    // A key typed into the wrong place must not end up in the output.
+    let text = base().replace(
+        "[[route]]",
+        "[limits]\nmax_connections = \"caller-key-typed-here\"\n\n[[route]]",
+    );
+    let all = problems(&text);
+    assert_problem(
+        &all,
+        "limits.max_connections",
+        "expected an integer, found string",
+    );
+    assert!(all
+        .iter()
+        .all(|p| !p.to_string().contains("caller-key-typed-here")));
+    let text = base().replace(HASH, "my-raw-caller-key");
+    let all = problems(&text);
+    assert_problem(&all, "caller[0].key_hashes[0]", "sha256:<64 hex digits>");
+    assert!(all
+        .iter()
+        .all(|p| !p.to_string().contains("my-raw-caller-key")));
+}
+
+#[test]
+fn relative_paths_follow_the_config_file_not_the_working_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("etc");
+    std::fs::create_dir_all(sub.join("tls")).unwrap();
+    std::fs::create_dir_all(sub.join("state")).unwrap();
+    std::fs::write(sub.join("client-secret"), "from-file").unwrap();
+    for f in ["cert.pem", "key.pem", "ca.pem"] {
+        std::fs::write(sub.join("tls").join(f), "PEM").unwrap();
+    }
+    let text = base().replace(
+        "address = \"127.0.0.1:0\"",
+        "address = \"127.0.0.1:0\"\ntls = { cert = \"tls/cert.pem\", key = \"tls/key.pem\", client_ca = \"tls/ca.pem\" }",
+    ) + "\n[tokens]\nstate_file = \"state/tokens.json\"\n";
+    let path = sub.join("tokenbroker.toml");
+    std::fs::write(&path, text).unwrap();
+    let c = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let tls = c.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(tls.cert, sub.join("tls/cert.pem"));
+    assert_eq!(tls.key, sub.join("tls/key.pem"));
+    assert_eq!(
+        tls.client_ca.as_deref(),
+        Some(sub.join("tls/ca.pem").as_path())
+    );
+    assert_eq!(c.tokens.state_file, Some(sub.join("state/tokens.json")));
+    assert_eq!(c.identity.client_secret.expose(), "from-file");
+}
+
+#[test]
+fn every_kind_of_problem_is_reported_together() {
+    let text = r#"
+[[listener]]
+name = "a"
+address = "localhost:80"
+caller = "ghost"
+tls = { cert = "missing.pem", key = "missing.key" }
+
+[[listener]]
+name = "a"
+address = "127.0.0.1:9000"
+
+[admin]
+address = "127.0.0.1:9000"
+
+[identity]
+base_url = "https://id.example.com/acs/t/CUSTOMER"
+client_id = "bad id!"
+client_secret = { file = "no-such-secret" }
+connect_timeout = "soon"
+
+[tokens]
+refresh_fraction = 1.5
+max_count_of_uses = 3
+inject = "cookie"
+backoff_initial = "10s"
+backoff_max = "1s"
+
+[[caller]]
+name = "nobody"
+
+[[caller]]
+name = "nobody"
+key_hashes = ["sha256:abc"]
+cert_identities = ["email:x@example.com"]
+
+[[route]]
+name = "r"
+upstream = "http://up.example.com"
+allow = ["stranger"]
+response_timeout = "0s"
+
+[[route]]
+name = "r2"
+upstream = "https://user:pw@up.example.com"
+allow = []
+
+[limits]
+max_header_bytes = 10
+idle_timeout = "forever"
+
+[logging]
+level = "info,=[bad"
+
+[surprise]
+x = 1
+"#;
+    let all = problems(text);
+    for (key, words) in [
+        ("listener[0].address", "not an IP address and port"),
+        ("listener[0].caller", "unknown caller `ghost`"),
+        ("listener[0].tls.cert", "cannot read"),
+        ("listener[0].tls.key", "cannot read"),
+        ("listener[1].name", "duplicate listener name `a`"),
+        ("listener[1].address", "also used by admin.address"),
+        ("identity.base_url", "without a path"),
+        ("identity.client_id", "letters, digits"),
+        ("identity.client_secret", "cannot read secret file"),
+        ("identity.connect_timeout", "not a duration"),
+        ("tokens.refresh_fraction", "out of range"),
+        ("tokens.max_count_of_uses", "not 1"),
+        ("tokens.inject", "`cookie`"),
+        ("tokens.backoff_max", "shorter than backoff_initial"),
+        ("caller[0]", "cannot be identified"),
+        ("caller[1].name", "duplicate caller name"),
+        ("caller[1].key_hashes[0]", "sha256:<64 hex digits>"),
+        ("caller[1].cert_identities[0]", "is not \"uri:"),
+        ("route[0].allow", "unknown caller `stranger`"),
+        ("route[0].response_timeout", "longer than zero"),
+        ("route[1].upstream", "credentials"),
+        ("route[1].allow", "allows no caller"),
+        ("limits.max_header_bytes", "out of range"),
+        ("limits.idle_timeout", "not a duration"),
+        ("logging.level", "log filter"),
+        ("surprise", "unknown key"),
+    ] {
+        assert_problem(&all, key, words);
+    }
+    // The URL with credentials is not repeated.
+    assert!(all.iter().all(|p| !p.to_string().contains("user:pw")));
+}
+
+#[test]
+fn no_listeners_and_no_identity_are_problems() {
+    let all = problems("");
+    assert_problem(&all, "listener", "no [[listener]]");
+    assert_problem(&all, "identity", "missing section");
+    let all = problems("[identity]\n");
+    assert_problem(&all, "identity.base_url", "missing");
+    assert_problem(&all, "identity.client_id", "missing");
+    assert_problem(&all, "identity.client_secret", "missing");
+}
+
+#[test]
+fn a_caller_known_only_by_certificate_needs_an_mtls_listener() {
+    let text = base().replace(
+        &format!("key_hashes = [\"{HASH}\"]"),
+        "cert_identities = [\"uri:spiffe://example.org/svc\"]",
+    );
+    assert_problem(
+        &problems(&text),
+        "caller[0]",
+        "no listener asks for client certificates",
+    );
+    // Bound to a listener instead: fine.
+    let text = base()
+        .replace(&format!("key_hashes = [\"{HASH}\"]"), "")
+        .replace("name = \"main\"", "name = \"main\"\ncaller = \"svc\"");
+    let dir = folder();
+    let c = load(dir.path(), &text).unwrap();
+    assert_eq!(c.listeners[0].caller.as_deref(), Some("svc"));
+    assert!(c.callers[0].key_hashes.is_empty());
+}
+
+#[test]
+fn cert_identities_and_overrides_are_parsed() {
+    let text = base().replace(
+        &format!("key_hashes = [\"{HASH}\"]"),
+        &format!(
+            "key_hashes = [\"{HASH}\"]\ncert_identities = [\"uri:spiffe://x/y\", \"dns:Svc.Example.org\", \"cn:svc\"]\ninject = \"api_token\"\nmax_count_of_uses = 1"
+        ),
+    );
+    let dir = folder();
+    let c = load(dir.path(), &text).unwrap();
+    let x = &c.callers[0];
+    assert_eq!(
+        x.cert_identities,
+        vec![
+            CertIdentity::Uri("spiffe://x/y".into()),
+            CertIdentity::Dns("svc.example.org".into()),
+            CertIdentity::Cn("svc".into()),
+        ]
+    );
+    assert_eq!(x.inject, Some(InjectMode::ApiToken));
+    assert_eq!(x.max_count_of_uses, Some(1));
+}
+
+#[test]
+fn a_syntax_error_names_line_and_column() {
+    let all = problems("[[listener]]\nname = \"a\nx = 1\n");
+    assert_eq!(all.len(), 1);
+    assert!(
+        all[0]
+            .message
+            .contains("TOML syntax error at line 2, column"),
+        "{}",
+        all[0]
+    );
+}
+
+#[test]
+fn check_refuses_a_file_that_does_not_exist() {
+    let out = check(Path::new("/nonexistent/tokenbroker.toml"), &[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stdout(&out).contains("cannot read the config file"));
+}
+
+#[test]
+fn run_refuses_a_bad_config_before_binding_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[[listener]]\nname = \"x\"\naddress = \"nope\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listener[0].address"), "{err}");
+    assert!(err.contains("identity: missing section"), "{err}");
+    assert!(err.contains("not started"), "{err}");
+}
+
+fn hash_key(input: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn hash_key_prints_the_sha256_line_for_the_config() {
+    let key = "a-caller-key-0123456789";
+    let expected: String = Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for input in [key.to_string(), format!("{key}\n")] {
+        let out = hash_key(input.as_bytes());
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(stdout(&out), format!("sha256:{expected}\n"));
+        assert!(!String::from_utf8_lossy(&out.stderr).contains(key));
+    }
+    // The printed line is accepted by the config.
+    let line = stdout(&hash_key(key.as_bytes()));
+    assert!(config::parse_key_hash(line.trim()).is_some());
+}
+
+#[test]
+fn hash_key_refuses_empty_input() {
+    for input in [&b""[..], b"\n"] {
+        let out = hash_key(input);
+        assert_eq!(out.status.code(), Some(64));
+        assert!(out.stdout.is_empty());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no key"));
+    }
+}
