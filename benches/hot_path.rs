@@ -188,6 +188,14 @@ fn hot_path(c: &mut Criterion) {
     let token =
         f.rt.block_on(f.broker.token(&f.caller))
             .expect("warm token");
+    // Not a timing: the size of the token lookup's future, which every request's handler future
+    // contains (and hyper allocates one handler future per connection, in use or not).
+    let future = f.broker.token(&f.caller);
+    eprintln!(
+        "size of the Broker::token future: {} bytes",
+        std::mem::size_of_val(&future)
+    );
+    drop(future);
     let mut g = c.benchmark_group("hot_path");
 
     g.bench_function("identify", |b| {
