@@ -134,6 +134,7 @@ rss_kb() {
   done
   echo "$total"
 }
+per_conn() { awk -v b="$1" -v a="$2" -v n="$IDLE_CONNS" 'BEGIN{printf "%.2f", (a - b) / n}'; }
 mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +475,7 @@ EOF
     stream_speed="$(awk '{printf "%.0f", $1 / 1048576}' "$WORK/stream.out")"
   fi
 
-  local idle_tb="-" idle_nginx="-" idle_tb_est="-" idle_note=""
+  local idle_tb="-" idle_nginx="-" idle_tb_est="-" idle_note="" idle_tb_per="-" idle_nginx_per="-"
   if ! skipped idle; then
     log "$IDLE_CONNS idle keep-alive connections (examples/idle_conns)"
     local target pid name before
@@ -493,7 +494,11 @@ EOF
       after="$(rss_kb "$pid")"
       est="$(ss -Htn state established "( sport = :$target )" | wc -l)"
       echo "$name: $(cat "$WORK/idle-$name.log" | head -1), $est established; RSS $(mib "$before") -> $(mib "$after") MiB" >&2
-      if [[ $name == tokenbroker ]]; then idle_tb="$after"; idle_tb_est="$est"; else idle_nginx="$after"; fi
+      if [[ $name == tokenbroker ]]; then
+        idle_tb="$after" idle_tb_est="$est" idle_tb_per="$(per_conn "$before" "$after")"
+      else
+        idle_nginx="$after" idle_nginx_per="$(per_conn "$before" "$after")"
+      fi
       idle_note+="$name: $(mib "$before") MiB before; "
       stop_last
       sleep 1
@@ -542,6 +547,7 @@ EOF
     echo "tokenbroker RSS (MiB): at start $(mib "$rss_start"), idle after first request $(mib "$rss_idle"), after the load runs $(mib "$rss_after_load"), at the end $(mib "$rss_end")"
     if [[ $idle_tb != "-" ]]; then
       echo "  with $IDLE_CONNS idle keep-alive connections: $(mib "$idle_tb") MiB ($idle_tb_est established); nginx proxy: $(mib "$idle_nginx") MiB ($idle_note)"
+      echo "  per idle connection: tokenbroker $idle_tb_per KiB, nginx $idle_nginx_per KiB"
     fi
     if [[ $stream_peak != "-" ]]; then
       echo "  streaming $BIG_MIB MiB: before $(mib "$stream_before"), peak $(mib "$stream_peak"), after $(mib "$stream_after") (curl saw $stream_speed MiB/s)"
