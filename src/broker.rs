@@ -75,11 +75,21 @@ pub struct CallerStatus {
     pub api_token_expires_in_secs: Option<u64>,
     pub access_token_expires_in_secs: Option<u64>,
     pub generation: u64,
+    /// When a token was last obtained, as RFC 3339 UTC (e.g. `2026-11-23T10:41:07.123Z`).
+    #[serde(serialize_with = "rfc3339")]
     pub last_renewal: Option<SystemTime>,
     pub last_error: Option<String>,
     pub waited_requests: u64,
     /// Identity calls made for this caller, by `<kind>_<outcome>` (e.g. `exchange_ok`).
     pub fetches: std::collections::BTreeMap<String, u64>,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    use time::format_description::well_known::Rfc3339;
+    match t.map(|t| time::OffsetDateTime::from(t).format(&Rfc3339)) {
+        Some(Ok(text)) => s.serialize_some(&text),
+        _ => s.serialize_none(),
+    }
 }
 
 /// A credential with its timing; entries of the caches.
