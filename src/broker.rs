@@ -342,6 +342,15 @@ impl Broker {
             .cloned()
     }
 
+    fn all_callers(&self) -> Vec<Arc<CallerState>> {
+        self.callers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn timing(&self) -> Timing {
         Timing::from(&*read(&self.policy))
     }
@@ -434,13 +443,7 @@ impl Broker {
             .iter()
             .map(|c| (c.name.as_str(), c))
             .collect();
-        let existing: Vec<Arc<CallerState>> = self
-            .callers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let existing = self.all_callers();
         for state in existing {
             match wanted.get(&*state.name) {
                 Some(caller) => {
@@ -490,11 +493,9 @@ impl Broker {
 
     async fn warm_up(self: Arc<Self>) {
         let names: Vec<Arc<str>> = self
-            .callers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
+            .all_callers()
+            .into_iter()
+            .map(|c| Arc::clone(&c.name))
             .collect();
         loop {
             let mut missing = 0;
@@ -520,13 +521,7 @@ impl Broker {
     /// Status of every caller, sorted by name.
     pub fn status(&self) -> Vec<CallerStatus> {
         let now = Instant::now();
-        let mut callers: Vec<Arc<CallerState>> = self
-            .callers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let mut callers = self.all_callers();
         callers.sort_by(|a, b| a.name.cmp(&b.name));
         callers
             .into_iter()
