@@ -75,11 +75,21 @@ pub struct CallerStatus {
     pub api_token_expires_in_secs: Option<u64>,
     pub access_token_expires_in_secs: Option<u64>,
     pub generation: u64,
+    /// When a token was last obtained, as RFC 3339 UTC (e.g. `2026-11-23T10:41:07.123Z`).
+    #[serde(serialize_with = "rfc3339")]
     pub last_renewal: Option<SystemTime>,
     pub last_error: Option<String>,
     pub waited_requests: u64,
     /// Identity calls made for this caller, by `<kind>_<outcome>` (e.g. `exchange_ok`).
     pub fetches: std::collections::BTreeMap<String, u64>,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    use time::format_description::well_known::Rfc3339;
+    match t.map(|t| time::OffsetDateTime::from(t).format(&Rfc3339)) {
+        Some(Ok(text)) => s.serialize_some(&text),
+        _ => s.serialize_none(),
+    }
 }
 
 /// A credential with its timing; entries of the caches.
@@ -332,6 +342,15 @@ impl Broker {
             .cloned()
     }
 
+    fn all_callers(&self) -> Vec<Arc<CallerState>> {
+        self.callers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn timing(&self) -> Timing {
         Timing::from(&*read(&self.policy))
     }
@@ -424,13 +443,7 @@ impl Broker {
             .iter()
             .map(|c| (c.name.as_str(), c))
             .collect();
-        let existing: Vec<Arc<CallerState>> = self
-            .callers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let existing = self.all_callers();
         for state in existing {
             match wanted.get(&*state.name) {
                 Some(caller) => {
@@ -480,11 +493,9 @@ impl Broker {
 
     async fn warm_up(self: Arc<Self>) {
         let names: Vec<Arc<str>> = self
-            .callers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
+            .all_callers()
+            .into_iter()
+            .map(|c| Arc::clone(&c.name))
             .collect();
         loop {
             let mut missing = 0;
@@ -510,13 +521,7 @@ impl Broker {
     /// Status of every caller, sorted by name.
     pub fn status(&self) -> Vec<CallerStatus> {
         let now = Instant::now();
-        let mut callers: Vec<Arc<CallerState>> = self
-            .callers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let mut callers = self.all_callers();
         callers.sort_by(|a, b| a.name.cmp(&b.name));
         callers
             .into_iter()

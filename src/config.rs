@@ -130,6 +130,24 @@ pub struct Config {
     pub logging: LoggingConfig,
 }
 
+impl Config {
+    /// A config with only identity settings: no listener, caller or route, default policy and
+    /// limits. A start for tests and tools that fill in the rest.
+    pub fn minimal(identity: IdentityConfig) -> Config {
+        Config {
+            source: None,
+            listeners: vec![],
+            admin: None,
+            identity,
+            tokens: TokenPolicy::default(),
+            callers: vec![],
+            routes: vec![],
+            limits: Limits::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ListenerConfig {
     pub name: String,

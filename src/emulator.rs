@@ -45,6 +45,7 @@ use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
+use crate::config::IdentityConfig;
 use crate::secret::Secret;
 use crate::server::{serve, Shutdown};
 
@@ -193,6 +194,21 @@ impl Emulator {
     /// `http://<addr>`: the identity service's base URL for the client.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr())
+    }
+
+    /// Identity-service settings for a client of this emulator acting as OAuth client
+    /// `client_id` (tests, benchmarks, the dev demo).
+    pub fn identity_config(&self, client_id: &str, client_secret: &Secret) -> IdentityConfig {
+        IdentityConfig {
+            base_url: self.base_url(),
+            tenant: self.shared.tenant.clone(),
+            client_id: client_id.to_string(),
+            client_secret: client_secret.clone(),
+            scope: None,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+        }
     }
 
     pub fn echo_addr(&self) -> Option<SocketAddr> {

@@ -207,25 +207,15 @@ pub(crate) mod tests_support {
 
     /// A minimal valid config: no listeners, callers or routes.
     pub fn config() -> Config {
-        Config {
-            source: None,
-            listeners: vec![],
-            admin: None,
-            identity: IdentityConfig {
-                base_url: "http://127.0.0.1:1".into(),
-                tenant: "CUSTOMER".into(),
-                client_id: "admin".into(),
-                client_secret: Secret::new("secret"),
-                scope: None,
-                ca_file: None,
-                connect_timeout: Duration::from_secs(1),
-                request_timeout: Duration::from_secs(1),
-            },
-            tokens: TokenPolicy::default(),
-            callers: vec![],
-            routes: vec![],
-            limits: Limits::default(),
-            logging: LoggingConfig::default(),
-        }
+        Config::minimal(IdentityConfig {
+            base_url: "http://127.0.0.1:1".into(),
+            tenant: "CUSTOMER".into(),
+            client_id: "admin".into(),
+            client_secret: Secret::new("secret"),
+            scope: None,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        })
     }
 }

@@ -25,13 +25,7 @@ impl Secret {
 
     /// The last `n` characters, for operators to tell tokens apart (`token_suffix`).
     pub fn suffix(&self, n: usize) -> String {
-        let s = self.expose();
-        let start = s
-            .char_indices()
-            .rev()
-            .nth(n.saturating_sub(1))
-            .map_or(0, |(i, _)| i);
-        s[start..].to_string()
+        last_chars(self.expose(), n)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -49,6 +43,16 @@ impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
     }
+}
+
+/// The last `n` characters of `s` (all of it when shorter).
+pub fn last_chars(s: &str, n: usize) -> String {
+    let start = s
+        .char_indices()
+        .rev()
+        .nth(n.saturating_sub(1))
+        .map_or(0, |(i, _)| i);
+    s[start..].to_string()
 }
 
 /// Where a secret comes from in the config: never inline.

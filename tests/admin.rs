@@ -203,6 +203,11 @@ async fn admin_endpoints_report_health_metrics_and_tokens_without_secrets() {
         .find(|s| s["caller"] == "svc")
         .unwrap_or_else(|| panic!("{tokens}"));
     assert_eq!(svc["state"], "ready", "{tokens}");
+    let renewed = svc["last_renewal"].as_str().unwrap_or_default();
+    assert!(
+        renewed.len() >= 20 && renewed.ends_with('Z') && renewed.contains('T'),
+        "last_renewal is an RFC 3339 date: {tokens}"
+    );
     assert!(svc["api_token_id"]
         .as_str()
         .is_some_and(|id| !id.is_empty()));

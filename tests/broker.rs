@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokenbroker::broker::{Broker, TokenResult};
-use tokenbroker::config::{
-    CallerConfig, Config, IdentityConfig, InjectMode, Limits, LoggingConfig, TokenPolicy,
-};
+use tokenbroker::config::{CallerConfig, Config, InjectMode, TokenPolicy};
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultKind, Operation};
 use tokenbroker::metrics::Metrics;
 use tokenbroker::secret::Secret;
@@ -40,25 +38,12 @@ fn caller(name: &str) -> CallerConfig {
 }
 
 fn config(emu: &Emulator, callers: Vec<CallerConfig>, tokens: TokenPolicy) -> Config {
+    let mut identity = emu.identity_config("admin", &Secret::new(ADMIN_SECRET));
+    identity.scope = Some("admin".into());
     Config {
-        source: None,
-        listeners: vec![],
-        admin: None,
-        identity: IdentityConfig {
-            base_url: emu.base_url(),
-            tenant: "CUSTOMER".into(),
-            client_id: "admin".into(),
-            client_secret: Secret::new(ADMIN_SECRET),
-            scope: Some("admin".into()),
-            ca_file: None,
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(5),
-        },
         tokens,
         callers,
-        routes: vec![],
-        limits: Limits::default(),
-        logging: LoggingConfig::default(),
+        ..Config::minimal(identity)
     }
 }
 

@@ -35,7 +35,7 @@ fn client_for(base_url: String, request_timeout: Duration) -> IdentityClient {
 }
 
 fn client(emu: &Emulator) -> IdentityClient {
-    client_for(emu.base_url(), Duration::from_secs(5))
+    IdentityClient::new(&emu.identity_config("admin", &Secret::new(SECRET))).expect("client builds")
 }
 
 fn create_request(name: &str) -> CreateRequest {

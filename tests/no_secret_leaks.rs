@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokenbroker::broker::Broker;
-use tokenbroker::config::{
-    CallerConfig, Config, IdentityConfig, InjectMode, Limits, LoggingConfig, TokenPolicy,
-};
+use tokenbroker::config::{CallerConfig, Config, InjectMode, TokenPolicy};
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultKind, Operation};
 use tokenbroker::metrics::Metrics;
 use tokenbroker::secret::Secret;
@@ -60,21 +58,9 @@ async fn no_secret_in_trace_logs() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
-    let identity = IdentityConfig {
-        base_url: emu.base_url(),
-        tenant: "CUSTOMER".into(),
-        client_id: "admin".into(),
-        client_secret: Secret::new(CLIENT_SECRET),
-        scope: Some("admin".into()),
-        ca_file: None,
-        connect_timeout: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(5),
-    };
+    let mut identity = emu.identity_config("admin", &Secret::new(CLIENT_SECRET));
+    identity.scope = Some("admin".into());
     let config = Config {
-        source: None,
-        listeners: vec![],
-        admin: None,
-        identity: identity.clone(),
         tokens: TokenPolicy {
             api_token_ttl_minutes: 4,
             access_token_ttl_minutes: 2,
@@ -88,9 +74,7 @@ async fn no_secret_in_trace_logs() {
             caller("once", InjectMode::AccessToken, Some(1)),
             caller("raw", InjectMode::ApiToken, None),
         ],
-        routes: vec![],
-        limits: Limits::default(),
-        logging: LoggingConfig::default(),
+        ..Config::minimal(identity)
     };
     let broker = Broker::start(&config, Metrics::new()).await.unwrap();
     let mut headers = Vec::new();

@@ -27,8 +27,7 @@ use tokio::sync::mpsc;
 use support::{header, http, json, raw};
 use tokenbroker::broker::Broker;
 use tokenbroker::config::{
-    CallerConfig, CertIdentity, Config, IdentityConfig, Limits, ListenerConfig, LoggingConfig,
-    RouteConfig, ServerTls, TokenPolicy,
+    CallerConfig, CertIdentity, Config, Limits, ListenerConfig, RouteConfig, ServerTls,
 };
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
 use tokenbroker::metrics::Metrics;
@@ -129,26 +128,15 @@ impl Fixture {
         tls_route.upstream_ca_file = Some(certs().join("ca.pem"));
         let mut slow = route("slow", "/slow", fake.clone(), &both);
         slow.response_timeout = Duration::from_millis(300);
+        let mut identity = emu.identity_config("admin", &Secret::new(ADMIN_SECRET));
+        identity.scope = Some("admin".into());
         let mut config = Config {
-            source: None,
             listeners: vec![
                 listener("plain", None, None),
                 listener("tls", Some(server_tls(false)), None),
                 listener("mtls", Some(server_tls(true)), None),
                 listener("sidecar", None, Some("billing")),
             ],
-            admin: None,
-            identity: IdentityConfig {
-                base_url: emu.base_url(),
-                tenant: "CUSTOMER".into(),
-                client_id: "admin".into(),
-                client_secret: Secret::new(ADMIN_SECRET),
-                scope: Some("admin".into()),
-                ca_file: None,
-                connect_timeout: Duration::from_secs(2),
-                request_timeout: Duration::from_secs(5),
-            },
-            tokens: TokenPolicy::default(),
             callers: vec![
                 caller("billing", "billing-key", vec![]),
                 caller(
@@ -177,7 +165,7 @@ impl Fixture {
                 shutdown_grace: Duration::from_secs(10),
                 ..Limits::default()
             },
-            logging: LoggingConfig::default(),
+            ..Config::minimal(identity)
         };
         adjust(&mut config);
         let metrics = Metrics::new();
@@ -760,24 +748,11 @@ impl Fixture {
     /// A config with the fixture's callers and no routes (for reconfigure).
     fn broker_free_config(&self) -> Config {
         Config {
-            source: None,
-            listeners: vec![],
-            admin: None,
-            identity: IdentityConfig {
-                base_url: self.emu.base_url(),
-                tenant: "CUSTOMER".into(),
-                client_id: "admin".into(),
-                client_secret: Secret::new(ADMIN_SECRET),
-                scope: None,
-                ca_file: None,
-                connect_timeout: Duration::from_secs(2),
-                request_timeout: Duration::from_secs(5),
-            },
-            tokens: TokenPolicy::default(),
             callers: vec![caller("billing", "billing-key", vec![])],
-            routes: vec![],
-            limits: Limits::default(),
-            logging: LoggingConfig::default(),
+            ..Config::minimal(
+                self.emu
+                    .identity_config("admin", &Secret::new(ADMIN_SECRET)),
+            )
         }
     }
 }

@@ -83,13 +83,7 @@ impl Broker {
             return;
         };
         let _one_writer = self.state_lock.lock().await;
-        let callers: Vec<_> = self
-            .callers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let callers = self.all_callers();
         let mut state = StateFile {
             version: VERSION,
             api_tokens: BTreeMap::new(),

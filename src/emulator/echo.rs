@@ -21,6 +21,7 @@ use serde_json::{json, Map, Value};
 use super::http::{authorization, json as json_response, response, ApiError, Body, Response};
 use super::tokens::{Caller, Now};
 use super::Shared;
+use crate::secret::last_chars;
 
 const CHUNK: u64 = 64 * 1024;
 
@@ -130,15 +131,6 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Option<(Caller, String)
             .flatten()
     })?;
     Some((caller, last_chars(bearer, 5)))
-}
-
-fn last_chars(s: &str, n: usize) -> String {
-    let start = s
-        .char_indices()
-        .rev()
-        .nth(n.saturating_sub(1))
-        .map_or(0, |(i, _)| i);
-    s[start..].to_string()
 }
 
 fn masked_headers(headers: &HeaderMap) -> Map<String, Value> {
