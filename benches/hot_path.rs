@@ -19,10 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 
 use tokenbroker::broker::Broker;
-use tokenbroker::config::{
-    CallerConfig, Config, IdentityConfig, Limits, ListenerConfig, LoggingConfig, RouteConfig,
-    TokenPolicy,
-};
+use tokenbroker::config::{CallerConfig, Config, IdentityConfig, ListenerConfig, RouteConfig};
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
 use tokenbroker::metrics::Metrics;
 use tokenbroker::proxy::rewrite::request_id;
@@ -63,7 +60,7 @@ fn route(name: &str, host: Option<&str>, prefix: &str, allow: Vec<String>) -> Ro
     }
 }
 
-fn config(identity_url: String, admin_secret: &str) -> Config {
+fn config(identity: IdentityConfig) -> Config {
     let callers: Vec<CallerConfig> = (0..CALLERS)
         .map(|i| CallerConfig {
             name: caller_name(i),
@@ -86,29 +83,15 @@ fn config(identity_url: String, admin_secret: &str) -> Config {
         route("fallback", None, "/", vec![caller_name(0)]),
     ];
     Config {
-        source: None,
         listeners: vec![ListenerConfig {
             name: "main".into(),
             addr: "127.0.0.1:0".parse().expect("addr"),
             tls: None,
             caller: None,
         }],
-        admin: None,
-        identity: IdentityConfig {
-            base_url: identity_url,
-            tenant: "CUSTOMER".into(),
-            client_id: ADMIN_ID.into(),
-            client_secret: Secret::new(admin_secret),
-            scope: None,
-            ca_file: None,
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(10),
-        },
-        tokens: TokenPolicy::default(),
         callers,
         routes,
-        limits: Limits::default(),
-        logging: LoggingConfig::default(),
+        ..Config::minimal(identity)
     }
 }
 
@@ -154,7 +137,8 @@ fn fixture() -> Fixture {
         })
         .await
         .expect("emulator");
-        let config = config(emulator.base_url(), &admin_secret);
+        let config =
+            config(emulator.identity_config(ADMIN_ID, &Secret::new(admin_secret.as_str())));
         let broker = Broker::start(&config, Metrics::new())
             .await
             .expect("broker");
