@@ -372,7 +372,9 @@ impl Broker {
         if let Some(held) = self.inject.get(caller).await {
             return Ok(Arc::clone(&held.value.inject));
         }
-        self.token_miss(caller).await
+        // Boxed: the whole fetch would otherwise be inlined into every request's future, which
+        // hyper reserves per connection (17 KB each).
+        Box::pin(self.token_miss(caller)).await
     }
 
     async fn token_miss(&self, caller: &str) -> TokenResult {
