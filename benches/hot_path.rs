@@ -216,7 +216,7 @@ fn hot_path(c: &mut Criterion) {
                     headers,
                     &token.header,
                     &Forwarded {
-                        peer_ip: f.conn.peer.ip(),
+                        peer_ip: &f.conn.peer_ip,
                         proto: f.conn.proto,
                         host: host.as_ref(),
                         request_id: &request_id,
@@ -236,7 +236,10 @@ fn hot_path(c: &mut Criterion) {
     g.bench_function("metrics_record", |b| {
         let metrics = Metrics::new();
         let (total, upstream) = (Duration::from_micros(180), Some(Duration::from_micros(120)));
-        b.iter(|| metrics.record_request("api", black_box(&f.caller), 200, total, upstream))
+        let (route, caller) = (Arc::from("api"), Arc::from(f.caller.as_str()));
+        b.iter(|| {
+            metrics.record_request(Some(&route), black_box(Some(&caller)), 200, total, upstream)
+        })
     });
 
     // Everything above but the metrics, in the order `proxy::service` does it, on a fresh copy of the request
@@ -257,7 +260,7 @@ fn hot_path(c: &mut Criterion) {
                     request.headers_mut(),
                     &token.header,
                     &Forwarded {
-                        peer_ip: f.conn.peer.ip(),
+                        peer_ip: &f.conn.peer_ip,
                         proto: f.conn.proto,
                         host: host.as_ref(),
                         request_id: &request_id,

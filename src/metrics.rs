@@ -4,23 +4,34 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// A route or caller name as a label value, shared with the config: recording a request clones
+/// two `Arc`s instead of allocating strings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Name(pub Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
-    pub caller: String,
+    pub route: Name,
+    pub caller: Name,
     pub status_class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
+    pub route: Name,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,6 +75,8 @@ pub struct Metrics {
     pub token_waiters: Family<CallerLabels, Counter>,
     pub config_reloads: Family<OutcomeLabels, Counter>,
     pub connections_open: Gauge,
+    /// The label value of a request that has no route or caller (yet).
+    none: Name,
 }
 
 impl Metrics {
@@ -133,14 +146,15 @@ impl Metrics {
             token_waiters,
             config_reloads,
             connections_open,
+            none: Name(Arc::from("-")),
         })
     }
 
-    /// Records one finished proxied request.
+    /// Records one finished proxied request; `None` is shown as `-`.
     pub fn record_request(
         &self,
-        route: &str,
-        caller: &str,
+        route: Option<&Arc<str>>,
+        caller: Option<&Arc<str>>,
         status: u16,
         total: Duration,
         upstream: Option<Duration>,
@@ -152,16 +166,15 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
+        let name = |n: Option<&Arc<str>>| n.map_or_else(|| self.none.clone(), |n| Name(n.clone()));
+        let route = RouteLabels { route: name(route) };
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.to_string(),
-                caller: caller.to_string(),
+                route: route.route.clone(),
+                caller: name(caller),
                 status_class,
             })
             .inc();
-        let route = RouteLabels {
-            route: route.to_string(),
-        };
         self.request_duration
             .get_or_create(&route)
             .observe(total.as_secs_f64());
@@ -196,12 +209,13 @@ mod tests {
     fn records_show_up_in_the_exposition() {
         let m = Metrics::new();
         m.record_request(
-            "api",
-            "billing",
+            Some(&Arc::from("api")),
+            Some(&Arc::from("billing")),
             204,
             Duration::from_millis(3),
             Some(Duration::from_millis(2)),
         );
+        m.record_request(None, None, 401, Duration::from_millis(1), None);
         m.record_fetch("create", "ok");
         let text = m.encode();
         assert!(
@@ -216,6 +230,16 @@ mod tests {
         );
         assert!(
             text.contains("tokenbroker_upstream_duration_seconds_count{route=\"api\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"tokenbroker_requests_total{route="-",caller="-",status_class="4xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("tokenbroker_request_duration_seconds_count{route=\"-\"} 1"),
             "{text}"
         );
     }

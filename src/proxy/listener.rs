@@ -24,9 +24,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{interval_at, sleep, timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
-use super::io::{Activity, Watched};
+use super::io::Watched;
 use super::service::{self, ConnInfo};
-use super::{tls, ConnIdentity, Shared, StartError, TokenSource};
+use super::{tls, Shared, StartError, TokenSource};
 use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
 use crate::server::Shutdown;
@@ -193,16 +193,8 @@ async fn connection<T: TokenSource>(
     let _permit = permit;
     let _open = OpenConnection::new(&ctx.shared.metrics);
     let limits = ctx.shared.state.load().limits.clone();
-    let activity = Arc::new(Activity::default());
-    let mut conn = ConnInfo {
-        identity: ConnIdentity {
-            listener,
-            cert: Vec::new(),
-        },
-        peer,
-        proto: "http",
-        activity: activity.clone(),
-    };
+    let mut conn = ConnInfo::new(listener, peer);
+    let activity = conn.activity.clone();
     let Some(acceptor) = tls else {
         return serve(Watched::new(stream, activity), conn, &limits, ctx).await;
     };

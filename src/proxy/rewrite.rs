@@ -39,8 +39,9 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// What the proxy adds about the original request.
 pub struct Forwarded<'a> {
-    /// The caller's address (appended to `X-Forwarded-For`).
-    pub peer_ip: IpAddr,
+    /// The caller's address as a header value (see [`peer_ip_value`]), appended to
+    /// `X-Forwarded-For`.
+    pub peer_ip: &'a HeaderValue,
     /// `http` or `https`: how the caller reached the proxy.
     pub proto: &'static str,
     /// The Host (or `:authority`) the caller asked for, if any.
@@ -49,35 +50,69 @@ pub struct Forwarded<'a> {
     pub request_id: &'a HeaderValue,
 }
 
+/// Headers the proxy sets on every forwarded request, dropped as the caller sent them. (The
+/// caller's `X-Forwarded-For` is kept, unless `Connection` names it, and joined into the new one.)
+const SET_BY_PROXY: [HeaderName; 5] = [
+    AUTHORIZATION,
+    // The upstream authority comes from the route; the client sets Host from the upstream URI.
+    HOST,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_REQUEST_ID,
+];
+
+/// The caller's address as an `X-Forwarded-For` element: made once per connection.
+pub fn peer_ip_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value")
+}
+
 /// Rewrites the headers of a request about to be forwarded. `token` is the broker's ready
 /// `Authorization` value.
 pub fn rewrite_request(headers: &mut HeaderMap, token: &HeaderValue, fwd: &Forwarded<'_>) {
-    strip_hop_by_hop(headers);
-    headers.remove(AUTHORIZATION);
-    // The upstream authority comes from the route; the client sets Host from the upstream URI.
-    headers.remove(HOST);
-
+    keep_forwardable(headers, &SET_BY_PROXY, SET_BY_PROXY.len());
+    let forwarded_for = forwarded_for(headers, fwd.peer_ip);
     headers.insert(AUTHORIZATION, token.clone());
-    append_forwarded_for(headers, fwd.peer_ip);
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
-    match fwd.host {
-        Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
-        None => headers.remove(X_FORWARDED_HOST),
-    };
+    if let Some(host) = fwd.host {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+    }
     headers.insert(X_REQUEST_ID, fwd.request_id.clone());
 }
 
 /// Rewrites the headers of an upstream response before it goes back to the caller.
 pub fn rewrite_response(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
+    keep_forwardable(headers, &[], 1);
 }
 
-/// Removes every header named in `Connection`, then every hop-by-hop header.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Collected first because the map cannot be changed while `Connection` is borrowed. Names that
-    // are removed anyway (keep-alive, upgrade, ...) and `close` are skipped, so the usual values
-    // allocate nothing.
-    let mut named: Vec<HeaderName> = Vec::new();
+/// Keeps only the headers that may cross the proxy: drops every header named in `Connection`,
+/// every hop-by-hop header and the headers in `also_drop`, leaving room for `room` more.
+///
+/// One pass that moves the kept headers into a map of the right size: cheaper than a `remove` per
+/// listed name (a hash and a probe each, present or not) followed by inserts that grow the map.
+fn keep_forwardable(headers: &mut HeaderMap, also_drop: &[HeaderName], room: usize) {
+    let named = connection_named(headers);
+    let old = std::mem::take(headers);
+    let mut kept = HeaderMap::with_capacity(old.keys_len() + room);
+    let mut current: Option<HeaderName> = None;
+    for (name, value) in old {
+        // `None` is another value of the previous name.
+        if let Some(name) = name {
+            let dropped =
+                HOP_BY_HOP.contains(&name) || also_drop.contains(&name) || named.contains(&name);
+            current = (!dropped).then_some(name);
+        }
+        if let Some(name) = &current {
+            kept.append(name, value);
+        }
+    }
+    *headers = kept;
+}
+
+/// The names listed in `Connection`, apart from `close` and names dropped anyway (keep-alive,
+/// upgrade, ...), so the usual values allocate nothing.
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut named = Vec::new();
     for value in headers.get_all(CONNECTION) {
         for token in value.as_bytes().split(|b| *b == b',') {
             let token = token.trim_ascii();
@@ -94,36 +129,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
+    named
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
-    let peer = peer.to_string();
+/// The new `X-Forwarded-For`: the caller's own elements, then the peer.
+fn forwarded_for(headers: &HeaderMap, peer: &HeaderValue) -> HeaderValue {
     let mut previous = headers.get_all(X_FORWARDED_FOR).iter().peekable();
-    let value = if previous.peek().is_none() {
-        peer
-    } else {
-        let mut joined = String::with_capacity(64);
-        for v in previous {
-            if let Ok(v) = v.to_str() {
-                let v = v.trim();
-                if !v.is_empty() {
-                    joined.push_str(v);
-                    joined.push_str(", ");
-                }
-            }
-        }
-        joined.push_str(&peer);
-        joined
-    };
-    if let Ok(v) = HeaderValue::try_from(value) {
-        headers.insert(X_FORWARDED_FOR, v);
+    if previous.peek().is_none() {
+        return peer.clone();
     }
+    let mut joined = Vec::with_capacity(64);
+    for v in previous {
+        let v = v.as_bytes().trim_ascii();
+        if !v.is_empty() {
+            joined.extend_from_slice(v);
+            joined.extend_from_slice(b", ");
+        }
+    }
+    joined.extend_from_slice(peer.as_bytes());
+    // Made of valid header values joined by ", ": valid too.
+    HeaderValue::from_bytes(&joined).unwrap_or_else(|_| peer.clone())
 }
 
 /// The request's id: the caller's `X-Request-Id` when it is sane (1 to 128 characters of
@@ -184,7 +209,7 @@ mod tests {
             &mut h,
             &token(),
             &Forwarded {
-                peer_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
+                peer_ip: &peer_ip_value(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7))),
                 proto: "https",
                 host: Some(&host),
                 request_id: &id,
@@ -212,6 +237,32 @@ mod tests {
         ]);
         rewrite_response(&mut h);
         assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn every_value_of_a_kept_header_is_kept_in_order() {
+        let h = rewrite(headers(&[
+            ("accept", "text/html"),
+            ("keep-alive", "timeout=5"),
+            ("accept", "application/json"),
+            ("x-custom", "a"),
+            ("x-custom", "b"),
+        ]));
+        let accept: Vec<_> = h.get_all("accept").iter().collect();
+        assert_eq!(accept, ["text/html", "application/json"]);
+        let custom: Vec<_> = h.get_all("x-custom").iter().collect();
+        assert_eq!(custom, ["a", "b"]);
+
+        let mut h = headers(&[
+            ("set-cookie", "a=1"),
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+            ("set-cookie", "b=2"),
+        ]);
+        rewrite_response(&mut h);
+        let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(h.len(), 2, "{h:?}");
     }
 
     #[test]
@@ -302,7 +353,7 @@ mod tests {
             &mut h,
             &token(),
             &Forwarded {
-                peer_ip: "::1".parse().unwrap(),
+                peer_ip: &peer_ip_value("::1".parse().unwrap()),
                 proto: "http",
                 host: None,
                 request_id: &id,

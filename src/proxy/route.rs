@@ -9,6 +9,7 @@
 //! Must never: take the upstream authority from the request (Host, `:authority` or an
 //! absolute-form URI), or forward a path with dot segments that could climb out of the base path.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ pub struct Route {
     authority: Authority,
     /// Empty or a path without trailing slash.
     base_path: String,
-    allow: Vec<Arc<str>>,
+    allow: HashSet<Arc<str>>,
     /// Index of the upstream client (see `forward::Clients`).
     pub(crate) client: usize,
     pub response_timeout: Duration,
@@ -84,7 +85,7 @@ impl Route {
     }
 
     pub fn allows(&self, caller: &str) -> bool {
-        self.allow.iter().any(|a| **a == *caller)
+        self.allow.contains(caller)
     }
 
     /// The upstream URI for a request URI that matched this route.

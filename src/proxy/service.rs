@@ -33,20 +33,23 @@ use crate::config::Limits;
 pub struct ConnInfo {
     pub identity: ConnIdentity,
     pub peer: SocketAddr,
+    /// The peer's IP as an `X-Forwarded-For` element, made once for the connection.
+    pub peer_ip: HeaderValue,
     /// `http` or `https`.
     pub proto: &'static str,
     pub activity: Arc<Activity>,
 }
 
 impl ConnInfo {
-    /// A connection as a benchmark or test would describe it.
-    pub fn new(listener: &str, peer: SocketAddr) -> ConnInfo {
+    /// A plain connection from `peer` on `listener`, no client certificate yet.
+    pub fn new(listener: impl Into<Arc<str>>, peer: SocketAddr) -> ConnInfo {
         ConnInfo {
             identity: ConnIdentity {
-                listener: Arc::from(listener),
+                listener: listener.into(),
                 cert: Vec::new(),
             },
             peer,
+            peer_ip: rewrite::peer_ip_value(peer.ip()),
             proto: "http",
             activity: Arc::default(),
         }
@@ -56,8 +59,8 @@ impl ConnInfo {
 /// What the log line and the metrics say about a request.
 #[derive(Default)]
 struct Outcome<'s> {
-    caller: Option<&'s str>,
-    route: Option<&'s str>,
+    caller: Option<&'s Arc<str>>,
+    route: Option<&'s Arc<str>>,
     upstream: Option<Duration>,
 }
 
@@ -94,8 +97,8 @@ pub(crate) async fn handle<T: TokenSource>(
 
     let total = started.elapsed();
     let status = response.status().as_u16();
-    let route = outcome.route.unwrap_or("-");
-    let caller = outcome.caller.unwrap_or("-");
+    let route = outcome.route.map_or("-", |r| &**r);
+    let caller = outcome.caller.map_or("-", |c| &**c);
     let (error, detail) = error.unzip();
     tracing::info!(
         target: "tokenbroker::request",
@@ -110,9 +113,13 @@ pub(crate) async fn handle<T: TokenSource>(
         detail = detail.flatten(),
         "request"
     );
-    shared
-        .metrics
-        .record_request(route, caller, status, total, outcome.upstream);
+    shared.metrics.record_request(
+        outcome.route,
+        outcome.caller,
+        status,
+        total,
+        outcome.upstream,
+    );
     response
 }
 
@@ -144,7 +151,7 @@ async fn proxy<'s, T: TokenSource>(
         &mut parts.headers,
         &token.header,
         &Forwarded {
-            peer_ip: conn.peer.ip(),
+            peer_ip: &conn.peer_ip,
             proto: conn.proto,
             host: original_host.as_ref(),
             request_id,
