@@ -126,14 +126,17 @@ wait_port() {
   die "nothing listens on port $port (see logs in $WORK)"
 }
 
-# RSS in KiB of a process and its children (nginx: master + worker).
-rss_kb() {
+# sum_tree PID FILE AWK: the sum, over a process and its children (nginx: master + worker), of
+# what the awk program prints from /proc/<pid>/FILE.
+sum_tree() {
   local pid="$1" total=0 p
   for p in "$pid" $(pgrep -P "$pid" || true); do
-    total=$((total + $(awk '/^VmRSS/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+    total=$((total + $(awk "$3" "/proc/$p/$2" 2>/dev/null || echo 0)))
   done
   echo "$total"
 }
+# RSS in KiB of a process and its children.
+rss_kb() { sum_tree "$1" status '/^VmRSS/{print $2}'; }
 per_conn() { awk -v b="$1" -v a="$2" -v n="$IDLE_CONNS" 'BEGIN{printf "%.2f", (a - b) / n}'; }
 mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
 
@@ -277,14 +280,8 @@ EOF
 # ---------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------
-# CPU time (clock ticks) used so far by a process and its children (nginx: master + worker).
-cpu_ticks() {
-  local pid="$1" total=0 p
-  for p in "$pid" $(pgrep -P "$pid" || true); do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
-  done
-  echo "$total"
-}
+# CPU time (clock ticks, user + system) used so far by a process and its children.
+cpu_ticks() { sum_tree "$1" stat '{print $14 + $15}'; }
 
 # wrk_leg URL [PID]: closed loop (the caller key header on every leg, so all send the same
 # request). Prints "req/s CPU-us-per-request core-busy-%" (the last two for the proxy PID, "-"
