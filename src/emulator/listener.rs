@@ -93,8 +93,10 @@ impl Gate {
     pub(crate) fn close(&self) {
         let serving = lock(&self.state).serving.take();
         if let Some((socket, epoch)) = serving {
-            Self::shut(&socket);
+            // Stop signal first: the serve loop, woken by the shut socket's failing accept, then
+            // sees it and ends instead of reporting the accept error.
             epoch.trigger();
+            Self::shut(&socket);
             tracing::debug!(addr = %self.addr, "identity listener closed");
         }
     }
