@@ -1382,28 +1382,10 @@ async fn refuse_also_closes_idle_kept_alive_connections() {
 
 /// Captures every log line of this test's thread (the current-thread runtime runs the emulator's
 /// tasks on it too).
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn secrets_never_reach_the_logs() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let logs = support::logs::LogCapture::default();
+    let _guard = tracing::subscriber::set_default(logs.subscriber());
 
     let client_secret = "client-secret-5f2a9";
     let emu = start_with(|c| {
@@ -1438,7 +1420,7 @@ async fn secrets_never_reach_the_logs() {
     exchange(&emu, &regenerated).await;
     emu.shutdown().await;
 
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(
         logs.contains("API token created"),
         "logs were captured: {logs}"

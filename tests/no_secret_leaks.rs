@@ -2,9 +2,12 @@
 //! (client secret, API token, access token, admin bearer) appears anywhere in the output.
 //! Its own test binary, so that the global subscriber sees every thread.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod support;
+
 use std::time::Duration;
+
+use support::logs::LogCapture;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use tokenbroker::broker::Broker;
 use tokenbroker::config::{CallerConfig, Config, InjectMode, TokenPolicy};
@@ -13,19 +16,6 @@ use tokenbroker::metrics::Metrics;
 use tokenbroker::secret::Secret;
 
 const CLIENT_SECRET: &str = "Client-Secret-That-Must-Never-Be-Logged-42";
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn caller(name: &str, inject: InjectMode, uses: Option<i32>) -> CallerConfig {
     CallerConfig {
@@ -40,13 +30,8 @@ fn caller(name: &str, inject: InjectMode, uses: Option<i32>) -> CallerConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_trace_logs() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    let capture = LogCapture::default();
+    capture.subscriber().init();
 
     let emu = Emulator::start(EmulatorConfig {
         clients: vec![("admin".into(), Secret::new(CLIENT_SECRET))],
@@ -107,7 +92,7 @@ async fn no_secret_in_trace_logs() {
     broker.shutdown().await;
 
     let stored = std::fs::read_to_string(&state).unwrap();
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(logs.contains("API token created"), "logs were captured");
     assert!(
         logs.len() > 10_000,

@@ -757,31 +757,11 @@ impl Fixture {
     }
 }
 
-/// Collects log output in memory.
-#[derive(Clone, Default)]
-struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Every task of this (single-threaded) test runtime logs to the thread's default subscriber.
 #[tokio::test]
 async fn no_caller_key_or_token_in_trace_logs() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let capture = support::logs::LogCapture::default();
+    let _guard = tracing::subscriber::set_default(capture.subscriber());
 
     let f = Fixture::start().await;
     let forged = ("authorization", "Bearer forged-secret-value");
@@ -814,7 +794,7 @@ async fn no_caller_key_or_token_in_trace_logs() {
         .unwrap()
         .trim_start_matches("Bearer ")
         .to_string();
-    let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
+    let logs = capture.text();
     assert_eq!(
         logs.matches("tokenbroker::request").count(),
         4,

@@ -1,10 +1,12 @@
-//! HTTP helpers shared by the integration tests (`mod support;`). Generic on purpose: nothing
-//! here knows the emulator or the proxy.
+//! HTTP helpers shared by the integration tests (`mod support;`), and log capture (`logs`).
+//! Generic on purpose: nothing here knows the emulator or the proxy.
 //!
 //! Every call opens a fresh connection (no pool), so one step of a test cannot leak a kept-alive
 //! connection into the next; `raw` speaks hand-written HTTP/1.1 for malformed requests.
 
 #![allow(dead_code)]
+
+pub mod logs;
 
 use std::net::SocketAddr;
 use std::time::Duration;
