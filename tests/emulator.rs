@@ -870,6 +870,20 @@ async fn a_fault_ends_after_its_seconds_or_when_cleared() {
     emu.shutdown().await;
 }
 
+/// A timed Refuse fault is in force: the port refuses now, then serves again by itself.
+async fn refused_then_back_by_itself(emu: &Emulator) {
+    let addr = emu.addr();
+    assert!(support::connection_refused(addr).await);
+    assert!(
+        support::eventually(Duration::from_secs(5), || async {
+            !support::connection_refused(addr).await
+        })
+        .await,
+        "the port did not open again"
+    );
+    admin_bearer(emu).await;
+}
+
 #[tokio::test]
 async fn refuse_closes_the_port_until_cleared() {
     let emu = start().await;
@@ -899,14 +913,7 @@ async fn refuse_closes_the_port_until_cleared() {
         seconds: Some(1.0),
         ..fault(FaultKind::Refuse, vec![], None)
     });
-    assert!(support::connection_refused(addr).await);
-    assert!(
-        support::eventually(Duration::from_secs(5), || async {
-            !support::connection_refused(addr).await
-        })
-        .await
-    );
-    admin_bearer(&emu).await;
+    refused_then_back_by_itself(&emu).await;
     emu.shutdown().await;
 }
 
@@ -1117,7 +1124,6 @@ async fn control_api_over_http() {
 #[tokio::test]
 async fn refuse_over_http_with_seconds() {
     let emu = start().await;
-    let addr = emu.addr();
     let f = r#"{"kind":"refuse","seconds":1.0}"#;
     let reply = http(
         "POST",
@@ -1127,14 +1133,7 @@ async fn refuse_over_http_with_seconds() {
     )
     .await;
     assert_eq!(reply.0, 204);
-    assert!(support::connection_refused(addr).await);
-    assert!(
-        support::eventually(Duration::from_secs(5), || async {
-            !support::connection_refused(addr).await
-        })
-        .await
-    );
-    admin_bearer(&emu).await;
+    refused_then_back_by_itself(&emu).await;
     emu.shutdown().await;
 }
 
