@@ -129,6 +129,19 @@ pub struct Fault {
     pub seconds: Option<f64>,
 }
 
+impl Fault {
+    /// A fault on `operations` (empty: all) for `requests` affected requests (`None`: until
+    /// cleared), with no time limit.
+    pub fn new(kind: FaultKind, operations: Vec<Operation>, requests: Option<u64>) -> Fault {
+        Fault {
+            kind,
+            operations,
+            requests,
+            seconds: None,
+        }
+    }
+}
+
 /// How long shutdown waits for open connections before dropping them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 

@@ -771,20 +771,11 @@ async fn every_credential_expires() {
 
 // ---- faults ----
 
-fn fault(kind: FaultKind, operations: Vec<Operation>, requests: Option<u64>) -> Fault {
-    Fault {
-        kind,
-        operations,
-        requests,
-        seconds: None,
-    }
-}
-
 #[tokio::test]
 async fn server_error_scoped_to_one_operation_ends_after_n_requests() {
     let emu = start().await;
     let m = create_token(&emu, token_body(-1, 600, 5)).await;
-    emu.inject_fault(fault(
+    emu.inject_fault(Fault::new(
         FaultKind::ServerError,
         vec![Operation::Exchange],
         Some(2),
@@ -804,7 +795,7 @@ async fn server_error_scoped_to_one_operation_ends_after_n_requests() {
 #[tokio::test]
 async fn too_many_requests_carries_retry_after() {
     let emu = start().await;
-    emu.inject_fault(fault(
+    emu.inject_fault(Fault::new(
         FaultKind::TooManyRequests {
             retry_after_secs: 7,
         },
@@ -828,7 +819,11 @@ async fn too_many_requests_carries_retry_after() {
 async fn garbage_is_a_200_that_is_not_json() {
     let emu = start().await;
     let bearer = admin_bearer(&emu).await;
-    emu.inject_fault(fault(FaultKind::Garbage, vec![Operation::Create], Some(1)));
+    emu.inject_fault(Fault::new(
+        FaultKind::Garbage,
+        vec![Operation::Create],
+        Some(1),
+    ));
     let (status, _, body) =
         create_raw(&emu, &bearer, CREATE_CT, &token_body(-1, 5, 5).to_string()).await;
     assert_eq!(status, 200);
@@ -840,7 +835,11 @@ async fn garbage_is_a_200_that_is_not_json() {
 #[tokio::test]
 async fn slow_answers_normally_after_the_delay() {
     let emu = start().await;
-    emu.inject_fault(fault(FaultKind::Slow { delay_ms: 300 }, vec![], Some(1)));
+    emu.inject_fault(Fault::new(
+        FaultKind::Slow { delay_ms: 300 },
+        vec![],
+        Some(1),
+    ));
     let started = Instant::now();
     admin_bearer(&emu).await;
     assert!(started.elapsed() >= Duration::from_millis(300));
@@ -853,19 +852,19 @@ async fn a_fault_ends_after_its_seconds_or_when_cleared() {
     let emu = start().await;
     emu.inject_fault(Fault {
         seconds: Some(1.0),
-        ..fault(FaultKind::ServerError, vec![], None)
+        ..Fault::new(FaultKind::ServerError, vec![], None)
     });
     assert_eq!(emu.active_faults().len(), 1);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     admin_bearer(&emu).await;
 
-    emu.inject_fault(fault(FaultKind::ServerError, vec![], None));
+    emu.inject_fault(Fault::new(FaultKind::ServerError, vec![], None));
     let cc = [("grant_type", "client_credentials")];
     assert_error(&token_request(&emu, &[], &cc).await, 500, "server_error");
     emu.clear_faults();
     admin_bearer(&emu).await;
     assert!(emu
-        .try_inject_fault(fault(FaultKind::Garbage, vec![], Some(0)))
+        .try_inject_fault(Fault::new(FaultKind::Garbage, vec![], Some(0)))
         .is_err());
     emu.shutdown().await;
 }
@@ -889,7 +888,11 @@ async fn refuse_closes_the_port_until_cleared() {
     let emu = start().await;
     let addr = emu.addr();
     admin_bearer(&emu).await;
-    emu.inject_fault(fault(FaultKind::Refuse, vec![Operation::Create], Some(1)));
+    emu.inject_fault(Fault::new(
+        FaultKind::Refuse,
+        vec![Operation::Create],
+        Some(1),
+    ));
     assert!(support::connection_refused(addr).await);
     let err = support::try_http("GET", &url(&emu, "token"), &[], "")
         .await
@@ -911,7 +914,7 @@ async fn refuse_closes_the_port_until_cleared() {
     // Time-based: back by itself.
     emu.inject_fault(Fault {
         seconds: Some(1.0),
-        ..fault(FaultKind::Refuse, vec![], None)
+        ..Fault::new(FaultKind::Refuse, vec![], None)
     });
     refused_then_back_by_itself(&emu).await;
     emu.shutdown().await;
@@ -963,7 +966,7 @@ async fn control_api_over_http() {
     let listed: Vec<Fault> = serde_json::from_slice(&listed).unwrap();
     assert_eq!(
         listed,
-        vec![fault(
+        vec![Fault::new(
             FaultKind::TooManyRequests {
                 retry_after_secs: 2
             },
@@ -981,33 +984,17 @@ async fn control_api_over_http() {
     assert_eq!(http("GET", &control("counters"), &[], "").await.0, 200);
     assert_eq!(http("DELETE", &control("faults"), &[], "").await.0, 204);
     assert!(emu.active_faults().is_empty());
-    assert_error(
-        &http("POST", &control("faults"), &[], r#"{"kind":"nope"}"#).await,
-        400,
-        "invalid_request",
-    );
-    assert_error(
-        &http(
-            "POST",
-            &control("faults"),
-            &[],
-            r#"{"kind":"garbage","requests":0}"#,
-        )
-        .await,
-        400,
-        "invalid_request",
-    );
-    assert_error(
-        &http(
-            "POST",
-            &control("faults"),
-            &[],
-            r#"{"kind":"garbage","seconds":-1}"#,
-        )
-        .await,
-        400,
-        "invalid_request",
-    );
+    for bad in [
+        r#"{"kind":"nope"}"#,
+        r#"{"kind":"garbage","requests":0}"#,
+        r#"{"kind":"garbage","seconds":-1}"#,
+    ] {
+        assert_error(
+            &http("POST", &control("faults"), &[], bad).await,
+            400,
+            "invalid_request",
+        );
+    }
 
     // Revocations.
     let echo_auth = format!("Bearer {access}");
@@ -1372,7 +1359,7 @@ async fn refuse_also_closes_idle_kept_alive_connections() {
     let n = conn.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 
-    emu.inject_fault(fault(FaultKind::Refuse, vec![], None));
+    emu.inject_fault(Fault::new(FaultKind::Refuse, vec![], None));
     let closed = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await;
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
     emu.clear_faults();
@@ -1415,7 +1402,7 @@ async fn secrets_never_reach_the_logs() {
     )
     .await;
     assert_eq!(status, 200);
-    emu.inject_fault(fault(FaultKind::ServerError, vec![], Some(1)));
+    emu.inject_fault(Fault::new(FaultKind::ServerError, vec![], Some(1)));
     exchange(&emu, &regenerated).await;
     emu.shutdown().await;
 

@@ -200,12 +200,7 @@ async fn expired_api_token_is_an_invalid_credential() {
 }
 
 fn fault(kind: FaultKind, op: Operation) -> Fault {
-    Fault {
-        kind,
-        operations: vec![op],
-        requests: Some(1),
-        seconds: None,
-    }
+    Fault::new(kind, vec![op], Some(1))
 }
 
 #[tokio::test]

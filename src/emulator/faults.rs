@@ -118,21 +118,12 @@ pub(crate) async fn respond(kind: &FaultKind) -> Option<Response> {
 mod tests {
     use super::*;
 
-    fn fault(kind: FaultKind, operations: Vec<Operation>, requests: Option<u64>) -> Fault {
-        Fault {
-            kind,
-            operations,
-            requests,
-            seconds: None,
-        }
-    }
-
     #[test]
     fn scoped_fault_ends_after_its_requests() {
         let now = Instant::now();
         let mut f = Faults::default();
         f.add(
-            fault(FaultKind::ServerError, vec![Operation::Exchange], Some(2)),
+            Fault::new(FaultKind::ServerError, vec![Operation::Exchange], Some(2)),
             now,
         )
         .unwrap();
@@ -155,10 +146,10 @@ mod tests {
         let mut f = Faults::default();
         let timed = Fault {
             seconds: Some(1.0),
-            ..fault(FaultKind::Garbage, vec![], None)
+            ..Fault::new(FaultKind::Garbage, vec![], None)
         };
         f.add(timed, now).unwrap();
-        f.add(fault(FaultKind::ServerError, vec![], None), now)
+        f.add(Fault::new(FaultKind::ServerError, vec![], None), now)
             .unwrap();
         assert_eq!(f.hit(Operation::Create, now), Some(FaultKind::Garbage));
         let later = now + Duration::from_secs(1);
@@ -174,7 +165,7 @@ mod tests {
         let mut f = Faults::default();
         let refuse = Fault {
             seconds: Some(2.0),
-            ..fault(FaultKind::Refuse, vec![Operation::Create], Some(1))
+            ..Fault::new(FaultKind::Refuse, vec![Operation::Create], Some(1))
         };
         assert_eq!(
             f.add(refuse, now).unwrap(),
@@ -190,16 +181,16 @@ mod tests {
         let now = Instant::now();
         let mut f = Faults::default();
         assert!(f
-            .add(fault(FaultKind::Garbage, vec![], Some(0)), now)
+            .add(Fault::new(FaultKind::Garbage, vec![], Some(0)), now)
             .is_err());
         let negative = Fault {
             seconds: Some(-1.0),
-            ..fault(FaultKind::Garbage, vec![], None)
+            ..Fault::new(FaultKind::Garbage, vec![], None)
         };
         assert!(f.add(negative, now).is_err());
         let nan = Fault {
             seconds: Some(f64::NAN),
-            ..fault(FaultKind::Garbage, vec![], None)
+            ..Fault::new(FaultKind::Garbage, vec![], None)
         };
         assert!(f.add(nan, now).is_err());
     }
