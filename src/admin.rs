@@ -111,7 +111,7 @@ fn respond(state: &AdminState, method: &Method, path: &str) -> Response<Full<Byt
 fn update_expiry_gauges(state: &AdminState) {
     let gauges = &state.metrics.token_expiry_seconds;
     gauges.clear();
-    for s in state.broker.status() {
+    for s in state.broker.status().callers {
         for (kind, secs) in [
             ("api_token", s.api_token_expires_in_secs),
             ("access_token", s.access_token_expires_in_secs),

@@ -1,42 +1,62 @@
 //! The token broker: for every caller, a valid credential ready to inject.
 //!
-//! Three credentials, each in a `moka` cache whose entries expire when the credential stops being
-//! usable (real expiry minus a skew margin), so an expired token is never handed out:
-//! the shared admin bearer (client_credentials), each caller's API token (create, then
-//! regenerate) and each caller's inject token (the exchanged access token, or the API token
-//! itself in `api_token` mode), the last one kept as a ready `HeaderValue` behind an `Arc`.
+//! Three credentials: the shared admin bearer (client_credentials), each caller's API token
+//! (create, then regenerate) and each caller's inject token (the exchanged access token, or the
+//! API token itself in `api_token` mode), the last one kept as a ready `HeaderValue` behind an
+//! `Arc` in a `moka` cache whose entries expire when the token stops being usable (real expiry
+//! minus a skew margin), so an expired token is never handed out.
 //!
-//! - Single flight: cache misses go through `try_get_with`; the fetches behind them, and the
-//!   background refresh, take a per-credential lock and re-check before calling out.
-//! - Refresh ahead: one task per active caller renews at the policy point (`policy.rs`).
-//! - Outage: each credential has a backoff gate (`gate.rs`): at most one attempt per step.
-//! - Recovery ladder (`ladder.rs`): access refused -> exchange again; API token invalid ->
-//!   regenerate; regenerate refused -> create; admin bearer refused -> one new bearer.
+//! - Single flight (`flight.rs`): one renewal per caller at a time, in a task of its own;
+//!   requests without a valid token wait for it, at most `tokens.max_wait`.
+//! - Refresh ahead (`refresh.rs`): one task per active caller renews at the policy point
+//!   (`policy.rs`), off the request path.
+//! - Recovery ladder (`ladder.rs`): definitive answers act at once, back to back: exchange
+//!   refused -> regenerate -> refused -> create -> exchange; admin bearer refused -> one new bearer.
+//! - One health view of the identity service (`health.rs`): transient failures open a circuit
+//!   breaker shared by every caller; one probe per backoff step, `Retry-After` honoured; when it
+//!   answers again every caller that needs a token renews at once (bounded concurrency).
+//! - Callers cannot drive the identity service: an upstream 401 renews a token once per
+//!   generation, and only a token older than `tokens.min_renew_interval`.
 //! - Persistence (`state_file.rs`): API tokens survive restarts.
+//! - Each caller's state and counters live in `caller.rs`; the identity service is reached
+//!   through a trait (`identity_service.rs`), so tests run on paused time against a fake.
 //!
-//! It never logs a secret: tokens are `Secret`s, logs carry ids and suffixes only.
+//! Time is tokio's clock (`tokio::time::Instant`); wall-clock time is used only for the state
+//! file and status dates. It never logs a secret: tokens are `Secret`s, logs carry ids and
+//! suffixes only.
 
+mod caller;
+mod flight;
 mod gate;
+mod health;
+pub mod identity_service;
 mod ladder;
 pub mod policy;
 mod refresh;
 mod state_file;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 use moka::future::Cache;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
-use crate::config::{CallerConfig, Config, IdentityConfig, InjectMode, TokenPolicy};
+use crate::config::{CallerConfig, Config, IdentityConfig, TokenPolicy};
 use crate::identity::IdentityClient;
 use crate::metrics::{CallerLabels, Metrics};
 use crate::secret::Secret;
 use crate::server::Shutdown;
+use caller::{CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger};
+use flight::Flight;
 use gate::Gate;
+use health::Health;
+pub use health::HealthStatus;
+pub use identity_service::IdentityService;
 use policy::Timing;
 
 /// What a request injects: a ready `Authorization` value (marked sensitive) and the generation it
@@ -58,6 +78,16 @@ pub struct TokenUnavailable {
 
 pub type TokenResult = Result<Arc<InjectToken>, TokenUnavailable>;
 
+/// What to do after an upstream refused a token with 401.
+#[derive(Debug)]
+pub enum Rejection {
+    /// Send the request again with this (renewed) token.
+    Replay(Arc<InjectToken>),
+    /// Pass the 401 on: the token was renewed for this generation already, or is too young to be
+    /// renewed (`tokens.min_renew_interval`).
+    PassOn,
+}
+
 /// Why the broker could not start (bad identity-service settings such as an unreadable CA file).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -68,7 +98,7 @@ pub struct BrokerError(pub String);
 pub struct CallerStatus {
     pub caller: String,
     /// `empty` (nothing fetched yet), `ready`, `failing` (has a valid token, renewals fail),
-    /// `unavailable` (no valid token, fetches fail).
+    /// `unavailable` (no valid token, renewals fail).
     pub state: &'static str,
     pub api_token_id: Option<String>,
     pub api_token_suffix: Option<String>,
@@ -79,9 +109,21 @@ pub struct CallerStatus {
     #[serde(serialize_with = "rfc3339")]
     pub last_renewal: Option<SystemTime>,
     pub last_error: Option<String>,
+    /// Requests that found no valid token and waited for a renewal.
     pub waited_requests: u64,
+    /// Of those, the ones that gave up after `tokens.max_wait`.
+    pub wait_timeouts: u64,
     /// Identity calls made for this caller, by `<kind>_<outcome>` (e.g. `exchange_ok`).
-    pub fetches: std::collections::BTreeMap<String, u64>,
+    pub fetches: BTreeMap<String, u64>,
+    /// Successful renewals by trigger (`request`, `schedule`, `upstream_401`, `recovery`).
+    pub renewals: BTreeMap<String, u64>,
+}
+
+/// The whole status page: the identity service's health and every caller.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub identity_service: HealthStatus,
+    pub callers: Vec<CallerStatus>,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -92,193 +134,35 @@ fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, 
     }
 }
 
-/// A credential with its timing; entries of the caches.
-struct Held<T> {
-    value: T,
-    generation: u64,
-    received: Instant,
-    /// After this it is never handed out (real expiry minus skew).
-    usable_until: Instant,
-    /// When the refresh task renews it.
-    refresh_at: Instant,
-    /// Wall-clock expiry, for the state file only.
-    expires_wall: SystemTime,
-}
-
-impl<T> Held<T> {
-    fn new(
-        value: T,
-        generation: u64,
-        received: Instant,
-        lifetime: Duration,
-        timing: &Timing,
-    ) -> Self {
-        let usable = policy::usable_for(lifetime, timing.expiry_skew);
-        let refresh = policy::refresh_in(lifetime, timing, rand::random::<f64>() * 2.0 - 1.0);
-        let age = received.elapsed();
-        Held {
-            value,
-            generation,
-            received,
-            usable_until: received + usable,
-            refresh_at: received + refresh,
-            expires_wall: SystemTime::now() + lifetime.saturating_sub(age),
-        }
-    }
-}
-
-/// The caller's API token.
-struct ApiCred {
-    id: String,
-    token: Secret,
-    suffix: String,
-    /// Set once it has been exchanged (matters with `max_count_of_uses = 1`).
-    exchanged: AtomicBool,
-}
-
-/// The caller's inject token.
-struct InjectCred {
-    inject: Arc<InjectToken>,
-    /// Set by the first upstream 401 for this generation.
-    rejected: AtomicBool,
-}
-
-/// Expires cache entries when their credential stops being usable.
-struct UntilUnusable;
-
-impl<K, T> moka::Expiry<K, Arc<Held<T>>> for UntilUnusable {
-    fn expire_after_create(&self, _: &K, v: &Arc<Held<T>>, now: Instant) -> Option<Duration> {
-        Some(v.usable_until.saturating_duration_since(now))
-    }
-    fn expire_after_update(
-        &self,
-        _: &K,
-        v: &Arc<Held<T>>,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(v.usable_until.saturating_duration_since(now))
-    }
-}
-
-fn cache<K, T>() -> Cache<K, Arc<Held<T>>>
-where
-    K: std::hash::Hash + Eq + Send + Sync + 'static,
-    T: Send + Sync + 'static,
-{
-    Cache::builder().expire_after(UntilUnusable).build()
-}
-
-/// How a caller's tokens are obtained.
-#[derive(Clone, Debug)]
-struct CallerSettings {
-    client_id: Option<String>,
-    inject: InjectMode,
-    single_use: bool,
-    max_count_of_uses: Option<i32>,
-    display_name: String,
-}
-
-impl CallerSettings {
-    fn new(caller: &CallerConfig, policy: &TokenPolicy) -> Self {
-        let max = caller.max_count_of_uses.or(policy.max_count_of_uses);
-        CallerSettings {
-            client_id: caller.client_id.clone(),
-            inject: caller.inject.unwrap_or(policy.inject),
-            single_use: max == Some(1),
-            max_count_of_uses: max,
-            display_name: display_name(&policy.display_name_prefix, &caller.name),
-        }
-    }
-}
-
-/// `<prefix>-<caller>`, kept within the service's 3..255 characters.
-fn display_name(prefix: &str, caller: &str) -> String {
-    let mut name: String = format!("{prefix}-{caller}").chars().take(255).collect();
-    while name.chars().count() < 3 {
-        name.push('-');
-    }
-    name
-}
-
-/// One caller's locks, gate and status; its tokens live in the broker's caches.
-struct CallerState {
-    name: Arc<str>,
-    settings: RwLock<CallerSettings>,
-    /// Held while obtaining the inject token (single flight with the refresh task).
-    inject_lock: tokio::sync::Mutex<()>,
-    /// Held while creating or regenerating the API token.
-    api_lock: tokio::sync::Mutex<()>,
-    gate: Mutex<Gate>,
-    /// Has obtained a token at least once: the refresh task keeps it fresh from then on.
-    active: AtomicBool,
-    last_renewal: Mutex<Option<SystemTime>>,
-    waited: AtomicU64,
-    fetches: Mutex<std::collections::BTreeMap<String, u64>>,
-    /// The inject token obtained last (also before the cache has it): what the single-flight
-    /// re-check and the refresh schedule look at.
-    latest: Mutex<Option<Arc<Held<InjectCred>>>>,
-    /// The last inject generation an upstream refused (api_token mode regenerates on it).
-    rejected_generation: AtomicU64,
-    wake: tokio::sync::Notify,
-    removed: AtomicBool,
-}
-
-impl CallerState {
-    fn new(name: &str, settings: CallerSettings) -> Arc<Self> {
-        Arc::new(CallerState {
-            name: Arc::from(name),
-            settings: RwLock::new(settings),
-            inject_lock: tokio::sync::Mutex::new(()),
-            api_lock: tokio::sync::Mutex::new(()),
-            gate: Mutex::new(Gate::default()),
-            active: AtomicBool::new(false),
-            last_renewal: Mutex::new(None),
-            waited: AtomicU64::new(0),
-            fetches: Mutex::default(),
-            latest: Mutex::default(),
-            rejected_generation: AtomicU64::new(0),
-            wake: tokio::sync::Notify::new(),
-            removed: AtomicBool::new(false),
-        })
-    }
-
-    fn settings(&self) -> CallerSettings {
-        self.settings
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// The latest inject token while it is usable.
-    fn latest(&self) -> Option<Arc<Held<InjectCred>>> {
-        self.latest
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .filter(|h| h.usable_until > Instant::now())
-    }
-}
+/// Builds the identity service for a config (the real client, or a test's fake).
+type MakeService =
+    Box<dyn Fn(&IdentityConfig) -> Result<Arc<dyn IdentityService>, String> + Send + Sync>;
 
 /// The identity-service settings the broker uses, swapped whole on reload.
 struct Identity {
-    client: IdentityClient,
-    client_id: String,
-    client_secret: Secret,
-    scope: Option<String>,
+    service: Arc<dyn IdentityService>,
     config: IdentityConfig,
 }
 
+/// How many identity calls may be in flight at once (a recovery renews every caller that needs
+/// it "at once", but not 10,000 at a time).
+const MAX_CONCURRENT_CALLS: usize = 16;
+
 /// Holds every caller's credentials. Share it as `Arc<Broker>`.
 pub struct Broker {
+    me: Weak<Broker>,
     identity: RwLock<Arc<Identity>>,
+    make_service: MakeService,
     policy: RwLock<Arc<TokenPolicy>>,
     callers: RwLock<HashMap<Arc<str>, Arc<CallerState>>>,
-    admin: Cache<(), Arc<Held<Secret>>>,
-    admin_lock: tokio::sync::Mutex<()>,
-    admin_gate: Mutex<Gate>,
-    api: Cache<Arc<str>, Arc<Held<ApiCred>>>,
+    /// The hot path's view of every caller's inject token.
     inject: Cache<Arc<str>, Arc<Held<InjectCred>>>,
+    admin: Mutex<Option<Arc<Held<Secret>>>>,
+    admin_flight: Flight<Result<Arc<Held<Secret>>, ladder::CallError>>,
+    /// Backoff after the admin bearer is refused (wrong client secret).
+    admin_gate: Mutex<Gate>,
+    health: Health,
+    calls: Semaphore,
     generations: AtomicU64,
     metrics: Arc<Metrics>,
     state_file: Option<PathBuf>,
@@ -286,6 +170,29 @@ pub struct Broker {
     state_lock: tokio::sync::Mutex<()>,
     ready: AtomicBool,
     stop: Shutdown,
+}
+
+/// Expires cache entries when their credential stops being usable.
+struct UntilUnusable;
+
+impl<K> moka::Expiry<K, Arc<Held<InjectCred>>> for UntilUnusable {
+    fn expire_after_create(
+        &self,
+        _: &K,
+        v: &Arc<Held<InjectCred>>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(v.usable_until.saturating_duration_since(Instant::now()))
+    }
+    fn expire_after_update(
+        &self,
+        _: &K,
+        v: &Arc<Held<InjectCred>>,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.usable_until.saturating_duration_since(Instant::now()))
+    }
 }
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
@@ -296,17 +203,53 @@ impl Broker {
     /// Builds the identity client, loads the state file, and starts the refresh tasks (and warm-up
     /// when configured). Binds no port.
     pub async fn start(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<Broker>, BrokerError> {
-        let identity = Identity::new(&config.identity)?;
+        Self::start_with(
+            config,
+            metrics,
+            Box::new(|c: &IdentityConfig| {
+                IdentityClient::new(c).map(|client| Arc::new(client) as Arc<dyn IdentityService>)
+            }),
+        )
+        .await
+    }
+
+    /// Like [`Broker::start`], against the identity service `service` (a fake, in tests); a
+    /// reload keeps it.
+    pub async fn start_against(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        service: Arc<dyn IdentityService>,
+    ) -> Result<Arc<Broker>, BrokerError> {
+        Self::start_with(
+            config,
+            metrics,
+            Box::new(move |_: &IdentityConfig| Ok(Arc::clone(&service))),
+        )
+        .await
+    }
+
+    async fn start_with(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        make_service: MakeService,
+    ) -> Result<Arc<Broker>, BrokerError> {
+        let identity = Identity {
+            service: make_service(&config.identity).map_err(BrokerError)?,
+            config: config.identity.clone(),
+        };
         let policy = config.tokens.clone();
-        let broker = Arc::new(Broker {
+        let broker = Arc::new_cyclic(|me| Broker {
+            me: me.clone(),
             identity: RwLock::new(Arc::new(identity)),
+            make_service,
             policy: RwLock::new(Arc::new(policy.clone())),
             callers: RwLock::new(HashMap::new()),
-            admin: cache(),
-            admin_lock: tokio::sync::Mutex::new(()),
+            inject: Cache::builder().expire_after(UntilUnusable).build(),
+            admin: Mutex::new(None),
+            admin_flight: Flight::default(),
             admin_gate: Mutex::new(Gate::default()),
-            api: cache(),
-            inject: cache(),
+            health: Health::default(),
+            calls: Semaphore::new(MAX_CONCURRENT_CALLS),
             generations: AtomicU64::new(0),
             metrics,
             state_file: policy.state_file.clone(),
@@ -314,6 +257,9 @@ impl Broker {
             ready: AtomicBool::new(!policy.warm_up),
             stop: Shutdown::new(),
         });
+        broker
+            .metrics
+            .set_identity_state(broker.health.state().name());
         for caller in &config.callers {
             broker.add_caller(caller, &policy);
         }
@@ -367,73 +313,177 @@ impl Broker {
         self.generations.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// The caller's token: a cache hit is an `Arc` clone; a miss waits on the one fetch in flight.
+    /// The caller's token: a cache hit is an `Arc` clone; a miss waits (at most
+    /// `tokens.max_wait`) on the one renewal in flight.
     pub async fn token(&self, caller: &str) -> TokenResult {
         if let Some(held) = self.inject.get(caller).await {
-            return Ok(Arc::clone(&held.value.inject));
+            if held.is_usable(Instant::now()) && !held.value.rejected.load(Ordering::Acquire) {
+                return Ok(Arc::clone(&held.value.inject));
+            }
         }
-        // Boxed: the whole fetch would otherwise be inlined into every request's future, which
-        // hyper reserves per connection (17 KB each).
+        // Boxed: the whole wait would otherwise be inlined into every request's future, which
+        // hyper reserves per connection.
         Box::pin(self.token_miss(caller)).await
     }
 
     async fn token_miss(&self, caller: &str) -> TokenResult {
-        let Some(state) = self.caller(caller) else {
+        let Some(c) = self.caller(caller) else {
             return Err(TokenUnavailable {
                 caller: caller.to_string(),
                 reason: "unknown caller".into(),
                 retry_after: Duration::from_secs(1),
             });
         };
-        state.waited.fetch_add(1, Ordering::Relaxed);
+        if let Some(held) = c.sound() {
+            self.inject
+                .insert(Arc::clone(&c.name), Arc::clone(&held))
+                .await;
+            return Ok(Arc::clone(&held.value.inject));
+        }
+        c.activate();
+        self.wait_for_renewal(&c, Trigger::Request).await
+    }
+
+    /// Joins (or starts) the caller's renewal and waits for it, at most `tokens.max_wait`. When
+    /// the identity service is known to be down, or this caller is backing off after a refusal,
+    /// answers at once instead.
+    async fn wait_for_renewal(&self, c: &Arc<CallerState>, trigger: Trigger) -> TokenResult {
+        let unavailable = |reason: String, retry_after: Duration| TokenUnavailable {
+            caller: c.name.to_string(),
+            reason,
+            retry_after: retry_after.max(Duration::from_secs(1)),
+        };
+        if !c.flight.in_flight() {
+            if let Some(wait) = c.refusal_wait(Instant::now()) {
+                let reason = c.status().last_error.unwrap_or_else(|| "refused".into());
+                return Err(unavailable(reason, wait));
+            }
+            if let health::Admission::Wait(wait) = self.health.peek() {
+                let reason = self
+                    .health
+                    .status()
+                    .last_error
+                    .unwrap_or_else(|| "the identity service is failing".into());
+                return Err(unavailable(
+                    format!("identity service unavailable: {reason}"),
+                    wait,
+                ));
+            }
+        }
+        c.record_wait();
         self.metrics
             .token_waiters
             .get_or_create(&CallerLabels {
-                caller: caller.to_string(),
+                caller: c.name.to_string(),
             })
             .inc();
-        let key = Arc::clone(&state.name);
-        let result = self
-            .inject
-            .try_get_with(key, self.obtain_inject(&state, None))
-            .await;
-        match result {
-            Ok(held) => Ok(Arc::clone(&held.value.inject)),
-            Err(failure) => Err(TokenUnavailable {
-                caller: caller.to_string(),
-                reason: failure.reason.clone(),
-                retry_after: failure.retry_after.max(Duration::from_secs(1)),
-            }),
+        let renewal = self.renewal(c, trigger);
+        let max_wait = self.policy_now().max_wait;
+        match tokio::time::timeout(max_wait, renewal).await {
+            Ok(Ok(held)) => {
+                self.metrics.record_wait("ok");
+                Ok(Arc::clone(&held.value.inject))
+            }
+            Ok(Err(failure)) => {
+                self.metrics.record_wait("failed");
+                Err(unavailable(failure.reason, failure.retry_after))
+            }
+            Err(_) => {
+                c.record_wait_timeout();
+                self.metrics.record_wait("timeout");
+                Err(unavailable(
+                    format!(
+                        "the token renewal in flight did not finish within {}",
+                        humantime::format_duration(max_wait)
+                    ),
+                    Duration::from_secs(1),
+                ))
+            }
         }
     }
 
-    /// The upstream refused `generation` with 401: marks it bad (once for any number of concurrent
-    /// calls with the same generation) and returns the renewed token.
-    pub async fn rejected(&self, caller: &str, generation: u64) -> TokenResult {
-        if let Some(state) = self.caller(caller) {
-            if let Some(held) = state.latest() {
-                if held.generation == generation
-                    && !held.value.rejected.swap(true, Ordering::AcqRel)
-                {
-                    tracing::info!(caller, generation, "upstream refused the token; renewing");
-                    state
-                        .rejected_generation
-                        .store(generation, Ordering::Release);
-                    self.inject.invalidate(caller).await;
+    /// The caller's renewal in flight, or a new one.
+    fn renewal(
+        &self,
+        c: &Arc<CallerState>,
+        trigger: Trigger,
+    ) -> impl std::future::Future<Output = Renewal> {
+        let me = self.me.upgrade();
+        let task_caller = Arc::clone(c);
+        c.flight.join(
+            move || async move {
+                match me {
+                    Some(broker) => broker.renew(&task_caller, trigger).await,
+                    None => Err(Failure {
+                        reason: "the broker stopped".into(),
+                        retry_after: Duration::from_secs(1),
+                    }),
                 }
+            },
+            || {
+                Err(Failure {
+                    reason: "the token renewal failed unexpectedly".into(),
+                    retry_after: Duration::from_secs(1),
+                })
+            },
+        )
+    }
+
+    /// The upstream refused `generation` with 401. Renews once per generation, and only a token
+    /// older than `tokens.min_renew_interval`; concurrent 401s for one generation share one
+    /// renewal. Otherwise the 401 is to be passed on.
+    pub async fn rejected(
+        &self,
+        caller: &str,
+        generation: u64,
+    ) -> Result<Rejection, TokenUnavailable> {
+        let Some(c) = self.caller(caller) else {
+            return Ok(Rejection::PassOn);
+        };
+        let Some(held) = c.latest() else {
+            return self.token(caller).await.map(Rejection::Replay);
+        };
+        if held.generation != generation {
+            // renewed since that request went out: replay with the newer one
+            return Ok(Rejection::Replay(Arc::clone(&held.value.inject)));
+        }
+        if !held.value.rejected.load(Ordering::Acquire) {
+            let floor = self.policy_now().min_renew_interval;
+            if held.received.elapsed() < floor {
+                self.metrics.record_rejection("too_young");
+                tracing::info!(
+                    caller,
+                    generation,
+                    "upstream refused a token younger than min_renew_interval; passing the 401 on"
+                );
+                return Ok(Rejection::PassOn);
+            }
+            if !held.value.rejected.swap(true, Ordering::AcqRel) {
+                self.metrics.record_rejection("renewed");
+                tracing::info!(caller, generation, "upstream refused the token; renewing");
+                c.mark_refused(generation);
+                self.inject.invalidate(caller).await;
             }
         }
-        self.token(caller).await
+        let renewed = self.wait_for_renewal(&c, Trigger::Upstream401).await?;
+        if renewed.generation == generation {
+            return Ok(Rejection::PassOn);
+        }
+        Ok(Rejection::Replay(renewed))
     }
 
     /// Applies a reloaded config (callers added or removed, policy and identity settings changed).
     pub fn reconfigure(self: &Arc<Self>, config: &Config) {
-        let current = read(&self.identity);
-        if !current.config.same_as(&config.identity) {
-            match Identity::new(&config.identity) {
-                Ok(identity) => {
-                    *self.identity.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(identity);
-                    self.admin.invalidate_all();
+        let current = self.identity_now();
+        if current.config != config.identity {
+            match (self.make_service)(&config.identity) {
+                Ok(service) => {
+                    *self.identity.write().unwrap_or_else(|e| e.into_inner()) =
+                        Arc::new(Identity {
+                            service,
+                            config: config.identity.clone(),
+                        });
+                    *self.admin.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
                 Err(e) => tracing::error!(error = %e, "identity settings not applied"),
             }
@@ -445,40 +495,23 @@ impl Broker {
             .iter()
             .map(|c| (c.name.as_str(), c))
             .collect();
-        let existing = self.all_callers();
-        for state in existing {
-            match wanted.get(&*state.name) {
-                Some(caller) => {
-                    let settings = CallerSettings::new(caller, &policy);
-                    let old = state.settings();
-                    let changed =
-                        old.client_id != settings.client_id || old.inject != settings.inject;
-                    *state.settings.write().unwrap_or_else(|e| e.into_inner()) = settings;
-                    if changed {
-                        // tokens for another client or another mode: start over
-                        let api = self.api.clone();
-                        let inject = self.inject.clone();
-                        let name = Arc::clone(&state.name);
-                        tokio::spawn(async move {
-                            api.invalidate(&name).await;
-                            inject.invalidate(&name).await;
-                        });
-                    }
-                }
+        for c in self.all_callers() {
+            let forget = match wanted.get(&*c.name) {
+                Some(caller) => c.set_settings(CallerSettings::new(caller, &policy)),
                 None => {
-                    state.removed.store(true, Ordering::Release);
-                    state.wake.notify_one();
+                    c.remove();
                     self.callers
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
-                        .remove(&state.name);
-                    let api = self.api.clone();
-                    let inject = self.inject.clone();
-                    tokio::spawn(async move {
-                        api.invalidate(&state.name).await;
-                        inject.invalidate(&state.name).await;
-                    });
+                        .remove(&c.name);
+                    c.forget_tokens();
+                    true
                 }
+            };
+            if forget {
+                let inject = self.inject.clone();
+                let name = Arc::clone(&c.name);
+                tokio::spawn(async move { inject.invalidate(&name).await });
             }
         }
         for caller in &config.callers {
@@ -512,7 +545,10 @@ impl Broker {
                 break;
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.timing().backoff_initial) => {}
+                _ = async {
+                    self.health.wait_turn().await;
+                    tokio::time::sleep(self.timing().backoff_initial).await;
+                } => {}
                 _ = self.stop.wait() => break,
             }
         }
@@ -520,103 +556,19 @@ impl Broker {
         self.ready.store(true, Ordering::Release);
     }
 
-    /// Status of every caller, sorted by name.
-    pub fn status(&self) -> Vec<CallerStatus> {
-        let now = Instant::now();
+    /// Status of the identity service and of every caller, sorted by name.
+    pub fn status(&self) -> Status {
         let mut callers = self.all_callers();
         callers.sort_by(|a, b| a.name.cmp(&b.name));
-        callers
-            .into_iter()
-            .map(|c| {
-                let api = self.api.get_sync(&c.name);
-                let inject = self.inject.get_sync(&c.name);
-                let gate = c.gate.lock().unwrap_or_else(|e| e.into_inner());
-                let failing = gate.failures() > 0;
-                let state = match (&inject, failing) {
-                    (Some(_), false) => "ready",
-                    (Some(_), true) => "failing",
-                    (None, true) => "unavailable",
-                    (None, false) => "empty",
-                };
-                CallerStatus {
-                    caller: c.name.to_string(),
-                    state,
-                    api_token_id: api.as_ref().map(|a| a.value.id.clone()),
-                    api_token_suffix: api.as_ref().map(|a| a.value.suffix.clone()),
-                    api_token_expires_in_secs: api
-                        .as_ref()
-                        .map(|a| a.usable_until.saturating_duration_since(now).as_secs()),
-                    access_token_expires_in_secs: inject
-                        .as_ref()
-                        .map(|a| a.usable_until.saturating_duration_since(now).as_secs()),
-                    generation: inject.as_ref().map_or(0, |i| i.generation),
-                    last_renewal: *c.last_renewal.lock().unwrap_or_else(|e| e.into_inner()),
-                    last_error: gate.last_error().map(str::to_string),
-                    waited_requests: c.waited.load(Ordering::Relaxed),
-                    fetches: c.fetches.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-                }
-            })
-            .collect()
+        Status {
+            identity_service: self.health.status(),
+            callers: callers.iter().map(|c| c.status()).collect(),
+        }
     }
 
     /// Stops the refresh tasks and writes the state file.
     pub async fn shutdown(&self) {
         self.stop.trigger();
         self.save_state().await;
-    }
-}
-
-/// Non-async reads for the status page (moka's sync view of a future cache).
-trait GetSync<V> {
-    fn get_sync(&self, key: &str) -> Option<V>;
-}
-
-impl<T: Send + Sync + 'static> GetSync<Arc<Held<T>>> for Cache<Arc<str>, Arc<Held<T>>> {
-    fn get_sync(&self, key: &str) -> Option<Arc<Held<T>>> {
-        self.iter()
-            .find(|(k, _)| &***k == key)
-            .map(|(_, v)| v)
-            .filter(|v| v.usable_until > Instant::now())
-    }
-}
-
-impl Identity {
-    fn new(config: &IdentityConfig) -> Result<Self, BrokerError> {
-        let client = IdentityClient::new(config).map_err(BrokerError)?;
-        Ok(Identity {
-            client,
-            client_id: config.client_id.clone(),
-            client_secret: config.client_secret.clone(),
-            scope: config.scope.clone(),
-            config: config.clone(),
-        })
-    }
-}
-
-impl IdentityConfig {
-    fn same_as(&self, other: &IdentityConfig) -> bool {
-        self.base_url == other.base_url
-            && self.tenant == other.tenant
-            && self.client_id == other.client_id
-            && self.client_secret == other.client_secret
-            && self.scope == other.scope
-            && self.ca_file == other.ca_file
-            && self.connect_timeout == other.connect_timeout
-            && self.request_timeout == other.request_timeout
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn display_names_fit_the_service_rules() {
-        assert_eq!(
-            display_name("tokenbroker", "billing"),
-            "tokenbroker-billing"
-        );
-        assert_eq!(display_name("", "a"), "-a-");
-        assert_eq!(display_name("p", &"x".repeat(400)).chars().count(), 255);
     }
 }

@@ -21,6 +21,8 @@ pub const DEFAULT_MIN_MARGIN: Duration = Duration::from_secs(5);
 pub const DEFAULT_EXPIRY_SKEW: Duration = Duration::from_secs(2);
 pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MIN_RENEW_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_API_TOKEN_TTL_MINUTES: i64 = 43_200; // 30 days
 pub const DEFAULT_ACCESS_TOKEN_TTL_MINUTES: i64 = 30;
 pub const DEFAULT_IDENTITY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -170,7 +172,7 @@ pub struct AdminConfig {
     pub addr: SocketAddr,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct IdentityConfig {
     /// Scheme and authority of the identity service, e.g. `https://id.example.com` (no path).
     pub base_url: String,
@@ -211,6 +213,12 @@ pub struct TokenPolicy {
     pub expiry_skew: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// How long a request without a valid token waits for the renewal in flight before 503.
+    pub max_wait: Duration,
+    /// An upstream 401 renews a token only once it is at least this old (and once per
+    /// generation); a younger token's 401 is passed on, so callers cannot drive the identity
+    /// service.
+    pub min_renew_interval: Duration,
     /// Fetch every caller's tokens at start; readiness waits for it.
     pub warm_up: bool,
     /// Keeps API tokens across restarts.
@@ -232,6 +240,8 @@ impl Default for TokenPolicy {
             expiry_skew: DEFAULT_EXPIRY_SKEW,
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            max_wait: DEFAULT_MAX_WAIT,
+            min_renew_interval: DEFAULT_MIN_RENEW_INTERVAL,
             warm_up: false,
             state_file: None,
             display_name_prefix: DEFAULT_DISPLAY_NAME_PREFIX.to_string(),

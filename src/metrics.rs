@@ -59,6 +59,27 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    /// `request`, `schedule`, `upstream_401`, `recovery`.
+    pub trigger: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    /// `create` (regenerate refused), `admin_bearer` (bearer refused).
+    pub step: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `closed`, `open`, `half_open`.
+    pub state: &'static str,
+}
+
+/// The states of the identity service's breaker, each a series of `identity_service_state`.
+const IDENTITY_STATES: [&str; 3] = ["closed", "open", "half_open"];
+
 fn latency_histogram() -> Histogram {
     // 100 us .. ~26 s
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
@@ -75,6 +96,12 @@ pub struct Metrics {
     pub token_waiters: Family<CallerLabels, Counter>,
     pub config_reloads: Family<OutcomeLabels, Counter>,
     pub connections_open: Gauge,
+    pub token_renewals: Family<TriggerLabels, Counter>,
+    pub token_ladder_steps: Family<StepLabels, Counter>,
+    pub token_waits: Family<OutcomeLabels, Counter>,
+    pub upstream_rejections: Family<OutcomeLabels, Counter>,
+    pub identity_probes: Family<OutcomeLabels, Counter>,
+    pub identity_state: Family<StateLabels, Gauge>,
     /// The label value of a request that has no route or caller (yet).
     none: Name,
 }
@@ -96,6 +123,61 @@ impl Metrics {
         let token_waiters = Family::<CallerLabels, Counter>::default();
         let config_reloads = Family::<OutcomeLabels, Counter>::default();
         let connections_open = Gauge::default();
+        let token_renewals = Family::<TriggerLabels, Counter>::default();
+        let token_ladder_steps = Family::<StepLabels, Counter>::default();
+        let token_waits = Family::<OutcomeLabels, Counter>::default();
+        let upstream_rejections = Family::<OutcomeLabels, Counter>::default();
+        let identity_probes = Family::<OutcomeLabels, Counter>::default();
+        let identity_state = Family::<StateLabels, Gauge>::default();
+        // every series present from the start, at zero
+        for trigger in ["request", "schedule", "upstream_401", "recovery"] {
+            let _ = token_renewals.get_or_create(&TriggerLabels { trigger });
+        }
+        for step in ["create", "admin_bearer"] {
+            let _ = token_ladder_steps.get_or_create(&StepLabels { step });
+        }
+        for outcome in ["ok", "failed", "timeout"] {
+            let _ = token_waits.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["renewed", "too_young"] {
+            let _ = upstream_rejections.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["ok", "failed"] {
+            let _ = identity_probes.get_or_create(&OutcomeLabels { outcome });
+        }
+        for state in IDENTITY_STATES {
+            let _ = identity_state.get_or_create(&StateLabels { state });
+        }
+        registry.register(
+            "token_renewals",
+            "Token renewals that gave a new token, by what started them",
+            token_renewals.clone(),
+        );
+        registry.register(
+            "token_ladder_steps",
+            "Recovery steps taken after a definitive refusal (create after a refused regenerate, a new admin bearer after a refused one)",
+            token_ladder_steps.clone(),
+        );
+        registry.register(
+            "token_waits",
+            "Requests that waited for a renewal in flight, by outcome (ok, failed, timeout after tokens.max_wait)",
+            token_waits.clone(),
+        );
+        registry.register(
+            "upstream_rejections",
+            "Upstream 401s for a current token: renewed, or passed on because the token was younger than tokens.min_renew_interval",
+            upstream_rejections.clone(),
+        );
+        registry.register(
+            "identity_probes",
+            "Probes sent to the identity service while its breaker was half-open, by outcome",
+            identity_probes.clone(),
+        );
+        registry.register(
+            "identity_service_state",
+            "The identity service's breaker: 1 for the current state (closed, open, half_open)",
+            identity_state.clone(),
+        );
         registry.register(
             "requests",
             "Proxied requests by route, caller and status class",
@@ -146,6 +228,12 @@ impl Metrics {
             token_waiters,
             config_reloads,
             connections_open,
+            token_renewals,
+            token_ladder_steps,
+            token_waits,
+            upstream_rejections,
+            identity_probes,
+            identity_state,
             none: Name(Arc::from("-")),
         })
     }
@@ -190,6 +278,45 @@ impl Metrics {
         self.token_fetches
             .get_or_create(&FetchLabels { kind, outcome })
             .inc();
+    }
+
+    pub fn record_renewal(&self, trigger: &'static str) {
+        self.token_renewals
+            .get_or_create(&TriggerLabels { trigger })
+            .inc();
+    }
+
+    pub fn record_ladder(&self, step: &'static str) {
+        self.token_ladder_steps
+            .get_or_create(&StepLabels { step })
+            .inc();
+    }
+
+    pub fn record_wait(&self, outcome: &'static str) {
+        self.token_waits
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn record_rejection(&self, outcome: &'static str) {
+        self.upstream_rejections
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn record_probe(&self, outcome: &'static str) {
+        self.identity_probes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Marks `state` as the breaker's current state.
+    pub fn set_identity_state(&self, state: &'static str) {
+        for s in IDENTITY_STATES {
+            self.identity_state
+                .get_or_create(&StateLabels { state: s })
+                .set(i64::from(s == state));
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -35,7 +35,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::broker::{Broker, TokenResult};
+use crate::broker::{Broker, Rejection, TokenResult, TokenUnavailable};
 use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
 use crate::server::Shutdown;
@@ -57,15 +57,24 @@ pub struct StartError(pub String);
 pub trait TokenSource: Send + Sync + 'static {
     /// The caller's current token.
     fn token(&self, caller: &str) -> impl Future<Output = TokenResult> + Send;
-    /// The upstream refused `generation` with 401: the renewed token.
-    fn rejected(&self, caller: &str, generation: u64) -> impl Future<Output = TokenResult> + Send;
+    /// The upstream refused `generation` with 401: a renewed token to replay with, or pass the
+    /// 401 on.
+    fn rejected(
+        &self,
+        caller: &str,
+        generation: u64,
+    ) -> impl Future<Output = Result<Rejection, TokenUnavailable>> + Send;
 }
 
 impl TokenSource for Broker {
     fn token(&self, caller: &str) -> impl Future<Output = TokenResult> + Send {
         Broker::token(self, caller)
     }
-    fn rejected(&self, caller: &str, generation: u64) -> impl Future<Output = TokenResult> + Send {
+    fn rejected(
+        &self,
+        caller: &str,
+        generation: u64,
+    ) -> impl Future<Output = Result<Rejection, TokenUnavailable>> + Send {
         Broker::rejected(self, caller, generation)
     }
 }

@@ -173,6 +173,36 @@ async fn admin_endpoints_report_health_metrics_and_tokens_without_secrets() {
             "{series}: {metrics}"
         );
     }
+    for (series, value) in [
+        (r#"tokenbroker_identity_service_state{state="closed"}"#, 1.0),
+        (r#"tokenbroker_identity_service_state{state="open"}"#, 0.0),
+        (
+            r#"tokenbroker_token_renewals_total{trigger="upstream_401"}"#,
+            0.0,
+        ),
+        (r#"tokenbroker_token_waits_total{outcome="timeout"}"#, 0.0),
+        (
+            r#"tokenbroker_upstream_rejections_total{outcome="too_young"}"#,
+            0.0,
+        ),
+        (
+            r#"tokenbroker_identity_probes_total{outcome="failed"}"#,
+            0.0,
+        ),
+        (
+            r#"tokenbroker_token_ladder_steps_total{step="create"}"#,
+            0.0,
+        ),
+    ] {
+        assert_eq!(sample(&metrics, series), Some(value), "{series}: {metrics}");
+    }
+    assert!(
+        sample(
+            &metrics,
+            r#"tokenbroker_token_renewals_total{trigger="request"}"#
+        ) >= Some(2.0),
+        "{metrics}"
+    );
     let expiry = sample(
         &metrics,
         r#"tokenbroker_token_expiry_seconds{caller="svc",kind="access_token"}"#,
@@ -195,7 +225,10 @@ async fn admin_endpoints_report_health_metrics_and_tokens_without_secrets() {
 
     let (status, tokens) = get(admin, "/tokens").await;
     assert_eq!(status, 200);
-    let list = json(tokens.as_bytes());
+    let page = json(tokens.as_bytes());
+    assert_eq!(page["identity_service"]["state"], "closed", "{tokens}");
+    assert_eq!(page["identity_service"]["failures"], 0, "{tokens}");
+    let list = &page["callers"];
     let svc = list
         .as_array()
         .unwrap()
@@ -211,6 +244,7 @@ async fn admin_endpoints_report_health_metrics_and_tokens_without_secrets() {
     assert!(svc["api_token_id"]
         .as_str()
         .is_some_and(|id| !id.is_empty()));
+    assert!(svc["renewals"]["request"].as_u64() >= Some(1), "{tokens}");
     let raw = list
         .as_array()
         .unwrap()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use support::logs::LogCapture;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use tokenbroker::broker::Broker;
+use tokenbroker::broker::{Broker, Rejection};
 use tokenbroker::config::{CallerConfig, Config, InjectMode, TokenPolicy};
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultKind, Operation};
 use tokenbroker::metrics::Metrics;
@@ -52,6 +52,7 @@ async fn no_secret_in_trace_logs() {
             state_file: Some(state.clone()),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_millis(500),
+            min_renew_interval: Duration::from_millis(1),
             ..TokenPolicy::default()
         },
         callers: vec![
@@ -66,7 +67,10 @@ async fn no_secret_in_trace_logs() {
     for name in ["plain", "once", "raw"] {
         let t = broker.token(name).await.unwrap();
         headers.push(t.header.to_str().unwrap().to_string());
-        let renewed = broker.rejected(name, t.generation).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let Rejection::Replay(renewed) = broker.rejected(name, t.generation).await.unwrap() else {
+            panic!("a 401 renews the token");
+        };
         headers.push(renewed.header.to_str().unwrap().to_string());
     }
     // failures with server bodies, a refused regenerate, refresh through a few lifetimes
@@ -76,7 +80,7 @@ async fn no_secret_in_trace_logs() {
         requests: Some(2),
         seconds: None,
     });
-    let id = broker.status()[0].api_token_id.clone().unwrap();
+    let id = broker.status().callers[0].api_token_id.clone().unwrap();
     emu.revoke_api_token(&id);
     tokio::time::sleep(Duration::from_secs(5)).await;
     for name in ["plain", "once", "raw"] {

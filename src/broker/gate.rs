@@ -1,7 +1,9 @@
 //! The backoff gate of one credential: after a failure, no new attempt until the backoff step
 //! has passed, however many requests or timers ask. Holds the last error for status pages.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::policy::{backoff, Timing};
 
@@ -43,10 +45,6 @@ impl Gate {
         self.next_attempt = None;
     }
 
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-
     pub fn last_error(&self) -> Option<&str> {
         self.last_error.as_deref()
     }
@@ -76,7 +74,7 @@ mod tests {
         assert_eq!(gate.last_error(), Some("boom"));
         gate.succeeded();
         assert_eq!(gate.closed_for(now), None);
-        assert_eq!(gate.failures(), 0);
+        assert_eq!(gate.failures, 0);
         assert_eq!(
             gate.last_error(),
             Some("boom"),

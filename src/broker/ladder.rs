@@ -1,27 +1,66 @@
-//! Obtaining credentials and the recovery ladder: access token refused -> exchange again;
-//! API token invalid or expired -> regenerate; regenerate refused -> create anew; admin bearer
-//! refused (401) -> one new bearer, then report. Every identity call is counted in metrics.
+//! Renewing a caller's tokens, and every call to the identity service.
+//!
+//! One renewal does what is due, and runs the recovery ladder's definitive steps back to back,
+//! with no backoff between them: exchange refused (the API token is invalid, expired, revoked or
+//! used up) -> regenerate -> regenerate refused -> create -> exchange; an api-tokens call whose
+//! admin bearer is refused (401) -> one new bearer, the same call once more.
+//! Transient failures stop the renewal and open the shared breaker (`health.rs`); definitive
+//! refusals that no step can mend (a configuration problem) back this caller off (`gate.rs`).
+//! Every identity call is admitted by the breaker, bounded in concurrency and counted.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use http::HeaderValue;
+use tokio::time::Instant;
 
-use super::{ApiCred, Broker, CallerSettings, CallerState, Held, InjectCred, InjectToken};
+use super::caller::{
+    ApiCred, CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger,
+};
+use super::health::{Admission, Observed};
+use super::{Broker, IdentityService, InjectToken};
 use crate::config::InjectMode;
-use crate::identity::{CreateRequest, ErrorClass, IdentityError};
+use crate::identity::{ApiToken, CreateRequest, ErrorClass, IdentityError};
 use crate::secret::Secret;
 
 /// Lifetime assumed for a token whose `expires_in` is -1 (unknown).
 const UNKNOWN_LIFETIME: Duration = Duration::from_secs(300);
 
-/// Why a fetch failed, as handed to waiting requests.
+/// Why an identity call did not give what was asked.
 #[derive(Debug, Clone)]
-pub(super) struct Failure {
-    pub reason: String,
-    pub retry_after: Duration,
+pub(super) enum CallError {
+    /// The identity service answered with a failure, or could not be reached.
+    Identity(IdentityError),
+    /// No call went out: the identity service (or, for the admin bearer, a refusal) is being
+    /// waited out for `wait`.
+    Paused { wait: Duration, reason: String },
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Identity(e) => e.fmt(f),
+            CallError::Paused { wait, reason } => write!(
+                f,
+                "identity calls paused for {}s after: {reason}",
+                wait.as_secs_f64().ceil() as u64
+            ),
+        }
+    }
+}
+
+impl From<IdentityError> for CallError {
+    fn from(e: IdentityError) -> Self {
+        CallError::Identity(e)
+    }
+}
+
+impl CallError {
+    fn is(&self, class: ErrorClass) -> bool {
+        matches!(self, CallError::Identity(e) if e.class() == class)
+    }
 }
 
 fn outcome(result: &Result<impl Sized, IdentityError>) -> &'static str {
@@ -30,14 +69,6 @@ fn outcome(result: &Result<impl Sized, IdentityError>) -> &'static str {
         Err(e) if e.class() == ErrorClass::Transient => "transient",
         Err(_) => "rejected",
     }
-}
-
-fn backing_off(what: &str, wait: Duration, last: Option<&str>) -> IdentityError {
-    IdentityError::Transport(format!(
-        "{what}: next attempt in {}s after: {}",
-        wait.as_secs().max(1),
-        last.unwrap_or("an earlier failure")
-    ))
 }
 
 fn bearer(token: &Secret) -> Result<HeaderValue, IdentityError> {
@@ -52,203 +83,157 @@ fn bearer(token: &Secret) -> Result<HeaderValue, IdentityError> {
 }
 
 impl Broker {
-    /// Runs one identity call, counting it by kind and outcome.
-    async fn call<T>(
-        &self,
-        c: Option<&CallerState>,
-        kind: &'static str,
-        fut: impl Future<Output = Result<T, IdentityError>>,
-    ) -> Result<T, IdentityError> {
-        let result = fut.await;
-        let outcome = outcome(&result);
-        self.metrics.record_fetch(kind, outcome);
-        if let Some(c) = c {
-            *c.fetches
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(format!("{kind}_{outcome}"))
-                .or_default() += 1;
-        }
-        if let Err(e) = &result {
-            tracing::debug!(kind, error = %e, "identity call failed");
-        }
-        result
-    }
-
-    /// Obtains the caller's inject token, single flight with the refresh task. `renewing`: the
-    /// generation the refresh task wants replaced (`None`: a request found no token).
-    /// Does not insert into the cache: the caller of this does (or `try_get_with` does).
-    pub(super) async fn obtain_inject(
-        &self,
-        c: &CallerState,
-        renewing: Option<u64>,
-    ) -> Result<Arc<Held<InjectCred>>, Failure> {
-        let _flight = c.inject_lock.lock().await;
-        if let Some(held) = c.latest() {
-            let fresh = !held.value.rejected.load(Ordering::Acquire)
-                && renewing.is_none_or(|g| g != held.generation);
-            if fresh {
-                return Ok(held);
-            }
-        }
-        let now = Instant::now();
-        {
-            let gate = c.gate.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(wait) = gate.closed_for(now) {
-                return Err(Failure {
-                    reason: gate
-                        .last_error()
-                        .unwrap_or("the identity service is failing")
-                        .to_string(),
-                    retry_after: wait,
-                });
-            }
-        }
-        let result = self.ladder(c, renewing.is_some()).await;
-        let mut gate = c.gate.lock().unwrap_or_else(|e| e.into_inner());
-        match result {
-            Ok(held) => {
-                gate.succeeded();
-                drop(gate);
-                let held = Arc::new(held);
-                *c.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&held));
-                *c.last_renewal.lock().unwrap_or_else(|e| e.into_inner()) = Some(SystemTime::now());
-                if !c.active.swap(true, Ordering::AcqRel) {
-                    c.wake.notify_one();
+    /// One renewal of the caller's tokens, run in the caller's flight task: records the outcome
+    /// and publishes a new token to the request path.
+    pub(super) async fn renew(&self, c: &Arc<CallerState>, trigger: Trigger) -> Renewal {
+        match self.renew_tokens(c).await {
+            Ok((held, fresh)) => {
+                if fresh {
+                    c.set_latest(Arc::clone(&held));
+                    self.inject
+                        .insert(Arc::clone(&c.name), Arc::clone(&held))
+                        .await;
+                    c.renewed(trigger);
+                    self.metrics.record_renewal(trigger.label());
+                    tracing::debug!(
+                        caller = &*c.name,
+                        generation = held.generation,
+                        trigger = trigger.label(),
+                        "token ready"
+                    );
                 }
-                tracing::debug!(
-                    caller = &*c.name,
-                    generation = held.generation,
-                    "token ready"
-                );
+                c.activate();
                 Ok(held)
             }
             Err(e) => {
-                let wait = gate.failed(now, e.to_string(), e.retry_after(), &self.timing());
-                tracing::warn!(caller = &*c.name, error = %e, retry_in_ms = wait.as_millis() as u64,
-                    "cannot obtain a token");
-                c.active.store(true, Ordering::Release);
-                c.wake.notify_one();
+                let reason = e.to_string();
+                let retry_after = match &e {
+                    CallError::Paused { wait, .. } => *wait,
+                    CallError::Identity(e) if e.class() == ErrorClass::Transient => {
+                        match self.health.peek() {
+                            Admission::Wait(wait) => wait,
+                            Admission::Go { .. } => self.timing().backoff_initial,
+                        }
+                    }
+                    CallError::Identity(_) => c.refused(Instant::now(), &reason, &self.timing()),
+                };
+                c.renewal_failed(&reason);
+                if matches!(e, CallError::Identity(_)) {
+                    tracing::warn!(caller = &*c.name, error = %reason,
+                        retry_in_ms = retry_after.as_millis() as u64, "cannot obtain a token");
+                }
+                c.activate();
                 Err(Failure {
-                    reason: e.to_string(),
-                    retry_after: wait,
+                    reason,
+                    retry_after,
                 })
             }
         }
     }
 
-    async fn ladder(
+    /// The inject token after doing what is due: `(token, true)` when it is a new one.
+    async fn renew_tokens(
         &self,
         c: &CallerState,
-        renew: bool,
-    ) -> Result<Held<InjectCred>, IdentityError> {
+    ) -> Result<(Arc<Held<InjectCred>>, bool), CallError> {
         let s = c.settings();
-        let timing = self.timing();
-        match s.inject {
-            InjectMode::ApiToken => {
-                let mut api = self.api_token(c, &s, false).await?;
-                let refused = c.rejected_generation.load(Ordering::Acquire) == api.generation;
-                if renew || refused {
-                    api = self.renew_api(c, &s, api.generation).await?;
-                }
-                Ok(Held {
-                    value: InjectCred {
+        let current = c.sound().filter(|h| !h.is_due(Instant::now()));
+        let api = self.api_token(c, &s, current.is_none()).await?;
+        if let Some(held) = current {
+            if s.inject == InjectMode::AccessToken || held.generation == api.generation {
+                return Ok((held, false));
+            }
+        }
+        let held = match s.inject {
+            InjectMode::ApiToken => inject_api_token(&api)?,
+            InjectMode::AccessToken => self.exchange(c, &s, api).await?,
+        };
+        Ok((Arc::new(held), true))
+    }
+
+    /// Exchanges the API token; when the exchange refuses it, replaces it (regenerate, else
+    /// create) and exchanges again, at once.
+    async fn exchange(
+        &self,
+        c: &CallerState,
+        s: &CallerSettings,
+        mut api: Arc<Held<ApiCred>>,
+    ) -> Result<Held<InjectCred>, CallError> {
+        let mut replaced = false;
+        loop {
+            let token = api.value.token.clone();
+            let result = self
+                .call(Some(c), "exchange", |service| async move {
+                    service.exchange(&token).await
+                })
+                .await;
+            match result {
+                Ok(t) => {
+                    api.value.exchanged.store(true, Ordering::Release);
+                    let generation = self.next_generation();
+                    let value = InjectCred {
                         inject: Arc::new(InjectToken {
-                            header: bearer(&api.value.token)?,
-                            generation: api.generation,
+                            header: bearer(&t.token)?,
+                            generation,
                         }),
                         rejected: Default::default(),
-                    },
-                    generation: api.generation,
-                    received: api.received,
-                    usable_until: api.usable_until,
-                    refresh_at: api.refresh_at,
-                    expires_wall: api.expires_wall,
-                })
-            }
-            InjectMode::AccessToken => {
-                let mut api = self.api_token(c, &s, s.single_use).await?;
-                let mut renewed = false;
-                loop {
-                    let identity = self.identity_now();
-                    let result = self
-                        .call(
-                            Some(c),
-                            "exchange",
-                            identity.client.exchange(&api.value.token),
-                        )
-                        .await;
-                    match result {
-                        Ok(t) => {
-                            api.value.exchanged.store(true, Ordering::Release);
-                            let generation = self.next_generation();
-                            let inject = Arc::new(InjectToken {
-                                header: bearer(&t.token)?,
-                                generation,
-                            });
-                            let lifetime = t.lifetime.unwrap_or(UNKNOWN_LIFETIME);
-                            let value = InjectCred {
-                                inject,
-                                rejected: Default::default(),
-                            };
-                            return Ok(Held::new(value, generation, t.received, lifetime, &timing));
-                        }
-                        Err(e) if e.class() == ErrorClass::InvalidCredential && !renewed => {
-                            tracing::info!(caller = &*c.name, api_token_id = %api.value.id,
-                                "API token refused by the exchange; regenerating");
-                            renewed = true;
-                            api = self.renew_api(c, &s, api.generation).await?;
-                        }
-                        Err(e) => return Err(e),
-                    }
+                    };
+                    let lifetime = t.lifetime.unwrap_or(UNKNOWN_LIFETIME);
+                    let received = Instant::from_std(t.received);
+                    return Ok(Held::new(
+                        value,
+                        generation,
+                        received,
+                        lifetime,
+                        &self.timing(),
+                    ));
                 }
+                Err(e) if e.is(ErrorClass::InvalidCredential) && !replaced => {
+                    tracing::info!(caller = &*c.name, api_token_id = %api.value.id,
+                        "API token refused by the exchange; replacing it");
+                    replaced = true;
+                    api = self.replace_api(c, s, &api).await?;
+                }
+                Err(e) => return Err(e),
             }
         }
     }
 
-    /// The caller's API token from the cache, or a new one (create). With `unused`, one that has
-    /// not been exchanged yet (regenerating a used one).
+    /// The caller's API token, created or regenerated first when that is due: none yet, past its
+    /// refresh point, used up (single use) while a new access token is needed, or refused by an
+    /// upstream (api_token mode).
     async fn api_token(
         &self,
         c: &CallerState,
         s: &CallerSettings,
-        unused: bool,
-    ) -> Result<Arc<Held<ApiCred>>, IdentityError> {
-        if let Some(api) = self.api.get(&*c.name).await {
-            if unused && api.value.exchanged.load(Ordering::Acquire) {
-                return self.renew_api(c, s, api.generation).await;
-            }
-            return Ok(api);
+        need_inject: bool,
+    ) -> Result<Arc<Held<ApiCred>>, CallError> {
+        let Some(api) = c.api() else {
+            return self.create_api(c, s).await;
+        };
+        let due = api.is_due(Instant::now())
+            || (s.single_use && need_inject && api.value.exchanged.load(Ordering::Acquire))
+            || (s.inject == InjectMode::ApiToken && c.refused_generation() == api.generation);
+        if due {
+            self.replace_api(c, s, &api).await
+        } else {
+            Ok(api)
         }
-        let _flight = c.api_lock.lock().await;
-        if let Some(api) = self.api.get(&*c.name).await {
-            return Ok(api);
-        }
-        self.create_api(c, s).await
     }
 
-    /// Replaces API token generation `stale`: regenerate it, or create a new one when the
-    /// service refuses to regenerate. If another task already replaced it, returns that one.
-    pub(super) async fn renew_api(
+    /// Regenerates the API token; when the service refuses (the token is invalid or expired),
+    /// creates a new one at once.
+    async fn replace_api(
         &self,
         c: &CallerState,
         s: &CallerSettings,
-        stale: u64,
-    ) -> Result<Arc<Held<ApiCred>>, IdentityError> {
-        let _flight = c.api_lock.lock().await;
-        let Some(current) = self.api.get(&*c.name).await else {
-            return self.create_api(c, s).await;
-        };
-        if current.generation != stale {
-            return Ok(current);
-        }
+        stale: &Held<ApiCred>,
+    ) -> Result<Arc<Held<ApiCred>>, CallError> {
         let ttl = self.policy_now().api_token_ttl_minutes;
-        let identity = self.identity_now();
-        let token = &current.value.token;
+        let token = &stale.value.token;
         let result = self
-            .admin_call(Some(c), "regenerate", |admin| {
-                let client = &identity.client;
-                async move { client.regenerate_api_token(&admin, token, ttl).await }
+            .admin_call(Some(c), "regenerate", |service, admin| async move {
+                service.regenerate_api_token(&admin, token, ttl).await
             })
             .await;
         match result {
@@ -257,22 +242,21 @@ impl Broker {
                     "API token regenerated");
                 Ok(self.store_api(c, t).await)
             }
-            Err(e) if e.class() == ErrorClass::InvalidCredential => {
-                tracing::warn!(caller = &*c.name, api_token_id = %current.value.id, error = %e,
+            Err(e) if e.is(ErrorClass::InvalidCredential) => {
+                tracing::warn!(caller = &*c.name, api_token_id = %stale.value.id, error = %e,
                     "regenerate refused; creating a new API token");
-                self.api.invalidate(&*c.name).await;
+                self.metrics.record_ladder("create");
                 self.create_api(c, s).await
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Creates the caller's API token. Call with `api_lock` held.
     async fn create_api(
         &self,
         c: &CallerState,
         s: &CallerSettings,
-    ) -> Result<Arc<Held<ApiCred>>, IdentityError> {
+    ) -> Result<Arc<Held<ApiCred>>, CallError> {
         let policy = self.policy_now();
         let request = CreateRequest {
             display_name: s.display_name.clone(),
@@ -282,20 +266,17 @@ impl Broker {
             description: Some(format!("tokenbroker credential of caller {}", c.name)),
             client_id: s.client_id.clone(),
         };
-        let identity = self.identity_now();
         let request = &request;
         let t = self
-            .admin_call(Some(c), "create", |admin| {
-                let client = &identity.client;
-                async move { client.create_api_token(&admin, request).await }
+            .admin_call(Some(c), "create", |service, admin| async move {
+                service.create_api_token(&admin, request).await
             })
             .await?;
         tracing::info!(caller = &*c.name, api_token_id = %t.id, suffix = %t.suffix, "API token created");
         Ok(self.store_api(c, t).await)
     }
 
-    async fn store_api(&self, c: &CallerState, t: crate::identity::ApiToken) -> Arc<Held<ApiCred>> {
-        let generation = self.next_generation();
+    async fn store_api(&self, c: &CallerState, t: ApiToken) -> Arc<Held<ApiCred>> {
         let cred = ApiCred {
             id: t.id,
             token: t.token,
@@ -304,100 +285,207 @@ impl Broker {
         };
         let held = Arc::new(Held::new(
             cred,
-            generation,
-            t.received,
+            self.next_generation(),
+            Instant::from_std(t.received),
             t.lifetime,
             &self.timing(),
         ));
-        self.api
-            .insert(Arc::clone(&c.name), Arc::clone(&held))
-            .await;
+        c.set_api(Arc::clone(&held));
         self.save_state().await;
         held
     }
 
-    /// Runs an api-tokens call with the admin bearer; on 401 fetches a new bearer once and
-    /// retries once.
+    /// One identity call: waits for a free call slot, asks the breaker, counts the outcome
+    /// (metrics, the caller's counters) and reports it to the breaker.
+    async fn call<T, F, Fut>(
+        &self,
+        c: Option<&CallerState>,
+        kind: &'static str,
+        op: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnOnce(Arc<dyn IdentityService>) -> Fut,
+        Fut: Future<Output = Result<T, IdentityError>>,
+    {
+        let _slot = self
+            .calls
+            .acquire()
+            .await
+            .expect("the call semaphore is never closed");
+        let permit = self.health.admit().map_err(|wait| CallError::Paused {
+            wait,
+            reason: self
+                .health
+                .status()
+                .last_error
+                .unwrap_or_else(|| "the identity service is failing".into()),
+        })?;
+        let probe = permit.probe;
+        let service = Arc::clone(&self.identity_now().service);
+        let result = op(service).await;
+        let outcome = outcome(&result);
+        self.metrics.record_fetch(kind, outcome);
+        if let Some(c) = c {
+            c.record_fetch(kind, outcome);
+        }
+        let text;
+        let observed = match &result {
+            Err(e) if e.class() == ErrorClass::Transient => {
+                text = e.to_string();
+                tracing::debug!(kind, error = %text, "identity call failed");
+                Observed::Failed(&text, e.retry_after())
+            }
+            Err(e) => {
+                tracing::debug!(kind, error = %e, "identity call refused");
+                Observed::Answered
+            }
+            Ok(_) => Observed::Answered,
+        };
+        let healthy = matches!(observed, Observed::Answered);
+        self.health.record(permit, observed, &self.timing());
+        if probe {
+            self.metrics
+                .record_probe(if healthy { "ok" } else { "failed" });
+        }
+        self.metrics.set_identity_state(self.health.state().name());
+        result.map_err(CallError::Identity)
+    }
+
+    /// An api-tokens call with the admin bearer; when the bearer is refused (401), one new
+    /// bearer and the same call once more.
     async fn admin_call<T, F, Fut>(
         &self,
         c: Option<&CallerState>,
         kind: &'static str,
         op: F,
-    ) -> Result<T, IdentityError>
+    ) -> Result<T, CallError>
     where
-        F: Fn(Secret) -> Fut,
+        F: Fn(Arc<dyn IdentityService>, Secret) -> Fut,
         Fut: Future<Output = Result<T, IdentityError>>,
     {
         let admin = self.admin_bearer().await?;
-        match self.call(c, kind, op(admin.value.clone())).await {
-            Err(e) if e.class() == ErrorClass::Unauthorized => {
+        let bearer = admin.value.clone();
+        match self.call(c, kind, |s| op(s, bearer)).await {
+            Err(e) if e.is(ErrorClass::Unauthorized) => {
                 tracing::warn!(kind, "admin bearer refused; fetching a new one");
-                if let Some(current) = self.admin.get(&()).await {
-                    if current.generation == admin.generation {
-                        self.admin.invalidate(&()).await;
-                    }
-                }
+                self.metrics.record_ladder("admin_bearer");
+                self.forget_admin(admin.generation);
                 let admin = self.admin_bearer().await?;
-                self.call(c, kind, op(admin.value.clone())).await
+                let bearer = admin.value.clone();
+                self.call(c, kind, |s| op(s, bearer)).await
             }
             other => other,
         }
     }
 
-    /// The admin bearer: cached until its refresh point, fetched once however many ask.
-    async fn admin_bearer(&self) -> Result<Arc<Held<Secret>>, IdentityError> {
-        if let Some(admin) = self.admin.get(&()).await {
-            return Ok(admin);
+    fn forget_admin(&self, generation: u64) {
+        let mut admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        if admin.as_ref().is_some_and(|a| a.generation == generation) {
+            *admin = None;
         }
-        self.admin
-            .try_get_with((), self.fetch_admin())
-            .await
-            .map_err(|e| (*e).clone())
     }
 
-    async fn fetch_admin(&self) -> Result<Arc<Held<Secret>>, IdentityError> {
-        let _flight = self.admin_lock.lock().await;
-        let now = Instant::now();
+    /// The admin bearer: kept until its refresh point, fetched once however many ask.
+    async fn admin_bearer(&self) -> Result<Arc<Held<Secret>>, CallError> {
+        let cached = self.admin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(admin) = cached.filter(|a| a.is_usable(Instant::now())) {
+            return Ok(admin);
+        }
+        let me = self.me.upgrade();
+        self.admin_flight
+            .join(
+                move || async move {
+                    match me {
+                        Some(broker) => broker.fetch_admin().await,
+                        None => Err(CallError::Identity(IdentityError::Transport(
+                            "the broker stopped".into(),
+                        ))),
+                    }
+                },
+                || {
+                    Err(CallError::Identity(IdentityError::Transport(
+                        "fetching the admin bearer failed unexpectedly".into(),
+                    )))
+                },
+            )
+            .await
+    }
+
+    async fn fetch_admin(&self) -> Result<Arc<Held<Secret>>, CallError> {
         {
             let gate = self.admin_gate.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(wait) = gate.closed_for(now) {
-                return Err(backing_off("admin bearer", wait, gate.last_error()));
+            if let Some(wait) = gate.closed_for(Instant::now()) {
+                return Err(CallError::Paused {
+                    wait,
+                    reason: format!(
+                        "the admin bearer was refused: {}",
+                        gate.last_error().unwrap_or("unknown error")
+                    ),
+                });
             }
         }
         let identity = self.identity_now();
         let result = self
-            .call(
-                None,
-                "admin_bearer",
-                identity.client.client_credentials(
-                    &identity.client_id,
-                    &identity.client_secret,
-                    identity.scope.as_deref(),
-                ),
-            )
+            .call(None, "admin_bearer", |service| async move {
+                let config = &identity.config;
+                service
+                    .client_credentials(
+                        &config.client_id,
+                        &config.client_secret,
+                        config.scope.as_deref(),
+                    )
+                    .await
+            })
             .await;
-        let mut gate = self.admin_gate.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(t) => {
-                gate.succeeded();
+                self.admin_gate
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .succeeded();
                 let lifetime = t.lifetime.unwrap_or(UNKNOWN_LIFETIME);
                 let mut held = Held::new(
                     t.token,
                     self.next_generation(),
-                    t.received,
+                    Instant::from_std(t.received),
                     lifetime,
                     &self.timing(),
                 );
-                // renewed ahead: dropped from the cache at its refresh point
+                // renewed ahead: no longer handed out after its refresh point
                 held.usable_until = held.refresh_at;
-                Ok(Arc::new(held))
+                let held = Arc::new(held);
+                *self.admin.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&held));
+                Ok(held)
             }
-            Err(e) => {
-                let wait = gate.failed(now, e.to_string(), e.retry_after(), &self.timing());
+            Err(CallError::Identity(e)) if e.class() != ErrorClass::Transient => {
+                let wait = self
+                    .admin_gate
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .failed(Instant::now(), e.to_string(), None, &self.timing());
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
-                    "cannot obtain the admin bearer");
-                Err(e)
+                    "the admin bearer was refused");
+                Err(CallError::Identity(e))
             }
+            Err(e) => Err(e),
         }
     }
+}
+
+/// In `api_token` mode the inject token is the API token itself, with its timing.
+fn inject_api_token(api: &Held<ApiCred>) -> Result<Held<InjectCred>, IdentityError> {
+    Ok(Held {
+        value: InjectCred {
+            inject: Arc::new(InjectToken {
+                header: bearer(&api.value.token)?,
+                generation: api.generation,
+            }),
+            rejected: Default::default(),
+        },
+        generation: api.generation,
+        received: api.received,
+        usable_until: api.usable_until,
+        refresh_at: api.refresh_at,
+        expires_wall: api.expires_wall,
+    })
 }

@@ -54,9 +54,14 @@ pub fn refresh_in(lifetime: Duration, timing: &Timing, sample: f64) -> Duration 
     at.min(usable_for(lifetime, timing.expiry_skew).mul_f64(0.95))
 }
 
+/// The longest `Retry-After` honoured: a longer one (a misconfigured proxy in front of the
+/// service) is cut to this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// How long to wait after `failures` consecutive failures (1 = the first) before trying again:
 /// exponential from `backoff_initial`, capped at `backoff_max`, with "equal jitter" (half fixed,
-/// half scaled by `sample` in [0, 1]), and never shorter than the server's `Retry-After`.
+/// half scaled by `sample` in [0, 1]), and never shorter than the server's `Retry-After` (up to
+/// [`MAX_RETRY_AFTER`]), even past `backoff_max`.
 pub fn backoff(
     failures: u32,
     timing: &Timing,
@@ -76,7 +81,7 @@ pub fn backoff(
     };
     let delay = capped / 2 + (capped / 2).mul_f64(sample);
     match retry_after {
-        Some(ra) => delay.max(ra.min(timing.backoff_max)),
+        Some(ra) => delay.max(ra.min(MAX_RETRY_AFTER)),
         None => delay,
     }
 }
@@ -177,15 +182,20 @@ mod tests {
     }
 
     #[test]
-    fn backoff_honours_retry_after_up_to_the_cap() {
+    fn backoff_honours_retry_after_past_backoff_max() {
         let t = timing();
         assert_eq!(
             backoff(1, &t, 1.0, Some(Duration::from_secs(5))),
             Duration::from_secs(5)
         );
         assert_eq!(
-            backoff(1, &t, 1.0, Some(Duration::from_secs(3600))),
-            Duration::from_secs(30)
+            backoff(1, &t, 1.0, Some(Duration::from_secs(120))),
+            Duration::from_secs(120),
+            "the server's word beats our cap"
+        );
+        assert_eq!(
+            backoff(1, &t, 1.0, Some(Duration::from_secs(86_400))),
+            MAX_RETRY_AFTER
         );
     }
 }

@@ -7,11 +7,13 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
-use super::{ApiCred, Broker, Held};
+use super::caller::{ApiCred, Held};
+use super::Broker;
 use crate::secret::Secret;
 
 const VERSION: u32 = 1;
@@ -71,7 +73,7 @@ impl Broker {
                 exchanged: Default::default(),
             };
             let held = Held::new(cred, self.next_generation(), Instant::now(), left, &timing);
-            self.api.insert(Arc::clone(&c.name), Arc::new(held)).await;
+            c.set_api(Arc::new(held));
             restored += 1;
         }
         tracing::info!(restored, "API tokens restored from the state file");
@@ -89,7 +91,7 @@ impl Broker {
             api_tokens: BTreeMap::new(),
         };
         for c in callers {
-            if let Some(api) = self.api.get(&*c.name).await {
+            if let Some(api) = c.api() {
                 let expires_at = api
                     .expires_wall
                     .duration_since(UNIX_EPOCH)

@@ -73,6 +73,8 @@ pub struct RawTokens {
     pub expiry_skew: Option<String>,
     pub backoff_initial: Option<String>,
     pub backoff_max: Option<String>,
+    pub max_wait: Option<String>,
+    pub min_renew_interval: Option<String>,
     pub warm_up: Option<bool>,
     pub state_file: Option<String>,
     pub display_name_prefix: Option<String>,

@@ -642,6 +642,12 @@ impl Checker {
             expiry_skew: self.duration("tokens.expiry_skew", r.expiry_skew, d.expiry_skew),
             backoff_initial,
             backoff_max,
+            max_wait: self.duration("tokens.max_wait", r.max_wait, d.max_wait),
+            min_renew_interval: self.duration(
+                "tokens.min_renew_interval",
+                r.min_renew_interval,
+                d.min_renew_interval,
+            ),
             warm_up: r.warm_up.unwrap_or(d.warm_up),
             state_file,
             display_name_prefix,

@@ -25,7 +25,7 @@ use super::io::Activity;
 use super::rewrite::{self, Forwarded, X_REQUEST_ID};
 use super::route::{self, Route};
 use super::{identify, ConnIdentity, ProxyError, Shared, State, TokenSource};
-use crate::broker::InjectToken;
+use crate::broker::{InjectToken, Rejection};
 use crate::config::Limits;
 
 /// What a request knows about its connection.
@@ -312,11 +312,15 @@ async fn send_replayable<T: TokenSource>(
     if response.status() != StatusCode::UNAUTHORIZED {
         return Ok(response);
     }
-    drop(response);
-    let renewed = renew
+    let renewed = match renew
         .tokens
         .rejected(renew.caller, renew.token.generation)
-        .await?;
+        .await?
+    {
+        Rejection::Replay(token) => token,
+        Rejection::PassOn => return Ok(response),
+    };
+    drop(response);
     tracing::debug!(caller = renew.caller, route = %route.name, "upstream refused the token; replaying once");
     parts.headers.insert(AUTHORIZATION, renewed.header.clone());
     let second = Request::from_parts(parts, replay_body(&body));

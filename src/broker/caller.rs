@@ -1,0 +1,397 @@
+//! One caller's credentials and bookkeeping: its settings, its API token, its latest inject
+//! token, its renewal flight, its refusal backoff and its counters. Everything else in the broker
+//! goes through these methods; no other file touches the fields.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::flight::Flight;
+use super::gate::Gate;
+use super::policy::{self, Timing};
+use super::{CallerStatus, InjectToken};
+use crate::config::{CallerConfig, InjectMode, TokenPolicy};
+use crate::secret::Secret;
+
+/// A credential with its timing.
+pub(super) struct Held<T> {
+    pub value: T,
+    pub generation: u64,
+    pub received: Instant,
+    /// After this it is never handed out (real expiry minus skew).
+    pub usable_until: Instant,
+    /// When the refresh task renews it.
+    pub refresh_at: Instant,
+    /// Wall-clock expiry, for the state file only.
+    pub expires_wall: SystemTime,
+}
+
+impl<T> Held<T> {
+    pub fn new(
+        value: T,
+        generation: u64,
+        received: Instant,
+        lifetime: Duration,
+        timing: &Timing,
+    ) -> Self {
+        let usable = policy::usable_for(lifetime, timing.expiry_skew);
+        let refresh = policy::refresh_in(lifetime, timing, rand::random::<f64>() * 2.0 - 1.0);
+        let age = received.elapsed();
+        Held {
+            value,
+            generation,
+            received,
+            usable_until: received + usable,
+            refresh_at: received + refresh,
+            expires_wall: SystemTime::now() + lifetime.saturating_sub(age),
+        }
+    }
+
+    pub fn is_usable(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+
+    /// Due for renewal (or no longer usable).
+    pub fn is_due(&self, now: Instant) -> bool {
+        now >= self.refresh_at
+    }
+}
+
+/// The caller's API token.
+pub(super) struct ApiCred {
+    pub id: String,
+    pub token: Secret,
+    pub suffix: String,
+    /// Set once it has been exchanged (matters with `max_count_of_uses = 1`).
+    pub exchanged: AtomicBool,
+}
+
+/// The caller's inject token.
+pub(super) struct InjectCred {
+    pub inject: Arc<InjectToken>,
+    /// Set by the first upstream 401 for this generation that leads to a renewal.
+    pub rejected: AtomicBool,
+}
+
+/// Why a renewal failed, as handed to waiting requests.
+#[derive(Debug, Clone)]
+pub(super) struct Failure {
+    pub reason: String,
+    pub retry_after: Duration,
+}
+
+pub(super) type Renewal = Result<Arc<Held<InjectCred>>, Failure>;
+
+/// What started a renewal (the `trigger` label of `token_renewals_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Trigger {
+    /// A request found no valid token.
+    Request,
+    /// The refresh point of a token passed.
+    Schedule,
+    /// The upstream answered 401 for the current token.
+    Upstream401,
+    /// The identity service answers again after an outage.
+    Recovery,
+}
+
+impl Trigger {
+    pub fn label(self) -> &'static str {
+        match self {
+            Trigger::Request => "request",
+            Trigger::Schedule => "schedule",
+            Trigger::Upstream401 => "upstream_401",
+            Trigger::Recovery => "recovery",
+        }
+    }
+}
+
+/// How a caller's tokens are obtained.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct CallerSettings {
+    pub client_id: Option<String>,
+    pub inject: InjectMode,
+    pub single_use: bool,
+    pub max_count_of_uses: Option<i32>,
+    pub display_name: String,
+}
+
+impl CallerSettings {
+    pub fn new(caller: &CallerConfig, policy: &TokenPolicy) -> Self {
+        let max = caller.max_count_of_uses.or(policy.max_count_of_uses);
+        CallerSettings {
+            client_id: caller.client_id.clone(),
+            inject: caller.inject.unwrap_or(policy.inject),
+            single_use: max == Some(1),
+            max_count_of_uses: max,
+            display_name: display_name(&policy.display_name_prefix, &caller.name),
+        }
+    }
+
+    /// Tokens obtained under `self` are no good under `other` (another client or mode).
+    fn needs_new_tokens(&self, other: &CallerSettings) -> bool {
+        self.client_id != other.client_id || self.inject != other.inject
+    }
+}
+
+/// `<prefix>-<caller>`, kept within the service's 3..255 characters.
+pub(super) fn display_name(prefix: &str, caller: &str) -> String {
+    let mut name: String = format!("{prefix}-{caller}").chars().take(255).collect();
+    while name.chars().count() < 3 {
+        name.push('-');
+    }
+    name
+}
+
+#[derive(Default)]
+struct Stats {
+    last_renewal: Option<SystemTime>,
+    last_error: Option<String>,
+    /// The last renewal failed.
+    failing: bool,
+    /// Identity calls by `<kind>_<outcome>`.
+    fetches: BTreeMap<String, u64>,
+    /// Renewals by trigger.
+    renewals: BTreeMap<&'static str, u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(super) struct CallerState {
+    pub name: Arc<str>,
+    settings: RwLock<CallerSettings>,
+    /// The one renewal in flight (inject token, and the API token behind it).
+    pub flight: Flight<Renewal>,
+    api: Mutex<Option<Arc<Held<ApiCred>>>>,
+    latest: Mutex<Option<Arc<Held<InjectCred>>>>,
+    /// Backoff after definitive refusals (a configuration problem of this caller).
+    gate: Mutex<Gate>,
+    /// The last inject generation an upstream refused (api_token mode regenerates on it).
+    rejected_generation: AtomicU64,
+    /// Has asked for a token at least once: the refresh task keeps it fresh from then on.
+    active: AtomicBool,
+    removed: AtomicBool,
+    /// Wakes the refresh task (first use, removal).
+    pub wake: tokio::sync::Notify,
+    waited: AtomicU64,
+    wait_timeouts: AtomicU64,
+    stats: Mutex<Stats>,
+}
+
+impl CallerState {
+    pub fn new(name: &str, settings: CallerSettings) -> Arc<Self> {
+        Arc::new(CallerState {
+            name: Arc::from(name),
+            settings: RwLock::new(settings),
+            flight: Flight::default(),
+            api: Mutex::default(),
+            latest: Mutex::default(),
+            gate: Mutex::default(),
+            rejected_generation: AtomicU64::new(0),
+            active: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
+            waited: AtomicU64::new(0),
+            wait_timeouts: AtomicU64::new(0),
+            stats: Mutex::default(),
+        })
+    }
+
+    pub fn settings(&self) -> CallerSettings {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Applies new settings; forgets the tokens when they belong to another client or mode.
+    /// True when it did.
+    pub fn set_settings(&self, new: CallerSettings) -> bool {
+        let mut s = self.settings.write().unwrap_or_else(|e| e.into_inner());
+        let forget = s.needs_new_tokens(&new);
+        *s = new;
+        drop(s);
+        if forget {
+            self.forget_tokens();
+        }
+        forget
+    }
+
+    /// The API token while it is usable.
+    pub fn api(&self) -> Option<Arc<Held<ApiCred>>> {
+        lock(&self.api)
+            .clone()
+            .filter(|h| h.is_usable(Instant::now()))
+    }
+
+    pub fn set_api(&self, held: Arc<Held<ApiCred>>) {
+        *lock(&self.api) = Some(held);
+    }
+
+    /// The latest inject token while it is usable.
+    pub fn latest(&self) -> Option<Arc<Held<InjectCred>>> {
+        lock(&self.latest)
+            .clone()
+            .filter(|h| h.is_usable(Instant::now()))
+    }
+
+    /// The latest inject token while usable and not refused by an upstream.
+    pub fn sound(&self) -> Option<Arc<Held<InjectCred>>> {
+        self.latest()
+            .filter(|h| !h.value.rejected.load(Ordering::Acquire))
+    }
+
+    pub fn set_latest(&self, held: Arc<Held<InjectCred>>) {
+        *lock(&self.latest) = Some(held);
+    }
+
+    pub fn forget_tokens(&self) {
+        *lock(&self.api) = None;
+        *lock(&self.latest) = None;
+    }
+
+    pub fn mark_refused(&self, generation: u64) {
+        self.rejected_generation
+            .store(generation, Ordering::Release);
+    }
+
+    pub fn refused_generation(&self) -> u64 {
+        self.rejected_generation.load(Ordering::Acquire)
+    }
+
+    /// `Some(wait)` while a refusal backoff runs.
+    pub fn refusal_wait(&self, now: Instant) -> Option<Duration> {
+        lock(&self.gate).closed_for(now)
+    }
+
+    pub fn refusal_ends(&self) -> Option<Instant> {
+        lock(&self.gate).next_attempt()
+    }
+
+    /// Records a definitive refusal; returns the backoff before this caller tries again.
+    pub fn refused(&self, now: Instant, error: &str, timing: &Timing) -> Duration {
+        lock(&self.gate).failed(now, error.to_string(), None, timing)
+    }
+
+    pub fn renewed(&self, trigger: Trigger) {
+        lock(&self.gate).succeeded();
+        let mut stats = lock(&self.stats);
+        stats.last_renewal = Some(SystemTime::now());
+        stats.failing = false;
+        *stats.renewals.entry(trigger.label()).or_default() += 1;
+    }
+
+    pub fn renewal_failed(&self, error: &str) {
+        let mut stats = lock(&self.stats);
+        stats.failing = true;
+        stats.last_error = Some(error.to_string());
+    }
+
+    pub fn record_fetch(&self, kind: &str, outcome: &str) {
+        *lock(&self.stats)
+            .fetches
+            .entry(format!("{kind}_{outcome}"))
+            .or_default() += 1;
+    }
+
+    pub fn record_wait(&self) {
+        self.waited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_wait_timeout(&self) {
+        self.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks the caller in use; true the first time (the refresh task starts caring then).
+    pub fn activate(&self) -> bool {
+        let first = !self.active.swap(true, Ordering::AcqRel);
+        if first {
+            self.wake.notify_one();
+        }
+        first
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// The earliest refresh point of its tokens, past any refusal backoff; `None` while unused.
+    pub fn next_refresh(&self) -> Option<Instant> {
+        if !self.is_active() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut at = self.latest().map_or(now, |h| h.refresh_at);
+        if self.settings().inject == InjectMode::AccessToken {
+            if let Some(api) = self.api() {
+                at = at.min(api.refresh_at);
+            }
+        }
+        Some(self.refusal_ends().map_or(at, |b| at.max(b)))
+    }
+
+    pub fn status(&self) -> CallerStatus {
+        let now = Instant::now();
+        let api = self.api();
+        let inject = self.latest();
+        let stats = lock(&self.stats);
+        let state = match (&inject, stats.failing) {
+            (Some(_), false) => "ready",
+            (Some(_), true) => "failing",
+            (None, true) => "unavailable",
+            (None, false) => "empty",
+        };
+        CallerStatus {
+            caller: self.name.to_string(),
+            state,
+            api_token_id: api.as_ref().map(|a| a.value.id.clone()),
+            api_token_suffix: api.as_ref().map(|a| a.value.suffix.clone()),
+            api_token_expires_in_secs: api
+                .as_ref()
+                .map(|a| a.usable_until.saturating_duration_since(now).as_secs()),
+            access_token_expires_in_secs: inject
+                .as_ref()
+                .map(|a| a.usable_until.saturating_duration_since(now).as_secs()),
+            generation: inject.as_ref().map_or(0, |i| i.generation),
+            last_renewal: stats.last_renewal,
+            last_error: stats.last_error.clone(),
+            waited_requests: self.waited.load(Ordering::Relaxed),
+            wait_timeouts: self.wait_timeouts.load(Ordering::Relaxed),
+            fetches: stats.fetches.clone(),
+            renewals: stats
+                .renewals
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_fit_the_service_rules() {
+        assert_eq!(
+            display_name("tokenbroker", "billing"),
+            "tokenbroker-billing"
+        );
+        assert_eq!(display_name("", "a"), "-a-");
+        assert_eq!(display_name("p", &"x".repeat(400)).chars().count(), 255);
+    }
+}

@@ -1,0 +1,448 @@
+//! The token lifecycle against the real emulator over real sockets, with TTLs shortened by
+//! `seconds_per_minute`: the broker speaks the real protocol and its tokens are accepted by the
+//! emulator's echo upstream. Checks behaviour and call counts, never speed. The timing rules
+//! themselves (breaker, waits, 401 floor) are tested on paused time in `broker.rs`.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokenbroker::broker::{Broker, CallerStatus, InjectToken, Rejection, TokenResult};
+use tokenbroker::config::{CallerConfig, Config, InjectMode, TokenPolicy};
+use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultKind, Operation};
+use tokenbroker::metrics::Metrics;
+use tokenbroker::secret::Secret;
+
+const ADMIN_SECRET: &str = "admin-secret-for-broker-tests";
+
+async fn emulator(seconds_per_minute: f64) -> Emulator {
+    Emulator::start(EmulatorConfig {
+        clients: vec![("admin".into(), Secret::new(ADMIN_SECRET))],
+        seconds_per_minute,
+        echo_upstream: Some("127.0.0.1:0".parse().unwrap()),
+        echo_accepts_api_tokens: true,
+        ..EmulatorConfig::default()
+    })
+    .await
+    .expect("emulator starts")
+}
+
+fn caller(name: &str) -> CallerConfig {
+    CallerConfig {
+        name: name.into(),
+        client_id: None,
+        key_hashes: vec![[0; 32]],
+        cert_identities: vec![],
+        inject: None,
+        max_count_of_uses: None,
+    }
+}
+
+fn config(emu: &Emulator, callers: Vec<CallerConfig>, tokens: TokenPolicy) -> Config {
+    let mut identity = emu.identity_config("admin", &Secret::new(ADMIN_SECRET));
+    identity.scope = Some("admin".into());
+    Config {
+        tokens,
+        callers,
+        ..Config::minimal(identity)
+    }
+}
+
+/// Short lifetimes for tests: with one second per minute, `access_minutes` seconds of access
+/// token life.
+fn policy(api_minutes: i64, access_minutes: i64) -> TokenPolicy {
+    TokenPolicy {
+        api_token_ttl_minutes: api_minutes,
+        access_token_ttl_minutes: access_minutes,
+        expiry_skew: Duration::from_millis(500),
+        min_margin: Duration::from_millis(500),
+        backoff_initial: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(1),
+        min_renew_interval: MIN_RENEW,
+        ..TokenPolicy::default()
+    }
+}
+
+/// The tests' `tokens.min_renew_interval`: a 401 renews a token at least this old.
+const MIN_RENEW: Duration = Duration::from_millis(5);
+
+/// The first caller's status.
+fn first(broker: &Broker) -> CallerStatus {
+    broker.status().callers[0].clone()
+}
+
+/// Reports an upstream 401 for `token` once it is old enough to be renewed; the token to replay.
+async fn refuse(broker: &Broker, token: &InjectToken) -> Arc<InjectToken> {
+    tokio::time::sleep(MIN_RENEW * 2).await;
+    match broker.rejected("billing", token.generation).await {
+        Ok(Rejection::Replay(renewed)) => renewed,
+        other => panic!("expected a renewed token, got {other:?}"),
+    }
+}
+
+async fn start(cfg: &Config) -> Arc<Broker> {
+    Broker::start(cfg, Metrics::new())
+        .await
+        .expect("broker starts")
+}
+
+/// Presents the token to the emulator's echo upstream: true when it is accepted as live.
+async fn accepted_upstream(emu: &Emulator, result: &TokenResult) -> bool {
+    let Ok(token) = result else { return false };
+    let addr = emu.echo_addr().expect("echo upstream");
+    let header = token.header.to_str().expect("ASCII header");
+    let (status, _, _) = support::http(
+        "GET",
+        &format!("http://{addr}/check"),
+        &[("authorization", header)],
+        "",
+    )
+    .await;
+    status == http::StatusCode::OK
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_first_requests_cause_one_fetch_of_each_kind() {
+    let emu = emulator(60.0).await;
+    let broker = start(&config(&emu, vec![caller("billing")], policy(60, 30))).await;
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let b = Arc::clone(&broker);
+            tokio::spawn(async move { b.token("billing").await })
+        })
+        .collect();
+    let mut generations = std::collections::HashSet::new();
+    for t in tasks {
+        generations.insert(t.await.unwrap().expect("token").generation);
+    }
+    assert_eq!(generations.len(), 1, "every request got the same token");
+    let c = emu.counters();
+    assert_eq!(
+        (c.client_credentials, c.create, c.exchange),
+        (1, 1, 1),
+        "{c:?}"
+    );
+    let status = first(&broker);
+    assert_eq!(status.state, "ready");
+    assert_eq!(status.fetches.get("create_ok"), Some(&1));
+    assert_eq!(status.fetches.get("exchange_ok"), Some(&1));
+    assert!(status.waited_requests >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_cold_callers_cause_exactly_hundred_creates() {
+    let emu = emulator(60.0).await;
+    let callers = (0..100).map(|i| caller(&format!("svc{i}"))).collect();
+    let broker = start(&config(&emu, callers, policy(60, 30))).await;
+    let tasks: Vec<_> = (0..100)
+        .flat_map(|i| (0..10).map(move |_| i))
+        .map(|i| {
+            let b = Arc::clone(&broker);
+            tokio::spawn(async move { b.token(&format!("svc{i}")).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().expect("token");
+    }
+    let c = emu.counters();
+    assert_eq!(
+        (c.client_credentials, c.create, c.exchange),
+        (1, 100, 100),
+        "{c:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_traffic_over_ten_lifetimes_never_sees_an_expired_token() {
+    // one second per minute: access tokens live 2 s, API tokens 6 s
+    let emu = emulator(1.0).await;
+    let broker = start(&config(&emu, vec![caller("billing")], policy(6, 2))).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut requests = 0;
+    while Instant::now() < until {
+        let result = broker.token("billing").await;
+        assert!(result.is_ok(), "request {requests} got {result:?}");
+        assert!(
+            accepted_upstream(&emu, &result).await,
+            "request {requests}: token refused upstream"
+        );
+        requests += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = emu.counters();
+    assert_eq!(
+        c.create, 1,
+        "the API token is regenerated, never re-created: {c:?}"
+    );
+    assert!(
+        c.regenerate >= 2,
+        "API token renewed ahead of its expiry: {c:?}"
+    );
+    assert!(
+        c.exchange >= 10,
+        "access token renewed every lifetime: {c:?}"
+    );
+    assert_eq!(c.echo_rejected, 0);
+    let status = first(&broker);
+    assert_eq!(status.state, "ready");
+    assert!(
+        status.waited_requests <= 1,
+        "renewals happened off the request path: {status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_outage_fails_no_request() {
+    let emu = emulator(1.0).await;
+    let broker = start(&config(&emu, vec![caller("billing")], policy(60, 4))).await;
+    broker.token("billing").await.expect("first token");
+    emu.inject_fault(Fault {
+        kind: FaultKind::Refuse,
+        operations: vec![],
+        requests: None,
+        seconds: Some(1.5),
+    });
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let result = broker.token("billing").await;
+        assert!(accepted_upstream(&emu, &result).await, "{result:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(emu.counters().exchange >= 2, "renewed after the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_outage_gives_503_material_then_recovers_with_bounded_attempts() {
+    let emu = emulator(1.0).await;
+    let broker = start(&config(&emu, vec![caller("billing")], policy(60, 2))).await;
+    broker.token("billing").await.expect("first token");
+    let before = emu.counters();
+    emu.inject_fault(Fault {
+        kind: FaultKind::ServerError,
+        operations: vec![Operation::Exchange],
+        requests: None,
+        seconds: None,
+    });
+    // hammer the broker for 6 s: the token expires after ~1.5 s
+    let started = Instant::now();
+    let mut unavailable = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        let batch: Vec<_> = (0..20)
+            .map(|_| {
+                let b = Arc::clone(&broker);
+                tokio::spawn(async move { b.token("billing").await })
+            })
+            .collect();
+        for t in batch {
+            match t.await.unwrap() {
+                Ok(_) => {}
+                Err(e) => {
+                    unavailable += 1;
+                    assert!(e.retry_after >= Duration::from_secs(1));
+                    assert!(e.reason.contains("500"), "{}", e.reason);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        unavailable > 0,
+        "requests get token_unavailable once the token expired"
+    );
+    let attempts = emu.counters().exchange - before.exchange;
+    // backoff 0.2 s doubling to a 1 s cap over ~6 s: at most ~9 steps, whatever the load
+    assert!(
+        (2..=10).contains(&attempts),
+        "{attempts} exchange attempts during the outage"
+    );
+    assert_eq!(first(&broker).state, "unavailable");
+    emu.clear_faults();
+    // recovers by itself within the backoff cap (1 s) plus one attempt
+    let deadline = Instant::now() + Duration::from_secs(4);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if broker.token("billing").await.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "did not recover after the outage"
+        );
+    }
+    assert_eq!(emu.counters().create, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_upstream_401s_cause_one_renewal() {
+    let emu = emulator(60.0).await;
+    let broker = start(&config(&emu, vec![caller("billing")], policy(60, 30))).await;
+    let first = broker.token("billing").await.unwrap();
+    let before = emu.counters().exchange;
+    tokio::time::sleep(MIN_RENEW * 2).await;
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let b = Arc::clone(&broker);
+            let g = first.generation;
+            tokio::spawn(async move { b.rejected("billing", g).await })
+        })
+        .collect();
+    let mut generations = std::collections::HashSet::new();
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Rejection::Replay(token) => generations.insert(token.generation),
+            Rejection::PassOn => panic!("a 401 for the current token renews it"),
+        };
+    }
+    assert_eq!(emu.counters().exchange - before, 1, "one renewal");
+    assert_eq!(generations.len(), 1);
+    assert!(!generations.contains(&first.generation));
+    // a late 401 for the old generation changes nothing: it replays with the new token
+    assert!(matches!(
+        broker.rejected("billing", first.generation).await.unwrap(),
+        Rejection::Replay(t) if generations.contains(&t.generation)
+    ));
+    assert_eq!(emu.counters().exchange - before, 1);
+}
+
+fn first_status_id(broker: &Broker) -> String {
+    first(broker).api_token_id.expect("an API token")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_regenerate_leads_to_exactly_one_create() {
+    let emu = emulator(60.0).await;
+    let broker = start(&config(&emu, vec![caller("billing")], policy(60, 30))).await;
+    let first = broker.token("billing").await.unwrap();
+    let id = first_status_id(&broker);
+    assert!(emu.revoke_api_token(&id));
+    emu.revoke_access_tokens();
+    let renewed = refuse(&broker, &first).await;
+    assert!(accepted_upstream(&emu, &Ok(renewed)).await);
+    let c = emu.counters();
+    assert_eq!((c.create, c.regenerate, c.exchange), (2, 1, 3), "{c:?}");
+    assert_ne!(first_status_id(&broker), id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_use_api_tokens_are_regenerated_for_each_access_token() {
+    let emu = emulator(60.0).await;
+    let mut tokens = policy(60, 30);
+    tokens.max_count_of_uses = Some(1);
+    let broker = start(&config(&emu, vec![caller("billing")], tokens)).await;
+    let first = broker.token("billing").await.unwrap();
+    emu.revoke_access_tokens();
+    let second = refuse(&broker, &first).await;
+    assert!(accepted_upstream(&emu, &Ok(second)).await);
+    let c = emu.counters();
+    assert_eq!((c.create, c.regenerate, c.exchange), (1, 1, 2), "{c:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_token_inject_mode_injects_the_api_token() {
+    let emu = emulator(60.0).await;
+    let mut c = caller("billing");
+    c.inject = Some(InjectMode::ApiToken);
+    let broker = start(&config(&emu, vec![c], policy(60, 30))).await;
+    let token = broker.token("billing").await.unwrap();
+    assert!(token.header.to_str().unwrap().starts_with("Bearer vidb_"));
+    assert!(token.header.is_sensitive());
+    assert!(accepted_upstream(&emu, &Ok(Arc::clone(&token))).await);
+    let counters = emu.counters();
+    assert_eq!((counters.create, counters.exchange), (1, 0));
+    // a 401 for it regenerates the API token
+    let renewed = refuse(&broker, &token).await;
+    assert_ne!(renewed.header, token.header);
+    assert_eq!(emu.counters().regenerate, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_file_keeps_api_tokens_across_restarts() {
+    let emu = emulator(60.0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut tokens = policy(60, 30);
+    tokens.state_file = Some(dir.path().join("state.json"));
+    let cfg = config(&emu, vec![caller("billing")], tokens);
+    let first = start(&cfg).await;
+    first.token("billing").await.unwrap();
+    first.shutdown().await;
+    drop(first);
+    let second = start(&cfg).await;
+    let token = second.token("billing").await.unwrap();
+    assert!(accepted_upstream(&emu, &Ok(token)).await);
+    let c = emu.counters();
+    assert_eq!(
+        (c.create, c.exchange),
+        (1, 2),
+        "restart created nothing: {c:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_state_file_means_a_fresh_start() {
+    let emu = emulator(60.0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let mut tokens = policy(60, 30);
+    tokens.state_file = Some(path.clone());
+    let cfg = config(&emu, vec![caller("billing")], tokens);
+    for damage in [
+        "{\"version\":1,\"api_tokens\":{\"billing\":{\"id\":",
+        "\u{0}garbage",
+    ] {
+        std::fs::write(&path, damage).unwrap();
+        let broker = start(&cfg).await;
+        broker.token("billing").await.expect("fresh start works");
+        broker.shutdown().await;
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().any(|n| n.starts_with("state.json.damaged-")),
+            "{names:?}"
+        );
+        for n in names.iter().filter(|n| n.contains("damaged")) {
+            std::fs::remove_file(dir.path().join(n)).unwrap();
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+    assert_eq!(emu.counters().create, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_fetches_every_caller_before_ready() {
+    let emu = emulator(60.0).await;
+    let mut tokens = policy(60, 30);
+    tokens.warm_up = true;
+    let callers = vec![caller("a1"), caller("b2"), caller("c3")];
+    let broker = start(&config(&emu, callers, tokens)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !broker.is_ready() {
+        assert!(Instant::now() < deadline, "warm-up never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = emu.counters();
+    assert_eq!((c.create, c.exchange), (3, 3));
+    assert!(broker.status().callers.iter().all(|s| s.state == "ready"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_bearer_refused_is_renewed_once() {
+    let emu = emulator(60.0).await;
+    let broker = start(&config(
+        &emu,
+        vec![caller("a1"), caller("b2")],
+        policy(60, 30),
+    ))
+    .await;
+    broker.token("a1").await.unwrap();
+    // the emulator forgets every admin bearer it issued: the cached one is now refused
+    emu.revoke_admin_bearers();
+    broker
+        .token("b2")
+        .await
+        .expect("create succeeds with a new admin bearer");
+    let c = emu.counters();
+    assert_eq!((c.client_credentials, c.create), (2, 3), "{c:?}");
+}
