@@ -1,4 +1,4 @@
-//! The identity service's JSON and form shapes, as IDENTITY_API.md describes them. Responses
+//! The identity service's JSON and form shapes, as docs/identity-service.md describes them. Responses
 //! ignore unknown fields and accept nulls anywhere; what is required is decided by the client.
 
 use std::time::SystemTime;
