@@ -21,10 +21,11 @@
 //!   or an unknown grant, count nowhere. Under `Refuse` nothing is received, so nothing is counted.
 //! - **Faults** hit the first matching active fault in injection order; each hit counts against its
 //!   `requests`. [`FaultKind::Status`] answers any error status (400-599) with no body, a JSON
-//!   body or an HTML page, so that every documented error and the readings the reference leaves
-//!   open can be produced for any operation. `Refuse` is connection-level: it ignores `operations` and `requests`, ends after
-//!   `seconds` or when cleared, and also closes the control API (it shares the port): inject it over
-//!   HTTP only with `seconds`, or use [`Emulator::clear_faults`].
+//!   body or an HTML page, so that every documented error, and the readings the reference leaves
+//!   open, can be produced for any operation. `Refuse` is connection-level: it ignores
+//!   `operations` and `requests`, ends after `seconds` or when cleared, and also closes the control
+//!   API (it shares the port): inject it over HTTP only with `seconds`, or use
+//!   [`Emulator::clear_faults`].
 //! - **Time**: lifetimes are real durations (`ttl minutes * seconds_per_minute` seconds) on the
 //!   monotonic clock; dates in JSON are the wall clock plus that duration.
 //! - Access tokens (from the API-token exchange) and admin bearers (from `client_credentials`) are

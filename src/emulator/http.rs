@@ -53,7 +53,7 @@ pub(crate) fn json_as(
 }
 
 /// An answer without a body: no `Content-Type`, `Content-Length: 0` (none on a 204), a `Date`.
-/// This is what the reference means by "Operation doesn't return any data structure".
+/// The emulator's reading of the reference's "Operation doesn't return any data structure".
 pub(crate) fn bodyless(status: StatusCode) -> Response {
     let mut resp = response(status, APPLICATION_JSON, full(Bytes::new()));
     let headers = resp.headers_mut();
