@@ -291,7 +291,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn parse<T: DeserializeOwned>(answer: &Answer) -> Result<T, IdentityError> {
     let status = answer.status.as_u16();
     if !answer.status.is_success() {
-        let body: ErrorBody = serde_json::from_slice(&answer.body).unwrap_or_default();
+        let body = ErrorBody::parse(&answer.body);
         let retry_after = answer
             .headers
             .get(RETRY_AFTER)
