@@ -1,7 +1,8 @@
 //! A strict emulator of VMware Identity Services (token endpoint, api-tokens create and
 //! regenerate), its control API under `/_emulator/`, and an echo upstream that accepts only live
-//! access tokens. It speaks plain HTTP on loopback and follows `IDENTITY_API.md`; where the vendor
-//! says nothing, the choices are listed here and in the submodules.
+//! access tokens. It speaks plain HTTP on loopback and follows `docs/identity-service.md`,
+//! answering every documented error in the documented shape (see `identity_api` for which have
+//! no body); where the vendor says nothing, the choices are listed here and in the submodules.
 //!
 //! This file owns the public interface and wires the parts together:
 //! - `tokens`: every credential the emulator issued, and their lifetimes;
@@ -19,9 +20,12 @@
 //!   `grant_type` is known. Requests with a wrong tenant, method or content type on the token endpoint,
 //!   or an unknown grant, count nowhere. Under `Refuse` nothing is received, so nothing is counted.
 //! - **Faults** hit the first matching active fault in injection order; each hit counts against its
-//!   `requests`. `Refuse` is connection-level: it ignores `operations` and `requests`, ends after
-//!   `seconds` or when cleared, and also closes the control API (it shares the port): inject it over
-//!   HTTP only with `seconds`, or use [`Emulator::clear_faults`].
+//!   `requests`. [`FaultKind::Status`] answers any error status (400-599) with no body, a JSON
+//!   body or an HTML page, so that every documented error, and the readings the reference leaves
+//!   open, can be produced for any operation. `Refuse` is connection-level: it ignores
+//!   `operations` and `requests`, ends after `seconds` or when cleared, and also closes the control
+//!   API (it shares the port): inject it over HTTP only with `seconds`, or use
+//!   [`Emulator::clear_faults`].
 //! - **Time**: lifetimes are real durations (`ttl minutes * seconds_per_minute` seconds) on the
 //!   monotonic clock; dates in JSON are the wall clock plus that duration.
 //! - Access tokens (from the API-token exchange) and admin bearers (from `client_credentials`) are
@@ -91,14 +95,22 @@ pub struct Counters {
     pub echo_rejected: u64,
 }
 
-/// Which operations a fault applies to.
+/// Which operations a fault applies to (the client's own names: `client_credentials`,
+/// `exchange`, `create`, `regenerate`).
+pub use crate::identity::Operation;
+
+/// The body of a [`FaultKind::Status`] answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Operation {
-    ClientCredentials,
-    Create,
-    Regenerate,
-    Exchange,
+pub enum BodyStyle {
+    /// No body: no `Content-Type`, `Content-Length: 0` (the reference's "doesn't return any
+    /// data structure").
+    #[serde(rename = "none")]
+    Empty,
+    /// `application/json` `{"error": ..., "error_description": "injected fault"}`.
+    Json,
+    /// `text/html`, the error page of a proxy or load balancer.
+    Html,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -106,10 +118,22 @@ pub enum Operation {
 pub enum FaultKind {
     /// The listener stops accepting (connections refused).
     Refuse,
-    /// 500 with a JSON error body.
+    /// 500 with a JSON error body (`Status` 500 with a JSON body).
     ServerError,
-    /// 429 with `Retry-After: <secs>`.
+    /// 429 with `Retry-After: <secs>` and a JSON error body.
     TooManyRequests { retry_after_secs: u64 },
+    /// Any error status (400-599) with the chosen body. `error` sets the JSON body's `error`
+    /// code (JSON only; by default one that fits the status and operation, e.g. `invalid_request`
+    /// for 400, `invalid_client` / `invalid_token` for 401, `server_error` for 500).
+    /// `retry_after` (seconds) only with 429 or 503.
+    Status {
+        status: u16,
+        body: BodyStyle,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after: Option<u64>,
+    },
     /// 200 with a body that is not JSON.
     Garbage,
     /// The answer is delayed.
@@ -127,6 +151,18 @@ pub struct Fault {
     pub requests: Option<u64>,
     /// ... or after this long (whichever first; neither: until cleared).
     pub seconds: Option<f64>,
+}
+
+impl FaultKind {
+    /// A [`FaultKind::Status`] answer with the default `error` code and no `Retry-After`.
+    pub fn status(status: u16, body: BodyStyle) -> FaultKind {
+        FaultKind::Status {
+            status,
+            body,
+            error: None,
+            retry_after: None,
+        }
+    }
 }
 
 impl Fault {
@@ -340,7 +376,7 @@ impl Shared {
         }
         let kind = self.faults().hit(op, Instant::now())?;
         tracing::debug!(?op, ?kind, "fault hit");
-        faults::respond(&kind).await
+        faults::respond(op, &kind).await
     }
 
     fn inject_fault(self: &Arc<Self>, fault: Fault) -> Result<(), String> {

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine as _;
 use serde_json::{json, Value};
 use support::{basic, form, header, http, json as body_json, Reply};
-use tokenbroker::emulator::{Counters, Emulator, EmulatorConfig, Fault, FaultKind, Operation};
+use tokenbroker::emulator::{
+    BodyStyle, Counters, Emulator, EmulatorConfig, Fault, FaultKind, Operation,
+};
 use tokenbroker::secret::Secret;
 
 const FORM: &str = "application/x-www-form-urlencoded";
@@ -127,6 +129,17 @@ fn assert_error(reply: &Reply, status: u16, error: &str) -> Value {
     let v = body_json(body);
     assert_eq!(v["error"], error, "{v}");
     v
+}
+
+/// Asserts an answer without a body, the shape the reference gives regenerate's 400 and the
+/// api-tokens 401s: status, no `Content-Type`, `Content-Length: 0`, a `Date` header.
+fn assert_bodyless(reply: &Reply, status: u16) {
+    let (s, headers, body) = reply;
+    assert_eq!(s.as_u16(), status, "{}", String::from_utf8_lossy(body));
+    assert!(body.is_empty(), "{}", String::from_utf8_lossy(body));
+    assert!(headers.get("content-type").is_none(), "{headers:?}");
+    assert_eq!(header(headers, "content-length"), "0");
+    assert!(!header(headers, "date").is_empty());
 }
 
 fn parse_iso(s: &str) -> SystemTime {
@@ -548,13 +561,8 @@ async fn create_rejects_every_rule_violation() {
         body.clone(),
     )
     .await;
-    let v = assert_error(&no_bearer, 401, "invalid_token");
-    assert!(v["error_description"].is_string());
-    assert_error(
-        &create_raw(&emu, "eyJbogus", CREATE_CT, &body).await,
-        401,
-        "invalid_token",
-    );
+    assert_bodyless(&no_bearer, 401);
+    assert_bodyless(&create_raw(&emu, "eyJbogus", CREATE_CT, &body).await, 401);
     let basic_auth = http(
         "POST",
         &url(&emu, "api-tokens"),
@@ -565,7 +573,7 @@ async fn create_rejects_every_rule_violation() {
         body,
     )
     .await;
-    assert_error(&basic_auth, 401, "invalid_token");
+    assert_bodyless(&basic_auth, 401);
     assert_error(
         &http("GET", &url(&emu, "api-tokens"), &[], "").await,
         405,
@@ -581,7 +589,11 @@ async fn access_tokens_cannot_call_the_admin_endpoints() {
     let m = create_token(&emu, token_body(-1, 10, 5)).await;
     let access = access_token(&emu, &api_token(&m)).await;
     let reply = create_raw(&emu, &access, CREATE_CT, &token_body(-1, 10, 5).to_string()).await;
-    assert_error(&reply, 401, "invalid_token");
+    assert_bodyless(&reply, 401);
+    assert_eq!(
+        header(&reply.1, "www-authenticate"),
+        "Bearer error=\"invalid_token\""
+    );
     emu.shutdown().await;
 }
 
@@ -662,12 +674,7 @@ async fn regenerate_keeps_the_id_and_kills_the_old_secret() {
         400,
         "invalid_grant",
     );
-    let v = assert_error(
-        &regenerate(&emu, &bearer, &api_token(&old)).await,
-        400,
-        "invalid_grant",
-    );
-    assert_eq!(v["error_description"], "API Token is invalid or expired");
+    assert_bodyless(&regenerate(&emu, &bearer, &api_token(&old)).await, 400);
     access_token(&emu, &api_token(&new)).await;
     assert_eq!(emu.counters().regenerate, 2);
     emu.shutdown().await;
@@ -692,34 +699,21 @@ async fn regenerate_rejects_bad_requests() {
             .await
         }
     };
-    assert_error(&post(REGEN_CT, "{}").await, 400, "invalid_request");
-    assert_error(
-        &post(REGEN_CT, r#"{"api_token": 5}"#).await,
-        400,
-        "invalid_request",
-    );
-    assert_error(&post(REGEN_CT, "nope").await, 400, "invalid_request");
-    assert_error(
+    assert_bodyless(&post(REGEN_CT, "{}").await, 400);
+    assert_bodyless(&post(REGEN_CT, r#"{"api_token": 5}"#).await, 400);
+    assert_bodyless(&post(REGEN_CT, "nope").await, 400);
+    assert_bodyless(
         &post(REGEN_CT, r#"{"api_token": "vidb_unknown"}"#).await,
         400,
-        "invalid_grant",
     );
     assert_error(
         &post(CREATE_CT, r#"{"api_token": "vidb_unknown"}"#).await,
         415,
         "invalid_request",
     );
-    assert_error(
-        &regenerate(&emu, "bogus", &api_token(&m)).await,
-        401,
-        "invalid_token",
-    );
+    assert_bodyless(&regenerate(&emu, "bogus", &api_token(&m)).await, 401);
     assert!(emu.revoke_api_token(m["id"].as_str().unwrap()));
-    assert_error(
-        &regenerate(&emu, &bearer, &api_token(&m)).await,
-        400,
-        "invalid_grant",
-    );
+    assert_bodyless(&regenerate(&emu, &bearer, &api_token(&m)).await, 400);
     assert_eq!(emu.counters().regenerate, 7);
     emu.shutdown().await;
 }
@@ -755,17 +749,12 @@ async fn every_credential_expires() {
         "invalid_token",
     );
     assert_error(&exchange(&emu, &api_token(&m)).await, 400, "invalid_grant");
-    assert_error(
+    assert_bodyless(
         &create_raw(&emu, &bearer, CREATE_CT, &token_body(-1, 2, 1).to_string()).await,
         401,
-        "invalid_token",
     );
     let fresh = admin_bearer(&emu).await;
-    assert_error(
-        &regenerate(&emu, &fresh, &api_token(&m)).await,
-        400,
-        "invalid_grant",
-    );
+    assert_bodyless(&regenerate(&emu, &fresh, &api_token(&m)).await, 400);
     emu.shutdown().await;
 }
 
@@ -923,6 +912,133 @@ async fn refuse_closes_the_port_until_cleared() {
 // ---- control API ----
 
 #[tokio::test]
+async fn status_fault_answers_any_error_status_with_each_body_style() {
+    let emu = start().await;
+    let bearer = admin_bearer(&emu).await;
+    let m = create_token(&emu, token_body(-1, 600, 5)).await;
+    let control = format!("{}/_emulator/faults", emu.base_url());
+    let inject = |spec: Value| {
+        let control = control.clone();
+        async move { http("POST", &control, &[], spec.to_string()).await }
+    };
+
+    // One request of the named operation gets the injected answer; the next is served normally.
+    let spec = |status: u16, body: &str| {
+        json!({"kind": "status", "status": status, "body": body,
+               "operations": ["regenerate"], "requests": 1})
+    };
+    assert_eq!(inject(spec(400, "none")).await.0, 204);
+    assert_bodyless(&regenerate(&emu, &bearer, &api_token(&m)).await, 400);
+    assert_eq!(inject(spec(400, "json")).await.0, 204);
+    let v = assert_error(
+        &regenerate(&emu, &bearer, &api_token(&m)).await,
+        400,
+        "invalid_request",
+    );
+    assert_eq!(v["error_description"], "injected fault");
+    assert_eq!(inject(spec(502, "html")).await.0, 204);
+    let (status, headers, body) = regenerate(&emu, &bearer, &api_token(&m)).await;
+    assert_eq!(status, 502);
+    assert_eq!(header(&headers, "content-type"), "text/html; charset=utf-8");
+    assert!(String::from_utf8_lossy(&body).contains("<h1>502 Bad Gateway</h1>"));
+    let (status, _, body) = regenerate(&emu, &bearer, &api_token(&m)).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let m = body_json(&body);
+
+    // The default JSON code fits the endpoint; `error` chooses it; Retry-After on 429 and 503.
+    let on = |op: &str, extra: Value| {
+        let mut f = json!({"kind": "status", "body": "json", "operations": [op], "requests": 1});
+        f.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        f
+    };
+    assert_eq!(
+        inject(on("client_credentials", json!({"status": 401})))
+            .await
+            .0,
+        204
+    );
+    let cc = token_request(
+        &emu,
+        &[("authorization", &basic("admin", "secret"))],
+        &[("grant_type", "client_credentials")],
+    )
+    .await;
+    assert_error(&cc, 401, "invalid_client");
+    assert_eq!(inject(on("create", json!({"status": 401}))).await.0, 204);
+    let create = create_raw(&emu, &bearer, CREATE_CT, &token_body(-1, 5, 5).to_string()).await;
+    assert_error(&create, 401, "invalid_token");
+    let grant = json!({"status": 400, "error": "invalid_grant"});
+    assert_eq!(inject(on("exchange", grant)).await.0, 204);
+    assert_error(&exchange(&emu, &api_token(&m)).await, 400, "invalid_grant");
+    let busy = json!({"status": 503, "body": "none", "retry_after": 9});
+    assert_eq!(inject(on("exchange", busy)).await.0, 204);
+    let reply = exchange(&emu, &api_token(&m)).await;
+    assert_bodyless(&reply, 503);
+    assert_eq!(header(&reply.1, "retry-after"), "9");
+    access_token(&emu, &api_token(&m)).await;
+
+    // The listed fault reads back as injected.
+    assert_eq!(inject(spec(404, "html")).await.0, 204);
+    assert_eq!(
+        emu.active_faults(),
+        vec![Fault::new(
+            FaultKind::status(404, BodyStyle::Html),
+            vec![Operation::Regenerate],
+            Some(1)
+        )]
+    );
+    emu.clear_faults();
+
+    // Specs that cannot work are refused with the reason.
+    for (bad, why) in [
+        (
+            json!({"kind": "status", "status": 302, "body": "none"}),
+            "400 to 599, not 302",
+        ),
+        (
+            json!({"kind": "status", "status": 600, "body": "none"}),
+            "400 to 599, not 600",
+        ),
+        (
+            json!({"kind": "status", "status": 400, "body": "xml"}),
+            "unknown variant `xml`",
+        ),
+        (
+            json!({"kind": "status", "status": 400}),
+            "missing field `body`",
+        ),
+        (
+            json!({"kind": "status", "body": "json"}),
+            "missing field `status`",
+        ),
+        (
+            json!({"kind": "status", "status": "400", "body": "json"}),
+            "invalid type",
+        ),
+        (
+            json!({"kind": "status", "status": 500, "body": "json", "retry_after": 1}),
+            "retry_after goes with status 429 or 503, not 500",
+        ),
+        (
+            json!({"kind": "status", "status": 400, "body": "html", "error": "invalid_grant"}),
+            "needs body \"json\"",
+        ),
+        (
+            json!({"kind": "status", "status": 400, "body": "json", "operations": ["delete"]}),
+            "unknown variant `delete`",
+        ),
+    ] {
+        let v = assert_error(&inject(bad.clone()).await, 400, "invalid_request");
+        let description = v["error_description"].as_str().unwrap();
+        assert!(description.contains(why), "{bad}: {description}");
+    }
+    assert!(emu.active_faults().is_empty());
+    emu.shutdown().await;
+}
+
+#[tokio::test]
 async fn control_api_over_http() {
     let emu = start().await;
     let control = |path: &str| format!("{}/_emulator/{path}", emu.base_url());
@@ -1061,10 +1177,9 @@ async fn control_api_over_http() {
         .0,
         204
     );
-    assert_error(
+    assert_bodyless(
         &create_raw(&emu, &bearer, CREATE_CT, &token_body(-1, 5, 5).to_string()).await,
         401,
-        "invalid_token",
     );
     for bad in [
         "{}",

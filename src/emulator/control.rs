@@ -5,7 +5,10 @@
 //! - `GET /_emulator/counters` -> 200 `Counters`
 //! - `POST /_emulator/counters/reset` -> 204
 //! - `GET /_emulator/faults` -> 200 list of active `Fault`s
-//! - `POST /_emulator/faults` (body: a `Fault`) -> 204; 400 if it cannot work
+//! - `POST /_emulator/faults` (body: a `Fault`, e.g.
+//!   `{"kind":"status","status":400,"body":"none","operations":["regenerate"],"requests":1}`)
+//!   -> 204; 400 `invalid_request` with the reason if it cannot work (unknown kind, body style or
+//!   operation, a status outside 400-599, `retry_after` without 429/503, `requests: 0`, ...)
 //! - `DELETE /_emulator/faults` -> 204
 //! - `POST /_emulator/revoke` with exactly one of `{"api_token_id": "<id>"}` (204, or 404 if unknown),
 //!   `{"access_tokens": "all"}` or `{"admin_bearers": "all"}` (204)

@@ -1,11 +1,11 @@
-//! HTTP plumbing shared by the emulator's handlers: the response body type, JSON responses with a
-//! `Date` header, request-body reading with a size limit, media-type and bearer parsing, and
-//! [`ApiError`], the one table from an error to its status, `error` code and headers.
+//! HTTP plumbing shared by the emulator's handlers: the response body type, JSON and bodyless
+//! responses with a `Date` header, request-body reading with a size limit, media-type and bearer
+//! parsing, and [`ApiError`], the one table from an error to its status, `error` code and headers.
 
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, DATE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, DATE};
 use http::StatusCode;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -52,11 +52,21 @@ pub(crate) fn json_as(
     response(status, content_type, full(bytes))
 }
 
+/// An answer without a body: no `Content-Type`, `Content-Length: 0` (none on a 204), a `Date`.
+/// The emulator's reading of the reference's "Operation doesn't return any data structure".
+pub(crate) fn bodyless(status: StatusCode) -> Response {
+    let mut resp = response(status, APPLICATION_JSON, full(Bytes::new()));
+    let headers = resp.headers_mut();
+    headers.remove(CONTENT_TYPE);
+    if status != StatusCode::NO_CONTENT {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
+    resp
+}
+
 /// An empty 204.
 pub(crate) fn no_content() -> Response {
-    let mut resp = response(StatusCode::NO_CONTENT, APPLICATION_JSON, full(Bytes::new()));
-    resp.headers_mut().remove(CONTENT_TYPE);
-    resp
+    bodyless(StatusCode::NO_CONTENT)
 }
 
 /// Every error the emulator answers: `{"error": code, "error_description": ...}` with its status.
@@ -154,11 +164,25 @@ impl ApiError {
         .with_header(http::header::ALLOW, allow)
     }
 
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     pub(crate) fn into_response(self) -> Response {
         let mut resp = json(
             self.status,
             &serde_json::json!({"error": self.code, "error_description": self.description}),
         );
+        resp.headers_mut().extend(self.headers);
+        resp
+    }
+
+    /// The same status and headers without a body (where the reference documents none). The
+    /// description only reaches the debug log.
+    pub(crate) fn into_bodyless_response(self) -> Response {
+        tracing::debug!(status = self.status.as_u16(), error = self.code,
+            description = %self.description, "error answered without a body");
+        let mut resp = bodyless(self.status);
         resp.headers_mut().extend(self.headers);
         resp
     }

@@ -1,7 +1,26 @@
 //! The identity service's HTTP API as the emulator serves it: routing (`/acs/t/{tenant}/...`, with
 //! `/_emulator/` handed to the control API), the token endpoint (client_credentials and the
 //! API-token exchange) and the api-tokens create and regenerate endpoints, with the validation rules
-//! of `IDENTITY_API.md`.
+//! of `docs/identity-service.md`.
+//!
+//! Error answers, as the vendor reference describes them:
+//! - **regenerate 400** ("API Token is invalid or expired", "Operation doesn't return any data
+//!   structure"): no body, no `Content-Type`, `Content-Length: 0`. The reference documents a
+//!   single 400 for regenerate, so every regenerate 400 (unknown, expired, revoked or regenerated
+//!   token, and a malformed request body) has this shape; the reason goes to the debug log only.
+//! - **create 401** ("Auth token is missing or not valid", no data structure): no body.
+//!   **regenerate 401** is not in the reference at all `[assume]`: the same as create's, since both
+//!   take the same admin bearer. Both keep `WWW-Authenticate: Bearer error="invalid_token"`
+//!   (RFC 6750 3; a header, not a data structure).
+//! - **create 400**: the reference says both "the error description will contain 'error' and
+//!   'error_description' fields" and "Operation doesn't return any data structure". The first is
+//!   a sentence written for this answer; the second is the line the reference prints under every
+//!   answer that declares no response schema (it follows create's 401 and regenerate's 400 too),
+//!   i.e. "no typed media", not "no bytes". So create's 400 is JSON
+//!   `{"error": "invalid_request", "error_description": "<field>: <rule>"}`. The other reading is
+//!   one fault away: `{"kind":"status","status":400,"body":"none","operations":["create"]}`.
+//! - **Token endpoint** (client_credentials, exchange): RFC 6749 5.2 JSON, 400 `invalid_request`,
+//!   `invalid_grant`, `invalid_scope`, `unsupported_grant_type`, 401 `invalid_client` `[assume]`.
 //!
 //! Choices where the vendor is silent:
 //! - A wrong `Content-Type` on the api-tokens endpoints is 415 (`error: invalid_request`); on the token
@@ -96,14 +115,30 @@ async fn serve(shared: &Shared, req: Request<Incoming>) -> Result<Response, ApiE
     let headers = &parts.headers;
     match endpoint {
         Endpoint::Token => token(shared, headers, &body).await,
-        Endpoint::Create => match shared.admit(Operation::Create).await {
-            Some(faulty) => Ok(faulty),
-            None => create(shared, headers, &body),
-        },
-        Endpoint::Regenerate => match shared.admit(Operation::Regenerate).await {
-            Some(faulty) => Ok(faulty),
-            None => regenerate(shared, headers, &body),
-        },
+        Endpoint::Create => Ok(match shared.admit(Operation::Create).await {
+            Some(faulty) => faulty,
+            None => create(shared, headers, &body)
+                .unwrap_or_else(|e| api_tokens_error(Operation::Create, e)),
+        }),
+        Endpoint::Regenerate => Ok(match shared.admit(Operation::Regenerate).await {
+            Some(faulty) => faulty,
+            None => regenerate(shared, headers, &body)
+                .unwrap_or_else(|e| api_tokens_error(Operation::Regenerate, e)),
+        }),
+    }
+}
+
+/// An api-tokens error in the shape the reference gives it (module docs): regenerate's 400 and
+/// both endpoints' 401 without a body; anything else (create's 400, 415) as JSON.
+fn api_tokens_error(op: Operation, e: ApiError) -> Response {
+    let bodyless = matches!(
+        (op, e.status().as_u16()),
+        (Operation::Regenerate, 400) | (Operation::Create | Operation::Regenerate, 401)
+    );
+    if bodyless {
+        e.into_bodyless_response()
+    } else {
+        e.into_response()
     }
 }
 
@@ -337,7 +372,7 @@ fn regenerate(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Respo
     ))
 }
 
-/// The create request's rules (IDENTITY_API.md section 2); unknown fields are ignored.
+/// The create request's rules (docs/identity-service.md section 3.3); unknown fields are ignored.
 fn validate_create(
     body: &Map<String, Value>,
     bearer_client: String,
@@ -407,7 +442,7 @@ fn iso(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// `APITokensResponseMedia` (IDENTITY_API.md section 4).
+/// `APITokensResponseMedia` (docs/identity-service.md section 3.5).
 fn media(t: &ApiToken, tenant: &str) -> Value {
     json!({
         "id": t.id,

@@ -1,6 +1,8 @@
-//! The HTTP client for the identity service: one pooled connection pool over rustls, four
-//! operations, typed answers. Lifetimes are counted on the monotonic clock from receipt; server
-//! dates are only ever compared with other server dates.
+//! The HTTP client for the identity service (docs/identity-service.md): one pooled connection
+//! pool over rustls, four operations, typed answers. Every error answer carries the operation it
+//! came from, so that [`ErrorClass::of`](super::ErrorClass::of) can class it. Lifetimes are
+//! counted on the monotonic clock from receipt; server dates are only ever compared with other
+//! server dates.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,6 +19,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::{sanitize, IdentityError};
 use super::wire::{self, ApiTokenMedia, ErrorBody, OAuth2Token};
+use super::Operation;
 use crate::config::IdentityConfig;
 use crate::secret::Secret;
 
@@ -42,7 +45,7 @@ pub struct ApiToken {
     pub suffix: String,
     pub display_name: Option<String>,
     pub status: Option<String>,
-    /// Remaining life at `received` (see IDENTITY_API.md section 6).
+    /// Remaining life at `received` (docs/identity-service.md section 4).
     pub lifetime: Duration,
     pub received: Instant,
     pub access_token_ttl_minutes: Option<i64>,
@@ -77,6 +80,7 @@ impl std::fmt::Debug for IdentityClient {
 }
 
 struct Answer {
+    op: Operation,
     status: StatusCode,
     headers: HeaderMap,
     body: Bytes,
@@ -122,7 +126,9 @@ impl IdentityClient {
         let mut auth = HeaderValue::try_from(format!("Basic {basic}"))
             .map_err(|_| IdentityError::Transport("client id is not a valid header".into()))?;
         auth.set_sensitive(true);
-        let answer = self.post_form("/token", &form, Some(auth)).await?;
+        let answer = self
+            .post_form(Operation::ClientCredentials, &form, Some(auth))
+            .await?;
         token_from(answer)
     }
 
@@ -132,7 +138,7 @@ impl IdentityClient {
             ("grant_type", wire::API_TOKEN_GRANT),
             ("api_token", api_token.expose()),
         ];
-        let answer = self.post_form("/token", &form, None).await?;
+        let answer = self.post_form(Operation::Exchange, &form, None).await?;
         token_from(answer)
     }
 
@@ -153,7 +159,7 @@ impl IdentityClient {
         let json = serde_json::to_vec(&body).expect("create body serializes");
         let answer = self
             .post_json(
-                "/api-tokens",
+                Operation::Create,
                 wire::CREATE_REQUEST_TYPE,
                 wire::CREATE_RESPONSE_TYPE,
                 admin,
@@ -177,7 +183,7 @@ impl IdentityClient {
         let json = serde_json::to_vec(&body).expect("regenerate body serializes");
         let answer = self
             .post_json(
-                "/api-tokens/regenerate",
+                Operation::Regenerate,
                 wire::REGENERATE_REQUEST_TYPE,
                 wire::REGENERATE_RESPONSE_TYPE,
                 admin,
@@ -189,7 +195,7 @@ impl IdentityClient {
 
     async fn post_form(
         &self,
-        path: &str,
+        op: Operation,
         form: &[(&str, &str)],
         auth: Option<HeaderValue>,
     ) -> Result<Answer, IdentityError> {
@@ -197,18 +203,18 @@ impl IdentityClient {
             .map_err(|e| IdentityError::Transport(format!("cannot encode form: {e}")))?;
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(format!("{}{path}", self.tenant_url))
+            .uri(format!("{}{}", self.tenant_url, op.path()))
             .header(CONTENT_TYPE, wire::FORM_TYPE)
             .header(ACCEPT, "application/json");
         if let Some(auth) = auth {
             req = req.header(AUTHORIZATION, auth);
         }
-        self.send(req, Bytes::from(body)).await
+        self.send(op, req, Bytes::from(body)).await
     }
 
     async fn post_json(
         &self,
-        path: &str,
+        op: Operation,
         content_type: &'static str,
         accept: &'static str,
         admin: &Secret,
@@ -219,15 +225,16 @@ impl IdentityClient {
         auth.set_sensitive(true);
         let req = Request::builder()
             .method(Method::POST)
-            .uri(format!("{}{path}", self.tenant_url))
+            .uri(format!("{}{}", self.tenant_url, op.path()))
             .header(CONTENT_TYPE, content_type)
             .header(ACCEPT, accept)
             .header(AUTHORIZATION, auth);
-        self.send(req, Bytes::from(body)).await
+        self.send(op, req, Bytes::from(body)).await
     }
 
     async fn send(
         &self,
+        op: Operation,
         req: http::request::Builder,
         body: Bytes,
     ) -> Result<Answer, IdentityError> {
@@ -253,6 +260,7 @@ impl IdentityClient {
                 })?
                 .to_bytes();
             Ok(Answer {
+                op,
                 status: parts.status,
                 headers: parts.headers,
                 body,
@@ -278,16 +286,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Turns a non-success answer into an error; a success into its parsed JSON body.
+/// An error answer may have no body, an HTML one or a JSON one (docs/identity-service.md
+/// section 5): only a JSON body's `error` and `error_description` are kept (sanitized).
 fn parse<T: DeserializeOwned>(answer: &Answer) -> Result<T, IdentityError> {
     let status = answer.status.as_u16();
     if !answer.status.is_success() {
-        let body: ErrorBody = serde_json::from_slice(&answer.body).unwrap_or_default();
+        let body = ErrorBody::parse(&answer.body);
         let retry_after = answer
             .headers
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         return Err(IdentityError::Status {
+            op: answer.op,
             status,
             error: body.error.as_deref().map(sanitize),
             description: body
@@ -426,6 +437,10 @@ mod tests {
     use super::*;
 
     fn answer(status: u16, headers: &[(&str, &str)], body: &str) -> Answer {
+        answer_to(Operation::Exchange, status, headers, body)
+    }
+
+    fn answer_to(op: Operation, status: u16, headers: &[(&str, &str)], body: &str) -> Answer {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.insert(
@@ -434,6 +449,7 @@ mod tests {
             );
         }
         Answer {
+            op,
             status: StatusCode::from_u16(status).unwrap(),
             headers: map,
             body: Bytes::from(body.to_string()),
@@ -516,6 +532,38 @@ mod tests {
         }
         let e = api_token_from(answer(201, &[], r#"{"id":"x"}"#), 5).unwrap_err();
         assert_eq!(e.class(), ErrorClass::Transient);
+    }
+
+    #[test]
+    fn error_answers_are_classed_by_operation_and_status_whatever_the_body() {
+        use crate::identity::ErrorClass;
+        let html = "<html><body><h1>400 Bad Request</h1></body></html>";
+        for op in Operation::ALL {
+            for status in [400, 401, 403, 404, 429, 500, 503] {
+                for (body, code) in [
+                    ("", None),
+                    (html, None),
+                    (
+                        r#"{"error":"invalid_grant","error_description":"x"}"#,
+                        Some("invalid_grant"),
+                    ),
+                    (r#"{"error":"invalid_request"}"#, Some("invalid_request")),
+                    (r#"{"message":"no code"}"#, None),
+                ] {
+                    let e = parse::<OAuth2Token>(&answer_to(op, status, &[], body)).unwrap_err();
+                    assert_eq!(e.op(), Some(op));
+                    assert_eq!(
+                        e.class(),
+                        ErrorClass::of(op, status, code),
+                        "{op} {status} {body:?}"
+                    );
+                }
+            }
+        }
+        // The regenerate 400 of the reference has no body: the API token is dead.
+        let e = api_token_from(answer_to(Operation::Regenerate, 400, &[], ""), 5).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::InvalidCredential, "{e}");
+        assert!(e.to_string().starts_with("regenerate: "), "{e}");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The identity service's JSON and form shapes, as IDENTITY_API.md describes them. Responses
+//! The identity service's JSON and form shapes, as docs/identity-service.md describes them. Responses
 //! ignore unknown fields and accept nulls anywhere; what is required is decided by the client.
 
 use std::time::SystemTime;
@@ -52,12 +52,28 @@ pub struct ApiTokenMedia {
 }
 
 /// RFC 6749 error body (also used by the api-tokens endpoints).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct ErrorBody {
     pub error: Option<String>,
     pub error_description: Option<String>,
     pub message: Option<String>,
+}
+
+impl ErrorBody {
+    /// The fields of an error answer's body, each taken only if it is a string: empty for no
+    /// body, an HTML page or any other non-object, and one odd field does not hide the others.
+    pub fn parse(body: &[u8]) -> ErrorBody {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) else {
+            return ErrorBody::default();
+        };
+        let text = |name: &str| map.get(name).and_then(|v| v.as_str()).map(str::to_string);
+        ErrorBody {
+            error: text("error"),
+            error_description: text("error_description"),
+            message: text("message"),
+        }
+    }
 }
 
 /// `APITokensRequestMedia`: the create request.
@@ -126,6 +142,27 @@ mod tests {
         .unwrap();
         assert_eq!(m.id.as_deref(), Some("x"));
         assert!(m.token.is_none());
+    }
+
+    #[test]
+    fn error_body_takes_each_string_field_it_finds() {
+        let body = ErrorBody::parse(br#"{"error":"invalid_grant","error_description":7}"#);
+        assert_eq!(body.error.as_deref(), Some("invalid_grant"));
+        assert_eq!(body.error_description, None);
+        let body = ErrorBody::parse(br#"{"message":"API Token is invalid or expired"}"#);
+        assert_eq!(
+            body.message.as_deref(),
+            Some("API Token is invalid or expired")
+        );
+        for nothing in [
+            &b""[..],
+            b"<html>400</html>",
+            b"[1]",
+            b"\"invalid_grant\"",
+            b"null",
+        ] {
+            assert_eq!(ErrorBody::parse(nothing), ErrorBody::default());
+        }
     }
 
     #[test]
