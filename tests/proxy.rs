@@ -39,6 +39,8 @@ use upstream::FakeUpstream;
 const ADMIN_SECRET: &str = "admin-secret-for-proxy-tests";
 const MIB: usize = 1024 * 1024;
 const LONG: Duration = Duration::from_secs(60);
+/// The fixture's `tokens.min_renew_interval`.
+const MIN_RENEW: Duration = Duration::from_millis(10);
 
 fn certs() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("certs")
@@ -167,6 +169,8 @@ impl Fixture {
             },
             ..Config::minimal(identity)
         };
+        // a 401 renews a token older than this (the default, 5 s, is tested on its own)
+        config.tokens.min_renew_interval = MIN_RENEW;
         adjust(&mut config);
         let metrics = Metrics::new();
         let broker = Broker::start(&config, metrics.clone())
@@ -662,6 +666,7 @@ async fn an_upstream_401_on_a_get_renews_once_and_replays() {
     let f = Fixture::start().await;
     let (status, _, _) = http("GET", &f.url("plain", "/echo/a"), &[BILLING], "").await;
     assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(MIN_RENEW * 2).await;
     f.emu.revoke_access_tokens();
     f.emu.reset_counters();
     let (status, _, body) = http("GET", &f.url("plain", "/echo/b"), &[BILLING], "").await;
@@ -671,8 +676,69 @@ async fn an_upstream_401_on_a_get_renews_once_and_replays() {
 }
 
 #[tokio::test]
+async fn a_caller_whose_tokens_were_revoked_loses_no_request() {
+    let f = Fixture::start().await;
+    let (status, _, _) = http("GET", &f.url("plain", "/echo/a"), &[BILLING], "").await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(MIN_RENEW * 2).await;
+    // the identity service revokes the caller's API token and every access token
+    let id = f.broker.status().callers[0].api_token_id.clone().unwrap();
+    assert!(f.emu.revoke_api_token(&id));
+    f.emu.revoke_access_tokens();
+    f.emu.reset_counters();
+    let started = std::time::Instant::now();
+    let mut renewed_after = None;
+    for i in 0..20 {
+        let (status, _, body) = http("GET", &f.url("plain", "/echo/b"), &[BILLING], "").await;
+        assert_eq!(status, StatusCode::OK, "request {i}: {body:?}");
+        renewed_after.get_or_insert(started.elapsed());
+    }
+    assert!(
+        renewed_after.unwrap() < Duration::from_secs(1),
+        "new token after {renewed_after:?}"
+    );
+    // exchange refused -> regenerate refused (bodyless 400) -> create -> exchange, in one go
+    let c = f.emu.counters();
+    assert_eq!(
+        (c.exchange, c.regenerate, c.create, c.echo_rejected),
+        (2, 1, 1, 1),
+        "{c:?}"
+    );
+    assert_ne!(f.broker.status().callers[0].api_token_id, Some(id));
+}
+
+#[tokio::test]
+async fn a_path_that_always_answers_401_cannot_drive_the_identity_service() {
+    let f = Fixture::start_with(|c| c.tokens.min_renew_interval = Duration::from_secs(5)).await;
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let url = f.url("plain", "/fake/unauthorized");
+            tokio::spawn(async move { http("GET", &url, &[BILLING], "").await.0 })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "the 401 is passed on"
+        );
+    }
+    let c = f.emu.counters();
+    assert!(c.exchange <= 2, "{c:?}");
+    assert_eq!(c.create, 1);
+    let metrics = f.metrics.encode();
+    assert!(
+        metrics.contains(r#"tokenbroker_upstream_rejections_total{outcome="too_young"} "#)
+            && !metrics.contains(r#"tokenbroker_upstream_rejections_total{outcome="too_young"} 0"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn a_small_body_is_replayed_but_a_streamed_one_is_not() {
     let f = Fixture::start().await;
+    f.broker.token("billing").await.unwrap();
+    tokio::time::sleep(MIN_RENEW * 2).await;
     let (status, _, _) = http(
         "POST",
         &f.url("plain", "/fake/unauthorized-once"),
@@ -689,6 +755,8 @@ async fn a_small_body_is_replayed_but_a_streamed_one_is_not() {
     );
 
     let f = Fixture::start().await;
+    f.broker.token("billing").await.unwrap();
+    tokio::time::sleep(MIN_RENEW * 2).await;
     let chunks: Vec<Result<Frame<Bytes>, Infallible>> =
         vec![Ok(Frame::data(Bytes::from_static(b"streamed")))];
     let request = Request::post(f.url("plain", "/fake/unauthorized-once"))
@@ -783,6 +851,7 @@ async fn no_caller_key_or_token_in_trace_logs() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
+    tokio::time::sleep(MIN_RENEW * 2).await;
     f.emu.revoke_access_tokens();
     let (status, _, _) = http("GET", &f.url("plain", "/echo/d"), &[BILLING], "").await;
     assert_eq!(status, StatusCode::OK);

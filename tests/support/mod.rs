@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod fake_identity;
 pub mod logs;
 
 use std::net::SocketAddr;

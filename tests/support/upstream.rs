@@ -8,6 +8,7 @@
 //! - `/upload`: reads the request body as a stream, signals [`FakeUpstream::first_bytes`] at the
 //!   first data, answers the byte count
 //! - `/unauthorized-once`: 401 the first time, then `ok`
+//! - `/unauthorized`: always 401
 //! - anything else: `ok`
 
 #![allow(dead_code)]
@@ -204,6 +205,7 @@ async fn serve(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 text(StatusCode::UNAUTHORIZED, "token refused")
             }
         }
+        "unauthorized" => text(StatusCode::UNAUTHORIZED, "token refused"),
         _ => text(StatusCode::OK, "ok"),
     }
 }
