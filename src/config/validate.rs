@@ -3,6 +3,8 @@
 //! path, e.g. `route[2].upstream`) before failing. It never puts a secret, nor any value that could
 //! be one, into a message.
 
+mod store;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -63,6 +65,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let limits = cx.limits(limits);
     let logging = cx.section::<RawLogging>(raw.logging, "logging", false);
     let logging = cx.logging(logging);
+    let store = cx.store(raw.store);
 
     let config = Config {
         source: Some(path.to_path_buf()),
@@ -74,6 +77,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
         routes,
         limits,
         logging,
+        store,
     };
     cx.cross_check(&config);
     if cx.problems.is_empty() {
