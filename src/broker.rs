@@ -21,6 +21,7 @@ mod ladder;
 pub mod policy;
 mod refresh;
 mod state_file;
+pub mod store;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

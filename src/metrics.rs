@@ -59,6 +59,15 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOpLabels {
+    /// `read`, `write`, `try_lease`, `renew`, `release`, `lease_holder`, `subscribe`.
+    pub op: &'static str,
+    /// `ok`, `error`, `timeout`, `invalid` (a record that does not open), and for writes
+    /// `written`, `stale`, `lease_lost`; for renewals `lost`.
+    pub outcome: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 us .. ~26 s
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
@@ -75,6 +84,11 @@ pub struct Metrics {
     pub token_waiters: Family<CallerLabels, Counter>,
     pub config_reloads: Family<OutcomeLabels, Counter>,
     pub connections_open: Gauge,
+    pub store_operations: Family<StoreOpLabels, Counter>,
+    /// `acquired` or `busy` (another replica holds the lease).
+    pub store_lease_acquisitions: Family<OutcomeLabels, Counter>,
+    /// 1 while the shared store answers, 0 while it does not (and with the local store).
+    pub store_up: Gauge,
     /// The label value of a request that has no route or caller (yet).
     none: Name,
 }
@@ -96,6 +110,9 @@ impl Metrics {
         let token_waiters = Family::<CallerLabels, Counter>::default();
         let config_reloads = Family::<OutcomeLabels, Counter>::default();
         let connections_open = Gauge::default();
+        let store_operations = Family::<StoreOpLabels, Counter>::default();
+        let store_lease_acquisitions = Family::<OutcomeLabels, Counter>::default();
+        let store_up = Gauge::default();
         registry.register(
             "requests",
             "Proxied requests by route, caller and status class",
@@ -136,6 +153,21 @@ impl Metrics {
             "Open client connections on proxy listeners",
             connections_open.clone(),
         );
+        registry.register(
+            "store_operations",
+            "Commands to the shared store (Redis) by operation and outcome",
+            store_operations.clone(),
+        );
+        registry.register(
+            "store_lease_acquisitions",
+            "Attempts to take a caller's renewal lease, by outcome (acquired, busy)",
+            store_lease_acquisitions.clone(),
+        );
+        registry.register(
+            "store_up",
+            "Whether the shared store (Redis) answers: 1 or 0",
+            store_up.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -146,6 +178,9 @@ impl Metrics {
             token_waiters,
             config_reloads,
             connections_open,
+            store_operations,
+            store_lease_acquisitions,
+            store_up,
             none: Name(Arc::from("-")),
         })
     }
@@ -189,6 +224,13 @@ impl Metrics {
     pub fn record_fetch(&self, kind: &'static str, outcome: &'static str) {
         self.token_fetches
             .get_or_create(&FetchLabels { kind, outcome })
+            .inc();
+    }
+
+    /// Records one command to the shared store.
+    pub fn record_store(&self, op: &'static str, outcome: &'static str) {
+        self.store_operations
+            .get_or_create(&StoreOpLabels { op, outcome })
             .inc();
     }
 
