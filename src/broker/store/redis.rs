@@ -281,7 +281,7 @@ impl RedisStore {
             .arg(&lease.owner)
             .arg(lease.ttl.as_millis().max(1) as u64);
         let held = self
-            .timed("renew", async {
+            .timed("renew", || async {
                 let mut conn = self.inner.conn.clone();
                 invocation.invoke_async::<i64>(&mut conn).await
             })
@@ -323,7 +323,7 @@ impl RedisStore {
         let mut invocation = self.inner.release.key(&lease.key);
         invocation.arg(&lease.owner);
         let released = self
-            .timed("release", async {
+            .timed("release", || async {
                 let mut conn = self.inner.conn.clone();
                 invocation.invoke_async::<i64>(&mut conn).await
             })
@@ -381,7 +381,7 @@ impl RedisStore {
             .arg(events_channel(&self.inner.prefix))
             .arg(caller);
         let answer = self
-            .timed("write", async {
+            .timed("write", || async {
                 let mut conn = self.inner.conn.clone();
                 invocation.invoke_async::<(i64, i64)>(&mut conn).await
             })
@@ -450,7 +450,7 @@ impl RedisStore {
         op: &'static str,
         cmd: &::redis::Cmd,
     ) -> Result<T, StoreError> {
-        self.timed(op, async {
+        self.timed(op, || async {
             let mut conn = self.inner.conn.clone();
             cmd.query_async::<T>(&mut conn).await
         })
@@ -458,13 +458,22 @@ impl RedisStore {
     }
 
     /// Bounds a command; failures are counted here, successes by the caller (which knows the
-    /// outcome), and `store_up` follows whether Redis answered.
-    async fn timed<T>(
-        &self,
-        op: &'static str,
-        fut: impl std::future::Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, StoreError> {
-        let result = match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
+    /// outcome), and `store_up` follows whether Redis answered. A command that failed at once
+    /// on a dropped connection (Redis restarted; the manager reconnects) is sent once more
+    /// within the same bound: every command here is safe to repeat (the fenced write refuses a
+    /// second application as stale).
+    async fn timed<T, F, Fut>(&self, op: &'static str, mut attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let twice = async {
+            match attempt().await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => attempt().await,
+                other => other,
+            }
+        };
+        let result = match tokio::time::timeout(COMMAND_TIMEOUT, twice).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(map_error(&e)),
             Err(_) => Err(StoreError::Timeout(COMMAND_TIMEOUT)),
