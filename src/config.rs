@@ -226,6 +226,8 @@ pub struct TokenPolicy {
     pub state_file: Option<PathBuf>,
     /// Prefix of the API tokens' display names (`<prefix>-<caller>`).
     pub display_name_prefix: String,
+    /// Seals the state file when set: the key of `[store] seal_key`.
+    pub state_file_seal_key: Option<SealKey>,
 }
 
 impl Default for TokenPolicy {
@@ -244,6 +246,7 @@ impl Default for TokenPolicy {
             warm_up: false,
             state_file: None,
             display_name_prefix: DEFAULT_DISPLAY_NAME_PREFIX.to_string(),
+            state_file_seal_key: None,
         }
     }
 }

@@ -565,6 +565,11 @@ fn a_redis_store_is_read_with_its_defaults_and_files() {
     );
     let c = load(dir.path(), &sealed_local).unwrap();
     assert!(c.store.redis().is_none() && c.store.seal_key.is_some());
+    assert_eq!(
+        c.tokens.state_file_seal_key.as_ref().map(|k| k.id()),
+        c.store.seal_key.as_ref().map(|k| k.id()),
+        "the state file is sealed with the store's key"
+    );
 }
 
 #[test]

@@ -54,7 +54,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let identity = cx.section::<RawIdentity>(raw.identity, "identity", true);
     let identity = cx.identity(identity);
     let tokens = cx.section::<RawTokens>(raw.tokens, "tokens", false);
-    let tokens = cx.tokens(tokens);
+    let mut tokens = cx.tokens(tokens);
     let callers: Vec<CallerConfig> = enumerated(raw.caller, "caller")
         .filter_map(|(key, v)| cx.read(v, &key).map(|r| cx.caller(&key, r)))
         .collect();
@@ -66,6 +66,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let logging = cx.section::<RawLogging>(raw.logging, "logging", false);
     let logging = cx.logging(logging);
     let store = cx.store(raw.store);
+    tokens.state_file_seal_key = store.seal_key.clone();
 
     let config = Config {
         source: Some(path.to_path_buf()),
@@ -649,6 +650,7 @@ impl Checker {
             warm_up: r.warm_up.unwrap_or(d.warm_up),
             state_file,
             display_name_prefix,
+            state_file_seal_key: None,
         }
     }
 
