@@ -7,7 +7,9 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod logs;
+pub mod process;
 pub mod redis_server;
 
 use std::net::SocketAddr;
