@@ -67,6 +67,9 @@ pub enum StoreError {
     /// The payload opened but is not a valid token record.
     #[error("{key} holds an invalid token record: {what}")]
     Payload { key: String, what: String },
+    /// `keep_alive` found the lease gone: expired and taken, or deleted.
+    #[error("the lease of caller {0} was lost to another owner")]
+    LeaseLost(String),
     #[error("store settings: {0}")]
     Config(String),
 }

@@ -188,9 +188,9 @@ impl RedisStore {
         let key = record_key(&self.inner.prefix, caller);
         let mut cmd = ::redis::cmd("HGETALL");
         cmd.arg(&key);
-        let result = self.command::<Vec<(String, Vec<u8>)>>("read", &cmd).await;
-        let fields = match result {
+        let fields = match self.command::<Vec<(String, Vec<u8>)>>("read", &cmd).await {
             Ok(fields) => fields,
+            Err(StoreError::Foreign { what, .. }) => return Err(StoreError::Foreign { key, what }),
             Err(e) => return Err(e),
         };
         let outcome = self.decode(caller, &key, fields);
@@ -305,12 +305,7 @@ impl RedisStore {
             tokio::time::sleep(step).await;
             match self.renew(lease).await {
                 Ok(true) => {}
-                Ok(false) => {
-                    return StoreError::Redis(format!(
-                        "the lease of caller {} was lost to another owner",
-                        lease.caller
-                    ))
-                }
+                Ok(false) => return StoreError::LeaseLost(lease.caller.clone()),
                 Err(e) if Instant::now() + step >= lease.valid_until() => return e,
                 Err(_) => {}
             }
@@ -399,13 +394,11 @@ impl RedisStore {
                         what,
                     }
                 }
-                StoreError::Foreign { what, .. } => {
-                    self.inner.metrics.record_store("write", "invalid");
-                    StoreError::Foreign {
-                        key: key.clone(),
-                        what,
-                    }
-                }
+                // WRONGTYPE (counted already): the lease key holds another type.
+                StoreError::Foreign { what, .. } => StoreError::Foreign {
+                    key: lease.key.clone(),
+                    what,
+                },
                 other => other,
             })?;
         let outcome = match answer {
