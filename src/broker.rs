@@ -34,6 +34,7 @@ mod ladder;
 pub mod policy;
 mod refresh;
 mod state_file;
+pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, Config, ConfigErrors};
 use crate::emulator::EmulatorConfig;
+use crate::seal::SealKey;
 use crate::secret::Secret;
 
 /// Exit code for a bad configuration or bad arguments (EX_USAGE).
@@ -61,6 +62,11 @@ pub enum Command {
     /// Example: `printf '%s' "$KEY" | tokenbroker hash-key` prints `sha256:<64 hex digits>`.
     /// One trailing newline is ignored; an empty key is refused.
     HashKey,
+    /// Print a new random seal key for `[store] seal_key` (32 bytes, base64) on standard output.
+    ///
+    /// Example: `tokenbroker gen-seal-key > seal.key && chmod 600 seal.key`, then
+    /// `seal_key = { file = "seal.key" }`. Every replica needs the same key.
+    GenSealKey,
     /// Run a local demo: the identity-service emulator, its echo upstream and the proxy.
     ///
     /// Uses config/dev.toml: the emulator on 127.0.0.1:7001, the echo upstream on
@@ -180,6 +186,20 @@ pub fn execute(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::GenSealKey => {
+            let key = SealKey::generate();
+            // The key alone on standard output, so that `> seal.key` holds nothing else.
+            if writeln!(std::io::stdout(), "{}", &*key.to_base64()).is_err() {
+                eprintln!("tokenbroker: cannot write the key to standard output");
+                return ExitCode::FAILURE;
+            }
+            eprintln!(
+                "tokenbroker: new seal key (id {}); keep it secret, give every replica the same one: \
+                 [store] seal_key = {{ file = \"seal.key\" }}",
+                key.id()
+            );
+            ExitCode::SUCCESS
+        }
         Command::Dev(args) => block_on(crate::dev::run(args)),
         Command::Emulate(args) => match args.to_config() {
             Ok(config) => block_on(crate::app::emulate(config)),
@@ -214,13 +234,19 @@ pub fn summary(c: &Config) -> String {
         .map_or("no admin listener".to_string(), |a| {
             format!("admin on {}", a.addr)
         });
+    let store = match (c.store.redis(), &c.store.seal_key) {
+        (Some(r), _) => format!("store redis (prefix {}, lease {:?})", r.key_prefix, r.lease),
+        (None, Some(_)) => "store local (sealed)".to_string(),
+        (None, None) => "store local".to_string(),
+    };
     format!(
-        "{}, {}, {}, {}, identity service {}",
+        "{}, {}, {}, {}, identity service {}, {}",
         count(c.listeners.len(), "listener"),
         count(c.callers.len(), "caller"),
         count(c.routes.len(), "route"),
         admin,
-        c.identity.base_url
+        c.identity.base_url,
+        store
     )
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::seal::SealKey;
 use crate::secret::Secret;
 
 pub const DEFAULT_REFRESH_FRACTION: f64 = 0.75;
@@ -37,6 +38,12 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_TENANT: &str = "CUSTOMER";
 pub const DEFAULT_DISPLAY_NAME_PREFIX: &str = "tokenbroker";
+pub const DEFAULT_STORE_KEY_PREFIX: &str = "tokenbroker:";
+pub const DEFAULT_STORE_LEASE: Duration = Duration::from_secs(10);
+/// Bounds of `[store] lease`: long enough to outlast a command timeout, short enough that a
+/// dead holder's callers are taken over quickly.
+pub const MIN_STORE_LEASE: Duration = Duration::from_secs(2);
+pub const MAX_STORE_LEASE: Duration = Duration::from_secs(600);
 
 /// Reads, checks and builds the configuration in `path`, with the secrets it refers to.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -130,6 +137,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub limits: Limits,
     pub logging: LoggingConfig,
+    pub store: StoreConfig,
 }
 
 impl Config {
@@ -146,6 +154,7 @@ impl Config {
             routes: vec![],
             limits: Limits::default(),
             logging: LoggingConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -225,6 +234,8 @@ pub struct TokenPolicy {
     pub state_file: Option<PathBuf>,
     /// Prefix of the API tokens' display names (`<prefix>-<caller>`).
     pub display_name_prefix: String,
+    /// Seals the state file when set: the key of `[store] seal_key`.
+    pub state_file_seal_key: Option<SealKey>,
 }
 
 impl Default for TokenPolicy {
@@ -245,6 +256,7 @@ impl Default for TokenPolicy {
             warm_up: false,
             state_file: None,
             display_name_prefix: DEFAULT_DISPLAY_NAME_PREFIX.to_string(),
+            state_file_seal_key: None,
         }
     }
 }
@@ -322,4 +334,50 @@ pub struct LoggingConfig {
     /// `tracing` filter directive, e.g. `info` or `tokenbroker=debug`.
     pub level: Option<String>,
     pub json: bool,
+}
+
+/// `[store]`: where token state lives besides this process's memory.
+#[derive(Clone, Debug, Default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// Seals what leaves the process: the Redis records (required there) and, when set, the
+    /// state file.
+    pub seal_key: Option<SealKey>,
+}
+
+impl StoreConfig {
+    /// The Redis settings, when `kind = "redis"`.
+    pub fn redis(&self) -> Option<&RedisConfig> {
+        match &self.kind {
+            StoreKind::Local => None,
+            StoreKind::Redis(redis) => Some(redis),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub enum StoreKind {
+    /// In memory, plus the optional state file (`tokens.state_file`).
+    #[default]
+    Local,
+    /// Shared by every replica through Redis.
+    Redis(RedisConfig),
+}
+
+/// `[store] kind = "redis"`.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://host:port/db`, without credentials.
+    pub url: String,
+    /// ACL user name; `None` authenticates as the default user (or not at all).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Every key and the pub/sub channel start with this.
+    pub key_prefix: String,
+    /// Lifetime of a caller's renewal lease.
+    pub lease: Duration,
+    /// For `rediss://`: trust this CA (PEM) instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// The same key as [`StoreConfig::seal_key`]: required with Redis.
+    pub seal_key: SealKey,
 }

@@ -2,7 +2,7 @@
 //!
 //! `main.rs` only parses the command line; everything lives here:
 //! - [`config`]: TOML -> validated [`config::Config`]
-//! - [`secret`]: the redacting secret type
+//! - [`secret`]: the redacting secret type; [`seal`]: AEAD sealing of secrets at rest
 //! - [`identity`]: the identity-service client
 //! - [`broker`]: token lifecycle (cache, refresh, recovery, persistence)
 //! - [`proxy`]: listeners, caller identification, routing, header rewrite, forwarding
@@ -20,6 +20,7 @@ pub mod emulator;
 pub mod identity;
 pub mod metrics;
 pub mod proxy;
+pub mod seal;
 pub mod secret;
 pub mod server;
 pub mod tls;

@@ -80,6 +80,15 @@ pub struct StateLabels {
 /// The states of the identity service's breaker, each a series of `identity_service_state`.
 const IDENTITY_STATES: [&str; 3] = ["closed", "open", "half_open"];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOpLabels {
+    /// `read`, `write`, `try_lease`, `renew`, `release`, `lease_holder`, `subscribe`.
+    pub op: &'static str,
+    /// `ok`, `error`, `timeout`, `invalid` (a record that does not open), and for writes
+    /// `written`, `stale`, `lease_lost`; for renewals `lost`.
+    pub outcome: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 us .. ~26 s
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
@@ -102,6 +111,11 @@ pub struct Metrics {
     pub upstream_rejections: Family<OutcomeLabels, Counter>,
     pub identity_probes: Family<OutcomeLabels, Counter>,
     pub identity_state: Family<StateLabels, Gauge>,
+    pub store_operations: Family<StoreOpLabels, Counter>,
+    /// `acquired` or `busy` (another replica holds the lease).
+    pub store_lease_acquisitions: Family<OutcomeLabels, Counter>,
+    /// 1 while the shared store answers, 0 while it does not (and with the local store).
+    pub store_up: Gauge,
     /// The label value of a request that has no route or caller (yet).
     none: Name,
 }
@@ -178,6 +192,9 @@ impl Metrics {
             "The identity service's breaker: 1 for the current state (closed, open, half_open)",
             identity_state.clone(),
         );
+        let store_operations = Family::<StoreOpLabels, Counter>::default();
+        let store_lease_acquisitions = Family::<OutcomeLabels, Counter>::default();
+        let store_up = Gauge::default();
         registry.register(
             "requests",
             "Proxied requests by route, caller and status class",
@@ -218,6 +235,21 @@ impl Metrics {
             "Open client connections on proxy listeners",
             connections_open.clone(),
         );
+        registry.register(
+            "store_operations",
+            "Commands to the shared store (Redis) by operation and outcome",
+            store_operations.clone(),
+        );
+        registry.register(
+            "store_lease_acquisitions",
+            "Attempts to take a caller's renewal lease, by outcome (acquired, busy)",
+            store_lease_acquisitions.clone(),
+        );
+        registry.register(
+            "store_up",
+            "Whether the shared store (Redis) answers: 1 or 0",
+            store_up.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -234,6 +266,9 @@ impl Metrics {
             upstream_rejections,
             identity_probes,
             identity_state,
+            store_operations,
+            store_lease_acquisitions,
+            store_up,
             none: Name(Arc::from("-")),
         })
     }
@@ -317,6 +352,13 @@ impl Metrics {
                 .get_or_create(&StateLabels { state: s })
                 .set(i64::from(s == state));
         }
+    }
+
+    /// Records one command to the shared store.
+    pub fn record_store(&self, op: &'static str, outcome: &'static str) {
+        self.store_operations
+            .get_or_create(&StoreOpLabels { op, outcome })
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

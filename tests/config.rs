@@ -474,3 +474,162 @@ fn hash_key_refuses_empty_input() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("no key"));
     }
 }
+
+/// `gen-seal-key` output: the key alone on stdout.
+fn gen_seal_key() -> String {
+    let out = Command::new(BIN).arg("gen-seal-key").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("seal_key"));
+    text
+}
+
+#[test]
+fn gen_seal_key_prints_a_fresh_32_byte_key_that_check_accepts() {
+    use base64::Engine as _;
+    let key = gen_seal_key();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(key.trim_end())
+        .unwrap();
+    assert_eq!(bytes.len(), 32);
+    assert_ne!(gen_seal_key(), key, "a new key every time");
+
+    let dir = folder();
+    std::fs::write(dir.path().join("seal.key"), &key).unwrap();
+    let path = dir.path().join("tokenbroker.toml");
+    let text = format!(
+        "{}\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\n\
+         password = {{ env = \"TB_TEST_REDIS_PASSWORD\" }}\nseal_key = {{ file = \"seal.key\" }}\n",
+        base()
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = check(&path, &[("TB_TEST_REDIS_PASSWORD", "redis-pw-value")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("store redis (prefix tokenbroker:"),
+        "{}",
+        stdout(&out)
+    );
+    let out = check(&path, &[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stdout(&out)
+            .contains("store.password: environment variable TB_TEST_REDIS_PASSWORD is not set"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn a_redis_store_is_read_with_its_defaults_and_files() {
+    let dir = folder();
+    std::fs::write(dir.path().join("seal.key"), gen_seal_key()).unwrap();
+    std::fs::write(dir.path().join("redis-pw"), "redis-pw-value\n").unwrap();
+    std::fs::copy(repo("certs/ca.pem"), dir.path().join("redis-ca.pem")).unwrap();
+    let text = format!(
+        "{}\n[store]\nkind = \"redis\"\nurl = \"rediss://localhost:6380/2\"\nusername = \"tb\"\n\
+         password = {{ file = \"redis-pw\" }}\nkey_prefix = \"tokenbroker:prod:\"\n\
+         seal_key = {{ file = \"seal.key\" }}\nlease = \"30s\"\nca_file = \"redis-ca.pem\"\n",
+        base()
+    );
+    let c = load(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
+    let r = c.store.redis().expect("redis");
+    assert_eq!(r.url, "rediss://localhost:6380/2");
+    assert_eq!(r.username.as_deref(), Some("tb"));
+    assert_eq!(r.password.as_ref().unwrap().expose(), "redis-pw-value");
+    assert_eq!(r.key_prefix, "tokenbroker:prod:");
+    assert_eq!(r.lease, std::time::Duration::from_secs(30));
+    assert_eq!(
+        r.ca_file.as_deref(),
+        Some(dir.path().join("redis-ca.pem").as_path())
+    );
+    assert_eq!(r.seal_key.id(), c.store.seal_key.as_ref().unwrap().id());
+
+    let minimal = format!(
+        "{}\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1\"\nseal_key = {{ file = \"seal.key\" }}\n",
+        base()
+    );
+    let c = load(dir.path(), &minimal).unwrap();
+    let r = c.store.redis().unwrap();
+    assert_eq!(r.key_prefix, config::DEFAULT_STORE_KEY_PREFIX);
+    assert_eq!(r.lease, config::DEFAULT_STORE_LEASE);
+    assert!(r.password.is_none() && r.username.is_none() && r.ca_file.is_none());
+
+    // No [store]: local, unsealed. A seal key alone: local, sealed state file.
+    let c = load(dir.path(), &base()).unwrap();
+    assert!(c.store.redis().is_none() && c.store.seal_key.is_none());
+    let sealed_local = format!(
+        "{}\n[store]\nseal_key = {{ file = \"seal.key\" }}\n",
+        base()
+    );
+    let c = load(dir.path(), &sealed_local).unwrap();
+    assert!(c.store.redis().is_none() && c.store.seal_key.is_some());
+    assert_eq!(
+        c.tokens.state_file_seal_key.as_ref().map(|k| k.id()),
+        c.store.seal_key.as_ref().map(|k| k.id()),
+        "the state file is sealed with the store's key"
+    );
+}
+
+#[test]
+fn store_problems_are_reported_with_their_keys_and_echo_no_secret() {
+    let dir = folder();
+    std::fs::write(dir.path().join("short.key"), "c2hvcnQta2V5\n").unwrap();
+    let text = format!(
+        "{}\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1/1\"\n\
+         username = \"tb\"\nkey_prefix = \"has space\"\nseal_key = {{ file = \"short.key\" }}\n\
+         lease = \"1s\"\nca_file = \"missing.pem\"\nextra = 1\n",
+        base()
+    );
+    let all = load(dir.path(), &text).unwrap_err();
+    assert_problem(&all, "store.password", "an ACL username needs a password");
+    assert_problem(
+        &all,
+        "store.key_prefix",
+        "printable characters without spaces",
+    );
+    assert_problem(&all, "store.seal_key", "exactly 32 bytes, found 9");
+    assert_problem(&all, "store.lease", "must be from 2s to 10m");
+    assert_problem(&all, "store.ca_file", "only used with a rediss:// url");
+    assert_problem(&all, "store.extra", "unknown key");
+    let text = format!(
+        "{}\n[store]\nkind = \"redis\"\nurl = \"redis://:hunter2-in-url@127.0.0.1\"\n",
+        base()
+    );
+    let all = load(dir.path(), &text).unwrap_err();
+    assert_problem(&all, "store.url", "must not carry credentials");
+    let shown: String = all.iter().map(|p| format!("{p}\n")).collect();
+    assert!(!shown.contains("hunter2"), "{shown}");
+
+    let text = format!(
+        "{}\n[store]\nkind = \"redis\"\nurl = \"http://127.0.0.1\"\npassword = \"inline-redis-pw\"\n",
+        base()
+    );
+    let all = load(dir.path(), &text).unwrap_err();
+    assert_problem(&all, "store.url", "not a URL such as redis://");
+    assert_problem(&all, "store.password", "an inline secret is not allowed");
+    assert_problem(&all, "store.seal_key", "required with kind = \"redis\"");
+    let shown: String = all.iter().map(|p| format!("{p}\n")).collect();
+    assert!(!shown.contains("inline-redis-pw"), "{shown}");
+
+    let text = format!("{}\n[store]\nkind = \"memcached\"\n", base());
+    assert_problem(
+        &load(dir.path(), &text).unwrap_err(),
+        "store.kind",
+        "\"local\", \"redis\"",
+    );
+    let text = format!(
+        "{}\n[store]\nurl = \"redis://127.0.0.1\"\nlease = \"5s\"\n",
+        base()
+    );
+    let all = load(dir.path(), &text).unwrap_err();
+    assert_problem(&all, "store.url", "only used with kind = \"redis\"");
+    assert_problem(&all, "store.lease", "only used with kind = \"redis\"");
+    let text = format!("{}\n[store]\nkind = \"redis\"\n", base());
+    assert_problem(
+        &load(dir.path(), &text).unwrap_err(),
+        "store.url",
+        "missing",
+    );
+}

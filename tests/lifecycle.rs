@@ -446,3 +446,56 @@ async fn admin_bearer_refused_is_renewed_once() {
     let c = emu.counters();
     assert_eq!((c.client_credentials, c.create), (2, 3), "{c:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_state_file_keeps_api_tokens_and_another_key_means_a_fresh_start() {
+    use tokenbroker::seal::SealKey;
+    let emu = emulator(60.0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let mut tokens = policy(60, 30);
+    tokens.state_file = Some(path.clone());
+    let plain = config(&emu, vec![caller("billing")], tokens.clone());
+    tokens.state_file_seal_key = Some(SealKey::generate());
+    let sealed = config(&emu, vec![caller("billing")], tokens.clone());
+
+    // A plain file from before the key was configured is read, and sealed on the next write.
+    let first = start(&plain).await;
+    first.token("billing").await.unwrap();
+    first.shutdown().await;
+    drop(first);
+    assert!(std::fs::read_to_string(&path)
+        .unwrap()
+        .contains("api_tokens"));
+    let second = start(&sealed).await;
+    assert!(accepted_upstream(&emu, &second.token("billing").await).await);
+    second.shutdown().await;
+    drop(second);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("v1."), "sealed: {text}");
+    assert!(
+        !text.contains("api_tokens") && !text.contains("vidb_"),
+        "{text}"
+    );
+    let third = start(&sealed).await;
+    assert!(accepted_upstream(&emu, &third.token("billing").await).await);
+    third.shutdown().await;
+    drop(third);
+    assert_eq!(emu.counters().create, 1, "restarts created nothing");
+
+    // Another key: the file is set aside and the broker starts fresh.
+    tokens.state_file_seal_key = Some(SealKey::generate());
+    let other = config(&emu, vec![caller("billing")], tokens);
+    let fourth = start(&other).await;
+    fourth.token("billing").await.expect("fresh start works");
+    fourth.shutdown().await;
+    assert_eq!(emu.counters().create, 2);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("state.json.damaged-")),
+        "{names:?}"
+    );
+}

@@ -1,7 +1,8 @@
 //! The optional state file: keeps API tokens across restarts, so that a restart creates no new
 //! token on the identity service. Written atomically (temporary file, fsync, rename) with mode
 //! 0600; a damaged file is reported, set aside and never fatal. It holds secrets by necessity:
-//! nothing else may print its content.
+//! nothing else may print its content. With a seal key (`[store] seal_key`) the whole file is
+//! sealed (`seal.rs`); plain files written before are still read, and sealed on the next write.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -12,11 +13,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use zeroize::Zeroizing;
+
 use super::caller::{ApiCred, Held};
-use super::Broker;
+use super::{read, Broker};
+use crate::seal::{self, SealKey};
 use crate::secret::Secret;
 
 const VERSION: u32 = 1;
+/// The associated data of a sealed state file: a sealed value from elsewhere does not open here.
+const SEAL_AAD: &[u8] = b"tokenbroker state file v1";
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,7 +56,8 @@ impl Broker {
         let Some(path) = self.state_file.clone() else {
             return;
         };
-        let loaded = tokio::task::spawn_blocking(move || load(&path)).await;
+        let key = read(&self.policy).state_file_seal_key.clone();
+        let loaded = tokio::task::spawn_blocking(move || load(&path, key.as_ref())).await;
         let Ok(Some(state)) = loaded else { return };
         let timing = self.timing();
         let now_wall = SystemTime::now();
@@ -110,7 +117,10 @@ impl Broker {
             }
         }
         let shown = path.display().to_string();
-        match tokio::task::spawn_blocking(move || write_atomically(&path, &state)).await {
+        let key = read(&self.policy).state_file_seal_key.clone();
+        match tokio::task::spawn_blocking(move || write_atomically(&path, &state, key.as_ref()))
+            .await
+        {
             Ok(Ok(())) => tracing::debug!(path = %shown, "state file written"),
             Ok(Err(e)) => {
                 tracing::error!(path = %shown, error = %e, "cannot write the state file")
@@ -120,24 +130,20 @@ impl Broker {
     }
 }
 
-/// Reads the state file. Missing: `None`. Damaged: reported, renamed aside, `None`.
-fn load(path: &Path) -> Option<StateFile> {
+/// Reads the state file, sealed or plain. Missing: `None`. Damaged (or sealed under another
+/// key): reported, renamed aside, `None`.
+fn load(path: &Path, key: Option<&SealKey>) -> Option<StateFile> {
     let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+        Ok(b) => Zeroizing::new(b),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot read the state file; starting fresh");
             return None;
         }
     };
-    let problem = match serde_json::from_slice::<StateFile>(&bytes) {
-        Ok(state) if state.version == VERSION => return Some(state),
-        Ok(state) => format!("unsupported version {}", state.version),
-        Err(e) => format!(
-            "not a valid state file (line {}, column {})",
-            e.line(),
-            e.column()
-        ),
+    let problem = match decode(&bytes, key) {
+        Ok(state) => return Some(state),
+        Err(problem) => problem,
     };
     let aside = set_aside_name(path);
     match std::fs::rename(path, &aside) {
@@ -147,6 +153,32 @@ fn load(path: &Path) -> Option<StateFile> {
             "damaged state file could not be set aside; starting fresh"),
     }
     None
+}
+
+/// The state in a file's bytes: sealed (opened with `key`) or plain JSON. The error says what is
+/// wrong, never what the file holds.
+fn decode(bytes: &[u8], key: Option<&SealKey>) -> Result<StateFile, String> {
+    let opened;
+    let json = if seal::looks_sealed(bytes) {
+        let Some(key) = key else {
+            return Err("the file is sealed, but no [store] seal_key is configured".to_string());
+        };
+        let text = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+        opened = seal::open(key, SEAL_AAD, text)
+            .map_err(|e| format!("the sealed file does not open: {e}"))?;
+        &opened[..]
+    } else {
+        bytes
+    };
+    match serde_json::from_slice::<StateFile>(json) {
+        Ok(state) if state.version == VERSION => Ok(state),
+        Ok(state) => Err(format!("unsupported version {}", state.version)),
+        Err(e) => Err(format!(
+            "not a valid state file (line {}, column {})",
+            e.line(),
+            e.column()
+        )),
+    }
 }
 
 fn set_aside_name(path: &Path) -> PathBuf {
@@ -159,9 +191,15 @@ fn set_aside_name(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-fn write_atomically(path: &Path, state: &StateFile) -> std::io::Result<()> {
+/// Writes the state, sealed under `key` when there is one.
+fn write_atomically(path: &Path, state: &StateFile, key: Option<&SealKey>) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let json = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+    let mut json = Zeroizing::new(serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?);
+    if let Some(key) = key {
+        let mut sealed = seal::seal(key, SEAL_AAD, &json).into_bytes();
+        sealed.push(b'\n');
+        json = Zeroizing::new(sealed);
+    }
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -214,10 +252,10 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
-        write_atomically(&path, &sample()).unwrap();
+        write_atomically(&path, &sample(), None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let back = load(&path).unwrap();
+        let back = load(&path, None).unwrap();
         assert_eq!(back.api_tokens["billing"].id, "id-1");
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
@@ -236,13 +274,84 @@ mod tests {
             "{\"version\":9,\"api_tokens\":{}}",
         ] {
             std::fs::write(&path, damage).unwrap();
-            assert!(load(&path).is_none());
+            assert!(load(&path, None).is_none());
             assert!(!path.exists(), "set aside: {damage}");
             let aside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
             assert_eq!(aside.len(), 1);
             std::fs::remove_file(aside[0].as_ref().unwrap().path()).unwrap();
         }
-        assert!(load(&path).is_none(), "missing is fine");
+        assert!(load(&path, None).is_none(), "missing is fine");
+    }
+
+    #[test]
+    fn a_sealed_file_holds_no_secret_in_clear_and_reads_back_with_its_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let key = SealKey::generate();
+        write_atomically(&path, &sample(), Some(&key)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(&format!("v1.{}.", key.id())), "{text}");
+        for clear in ["vidb_secret", "id-1", "billing", "api_tokens"] {
+            assert!(!text.contains(clear), "{clear} in {text}");
+        }
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let back = load(&path, Some(&key)).unwrap();
+        assert_eq!(back.api_tokens["billing"].token, "vidb_secret");
+    }
+
+    #[test]
+    fn a_plain_file_is_still_read_when_a_key_is_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_atomically(&path, &sample(), None).unwrap();
+        let key = SealKey::generate();
+        let back = load(&path, Some(&key)).unwrap();
+        assert_eq!(back.api_tokens["billing"].id, "id-1");
+        // The next write seals it.
+        write_atomically(&path, &back, Some(&key)).unwrap();
+        assert!(!std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("vidb_secret"));
+        assert!(load(&path, Some(&key)).is_some());
+    }
+
+    #[test]
+    fn a_sealed_file_under_another_key_no_key_or_altered_is_set_aside() {
+        let key = SealKey::generate();
+        let sealed = seal::seal(&key, SEAL_AAD, &serde_json::to_vec(&sample()).unwrap());
+        let mut altered = sealed.clone().into_bytes();
+        let last = altered.len() - 1;
+        altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
+        let elsewhere = seal::seal(
+            &key,
+            b"another purpose",
+            &serde_json::to_vec(&sample()).unwrap(),
+        );
+        let other = SealKey::generate();
+        for (bytes, with, says) in [
+            (
+                sealed.as_bytes(),
+                Some(&other),
+                "sealed with another seal key",
+            ),
+            (sealed.as_bytes(), None, "no [store] seal_key is configured"),
+            (&altered[..], Some(&key), "authentication failed"),
+            (elsewhere.as_bytes(), Some(&key), "authentication failed"),
+        ] {
+            let problem = decode(bytes, with).map(|_| ()).unwrap_err();
+            assert!(problem.contains(says), "{problem}");
+            assert!(!problem.contains("vidb_secret"));
+
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.json");
+            std::fs::write(&path, bytes).unwrap();
+            assert!(load(&path, with).is_none());
+            assert!(!path.exists(), "set aside: {says}");
+            let aside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(aside.len(), 1, "{says}");
+        }
     }
 
     #[test]

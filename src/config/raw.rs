@@ -20,6 +20,7 @@ pub struct RawConfig {
     pub route: Vec<toml::Value>,
     pub limits: Option<toml::Value>,
     pub logging: Option<toml::Value>,
+    pub store: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,4 +126,18 @@ pub struct RawLimits {
 pub struct RawLogging {
     pub level: Option<String>,
     pub json: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub kind: Option<String>,
+    pub url: Option<String>,
+    pub username: Option<String>,
+    /// A secret reference, kept raw like `identity.client_secret`.
+    pub password: Option<toml::Value>,
+    pub key_prefix: Option<String>,
+    pub seal_key: Option<toml::Value>,
+    pub lease: Option<String>,
+    pub ca_file: Option<String>,
 }

@@ -3,6 +3,8 @@
 //! path, e.g. `route[2].upstream`) before failing. It never puts a secret, nor any value that could
 //! be one, into a message.
 
+mod store;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,7 +54,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let identity = cx.section::<RawIdentity>(raw.identity, "identity", true);
     let identity = cx.identity(identity);
     let tokens = cx.section::<RawTokens>(raw.tokens, "tokens", false);
-    let tokens = cx.tokens(tokens);
+    let mut tokens = cx.tokens(tokens);
     let callers: Vec<CallerConfig> = enumerated(raw.caller, "caller")
         .filter_map(|(key, v)| cx.read(v, &key).map(|r| cx.caller(&key, r)))
         .collect();
@@ -63,6 +65,8 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let limits = cx.limits(limits);
     let logging = cx.section::<RawLogging>(raw.logging, "logging", false);
     let logging = cx.logging(logging);
+    let store = cx.store(raw.store);
+    tokens.state_file_seal_key = store.seal_key.clone();
 
     let config = Config {
         source: Some(path.to_path_buf()),
@@ -74,6 +78,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
         routes,
         limits,
         logging,
+        store,
     };
     cx.cross_check(&config);
     if cx.problems.is_empty() {
@@ -651,6 +656,7 @@ impl Checker {
             warm_up: r.warm_up.unwrap_or(d.warm_up),
             state_file,
             display_name_prefix,
+            state_file_seal_key: None,
         }
     }
 

@@ -1,4 +1,5 @@
-//! HTTP helpers shared by the integration tests (`mod support;`), and log capture (`logs`).
+//! HTTP helpers shared by the integration tests (`mod support;`), log capture (`logs`) and a
+//! real `redis-server` (`redis_server`).
 //! Generic on purpose: nothing here knows the emulator or the proxy.
 //!
 //! Every call opens a fresh connection (no pool), so one step of a test cannot leak a kept-alive
@@ -7,7 +8,10 @@
 #![allow(dead_code)]
 
 pub mod fake_identity;
+pub mod cluster;
 pub mod logs;
+pub mod process;
+pub mod redis_server;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,0 +1,690 @@
+//! The store on Redis (redis-rs): a reconnecting `ConnectionManager` for commands, one pub/sub
+//! connection per subscription, and three Lua scripts that make lease renewal, lease release and
+//! the fenced write atomic on the server.
+//!
+//! Must never: wait on Redis without a bound (every command is cut off after
+//! [`COMMAND_TIMEOUT`]), put a token or password into an error or a log line, or block start
+//! while Redis is down (the connection is made on first use and remade by itself).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, IntoConnectionInfo, RedisError, Script, Value};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use super::{
+    events_channel, lease_key, open_record, parse_event, record_key, seal_record, Lease,
+    LeaseHolder, StoreError, StoreEvent, StoredTokens, WriteOutcome,
+};
+use crate::config::RedisConfig;
+use crate::metrics::Metrics;
+use crate::seal::SealKey;
+
+/// Every command, including the wait for a (re)connection, ends within this.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
+/// One TCP (and TLS) connection attempt ends within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pub/sub reconnect backoff.
+const RESUBSCRIBE_MIN: Duration = Duration::from_millis(100);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
+/// The subscription pings this often, so that a silent (black-holed) Redis is noticed.
+const SUBSCRIPTION_PING: Duration = Duration::from_secs(3);
+/// Events waiting for the broker; a full queue holds the subscription back (Redis buffers).
+const EVENT_QUEUE: usize = 256;
+
+/// Renews a lease only if this owner still holds it. KEYS[1] lease; ARGV[1] owner, ARGV[2] ms.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
+/// Deletes a lease only if this owner still holds it. KEYS[1] lease; ARGV[1] owner.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// The fenced write. KEYS[1] record, KEYS[2] lease; ARGV[1] owner, ARGV[2] expected generation
+/// (0: absent), ARGV[3] sealed payload (sealed for expected + 1), ARGV[4] channel, ARGV[5] caller.
+/// Returns {0, 0} lease lost, {1, current} stale, {2, new} written (and published).
+const WRITE: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return {0, 0}
+end
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'hash' and kind ~= 'none' then
+  return redis.error_reply('TBFOREIGN the record key holds a ' .. kind)
+end
+local current = 0
+local raw = redis.call('HGET', KEYS[1], 'generation')
+if raw then
+  current = tonumber(raw)
+  if not current or current < 1 or current % 1 ~= 0 then
+    return redis.error_reply('TBFOREIGN the record generation is not a positive integer')
+  end
+end
+if current ~= tonumber(ARGV[2]) then
+  return {1, current}
+end
+local new = current + 1
+redis.call('HSET', KEYS[1], 'generation', new, 'sealed', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. '\n' .. new)
+return {2, new}";
+
+/// The shared store on Redis. Cheap to clone; the subscription ends when the last clone is
+/// dropped or [`RedisStore::shutdown`] is called.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    conn: ConnectionManager,
+    prefix: String,
+    seal_key: SealKey,
+    /// The lease owner value: `<replica>/<random>`, unique to this store.
+    owner: String,
+    replica: String,
+    lease_ttl: Duration,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    renew: Script,
+    release: Script,
+    write: Script,
+}
+
+/// Every (op, outcome) pair the store records, created at start so that they show from the
+/// first scrape.
+const OP_OUTCOMES: &[(&str, &[&str])] = &[
+    ("read", &["ok", "error", "timeout", "invalid"]),
+    (
+        "write",
+        &[
+            "written",
+            "stale",
+            "lease_lost",
+            "error",
+            "timeout",
+            "invalid",
+        ],
+    ),
+    ("try_lease", &["ok", "error", "timeout"]),
+    ("renew", &["ok", "lost", "error", "timeout"]),
+    ("release", &["ok", "error", "timeout"]),
+    ("lease_holder", &["ok", "error", "timeout"]),
+    ("subscribe", &["ok", "error", "timeout"]),
+];
+
+impl RedisStore {
+    /// Sets up the store without waiting for Redis: a Redis that is down at start is connected
+    /// to on first use. Fails only on settings that can never work (a bad URL or CA file).
+    /// Needs a Tokio runtime.
+    pub fn connect(config: &RedisConfig, metrics: Arc<Metrics>) -> Result<RedisStore, StoreError> {
+        let client = client(config)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(|e| StoreError::Config(describe(&e)))?;
+        for (op, outcomes) in OP_OUTCOMES {
+            for outcome in *outcomes {
+                let _ = metrics
+                    .store_operations
+                    .get_or_create(&crate::metrics::StoreOpLabels { op, outcome });
+            }
+        }
+        for outcome in ["acquired", "busy"] {
+            let _ = metrics
+                .store_lease_acquisitions
+                .get_or_create(&crate::metrics::OutcomeLabels { outcome });
+        }
+        metrics.store_up.set(0);
+        let replica = replica_id();
+        let owner = format!("{replica}/{:032x}", rand::random::<u128>());
+        let (shutdown, _) = watch::channel(false);
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                client,
+                conn,
+                prefix: config.key_prefix.clone(),
+                seal_key: config.seal_key.clone(),
+                owner,
+                replica,
+                lease_ttl: config.lease,
+                metrics,
+                shutdown,
+                renew: Script::new(RENEW),
+                release: Script::new(RELEASE),
+                write: Script::new(WRITE),
+            }),
+        })
+    }
+
+    /// This replica's readable id, `<hostname>-<pid>`.
+    pub fn replica(&self) -> &str {
+        &self.inner.replica
+    }
+
+    /// The configured lease lifetime (`[store] lease`).
+    pub fn lease_ttl(&self) -> Duration {
+        self.inner.lease_ttl
+    }
+
+    /// The key prefix (`[store] key_prefix`).
+    pub fn key_prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// Reads a caller's record: `None` if there is none, else its generation and tokens.
+    pub async fn read(&self, caller: &str) -> Result<Option<(u64, StoredTokens)>, StoreError> {
+        let key = record_key(&self.inner.prefix, caller);
+        let mut cmd = ::redis::cmd("HGETALL");
+        cmd.arg(&key);
+        let fields = match self.command::<Vec<(String, Vec<u8>)>>("read", &cmd).await {
+            Ok(fields) => fields,
+            Err(StoreError::Foreign { what, .. }) => return Err(StoreError::Foreign { key, what }),
+            Err(e) => return Err(e),
+        };
+        let outcome = self.decode(caller, &key, fields);
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(e) => e.outcome(),
+        };
+        self.inner.metrics.record_store("read", label);
+        outcome
+    }
+
+    fn decode(
+        &self,
+        caller: &str,
+        key: &str,
+        fields: Vec<(String, Vec<u8>)>,
+    ) -> Result<Option<(u64, StoredTokens)>, StoreError> {
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let foreign = |what: &str| StoreError::Foreign {
+            key: key.to_string(),
+            what: what.to_string(),
+        };
+        let mut generation = None;
+        let mut sealed = None;
+        for (field, value) in fields {
+            match field.as_str() {
+                "generation" => generation = Some(value),
+                "sealed" => sealed = Some(value),
+                _ => return Err(foreign("it has fields other than generation and sealed")),
+            }
+        }
+        let generation = generation
+            .and_then(|g| std::str::from_utf8(&g).ok()?.parse::<u64>().ok())
+            .filter(|g| *g >= 1)
+            .ok_or_else(|| foreign("its generation is not a positive integer"))?;
+        let sealed = sealed.ok_or_else(|| foreign("it has no sealed payload"))?;
+        let tokens = open_record(
+            &self.inner.seal_key,
+            &self.inner.prefix,
+            caller,
+            generation,
+            &sealed,
+        )?;
+        Ok(Some((generation, tokens)))
+    }
+
+    /// Takes a caller's lease for `ttl` if nobody holds it (`SET NX PX`). `None`: another
+    /// replica (or an earlier lease of this one) holds it.
+    pub async fn try_lease(
+        &self,
+        caller: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let key = lease_key(&self.inner.prefix, caller);
+        let ms = ttl.as_millis().max(1) as u64;
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(&key)
+            .arg(&self.inner.owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms);
+        let sent = Instant::now();
+        let answer = self.command::<Option<String>>("try_lease", &cmd).await;
+        let acquired = answer?.is_some();
+        self.inner.metrics.record_store("try_lease", "ok");
+        let outcome = if acquired { "acquired" } else { "busy" };
+        self.inner
+            .metrics
+            .store_lease_acquisitions
+            .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+            .inc();
+        Ok(acquired.then(|| Lease {
+            caller: caller.to_string(),
+            key,
+            owner: self.inner.owner.clone(),
+            ttl,
+            valid_until: std::sync::Mutex::new(sent + ttl),
+        }))
+    }
+
+    /// Extends a lease by its ttl if this store still holds it; `false`: it was lost.
+    pub async fn renew(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let sent = Instant::now();
+        let mut invocation = self.inner.renew.key(&lease.key);
+        invocation
+            .arg(&lease.owner)
+            .arg(lease.ttl.as_millis().max(1) as u64);
+        let held = self
+            .timed("renew", || async {
+                let mut conn = self.inner.conn.clone();
+                invocation.invoke_async::<i64>(&mut conn).await
+            })
+            .await?
+            == 1;
+        self.inner
+            .metrics
+            .record_store("renew", if held { "ok" } else { "lost" });
+        if held {
+            lease.extend(sent);
+        }
+        Ok(held)
+    }
+
+    /// Keeps a lease held, renewing it every third of its ttl, for as long as the caller awaits
+    /// this (run it next to the renewal it protects, e.g. in `tokio::select!`). Returns only
+    /// when the lease is gone: lost to another owner, or not renewable before it ran out.
+    pub async fn keep_alive(&self, lease: &Lease) -> StoreError {
+        let step = lease.ttl / 3;
+        loop {
+            tokio::time::sleep(step).await;
+            match self.renew(lease).await {
+                Ok(true) => {}
+                Ok(false) => return StoreError::LeaseLost(lease.caller.clone()),
+                Err(e) if Instant::now() + step >= lease.valid_until() => return e,
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Gives a lease up if this store still holds it (compare-and-delete); `false` if it had
+    /// already expired or passed to another owner.
+    pub async fn release(&self, lease: Lease) -> Result<bool, StoreError> {
+        let mut invocation = self.inner.release.key(&lease.key);
+        invocation.arg(&lease.owner);
+        let released = self
+            .timed("release", || async {
+                let mut conn = self.inner.conn.clone();
+                invocation.invoke_async::<i64>(&mut conn).await
+            })
+            .await?
+            == 1;
+        self.inner.metrics.record_store("release", "ok");
+        Ok(released)
+    }
+
+    /// Who holds a caller's lease, if anyone.
+    pub async fn lease_holder(&self, caller: &str) -> Result<Option<LeaseHolder>, StoreError> {
+        let mut cmd = ::redis::cmd("GET");
+        cmd.arg(lease_key(&self.inner.prefix, caller));
+        let owner = self.command::<Option<String>>("lease_holder", &cmd).await?;
+        self.inner.metrics.record_store("lease_holder", "ok");
+        Ok(owner.map(|owner| LeaseHolder {
+            this_replica: owner == self.inner.owner,
+            replica: owner
+                .rsplit_once('/')
+                .map_or(owner.as_str(), |(replica, _)| replica)
+                .to_string(),
+        }))
+    }
+
+    /// Writes a caller's new tokens if `lease` is still held by this store and the stored
+    /// generation is `expected` (0: no record yet). On success the record has generation
+    /// `expected + 1` and the change is published on `<key_prefix>events`.
+    pub async fn write(
+        &self,
+        caller: &str,
+        lease: &Lease,
+        expected: u64,
+        tokens: &StoredTokens,
+    ) -> Result<WriteOutcome, StoreError> {
+        if lease.caller != caller {
+            return Err(StoreError::Config(format!(
+                "the lease is for caller {}, not {caller}",
+                lease.caller
+            )));
+        }
+        let key = record_key(&self.inner.prefix, caller);
+        let sealed = seal_record(
+            &self.inner.seal_key,
+            &self.inner.prefix,
+            caller,
+            expected + 1,
+            tokens,
+        );
+        let mut invocation = self.inner.write.key(&key);
+        invocation
+            .key(&lease.key)
+            .arg(&lease.owner)
+            .arg(expected)
+            .arg(sealed)
+            .arg(events_channel(&self.inner.prefix))
+            .arg(caller);
+        let answer = self
+            .timed("write", || async {
+                let mut conn = self.inner.conn.clone();
+                invocation.invoke_async::<(i64, i64)>(&mut conn).await
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Redis(what) if what.contains("TBFOREIGN") => {
+                    let what = what
+                        .split_once("TBFOREIGN ")
+                        .map_or(what.as_str(), |p| p.1)
+                        .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+                        .to_string();
+                    self.inner.metrics.record_store("write", "invalid");
+                    StoreError::Foreign {
+                        key: key.clone(),
+                        what,
+                    }
+                }
+                // WRONGTYPE (counted already): the lease key holds another type.
+                StoreError::Foreign { what, .. } => StoreError::Foreign {
+                    key: lease.key.clone(),
+                    what,
+                },
+                other => other,
+            })?;
+        let outcome = match answer {
+            (2, generation) => WriteOutcome::Written(generation as u64),
+            (1, current) => WriteOutcome::Stale(current as u64),
+            _ => WriteOutcome::LeaseLost,
+        };
+        let label = match outcome {
+            WriteOutcome::Written(_) => "written",
+            WriteOutcome::Stale(_) => "stale",
+            WriteOutcome::LeaseLost => "lease_lost",
+        };
+        self.inner.metrics.record_store("write", label);
+        Ok(outcome)
+    }
+
+    /// Starts the subscription to record changes. The receiver gets [`StoreEvent::Resync`]
+    /// after every (re)connection and [`StoreEvent::Changed`] for every write of any replica
+    /// (this one's included). The task reconnects with backoff while Redis is away and ends
+    /// when the store is shut down or dropped, or the receiver is dropped.
+    pub fn subscribe(&self) -> mpsc::Receiver<StoreEvent> {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let task = Subscriber {
+            client: self.inner.client.clone(),
+            channel: events_channel(&self.inner.prefix),
+            metrics: Arc::clone(&self.inner.metrics),
+            shutdown: self.inner.shutdown.subscribe(),
+            tx,
+        };
+        tokio::spawn(task.run());
+        rx
+    }
+
+    /// Ends the subscriptions now (they also end when the last clone is dropped).
+    pub fn shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+    }
+
+    /// Runs one plain command with the bound, records failures, maps errors.
+    async fn command<T: ::redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &::redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.timed(op, || async {
+            let mut conn = self.inner.conn.clone();
+            cmd.query_async::<T>(&mut conn).await
+        })
+        .await
+    }
+
+    /// Bounds a command; failures are counted here, successes by the caller (which knows the
+    /// outcome), and `store_up` follows whether Redis answered. A command that failed at once
+    /// on a dropped connection (Redis restarted; the manager reconnects) is sent once more
+    /// within the same bound: every command here is safe to repeat (the fenced write refuses a
+    /// second application as stale).
+    async fn timed<T, F, Fut>(&self, op: &'static str, mut attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let twice = async {
+            match attempt().await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => attempt().await,
+                other => other,
+            }
+        };
+        let result = match tokio::time::timeout(COMMAND_TIMEOUT, twice).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(map_error(&e)),
+            Err(_) => Err(StoreError::Timeout(COMMAND_TIMEOUT)),
+        };
+        match &result {
+            Ok(_) => {
+                self.inner.metrics.store_up.set(1);
+            }
+            Err(e) => {
+                if e.is_unavailable() || matches!(e, StoreError::Auth(_)) {
+                    self.inner.metrics.store_up.set(0);
+                } else {
+                    // Redis answered (with an error): it is up.
+                    self.inner.metrics.store_up.set(1);
+                }
+                if !matches!(e, StoreError::Redis(m) if m.contains("TBFOREIGN")) {
+                    self.inner.metrics.record_store(op, e.outcome());
+                }
+                tracing::debug!(op, error = %e, "store command failed");
+            }
+        }
+        result
+    }
+}
+
+/// The client for the settings: URL, credentials, and for `rediss://` the CA.
+fn client(config: &RedisConfig) -> Result<Client, StoreError> {
+    let info = config
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| StoreError::Config(format!("store.url: {}", describe(&e))))?;
+    let mut redis = info.redis_settings().clone();
+    if let Some(name) = &config.username {
+        redis = redis.set_username(name);
+    }
+    if let Some(password) = &config.password {
+        redis = redis.set_password(password.expose());
+    }
+    let info = info.set_redis_settings(redis);
+    if config.url.starts_with("rediss://") {
+        // redis-rs builds its rustls config from the process-wide provider: make it ring.
+        let _ = crate::tls::provider();
+        let root_cert = match &config.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                StoreError::Config(format!(
+                    "store.ca_file: cannot read {}: {e}",
+                    path.display()
+                ))
+            })?),
+            None => None,
+        };
+        Client::build_with_tls(
+            info,
+            ::redis::TlsCertificates {
+                client_tls: None,
+                root_cert,
+            },
+        )
+        .map_err(|e| StoreError::Config(format!("store TLS: {}", describe(&e))))
+    } else {
+        Client::open(info).map_err(|e| StoreError::Config(describe(&e)))
+    }
+}
+
+/// A redis-rs error as text. Its messages name kinds, codes and server answers, never the
+/// configured password (the server does not echo it either).
+fn describe(e: &RedisError) -> String {
+    e.to_string()
+}
+
+fn map_error(e: &RedisError) -> StoreError {
+    use ::redis::ErrorKind;
+    let text = describe(e);
+    if matches!(e.kind(), ErrorKind::AuthenticationFailed)
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+    {
+        StoreError::Auth(text)
+    } else if e.is_timeout() {
+        StoreError::Timeout(COMMAND_TIMEOUT)
+    } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+        StoreError::Unavailable(text)
+    } else if e.code() == Some("WRONGTYPE") {
+        StoreError::Foreign {
+            key: String::new(),
+            what: "the key holds another type than a hash".to_string(),
+        }
+    } else {
+        StoreError::Redis(text)
+    }
+}
+
+/// `<hostname>-<pid>`, for operators to see which replica holds a lease.
+fn replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .take(64)
+        .collect();
+    let host = if host.is_empty() { "unknown" } else { &host };
+    format!("{host}-{}", std::process::id())
+}
+
+/// The subscription task: holds its own pub/sub connection, never a clone of the store (so
+/// that dropping the store ends it).
+struct Subscriber {
+    client: Client,
+    channel: String,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    tx: mpsc::Sender<StoreEvent>,
+}
+
+impl Subscriber {
+    async fn run(mut self) {
+        let mut backoff = RESUBSCRIBE_MIN;
+        loop {
+            if *self.shutdown.borrow() {
+                return;
+            }
+            let connected = tokio::select! {
+                r = subscribe_to(&self.client, &self.channel) => r,
+                _ = self.shutdown.changed() => return,
+                _ = self.tx.closed() => return,
+            };
+            match connected {
+                Ok(pubsub) => {
+                    self.metrics.record_store("subscribe", "ok");
+                    self.metrics.store_up.set(1);
+                    backoff = RESUBSCRIBE_MIN;
+                    tracing::info!(channel = %self.channel, "subscribed to store changes");
+                    if self.send(StoreEvent::Resync).await.is_err() {
+                        return;
+                    }
+                    match self.pump(pubsub).await {
+                        Pumped::Stop => return,
+                        Pumped::Lost(why) => {
+                            self.metrics.store_up.set(0);
+                            tracing::warn!(reason = %why, "store subscription lost; reconnecting");
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.metrics.record_store("subscribe", e.outcome());
+                    self.metrics.store_up.set(0);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot subscribe to store changes");
+                    let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+                    tokio::select! {
+                        _ = tokio::time::sleep(jittered) => {}
+                        _ = self.shutdown.changed() => return,
+                        _ = self.tx.closed() => return,
+                    }
+                    backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, event: StoreEvent) -> Result<(), ()> {
+        tokio::select! {
+            r = self.tx.send(event) => r.map_err(|_| ()),
+            _ = self.shutdown.changed() => Err(()),
+        }
+    }
+
+    async fn pump(&mut self, pubsub: ::redis::aio::PubSub) -> Pumped {
+        let (mut sink, mut stream) = pubsub.split();
+        let mut ping = tokio::time::interval(SUBSCRIPTION_PING);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                message = stream.next() => {
+                    let Some(message) = message else {
+                        return Pumped::Lost("connection closed".to_string());
+                    };
+                    match parse_event(message.get_payload_bytes()) {
+                        Some(event) => {
+                            if self.send(event).await.is_err() {
+                                return Pumped::Stop;
+                            }
+                        }
+                        None => tracing::warn!(channel = %self.channel, "ignored a malformed store event"),
+                    }
+                }
+                _ = ping.tick() => {
+                    match tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Pumped::Lost(describe(&e)),
+                        Err(_) => return Pumped::Lost(format!("no answer to a ping within {COMMAND_TIMEOUT:?}")),
+                    }
+                }
+                _ = self.shutdown.changed() => return Pumped::Stop,
+                _ = self.tx.closed() => return Pumped::Stop,
+            }
+        }
+    }
+}
+
+/// A pub/sub connection subscribed to `channel`, within the command bound.
+async fn subscribe_to(client: &Client, channel: &str) -> Result<::redis::aio::PubSub, StoreError> {
+    let attempt = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok::<_, RedisError>(pubsub)
+    };
+    match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
+        Ok(Ok(pubsub)) => Ok(pubsub),
+        Ok(Err(e)) => Err(map_error(&e)),
+        Err(_) => Err(StoreError::Timeout(COMMAND_TIMEOUT)),
+    }
+}
+
+enum Pumped {
+    Stop,
+    Lost(String),
+}

@@ -1,0 +1,206 @@
+//! `[store]`: the local default or Redis, and the seal key. Kept apart from the other sections'
+//! checks; it adds problems to the same [`Checker`] and never echoes a URL (it could carry a
+//! password) or a secret.
+
+use super::super::raw::RawStore;
+use super::*;
+use crate::seal::SealKey;
+
+impl Checker {
+    pub(super) fn store(&mut self, value: Option<toml::Value>) -> StoreConfig {
+        let r = self.section::<RawStore>(value, "store", false);
+        let seal_key = r
+            .seal_key
+            .clone()
+            .and_then(|v| self.seal_key("store.seal_key", Some(v)));
+        let kind = match r.kind.as_deref().unwrap_or("local") {
+            "local" => {
+                self.local_store(&r);
+                StoreKind::Local
+            }
+            "redis" => match self.redis_store(r, seal_key.clone()) {
+                Some(redis) => StoreKind::Redis(redis),
+                None => StoreKind::Local,
+            },
+            other => {
+                self.add(
+                    "store.kind",
+                    format!("`{other}` is not one of \"local\", \"redis\""),
+                );
+                StoreKind::Local
+            }
+        };
+        StoreConfig { kind, seal_key }
+    }
+
+    /// Keys that only Redis reads are a mistake with the local store.
+    fn local_store(&mut self, r: &RawStore) {
+        let set = [
+            ("url", r.url.is_some()),
+            ("username", r.username.is_some()),
+            ("password", r.password.is_some()),
+            ("key_prefix", r.key_prefix.is_some()),
+            ("lease", r.lease.is_some()),
+            ("ca_file", r.ca_file.is_some()),
+        ];
+        for (field, present) in set {
+            if present {
+                self.add(
+                    format!("store.{field}"),
+                    "only used with kind = \"redis\" (the store is local)",
+                );
+            }
+        }
+    }
+
+    /// `None` when a problem was reported (the key's messages say which).
+    fn redis_store(&mut self, r: RawStore, seal_key: Option<SealKey>) -> Option<RedisConfig> {
+        let url = self.redis_url("store.url", r.url);
+        if r.seal_key.is_none() {
+            self.add(
+                "store.seal_key",
+                "required with kind = \"redis\": { env = \"NAME\" } or { file = \"path\" } \
+                 holding 32 random bytes in base64 (make one with `tokenbroker gen-seal-key`)",
+            );
+        }
+        let username = r.username;
+        if let Some(name) = &username {
+            let ok =
+                !name.is_empty() && name.len() <= 256 && name.chars().all(|c| c.is_ascii_graphic());
+            if !ok {
+                self.add(
+                    "store.username",
+                    "must be 1 to 256 printable characters without spaces",
+                );
+            }
+        }
+        let password = r.password.map(|v| self.secret("store.password", Some(v)));
+        if username.is_some() && password.is_none() {
+            self.add(
+                "store.password",
+                "missing: an ACL username needs a password",
+            );
+        }
+        let key_prefix = r
+            .key_prefix
+            .unwrap_or_else(|| DEFAULT_STORE_KEY_PREFIX.to_string());
+        let prefix_ok = !key_prefix.is_empty()
+            && key_prefix.len() <= 100
+            && key_prefix.chars().all(|c| c.is_ascii_graphic());
+        if !prefix_ok {
+            self.add(
+                "store.key_prefix",
+                "must be 1 to 100 printable characters without spaces, e.g. \"tokenbroker:prod:\"",
+            );
+        }
+        let lease = self.duration("store.lease", r.lease, DEFAULT_STORE_LEASE);
+        if !(MIN_STORE_LEASE..=MAX_STORE_LEASE).contains(&lease) {
+            self.add(
+                "store.lease",
+                format!(
+                    "must be from {} to {}",
+                    humantime::format_duration(MIN_STORE_LEASE),
+                    humantime::format_duration(MAX_STORE_LEASE)
+                ),
+            );
+        }
+        let tls = url.as_deref().is_some_and(|u| u.starts_with("rediss://"));
+        if r.ca_file.is_some() && url.is_some() && !tls {
+            self.add("store.ca_file", "only used with a rediss:// url");
+        }
+        let ca_file = self.readable_file("store.ca_file", r.ca_file);
+        Some(RedisConfig {
+            url: url?,
+            username,
+            password,
+            key_prefix,
+            lease,
+            ca_file,
+            seal_key: seal_key?,
+        })
+    }
+
+    /// A seal key by reference: 32 bytes in base64.
+    fn seal_key(&mut self, key: &str, value: Option<toml::Value>) -> Option<SealKey> {
+        let before = self.problems.len();
+        let secret = self.secret(key, value);
+        if self.problems.len() > before {
+            return None;
+        }
+        match SealKey::from_secret(&secret) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                self.add(key, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// `redis://` or `rediss://` with a host, an optional database number, nothing else.
+    fn redis_url(&mut self, key: &str, value: Option<String>) -> Option<String> {
+        let text = self.required(key, value)?;
+        let problem = match redis_url_problem(&text) {
+            None => return Some(text),
+            Some(p) => p,
+        };
+        // The URL is not echoed: it could carry a password.
+        self.add(key, problem);
+        None
+    }
+}
+
+fn redis_url_problem(text: &str) -> Option<String> {
+    let Some(url) = redis::parse_redis_url(text) else {
+        return Some("not a URL such as redis://127.0.0.1:6379/0".to_string());
+    };
+    if !matches!(url.scheme(), "redis" | "rediss") {
+        return Some("must start with redis:// or rediss://".to_string());
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Some("must name a host, e.g. redis://127.0.0.1:6379/0".to_string());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Some(
+            "must not carry credentials: use store.username and store.password".to_string(),
+        );
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Some("must not have a query or fragment".to_string());
+    }
+    let db = url.path().trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u16>().is_err() {
+        return Some("the path must be a database number, e.g. /0".to_string());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redis_url_problem;
+
+    #[test]
+    fn redis_urls() {
+        for ok in [
+            "redis://127.0.0.1:6379/0",
+            "redis://localhost",
+            "rediss://redis.example.com:6380/3",
+            "redis://[::1]:6379",
+        ] {
+            assert_eq!(redis_url_problem(ok), None, "{ok}");
+        }
+        for (bad, says) in [
+            ("http://127.0.0.1:6379", "not a URL"),
+            ("valkey://127.0.0.1", "redis:// or rediss://"),
+            ("redis+unix:///tmp/redis.sock", "redis:// or rediss://"),
+            ("redis://:hunter2@127.0.0.1", "credentials"),
+            ("redis://user:pw@127.0.0.1", "credentials"),
+            ("redis://127.0.0.1/0?protocol=resp3", "query"),
+            ("redis://127.0.0.1/zero", "database number"),
+            ("127.0.0.1:6379", "not a URL"),
+        ] {
+            let problem = redis_url_problem(bad).unwrap_or_default();
+            assert!(problem.contains(says), "{bad}: {problem}");
+            assert!(!problem.contains("hunter2"));
+        }
+    }
+}
