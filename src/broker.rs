@@ -33,6 +33,7 @@ pub mod identity_service;
 mod ladder;
 pub mod policy;
 mod refresh;
+mod shared;
 mod state_file;
 pub mod store;
 
@@ -52,6 +53,7 @@ use crate::identity::IdentityClient;
 use crate::metrics::{CallerLabels, Metrics};
 use crate::secret::Secret;
 use crate::server::Shutdown;
+pub use caller::SharedCopy;
 use caller::{CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger};
 use flight::Flight;
 use gate::Gate;
@@ -118,6 +120,18 @@ pub struct CallerStatus {
     pub fetches: BTreeMap<String, u64>,
     /// Successful renewals by trigger (`request`, `schedule`, `upstream_401`, `recovery`).
     pub renewals: BTreeMap<String, u64>,
+    /// With the shared store: this replica's copy of the caller's record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreView>,
+}
+
+/// A caller's shared record as this replica sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoreView {
+    #[serde(flatten)]
+    pub copy: caller::SharedCopy,
+    /// The tokens in memory are the newest shared ones.
+    pub current: bool,
 }
 
 /// The whole status page: the identity service's health and every caller.
@@ -171,6 +185,8 @@ pub struct Broker {
     state_lock: tokio::sync::Mutex<()>,
     ready: AtomicBool,
     stop: Shutdown,
+    /// `[store] kind = "redis"`: tokens shared with every replica.
+    store: Option<store::RedisStore>,
 }
 
 /// Expires cache entries when their credential stops being usable.
@@ -239,6 +255,13 @@ impl Broker {
             config: config.identity.clone(),
         };
         let policy = config.tokens.clone();
+        let store = match config.store.redis() {
+            Some(redis) => Some(
+                store::RedisStore::connect(redis, Arc::clone(&metrics))
+                    .map_err(|e| BrokerError(e.to_string()))?,
+            ),
+            None => None,
+        };
         let broker = Arc::new_cyclic(|me| Broker {
             me: me.clone(),
             identity: RwLock::new(Arc::new(identity)),
@@ -257,6 +280,7 @@ impl Broker {
             state_lock: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(!policy.warm_up),
             stop: Shutdown::new(),
+            store,
         });
         broker
             .metrics
@@ -265,6 +289,10 @@ impl Broker {
             broker.add_caller(caller, &policy);
         }
         broker.restore_state().await;
+        if let Some(store) = broker.store() {
+            shared::follow(Arc::downgrade(&broker), store.clone());
+            broker.load_shared().await;
+        }
         if policy.warm_up {
             let b = Arc::clone(&broker);
             tokio::spawn(async move { b.warm_up().await });
@@ -570,6 +598,9 @@ impl Broker {
     /// Stops the refresh tasks and writes the state file.
     pub async fn shutdown(&self) {
         self.stop.trigger();
+        if let Some(store) = self.store() {
+            store.shutdown();
+        }
         self.save_state().await;
     }
 }

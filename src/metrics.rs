@@ -60,6 +60,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TriggerLabels {
     /// `request`, `schedule`, `upstream_401`, `recovery`.
     pub trigger: &'static str,
@@ -116,6 +121,8 @@ pub struct Metrics {
     pub store_lease_acquisitions: Family<OutcomeLabels, Counter>,
     /// 1 while the shared store answers, 0 while it does not (and with the local store).
     pub store_up: Gauge,
+    pub store_sharing: Family<OutcomeLabels, Counter>,
+    pub store_fallbacks: Family<KindLabels, Counter>,
     /// The label value of a request that has no route or caller (yet).
     none: Name,
 }
@@ -195,6 +202,24 @@ impl Metrics {
         let store_operations = Family::<StoreOpLabels, Counter>::default();
         let store_lease_acquisitions = Family::<OutcomeLabels, Counter>::default();
         let store_up = Gauge::default();
+        let store_sharing = Family::<OutcomeLabels, Counter>::default();
+        let store_fallbacks = Family::<KindLabels, Counter>::default();
+        for outcome in ["written", "refused", "failed", "adopted"] {
+            let _ = store_sharing.get_or_create(&OutcomeLabels { outcome });
+        }
+        for kind in ["renewal", "local_api_token"] {
+            let _ = store_fallbacks.get_or_create(&KindLabels { kind });
+        }
+        registry.register(
+            "store_sharing",
+            "Shared-store records this replica wrote, whose write was refused or failed, or that it adopted from another replica",
+            store_sharing.clone(),
+        );
+        registry.register(
+            "store_fallbacks",
+            "Renewals without the shared store (renewal), and replica-local API tokens created while it was unreachable (local_api_token)",
+            store_fallbacks.clone(),
+        );
         registry.register(
             "requests",
             "Proxied requests by route, caller and status class",
@@ -269,6 +294,8 @@ impl Metrics {
             store_operations,
             store_lease_acquisitions,
             store_up,
+            store_sharing,
+            store_fallbacks,
             none: Name(Arc::from("-")),
         })
     }
@@ -342,6 +369,22 @@ impl Metrics {
     pub fn record_probe(&self, outcome: &'static str) {
         self.identity_probes
             .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// A shared-store record this replica wrote (`written`), whose write was refused (`refused`)
+    /// or failed (`failed`), or that it adopted from another replica (`adopted`).
+    pub fn record_store_sharing(&self, outcome: &'static str) {
+        self.store_sharing
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// A renewal without the shared store (`renewal`), or a replica-local API token created
+    /// while it was unreachable (`local_api_token`).
+    pub fn record_store_fallback(&self, kind: &'static str) {
+        self.store_fallbacks
+            .get_or_create(&KindLabels { kind })
             .inc();
     }
 

@@ -1,15 +1,67 @@
-//! Several real `tokenbroker run` processes on one Redis store and one emulator (the harness in
-//! `support::cluster`). The broker does not use the store for its tokens yet: this checks that a
-//! `[store] kind = "redis"` cluster starts, serves every caller on every replica, survives a
-//! `kill -9` of one replica and takes a new one, and that `check` accepts its config.
+//! Several real `tokenbroker run` processes sharing one Redis store and one emulator (the harness
+//! in `support::cluster`), TTLs shortened by the emulator's `seconds_per_minute`: the identity
+//! service sees the calls of one replica however many run, a lease holder killed mid-renewal is
+//! taken over, a Redis outage fails no request, restarts and new replicas create nothing, and
+//! Redis never holds a token in clear. Counts and statuses, never speed.
 
 mod support;
 
-use support::cluster::{Cluster, ClusterOptions, KEY_PREFIX};
+use std::time::{Duration, Instant};
+
+use support::cluster::{caller_name, Cluster, ClusterOptions, KEY_PREFIX};
+use tokenbroker::emulator::{Fault, FaultKind, Operation};
+
+/// Short lifetimes: with one second per minute, `api` and `access` seconds.
+fn short(api: i64, access: i64) -> ClusterOptions {
+    ClusterOptions {
+        seconds_per_minute: 1.0,
+        api_token_ttl_minutes: api,
+        access_token_ttl_minutes: access,
+        tokens_extra: "min_margin = \"500ms\"\nexpiry_skew = \"500ms\"\n".into(),
+        ..ClusterOptions::default()
+    }
+}
+
+/// The value of a Prometheus series (labels included in `series`), if present.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Sum of every sample of a metric family.
+fn family_sum(metrics: &str, family: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(family) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Caller `i`'s API token id on every running replica.
+async fn api_token_ids(cluster: &Cluster, caller: usize) -> Vec<Option<String>> {
+    let mut ids = Vec::new();
+    for i in cluster.running() {
+        let tokens = cluster.tokens(i).await;
+        let entry = tokens["callers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["caller"] == caller_name(caller).as_str())
+            .cloned()
+            .unwrap_or_default();
+        ids.push(entry["api_token_id"].as_str().map(str::to_string));
+    }
+    ids
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_on_one_redis_store_start_serve_and_survive_a_kill() {
-    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+async fn three_replicas_twenty_cold_callers_one_create_and_one_exchange_each() {
+    let cluster = Cluster::start(ClusterOptions {
+        callers: 20,
+        ..ClusterOptions::default()
+    })
+    .await;
     for i in cluster.running() {
         let out = cluster.check(i);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -19,29 +71,270 @@ async fn three_replicas_on_one_redis_store_start_serve_and_survive_a_kill() {
             "{text}"
         );
     }
-
-    let statuses = cluster.spread(30).await;
+    let statuses = cluster.spread(1000).await;
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let c = cluster.counters();
+    assert_eq!((c.create, c.exchange), (20, 20), "{c:?}");
+    assert!(
+        c.client_credentials <= 3,
+        "at most one admin bearer per replica: {c:?}"
+    );
+
+    // every replica holds the same, current copy
+    for caller in 0..20 {
+        let ids = api_token_ids(&cluster, caller).await;
+        assert!(
+            ids.iter().all(|id| id.is_some() && *id == ids[0]),
+            "{ids:?}"
+        );
+    }
+    let tokens = cluster.tokens(0).await;
+    let first = &tokens["callers"][0];
+    assert_eq!(first["store"]["current"], true, "{tokens}");
+    assert!(first["store"]["generation"].as_u64() >= Some(1), "{tokens}");
+
+    // no Redis command per proxied request once the tokens are held
+    let mut before = Vec::new();
     for i in cluster.running() {
-        let tokens = cluster.tokens(i).await;
-        let callers = tokens.as_array().map_or(0, Vec::len);
-        assert_eq!(callers, 3, "{tokens}");
         let metrics = cluster.metrics(i).await;
-        assert!(metrics.contains("tokenbroker_store_up"), "{metrics}");
+        before.push(family_sum(&metrics, "tokenbroker_store_operations_total"));
+    }
+    let statuses = cluster.spread(300).await;
+    assert!(statuses.iter().all(|&s| s == 200));
+    for (n, i) in cluster.running().into_iter().enumerate() {
+        let after = family_sum(
+            &cluster.metrics(i).await,
+            "tokenbroker_store_operations_total",
+        );
+        assert_eq!(after, before[n], "replica {i} talked to Redis for requests");
     }
 
-    cluster.kill(1);
-    let statuses = cluster.spread(20).await;
+    // a dump of every key shows no token, no caller key, no secret
+    let dump = cluster.redis.dump(KEY_PREFIX).await;
+    assert!(dump.contains("sealed"), "{dump}");
+    for clear in [
+        "vidb_",
+        "eyJ",
+        "cluster-key-",
+        "cluster-admin-client-secret",
+    ] {
+        assert!(!dump.contains(clear), "Redis shows {clear}:\n{dump}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_traffic_over_ten_api_token_lifetimes_renews_once_per_period() {
+    // API tokens live 4 s (renewed every ~3 s), access tokens 2 s (every ~1.5 s)
+    let cluster = Cluster::start(short(4, 2)).await;
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let mut n = 0usize;
+    while started.elapsed() < Duration::from_secs(40) {
+        for i in cluster.running() {
+            let status = cluster.request(i, n % 3).await;
+            if status != 200 {
+                failed.push((started.elapsed(), i, status));
+            }
+            n += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    let c = cluster.counters();
+    // one replica alone renews every caller's API token about every 3 s and its access token
+    // about every 1.5 s; three replicas sharing the store must not do more
+    let periods = |lifetime: f64| (elapsed / (0.7 * lifetime)).ceil() as u64 + 1;
+    assert_eq!(c.create, 3, "each caller's API token created once: {c:?}");
+    assert!(c.regenerate >= 3 * 8, "renewed ahead: {c:?}");
     assert!(
-        statuses.iter().all(|&s| s == 200),
-        "the survivors serve: {statuses:?}"
+        c.regenerate <= 3 * periods(4.0),
+        "one regenerate per period: {c:?}"
     );
-    let added = cluster.add_replica().await;
-    cluster.restart(1).await;
-    assert_eq!(cluster.running(), vec![0, 1, 2, added]);
-    let statuses = cluster.spread(40).await;
-    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert!(
+        c.exchange <= 3 * periods(2.0) + c.regenerate,
+        "one exchange per period: {c:?}"
+    );
+    for i in cluster.running() {
+        let metrics = cluster.metrics(i).await;
+        let refused = sample(
+            &metrics,
+            r#"tokenbroker_token_fetches_total{kind="regenerate",outcome="rejected"}"#,
+        );
+        assert_eq!(
+            refused.unwrap_or(0.0),
+            0.0,
+            "replica {i} regenerated an already regenerated token: {metrics}"
+        );
+        assert_eq!(
+            sample(
+                &metrics,
+                r#"tokenbroker_token_ladder_steps_total{step="create"}"#
+            ),
+            Some(0.0),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_holder_killed_mid_regenerate_is_taken_over() {
+    // API tokens live 6 s (renewed after ~4.5 s); access tokens outlive the test
+    let mut cluster = Cluster::start(ClusterOptions {
+        callers: 1,
+        lease: "2s".into(),
+        ..short(6, 60)
+    })
+    .await;
+    assert!(cluster.spread(30).await.iter().all(|&s| s == 200));
+    // the first regenerate hangs for 3 s at the emulator
+    cluster.emulator.inject_fault(Fault::new(
+        FaultKind::Slow { delay_ms: 3000 },
+        vec![Operation::Regenerate],
+        Some(1),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cluster.counters().regenerate == 0 {
+        assert!(Instant::now() < deadline, "no regenerate started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lease_key = format!("{KEY_PREFIX}lease:{}", caller_name(0));
+    let owner = cluster
+        .redis
+        .get(&lease_key)
+        .await
+        .expect("the renewer holds the lease");
+    let holder = cluster
+        .running()
+        .into_iter()
+        .find(|&i| owner.contains(&format!("-{}/", cluster.replica(i).process.pid())))
+        .unwrap_or_else(|| panic!("no replica owns {owner}"));
+    let killed_at = Instant::now();
+    cluster.kill(holder);
+    let survivors = cluster.running();
+
+    // the survivors keep serving, and one of them renews once the lease has lapsed
+    let mut failed = 0;
+    let mut renewed_after = None;
+    let before = cluster.counters();
+    while killed_at.elapsed() < Duration::from_secs(8) {
+        for &i in &survivors {
+            if cluster.request(i, 0).await != 200 {
+                failed += 1;
+            }
+        }
+        let c = cluster.counters();
+        if renewed_after.is_none() && (c.create > before.create || c.regenerate > before.regenerate)
+        {
+            renewed_after = Some(killed_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(failed, 0, "requests failed on the survivors");
+    let renewed_after = renewed_after.expect("a survivor renewed");
+    assert!(
+        renewed_after <= Duration::from_millis(2000 + 1500),
+        "renewed {renewed_after:?} after the kill (lease 2 s)"
+    );
+    // the survivors agree on the new token
+    let ids = api_token_ids(&cluster, 0).await;
+    assert!(
+        ids.iter().all(|id| id.is_some() && *id == ids[0]),
+        "{ids:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_longer_than_an_access_token_fails_no_request() {
+    // access tokens live 2 s; Redis is away for 6 s
+    let mut cluster = Cluster::start(short(60, 2)).await;
+    assert!(cluster.spread(30).await.iter().all(|&s| s == 200));
+    let ids_before: Vec<_> =
+        futures_util::future::join_all((0..3).map(|c| api_token_ids(&cluster, c))).await;
+    cluster.redis.stop();
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        for i in cluster.running() {
+            let status = cluster.request(i, n % 3).await;
+            if status != 200 {
+                failed.push((started.elapsed(), i, status));
+            }
+            n += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed.is_empty(), "{failed:?}");
+    let c = cluster.counters();
+    assert_eq!(
+        (c.create, c.regenerate),
+        (3, 0),
+        "nobody regenerated or created a shared token: {c:?}"
+    );
+    for i in cluster.running() {
+        let metrics = cluster.metrics(i).await;
+        assert_eq!(
+            sample(&metrics, "tokenbroker_store_up"),
+            Some(0.0),
+            "{metrics}"
+        );
+        assert!(
+            sample(
+                &metrics,
+                r#"tokenbroker_store_fallbacks_total{kind="renewal"}"#
+            ) >= Some(1.0),
+            "{metrics}"
+        );
+    }
+
+    // Redis is back (empty: no persistence): the replicas publish and converge on one token
+    cluster.redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
+        let mut converged = true;
+        for (caller, before) in ids_before.iter().enumerate() {
+            let ids = api_token_ids(&cluster, caller).await;
+            converged &= ids.iter().all(|id| id.is_some() && *id == ids[0]);
+            converged &= ids[0] == before[0];
+        }
+        let dump = cluster.redis.dump(KEY_PREFIX).await;
+        converged &= (0..3).all(|c| dump.contains(&format!("caller:{}", caller_name(c))));
+        if converged {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not converge:\n{dump}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_and_a_new_replica_create_nothing() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    assert!(cluster.spread(30).await.iter().all(|&s| s == 200));
+    assert_eq!(cluster.counters().create, 3);
     for i in cluster.running() {
         assert_eq!(cluster.stop(i), Some(0), "replica {i} stops cleanly");
     }
+    for i in 0..3 {
+        cluster.restart(i).await;
+    }
+    assert!(cluster.spread(30).await.iter().all(|&s| s == 200));
+    let added = cluster.add_replica().await;
+    assert_eq!(cluster.running(), vec![0, 1, 2, added]);
+    assert!(cluster.spread(40).await.iter().all(|&s| s == 200));
+    let c = cluster.counters();
+    assert_eq!(
+        (c.create, c.regenerate),
+        (3, 0),
+        "restarts and a new replica created nothing: {c:?}"
+    );
+    assert_eq!(c.exchange, 3, "nor exchanged: {c:?}");
+    // kill -9 of one: the others serve on
+    cluster.kill(1);
+    assert!(cluster.spread(20).await.iter().all(|&s| s == 200));
 }

@@ -437,35 +437,8 @@ async fn a_dump_of_every_key_and_monitor_show_no_token_and_no_key() {
     }
     let _ = a.lease_holder("billing").await.unwrap();
 
-    let mut conn = raw(&server, None).await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{PREFIX}*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(keys.len(), 6, "3 records and 3 leases: {keys:?}");
-    let mut dump = String::new();
-    for k in &keys {
-        let kind: String = redis::cmd("TYPE")
-            .arg(k)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let value: redis::Value = match kind.as_str() {
-            "hash" => redis::cmd("HGETALL")
-                .arg(k)
-                .query_async(&mut conn)
-                .await
-                .unwrap(),
-            "string" => redis::cmd("GET")
-                .arg(k)
-                .query_async(&mut conn)
-                .await
-                .unwrap(),
-            other => panic!("{k} is a {other}"),
-        };
-        dump.push_str(&format!("{k} {kind} {value:?}\n"));
-    }
+    let dump = server.dump(PREFIX).await;
+    assert_eq!(dump.lines().count(), 6, "3 records and 3 leases:\n{dump}");
     let mut monitored = String::new();
     while let Ok(Some(line)) = tokio::time::timeout(Duration::from_millis(500), seen.next()).await {
         monitored.push_str(&line);

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::flight::Flight;
 use super::gate::Gate;
 use super::policy::{self, Timing};
-use super::{CallerStatus, InjectToken};
+use super::{CallerStatus, InjectToken, StoreView};
 use crate::config::{CallerConfig, InjectMode, TokenPolicy};
 use crate::secret::Secret;
 
@@ -69,8 +69,25 @@ pub(super) struct ApiCred {
     pub exchanged: AtomicBool,
 }
 
+impl ApiCred {
+    pub fn new(id: String, token: Secret, suffix: String) -> Self {
+        ApiCred {
+            id,
+            token,
+            suffix,
+            exchanged: AtomicBool::new(false),
+        }
+    }
+
+    pub fn exchanged_once(&self) -> bool {
+        self.exchanged.load(Ordering::Acquire)
+    }
+}
+
 /// The caller's inject token.
 pub(super) struct InjectCred {
+    /// The bare token (for the shared store).
+    pub token: Secret,
     pub inject: Arc<InjectToken>,
     /// Set by the first upstream 401 for this generation that leads to a renewal.
     pub rejected: AtomicBool,
@@ -181,6 +198,22 @@ pub(super) struct CallerState {
     waited: AtomicU64,
     wait_timeouts: AtomicU64,
     stats: Mutex<Stats>,
+    /// With the shared store: where this replica's copy stands.
+    shared: Mutex<SharedCopy>,
+}
+
+/// This replica's copy of a caller's record in the shared store.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SharedCopy {
+    /// The record generation the tokens in memory come from (0: none).
+    pub generation: u64,
+    /// The highest record generation this replica has heard of.
+    pub latest_seen: u64,
+    /// Who held the renewal lease at this replica's last attempt: `this_replica`, `other`.
+    pub lease: Option<&'static str>,
+    /// The API token in memory is this replica's own, created while the store was unreachable;
+    /// it is replaced by the shared one when the store is back.
+    pub local_api_token: bool,
 }
 
 impl CallerState {
@@ -199,7 +232,17 @@ impl CallerState {
             waited: AtomicU64::new(0),
             wait_timeouts: AtomicU64::new(0),
             stats: Mutex::default(),
+            shared: Mutex::default(),
         })
+    }
+
+    /// This replica's view of the caller's shared record.
+    pub fn shared(&self) -> SharedCopy {
+        lock(&self.shared).clone()
+    }
+
+    pub fn update_shared(&self, f: impl FnOnce(&mut SharedCopy)) {
+        f(&mut lock(&self.shared));
     }
 
     pub fn settings(&self) -> CallerSettings {
@@ -348,6 +391,7 @@ impl CallerState {
         let now = Instant::now();
         let api = self.api();
         let inject = self.latest();
+        let shared = self.shared();
         let stats = lock(&self.stats);
         let state = match (&inject, stats.failing) {
             (Some(_), false) => "ready",
@@ -377,6 +421,11 @@ impl CallerState {
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
+            store: (shared.latest_seen > 0 || shared.generation > 0 || shared.local_api_token)
+                .then_some(StoreView {
+                    current: shared.generation == shared.latest_seen && !shared.local_api_token,
+                    copy: shared,
+                }),
         }
     }
 }

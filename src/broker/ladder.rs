@@ -131,14 +131,29 @@ impl Broker {
         }
     }
 
-    /// The inject token after doing what is due: `(token, true)` when it is a new one.
+    /// The inject token after doing what is due: `(token, true)` when it is a new one. With the
+    /// shared store, through it (`shared.rs`).
     async fn renew_tokens(
         &self,
         c: &CallerState,
     ) -> Result<(Arc<Held<InjectCred>>, bool), CallError> {
+        match self.store() {
+            Some(store) => self.renew_shared(store, c).await,
+            None => self.renew_here(c, false).await,
+        }
+    }
+
+    /// Renews on this replica's own: `local_only` (the shared store is unreachable) never
+    /// regenerates the API token others share, and creates a replica-local one only when none is
+    /// usable.
+    pub(super) async fn renew_here(
+        &self,
+        c: &CallerState,
+        local_only: bool,
+    ) -> Result<(Arc<Held<InjectCred>>, bool), CallError> {
         let s = c.settings();
         let current = c.sound().filter(|h| !h.is_due(Instant::now()));
-        let api = self.api_token(c, &s, current.is_none()).await?;
+        let api = self.api_token(c, &s, current.is_none(), local_only).await?;
         if let Some(held) = current {
             if s.inject == InjectMode::AccessToken || held.generation == api.generation {
                 return Ok((held, false));
@@ -146,7 +161,7 @@ impl Broker {
         }
         let held = match s.inject {
             InjectMode::ApiToken => inject_api_token(&api)?,
-            InjectMode::AccessToken => self.exchange(c, &s, api).await?,
+            InjectMode::AccessToken => self.exchange(c, &s, api, local_only).await?,
         };
         Ok((Arc::new(held), true))
     }
@@ -158,6 +173,7 @@ impl Broker {
         c: &CallerState,
         s: &CallerSettings,
         mut api: Arc<Held<ApiCred>>,
+        local_only: bool,
     ) -> Result<Held<InjectCred>, CallError> {
         let mut replaced = false;
         loop {
@@ -170,29 +186,15 @@ impl Broker {
             match result {
                 Ok(t) => {
                     api.value.exchanged.store(true, Ordering::Release);
-                    let generation = self.next_generation();
-                    let value = InjectCred {
-                        inject: Arc::new(InjectToken {
-                            header: bearer(&t.token)?,
-                            generation,
-                        }),
-                        rejected: Default::default(),
-                    };
                     let lifetime = t.lifetime.unwrap_or(UNKNOWN_LIFETIME);
                     let received = Instant::from_std(t.received);
-                    return Ok(Held::new(
-                        value,
-                        generation,
-                        received,
-                        lifetime,
-                        &self.timing(),
-                    ));
+                    return Ok(access_held(self, t.token, received, lifetime)?);
                 }
                 Err(e) if e.is(ErrorClass::InvalidCredential) && !replaced => {
                     tracing::info!(caller = &*c.name, api_token_id = %api.value.id,
                         "API token refused by the exchange; replacing it");
                     replaced = true;
-                    api = self.replace_api(c, s, &api).await?;
+                    api = self.replace_api(c, s, &api, local_only).await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -207,28 +209,38 @@ impl Broker {
         c: &CallerState,
         s: &CallerSettings,
         need_inject: bool,
+        local_only: bool,
     ) -> Result<Arc<Held<ApiCred>>, CallError> {
         let Some(api) = c.api() else {
-            return self.create_api(c, s).await;
+            return self.create_api(c, s, local_only).await;
         };
+        if local_only && !(s.single_use && need_inject && api.value.exchanged_once()) {
+            // still usable: keep using the shared token rather than regenerate it
+            return Ok(api);
+        }
         let due = api.is_due(Instant::now())
             || (s.single_use && need_inject && api.value.exchanged.load(Ordering::Acquire))
             || (s.inject == InjectMode::ApiToken && c.refused_generation() == api.generation);
         if due {
-            self.replace_api(c, s, &api).await
+            self.replace_api(c, s, &api, local_only).await
         } else {
             Ok(api)
         }
     }
 
     /// Regenerates the API token; when the service refuses (the token is invalid or expired),
-    /// creates a new one at once.
+    /// creates a new one at once. `local_only`: creates a replica-local one instead of
+    /// regenerating the token other replicas share.
     async fn replace_api(
         &self,
         c: &CallerState,
         s: &CallerSettings,
         stale: &Held<ApiCred>,
+        local_only: bool,
     ) -> Result<Arc<Held<ApiCred>>, CallError> {
+        if local_only {
+            return self.create_api(c, s, true).await;
+        }
         let ttl = self.policy_now().api_token_ttl_minutes;
         let token = &stale.value.token;
         let result = self
@@ -246,16 +258,19 @@ impl Broker {
                 tracing::warn!(caller = &*c.name, api_token_id = %stale.value.id, error = %e,
                     "regenerate refused; creating a new API token");
                 self.metrics.record_ladder("create");
-                self.create_api(c, s).await
+                self.create_api(c, s, false).await
             }
             Err(e) => Err(e),
         }
     }
 
+    /// Creates an API token; `local_only`: a replica-local one, while the shared store is
+    /// unreachable.
     async fn create_api(
         &self,
         c: &CallerState,
         s: &CallerSettings,
+        local_only: bool,
     ) -> Result<Arc<Held<ApiCred>>, CallError> {
         let policy = self.policy_now();
         let request = CreateRequest {
@@ -272,17 +287,19 @@ impl Broker {
                 service.create_api_token(&admin, request).await
             })
             .await?;
-        tracing::info!(caller = &*c.name, api_token_id = %t.id, suffix = %t.suffix, "API token created");
+        if local_only {
+            tracing::warn!(caller = &*c.name, api_token_id = %t.id, suffix = %t.suffix,
+                "API token created for this replica alone: the shared store is unreachable");
+            self.metrics.record_store_fallback("local_api_token");
+            c.update_shared(|shared| shared.local_api_token = true);
+        } else {
+            tracing::info!(caller = &*c.name, api_token_id = %t.id, suffix = %t.suffix, "API token created");
+        }
         Ok(self.store_api(c, t).await)
     }
 
     async fn store_api(&self, c: &CallerState, t: ApiToken) -> Arc<Held<ApiCred>> {
-        let cred = ApiCred {
-            id: t.id,
-            token: t.token,
-            suffix: t.suffix,
-            exchanged: Default::default(),
-        };
+        let cred = ApiCred::new(t.id, t.token, t.suffix);
         let held = Arc::new(Held::new(
             cred,
             self.next_generation(),
@@ -472,10 +489,37 @@ impl Broker {
     }
 }
 
+/// An access token received at `received`, living `lifetime`, as the inject token (a new
+/// generation).
+pub(super) fn access_held(
+    broker: &Broker,
+    token: Secret,
+    received: Instant,
+    lifetime: Duration,
+) -> Result<Held<InjectCred>, IdentityError> {
+    let generation = broker.next_generation();
+    let value = InjectCred {
+        inject: Arc::new(InjectToken {
+            header: bearer(&token)?,
+            generation,
+        }),
+        token,
+        rejected: Default::default(),
+    };
+    Ok(Held::new(
+        value,
+        generation,
+        received,
+        lifetime,
+        &broker.timing(),
+    ))
+}
+
 /// In `api_token` mode the inject token is the API token itself, with its timing.
-fn inject_api_token(api: &Held<ApiCred>) -> Result<Held<InjectCred>, IdentityError> {
+pub(super) fn inject_api_token(api: &Held<ApiCred>) -> Result<Held<InjectCred>, IdentityError> {
     Ok(Held {
         value: InjectCred {
+            token: api.value.token.clone(),
             inject: Arc::new(InjectToken {
                 header: bearer(&api.value.token)?,
                 generation: api.generation,

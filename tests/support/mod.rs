@@ -7,8 +7,8 @@
 
 #![allow(dead_code)]
 
-pub mod fake_identity;
 pub mod cluster;
+pub mod fake_identity;
 pub mod logs;
 pub mod process;
 pub mod redis_server;

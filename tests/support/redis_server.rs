@@ -48,6 +48,54 @@ impl RedisServer {
         self.port
     }
 
+    /// Every key under `prefix` with its type and value, one per line: what a Redis dump shows.
+    pub async fn dump(&self, prefix: &str) -> String {
+        let mut conn = redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut dump = String::new();
+        for k in &keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(k)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let command = match kind.as_str() {
+                "hash" => "HGETALL",
+                "string" => "GET",
+                other => panic!("{k} is a {other}"),
+            };
+            let value: redis::Value = redis::cmd(command)
+                .arg(k)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            dump.push_str(&format!("{k} {kind} {value:?}\n"));
+        }
+        dump
+    }
+
+    /// The value of a plain key (e.g. who holds a lease).
+    pub async fn get(&self, key: &str) -> Option<String> {
+        let mut conn = redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }

@@ -1,0 +1,419 @@
+//! The broker's side of the shared store (`[store] kind = "redis"`): every replica holds the same
+//! API token and access token per caller, and only the holder of a caller's lease calls the
+//! identity service for it.
+//!
+//! - A renewal first reads the store: a record newer than this replica's copy is adopted, and
+//!   nothing is called. Otherwise it takes the caller's lease (another holder: wait for its write,
+//!   at most twice the lease), reads again, renews (the same ladder as alone) while keeping the
+//!   lease alive, and writes the new tokens with a compare-and-set on the record's generation; a
+//!   refused write adopts whatever is stored instead.
+//! - Other replicas adopt new records as they are announced (pub/sub), and re-read every caller
+//!   after each (re)connection.
+//! - Static stability: requests never touch the store; tokens live in memory as without it.
+//!   While the store is unreachable a replica exchanges the shared API token for itself, never
+//!   regenerates it (that would kill every other replica's copy), and creates a replica-local API
+//!   token only when it has no usable one; when the store is back it adopts the shared record, or
+//!   publishes its own when there is none.
+//!
+//! Must never: call the identity service for a caller whose newer tokens are in the store, write
+//! without the lease, or block a request on Redis.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::caller::{ApiCred, CallerState, Held, InjectCred};
+use super::ladder::CallError;
+use super::store::{
+    Lease, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken, StoredTokens,
+    WriteOutcome,
+};
+use super::Broker;
+use crate::config::InjectMode;
+
+/// How often a replica waiting for another's renewal looks at the store.
+const LEASE_POLL: Duration = Duration::from_millis(100);
+
+/// Remaining life of a stored token, by the wall clock (replicas' clocks are assumed to agree
+/// within the expiry skew).
+fn remaining(expires: SystemTime) -> Option<Duration> {
+    expires
+        .duration_since(SystemTime::now())
+        .ok()
+        .filter(|d| !d.is_zero())
+}
+
+impl Broker {
+    pub(super) fn store(&self) -> Option<&RedisStore> {
+        self.store.as_ref()
+    }
+
+    /// Renews the caller's tokens with the shared store: adopt what is stored, or renew under the
+    /// lease and share the result.
+    pub(super) async fn renew_shared(
+        &self,
+        store: &RedisStore,
+        c: &CallerState,
+    ) -> Result<(Arc<Held<InjectCred>>, bool), CallError> {
+        match store.read(&c.name).await {
+            Ok(record) => {
+                if let Some(done) = self.adopt_if_enough(c, record) {
+                    return Ok(done);
+                }
+            }
+            Err(e) => return self.renew_without_store(c, &e).await,
+        }
+        let lease = match self.take_lease(store, c).await? {
+            Taken::Lease(lease) => lease,
+            Taken::Adopted(done) => return Ok(done),
+            Taken::Unreachable(e) => return self.renew_without_store(c, &e).await,
+        };
+        // a write may have landed between our read and the lease
+        let expected = match store.read(&c.name).await {
+            Ok(record) => {
+                let generation = record.as_ref().map_or(0, |(g, _)| *g);
+                if let Some(done) = self.adopt_if_enough(c, record) {
+                    release(store, lease).await;
+                    return Ok(done);
+                }
+                generation
+            }
+            Err(e) => {
+                release(store, lease).await;
+                return self.renew_without_store(c, &e).await;
+            }
+        };
+        let api_before = c.api().map(|a| a.generation);
+        let work = self.renew_here(c, false);
+        tokio::pin!(work);
+        let result = tokio::select! {
+            result = &mut work => result,
+            lost = store.keep_alive(&lease) => {
+                tracing::warn!(caller = &*c.name, error = %lost,
+                    "renewal lease lost; finishing the renewal without writing it");
+                let result = work.await;
+                self.adopt_stored(store, c).await;
+                return result;
+            }
+        };
+        if let Ok((held, fresh)) = &result {
+            // a regenerated API token is shared even when the access token held stays
+            if *fresh || c.api().map(|a| a.generation) != api_before {
+                self.share(store, c, &lease, expected, Some(held)).await;
+            }
+        }
+        release(store, lease).await;
+        result
+    }
+
+    /// Takes the caller's lease; while another replica holds it, waits for its write (polling the
+    /// store) at most twice the lease, which is also enough for a dead holder's lease to lapse.
+    async fn take_lease(&self, store: &RedisStore, c: &CallerState) -> Result<Taken, CallError> {
+        let ttl = store.lease_ttl();
+        let deadline = Instant::now() + ttl * 2;
+        loop {
+            match store.try_lease(&c.name, ttl).await {
+                Ok(Some(lease)) => {
+                    c.update_shared(|s| s.lease = Some("this_replica"));
+                    return Ok(Taken::Lease(lease));
+                }
+                Ok(None) => c.update_shared(|s| s.lease = Some("other")),
+                Err(e) => return Ok(Taken::Unreachable(e)),
+            }
+            if Instant::now() >= deadline {
+                return Err(CallError::Paused {
+                    wait: Duration::from_secs(1),
+                    reason: format!(
+                        "another replica holds the renewal lease of caller {}",
+                        c.name
+                    ),
+                });
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+            match store.read(&c.name).await {
+                Ok(record) => {
+                    if let Some(done) = self.adopt_if_enough(c, record) {
+                        return Ok(Taken::Adopted(done));
+                    }
+                }
+                Err(e) => return Ok(Taken::Unreachable(e)),
+            }
+        }
+    }
+
+    /// Writes the caller's tokens (its API token, and `inject` or else the inject token held)
+    /// under the lease; a refused write adopts what is stored.
+    async fn share(
+        &self,
+        store: &RedisStore,
+        c: &CallerState,
+        lease: &Lease,
+        expected: u64,
+        inject: Option<&Arc<Held<InjectCred>>>,
+    ) {
+        let inject = inject.cloned().or_else(|| c.latest());
+        let Some(tokens) = self.stored_tokens(c, inject.as_deref()) else {
+            return;
+        };
+        match store.write(&c.name, lease, expected, &tokens).await {
+            Ok(WriteOutcome::Written(generation)) => {
+                c.update_shared(|s| {
+                    s.generation = generation;
+                    s.latest_seen = s.latest_seen.max(generation);
+                    s.local_api_token = false;
+                });
+                self.metrics.record_store_sharing("written");
+                tracing::debug!(caller = &*c.name, generation, "tokens shared");
+            }
+            Ok(outcome) => {
+                tracing::warn!(
+                    caller = &*c.name,
+                    ?outcome,
+                    "another replica wrote this caller's tokens first; adopting them"
+                );
+                self.metrics.record_store_sharing("refused");
+                self.adopt_stored(store, c).await;
+            }
+            Err(e) => {
+                self.metrics.record_store_sharing("failed");
+                tracing::warn!(caller = &*c.name, error = %e,
+                    "new tokens not shared: the store is unreachable");
+            }
+        }
+    }
+
+    /// The caller's API token and `inject`, as the store keeps them.
+    fn stored_tokens(
+        &self,
+        c: &CallerState,
+        inject: Option<&Held<InjectCred>>,
+    ) -> Option<StoredTokens> {
+        let api = c.api()?;
+        let access = match c.settings().inject {
+            InjectMode::ApiToken => None,
+            InjectMode::AccessToken => inject.map(|h| StoredAccessToken {
+                token: h.value.token.clone(),
+                expires: h.expires_wall,
+                generation: h.generation,
+            }),
+        };
+        Some(StoredTokens {
+            api: StoredApiToken {
+                id: api.value.id.clone(),
+                token: api.value.token.clone(),
+                suffix: api.value.suffix.clone(),
+                client_id: c.settings().client_id,
+                expires: api.expires_wall,
+            },
+            access,
+        })
+    }
+
+    /// Renews without the store (unreachable, or its record unreadable): exchange with the API
+    /// token held, never regenerate it; a replica-local API token only when none is usable.
+    async fn renew_without_store(
+        &self,
+        c: &CallerState,
+        error: &StoreError,
+    ) -> Result<(Arc<Held<InjectCred>>, bool), CallError> {
+        tracing::warn!(caller = &*c.name, error = %error,
+            "shared store unavailable; renewing this replica's copy without it");
+        self.metrics.record_store_fallback("renewal");
+        self.renew_here(c, true).await
+    }
+
+    /// Adopts a stored record that is newer than this replica's copy (or replaces a local API
+    /// token); returns the token when what is now held needs no renewal.
+    fn adopt_if_enough(
+        &self,
+        c: &CallerState,
+        record: Option<(u64, StoredTokens)>,
+    ) -> Option<(Arc<Held<InjectCred>>, bool)> {
+        let adopted = match record {
+            Some((generation, tokens)) => self.adopt(c, generation, &tokens),
+            None => false,
+        };
+        let now = Instant::now();
+        let held = c.sound().filter(|h| !h.is_due(now))?;
+        let api = c.api()?;
+        if api.is_due(now) || (c.settings().single_use && api.value.exchanged_once()) {
+            return None;
+        }
+        Some((held, adopted))
+    }
+
+    /// Takes a record's tokens into memory when it is newer than this replica's copy. True when
+    /// the inject token changed.
+    fn adopt(&self, c: &CallerState, generation: u64, tokens: &StoredTokens) -> bool {
+        let copy = c.shared();
+        c.update_shared(|s| s.latest_seen = s.latest_seen.max(generation));
+        if generation <= copy.generation && !copy.local_api_token {
+            return false;
+        }
+        let s = c.settings();
+        if tokens.api.client_id != s.client_id {
+            return false;
+        }
+        let Some(api_left) = remaining(tokens.api.expires) else {
+            return false;
+        };
+        let timing = self.timing();
+        let now = Instant::now();
+        let same_api = c.api().is_some_and(|a| a.value.token == tokens.api.token);
+        let api = match c.api().filter(|_| same_api) {
+            Some(api) => api,
+            None => {
+                let held = Arc::new(Held::new(
+                    ApiCred::new(
+                        tokens.api.id.clone(),
+                        tokens.api.token.clone(),
+                        tokens.api.suffix.clone(),
+                    ),
+                    self.next_generation(),
+                    now,
+                    api_left,
+                    &timing,
+                ));
+                c.set_api(Arc::clone(&held));
+                held
+            }
+        };
+        let inject = match s.inject {
+            InjectMode::ApiToken => {
+                let same = c.latest().is_some_and(|h| h.generation == api.generation);
+                (!same)
+                    .then(|| super::ladder::inject_api_token(&api).ok())
+                    .flatten()
+            }
+            InjectMode::AccessToken => tokens.access.as_ref().and_then(|access| {
+                let same = c.latest().is_some_and(|h| h.value.token == access.token);
+                if same {
+                    return None;
+                }
+                let left = remaining(access.expires)?;
+                super::ladder::access_held(self, access.token.clone(), now, left).ok()
+            }),
+        };
+        c.update_shared(|shared| {
+            shared.generation = generation;
+            shared.local_api_token = false;
+        });
+        match inject {
+            Some(held) => {
+                let held = Arc::new(held);
+                c.set_latest(Arc::clone(&held));
+                let cache = self.inject.clone();
+                let name = Arc::clone(&c.name);
+                tokio::spawn(async move { cache.insert(name, held).await });
+                c.activate();
+                tracing::debug!(caller = &*c.name, generation, "adopted the shared tokens");
+                self.metrics.record_store_sharing("adopted");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Reads the caller's record and adopts it if newer.
+    async fn adopt_stored(&self, store: &RedisStore, c: &CallerState) {
+        match store.read(&c.name).await {
+            Ok(Some((generation, tokens))) => {
+                self.adopt(c, generation, &tokens);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(caller = &*c.name, error = %e, "cannot read the shared record")
+            }
+        }
+    }
+
+    /// Reads the caller's record and adopts it if newer; publishes this replica's tokens when the
+    /// store has none (e.g. they were obtained while it was unreachable).
+    async fn adopt_newer(&self, store: &RedisStore, c: &CallerState) {
+        match store.read(&c.name).await {
+            Ok(Some((generation, tokens))) => {
+                self.adopt(c, generation, &tokens);
+            }
+            Ok(None) => {
+                if c.api().is_some() && !c.flight.in_flight() {
+                    if let Ok(Some(lease)) = store.try_lease(&c.name, store.lease_ttl()).await {
+                        self.share(store, c, &lease, 0, None).await;
+                        release(store, lease).await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(caller = &*c.name, error = %e, "cannot read the shared record")
+            }
+        }
+    }
+
+    /// Seeds every caller from the store at start (bounded by the store's command timeouts).
+    pub(super) async fn load_shared(&self) {
+        let Some(store) = self.store() else { return };
+        let callers = self.all_callers();
+        let reads = futures_util::future::join_all(
+            callers
+                .iter()
+                .map(|c| async move { (c, store.read(&c.name).await) }),
+        )
+        .await;
+        let mut adopted = 0;
+        for (c, result) in reads {
+            match result {
+                Ok(Some((generation, tokens))) => {
+                    if self.adopt(c, generation, &tokens) {
+                        adopted += 1;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(caller = &*c.name, error = %e, "cannot read the shared record at start");
+                }
+            }
+        }
+        tracing::info!(
+            adopted,
+            callers = callers.len(),
+            "tokens loaded from the shared store"
+        );
+    }
+}
+
+enum Taken {
+    Lease(Lease),
+    Adopted((Arc<Held<InjectCred>>, bool)),
+    Unreachable(StoreError),
+}
+
+async fn release(store: &RedisStore, lease: Lease) {
+    if let Err(e) = store.release(lease).await {
+        tracing::debug!(error = %e, "cannot release the renewal lease; it lapses by itself");
+    }
+}
+
+/// Follows the store's announcements for the broker's life: adopts every newer record, and
+/// re-reads every caller after each (re)connection.
+pub(super) fn follow(broker: Weak<Broker>, store: RedisStore) {
+    let mut events = store.subscribe();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let Some(b) = broker.upgrade() else { return };
+            match event {
+                StoreEvent::Changed { caller, generation } => {
+                    if let Some(c) = b.caller(&caller) {
+                        if generation > c.shared().generation {
+                            b.adopt_newer(&store, &c).await;
+                        }
+                    }
+                }
+                StoreEvent::Resync => {
+                    for c in b.all_callers() {
+                        b.adopt_newer(&store, &c).await;
+                    }
+                }
+            }
+        }
+    });
+}
