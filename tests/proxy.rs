@@ -64,6 +64,7 @@ fn route(name: &str, prefix: &str, upstream: String, allow: &[&str]) -> RouteCon
         upstream: upstream.parse().unwrap(),
         upstream_ca_file: None,
         allow: allow.iter().map(|s| s.to_string()).collect(),
+        upgrades: vec![],
         connect_timeout: Duration::from_secs(2),
         response_timeout: Duration::from_secs(20),
     }
@@ -509,12 +510,22 @@ async fn an_mtls_caller_is_identified_by_its_certificate() {
         .as_str()
         .unwrap()
         .contains("demo"));
-    // The certificate wins over a key for another caller.
+    // A key for another caller next to the certificate is a second identity: ambiguous.
+    let before = f.up.requests();
     let response = client
         .request(get(&f.url("mtls", "/private/x"), &[BILLING]))
         .await
         .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+    let (status, _, body) = read_all(response).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json(&body)["error"], "unknown_caller");
+    assert_eq!(f.up.requests(), before);
+    let demo = [("proxy-authorization", "Bearer demo-key")];
+    let response = client
+        .request(get(&f.url("mtls", "/private/x"), &demo))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "the same caller twice is one");
 }
 
 #[tokio::test]
