@@ -15,13 +15,17 @@
 //! Must never: tunnel a request that was not identified, allowed and given the token, or keep a
 //! tunnel open past the shutdown deadline.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::UPGRADE;
 use http::{HeaderMap, Request, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{interval_at, Instant};
 
 use super::error::ProxyError;
@@ -110,7 +114,18 @@ impl Tunnel {
                 return;
             }
         };
-        let (mut caller, mut upstream) = (TokioIo::new(caller), TokioIo::new(upstream));
+        let bytes = |direction| {
+            metrics
+                .tunnel_bytes
+                .get_or_create(&TunnelBytesLabels {
+                    route: Name(route.clone()),
+                    direction,
+                })
+                .clone()
+        };
+        // Bytes are counted as they are read, so a tunnel cut short is counted too.
+        let mut caller = Counted::new(TokioIo::new(caller), bytes("to_upstream"));
+        let mut upstream = Counted::new(TokioIo::new(upstream), bytes("to_caller"));
         let deadline = async {
             match &hold {
                 Some(hold) => hold.hard_stop.wait().await,
@@ -132,12 +147,6 @@ impl Tunnel {
         tokio::select! {
             copied = tokio::io::copy_bidirectional(&mut caller, &mut upstream) => match copied {
                 Ok((to_upstream, to_caller)) => {
-                    for (direction, n) in [("to_upstream", to_upstream), ("to_caller", to_caller)] {
-                        metrics
-                            .tunnel_bytes
-                            .get_or_create(&TunnelBytesLabels { route: Name(route.clone()), direction })
-                            .inc_by(n);
-                    }
                     tracing::debug!(route = %route, to_upstream, to_caller, "tunnel closed");
                 }
                 Err(e) => tracing::debug!(route = %route, error = %e, "tunnel ended with an error"),
@@ -145,6 +154,52 @@ impl Tunnel {
             _ = deadline => tracing::warn!(route = %route, "tunnel closed at the shutdown deadline"),
             _ = idle => tracing::debug!(route = %route, "idle tunnel closed"),
         }
+    }
+}
+
+/// A stream that adds the bytes read from it to a counter.
+struct Counted<S> {
+    inner: S,
+    read: Counter,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S, read: Counter) -> Self {
+        Counted { inner, read }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            this.read.inc_by((buf.filled().len() - before) as u64);
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
