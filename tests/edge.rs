@@ -502,13 +502,16 @@ async fn caller_body_errors_are_the_callers_not_the_upstreams() {
 #[tokio::test]
 async fn an_absurd_content_length_is_refused_with_the_error_table() {
     let f = Edge::start(|_| {}).await;
-    let a = f
-        .send(
-            "POST /upload HTTP/1.1",
-            &["Host: tb.test", BOB, "Content-Length: 18446744073709551615"],
-        )
-        .await;
-    a.refused(413, "body_too_large");
+    // hyper refuses these itself (431 for the top values it reserves, 400 past u64), bodiless.
+    for length in ["18446744073709551615", "18446744073709551614", "184467440737095516150"] {
+        let a = f
+            .send(
+                "POST /upload HTTP/1.1",
+                &["Host: tb.test", BOB, &format!("Content-Length: {length}")],
+            )
+            .await;
+        a.refused(413, "body_too_large");
+    }
     assert_eq!(f.up.requests(), 0);
     f.still_serves().await;
 }

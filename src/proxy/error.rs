@@ -158,6 +158,30 @@ impl ProxyError {
     }
 }
 
+impl ProxyError {
+    /// The whole HTTP/1.1 answer for this error, as bytes: for the one place that answers below
+    /// hyper (`io`, replacing hyper's bare answer to a head it could not take).
+    pub fn http1_bytes(self, request_id: &HeaderValue) -> Vec<u8> {
+        let (parts, body) = self
+            .into_response(request_id, Version::HTTP_11)
+            .into_parts();
+        let body = match body {
+            ProxyBody::Full(Some(bytes)) => bytes,
+            _ => Bytes::new(),
+        };
+        let mut out = format!("HTTP/1.1 {}\r\n", parts.status).into_bytes();
+        for (name, value) in &parts.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+}
+
 impl From<TokenUnavailable> for ProxyError {
     fn from(e: TokenUnavailable) -> Self {
         ProxyError::TokenUnavailable {
