@@ -503,7 +503,11 @@ async fn caller_body_errors_are_the_callers_not_the_upstreams() {
 async fn an_absurd_content_length_is_refused_with_the_error_table() {
     let f = Edge::start(|_| {}).await;
     // hyper refuses these itself (431 for the top values it reserves, 400 past u64), bodiless.
-    for length in ["18446744073709551615", "18446744073709551614", "184467440737095516150"] {
+    for length in [
+        "18446744073709551615",
+        "18446744073709551614",
+        "184467440737095516150",
+    ] {
         let a = f
             .send(
                 "POST /upload HTTP/1.1",
