@@ -92,9 +92,9 @@ impl State {
             .routes
             .iter()
             .zip(client_of_route)
-            .map(|(r, (client, upgrade_client))| {
-                let mut route = Route::new(r, client)?;
-                route.upgrade_client = upgrade_client;
+            .map(|(r, clients)| {
+                let mut route = Route::new(r, clients.plain)?;
+                route.upgrade_client = clients.upgrade;
                 Ok(route)
             })
             .collect::<Result<Vec<_>, String>>()

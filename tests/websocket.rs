@@ -15,7 +15,9 @@ use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, Request, Response,
+};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use proxy_config::{caller, listener, route, server_tls, tls_connect};
@@ -30,6 +32,16 @@ use tokenbroker::server::Shutdown;
 
 const ADMIN_SECRET: &str = "admin-secret-for-websocket-tests";
 const LONG: Duration = Duration::from_secs(20);
+
+/// Records the headers of a handshake and accepts it.
+struct Record(Arc<Mutex<Vec<HeaderMap>>>);
+
+impl Callback for Record {
+    fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
+        self.0.lock().unwrap().push(request.headers().clone());
+        Ok(response)
+    }
+}
 
 /// A WebSocket echo server that records the headers of every handshake it accepted.
 struct EchoServer {
@@ -47,11 +59,8 @@ impl EchoServer {
             while let Ok((stream, _)) = tcp.accept().await {
                 let seen = seen.clone();
                 tokio::spawn(async move {
-                    let record = |req: &Request, resp: Response| {
-                        seen.lock().unwrap().push(req.headers().clone());
-                        Ok(resp)
-                    };
-                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, record).await
+                    let Ok(mut ws) =
+                        tokio_tungstenite::accept_hdr_async(stream, Record(seen)).await
                     else {
                         return;
                     };

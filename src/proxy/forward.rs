@@ -130,6 +130,14 @@ struct ClientKey {
     http1_only: bool,
 }
 
+/// The clients of one route, by index into [`Clients`].
+#[derive(Debug, Clone, Copy)]
+pub struct RouteClients {
+    pub plain: usize,
+    /// HTTP/1.1 only, for `Upgrade`s: when the route has `upgrades`.
+    pub upgrade: Option<usize>,
+}
+
 /// The upstream clients of one config; routes refer to them by index.
 pub struct Clients {
     clients: Vec<UpstreamClient>,
@@ -138,7 +146,7 @@ pub struct Clients {
 impl Clients {
     /// Builds one client per distinct setting and returns, for each route (in config order), the
     /// index of its client and, for a route with `upgrades`, of its HTTP/1.1-only client.
-    pub fn from_config(config: &Config) -> Result<(Clients, Vec<(usize, Option<usize>)>), String> {
+    pub fn from_config(config: &Config) -> Result<(Clients, Vec<RouteClients>), String> {
         let mut index: HashMap<ClientKey, usize> = HashMap::new();
         let mut clients = Vec::new();
         let mut per_route = Vec::with_capacity(config.routes.len());
@@ -161,7 +169,7 @@ impl Clients {
                 true => None,
                 false => Some(client(true)?),
             };
-            per_route.push((plain, upgrade));
+            per_route.push(RouteClients { plain, upgrade });
         }
         Ok((Clients { clients }, per_route))
     }
