@@ -253,11 +253,29 @@ fn utf8_run(raw: &[u8], mut at: usize) -> Result<usize, ProxyError> {
     Ok(at)
 }
 
+/// Whether `path` is canonical at a glance: no byte that could need a change or a refusal, no
+/// repeated slash and no segment starting with a dot. Most paths are; the others take the full
+/// pass (which also accepts `/.well-known`).
+fn plainly_canonical(path: &[u8]) -> bool {
+    let mut previous = 0u8;
+    for &b in path {
+        match b {
+            b'%' | b';' | b'\\' | 0..=0x20 | 0x7f..=0xff => return false,
+            b'/' | b'.' if previous == b'/' => return false,
+            _ => previous = b,
+        }
+    }
+    true
+}
+
 /// The canonical form of a request path (see the module doc). Borrowed when already canonical.
 pub fn canonical_path(raw: &str, merge_slashes: bool) -> Result<Cow<'_, str>, ProxyError> {
     let bytes = raw.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(bad("the request target must be an absolute path"));
+    }
+    if plainly_canonical(bytes) {
+        return Ok(Cow::Borrowed(raw));
     }
     let mut out = Out {
         raw,
@@ -361,6 +379,24 @@ mod tests {
     }
 
     #[test]
+    fn most_paths_are_canonical_at_a_glance() {
+        for plain in [
+            "/",
+            "/api/v1/orders/12345",
+            "/v1.2/x",
+            "/a-b_c~d/e!f",
+            "/a/b../c",
+        ] {
+            assert!(plainly_canonical(plain.as_bytes()), "{plain}");
+        }
+        // These take the full pass, which accepts them unchanged.
+        for full in ["/.well-known", "/a/..b", "/x/%C3%A9"] {
+            assert!(!plainly_canonical(full.as_bytes()), "{full}");
+            assert!(matches!(canonical_path(full, false), Ok(Cow::Borrowed(_))));
+        }
+    }
+
+    #[test]
     fn unreserved_escapes_are_decoded_and_others_upper_cased() {
         for (raw, want) in [
             ("/%61dmin/x", "/admin/x"),
@@ -412,6 +448,10 @@ mod tests {
             "/é",
         ] {
             assert!(canonical_path(bad, true).is_err(), "{bad}");
+            assert!(
+                !bad.starts_with('/') || !plainly_canonical(bad.as_bytes()),
+                "{bad}"
+            );
         }
         assert!(canonical_path("//admin", false).is_err());
         assert!(canonical_path("/a//b", false).is_err());
