@@ -447,6 +447,7 @@ async fn caller_sent_address_headers_do_not_reach_the_upstream() {
     assert!(!seen.contains_key("x-real-ip"), "{seen:?}");
     assert_eq!(seen["x-forwarded-for"], "7.7.7.7, 127.0.0.1");
     assert_eq!(seen["x-forwarded-host"], "tb.test");
+    f.still_serves().await;
 }
 
 fn count(metrics: &Metrics, series: &str) -> u64 {

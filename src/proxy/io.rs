@@ -79,7 +79,7 @@ pub struct HeadScanner {
     transfer_encoding: bool,
     /// Inside a `Content-Length` value: its digits so far (`None` once it overflowed).
     length_value: Option<Option<u64>>,
-    /// Sticky: a `Content-Length` value over [`MAX_LENGTH`] was seen.
+    /// Sticky: a `Content-Length` value over `MAX_LENGTH` was seen.
     pub oversized_length: bool,
 }
 

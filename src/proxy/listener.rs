@@ -8,7 +8,7 @@
 //! `max_header_bytes` (hyper's HTTP/1 buffer and HTTP/2 header list), `idle_timeout` (no I/O and
 //! no request in flight for that long: the connection is closed gracefully), `shutdown_grace`.
 //!
-//! A connection's slot under `max_connections` is a [`ConnHold`], shared with a tunnel that
+//! A connection's slot under `max_connections` is a `ConnHold`, shared with a tunnel that
 //! outlives hyper's part of the connection (an `Upgrade`), so that a tunnel is counted, limited and
 //! cut at the deadline like any connection. Requests cut at the deadline are logged by
 //! `service` (one line each).
