@@ -1,4 +1,5 @@
-//! The proxy's edge over raw sockets: hostile paths and authorities, CONNECT and TRACE, ambiguous
+//! The proxy's edge over raw sockets (and one HTTP/2 client, for `:authority`): hostile paths
+//! and authorities, CONNECT and TRACE, ambiguous
 //! identities, caller-sent address headers, broken bodies, requests cut at shutdown and the state
 //! file's mode. Each case checks the status, that nothing reached the upstream where it must not,
 //! and that the proxy still serves afterwards. Real emulator (tokens), real broker, a fake
@@ -591,4 +592,37 @@ async fn a_state_file_readable_by_others_is_tightened_at_start() {
             .any(|l| l.contains("WARN") && l.contains("state file") && l.contains("0644")),
         "{logs}"
     );
+}
+
+#[tokio::test]
+async fn http2_authority_and_host_must_agree() {
+    use http_body_util::{BodyExt, Empty};
+    let f = Edge::start(|_| {}).await;
+    let h2c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<bytes::Bytes>>();
+    let port = f.addr("plain").port();
+    // `:authority` is the proxy's address; a Host header naming another authority conflicts.
+    let send = |host: Option<&'static str>| {
+        let mut req = http::Request::get(format!("http://127.0.0.1:{port}/h/x"))
+            .header("proxy-authorization", "Bearer alice-key");
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        req.body(Empty::new()).unwrap()
+    };
+    let before = f.up.requests();
+    let response = h2c.request(send(Some("internal.example"))).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(status, 400, "{body:?}");
+    assert_eq!(support::json(&body)["error"], "bad_request");
+    assert_eq!(f.up.requests(), before);
+    let response = h2c.request(send(None)).await.unwrap();
+    assert_eq!(
+        response.status(),
+        403,
+        ":authority 127.0.0.1 routes to root, bob's"
+    );
+    f.still_serves().await;
 }
