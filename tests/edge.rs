@@ -1,9 +1,8 @@
-//! The proxy's edge over raw sockets (and one HTTP/2 client, for `:authority`): hostile paths
-//! and authorities, CONNECT and TRACE, ambiguous
-//! identities, caller-sent address headers, broken bodies, requests cut at shutdown and the state
-//! file's mode. Each case checks the status, that nothing reached the upstream where it must not,
-//! and that the proxy still serves afterwards. Real emulator (tokens), real broker, a fake
-//! upstream that records what it saw.
+//! The proxy's edge over raw sockets (and one HTTP/2 client, for `:authority`): hostile paths and
+//! authorities, CONNECT and TRACE, ambiguous identities, caller-sent address headers, broken
+//! bodies, requests cut at shutdown and the state file's mode. Each case checks the status, that
+//! nothing reached the upstream where it must not, and that the proxy still serves afterwards.
+//! Real emulator (tokens), real broker, a fake upstream that records what it saw.
 
 #[path = "support/proxy_config.rs"]
 mod proxy_config;
