@@ -36,6 +36,7 @@ pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_MERGE_SLASHES: bool = true;
 pub const DEFAULT_TENANT: &str = "CUSTOMER";
 pub const DEFAULT_DISPLAY_NAME_PREFIX: &str = "tokenbroker";
 pub const DEFAULT_STORE_KEY_PREFIX: &str = "tokenbroker:";
@@ -299,6 +300,9 @@ pub struct RouteConfig {
     pub upstream_ca_file: Option<PathBuf>,
     /// Callers allowed on this route; everyone else gets 403.
     pub allow: Vec<String>,
+    /// `Upgrade` protocols (lower case, e.g. `websocket`) tunnelled to the upstream; empty: an
+    /// upgrade request is refused.
+    pub upgrades: Vec<String>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
 }
@@ -313,6 +317,8 @@ pub struct Limits {
     pub replay_buffer_bytes: usize,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Repeated slashes in a request path are merged (`//a` is `/a`); off: refused with 400.
+    pub merge_slashes: bool,
 }
 
 impl Default for Limits {
@@ -325,6 +331,7 @@ impl Default for Limits {
             replay_buffer_bytes: DEFAULT_REPLAY_BUFFER_BYTES,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            merge_slashes: DEFAULT_MERGE_SLASHES,
         }
     }
 }

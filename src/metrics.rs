@@ -35,6 +35,20 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelBytesLabels {
+    pub route: Name,
+    /// `to_upstream` or `to_caller`.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CutLabels {
+    pub route: Name,
+    /// `shutdown` (cut at the end of `shutdown_grace`) or `client_gone`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FetchLabels {
     /// `admin_bearer`, `create`, `regenerate`, `exchange`.
     pub kind: &'static str,
@@ -123,6 +137,10 @@ pub struct Metrics {
     pub store_up: Gauge,
     pub store_sharing: Family<OutcomeLabels, Counter>,
     pub store_fallbacks: Family<KindLabels, Counter>,
+    pub upgrades: Family<RouteLabels, Counter>,
+    pub tunnels_open: Gauge,
+    pub tunnel_bytes: Family<TunnelBytesLabels, Counter>,
+    pub requests_cut: Family<CutLabels, Counter>,
     /// The label value of a request that has no route or caller (yet).
     none: Name,
 }
@@ -220,6 +238,10 @@ impl Metrics {
             "Renewals without the shared store (renewal), and replica-local API tokens created while it was unreachable (local_api_token)",
             store_fallbacks.clone(),
         );
+        let upgrades = Family::<RouteLabels, Counter>::default();
+        let tunnels_open = Gauge::default();
+        let tunnel_bytes = Family::<TunnelBytesLabels, Counter>::default();
+        let requests_cut = Family::<CutLabels, Counter>::default();
         registry.register(
             "requests",
             "Proxied requests by route, caller and status class",
@@ -275,6 +297,26 @@ impl Metrics {
             "Whether the shared store (Redis) answers: 1 or 0",
             store_up.clone(),
         );
+        registry.register(
+            "upgrades",
+            "Upgraded connections (e.g. WebSocket) by route",
+            upgrades.clone(),
+        );
+        registry.register(
+            "tunnels_open",
+            "Upgraded connections open now",
+            tunnels_open.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Bytes carried by upgraded connections by route and direction",
+            tunnel_bytes.clone(),
+        );
+        registry.register(
+            "requests_cut",
+            "Requests that ended without an answer, by route and reason",
+            requests_cut.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -296,6 +338,10 @@ impl Metrics {
             store_up,
             store_sharing,
             store_fallbacks,
+            upgrades,
+            tunnels_open,
+            tunnel_bytes,
+            requests_cut,
             none: Name(Arc::from("-")),
         })
     }
@@ -333,6 +379,14 @@ impl Metrics {
                 .get_or_create(&route)
                 .observe(up.as_secs_f64());
         }
+    }
+
+    /// Records a request that ended without an answer (`reason`: see [`CutLabels`]).
+    pub fn record_cut(&self, route: Option<&Arc<str>>, reason: &'static str) {
+        let route = route.map_or_else(|| self.none.clone(), |n| Name(n.clone()));
+        self.requests_cut
+            .get_or_create(&CutLabels { route, reason })
+            .inc();
     }
 
     /// Records one call to the identity service.

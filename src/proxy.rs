@@ -4,8 +4,10 @@
 //! - [`listener`]: accept loops, connection limits, idle timeout, graceful drain
 //! - [`io`]: the watched client stream (activity, ambiguous framing)
 //! - [`tls`]: server and client TLS configs, client-certificate identities
+//! - [`target`]: the canonical path and authority, the one view of the request target
 //! - [`identify`]: who is calling
-//! - [`route`]: where it goes
+//! - [`route`]: where it goes (on the canonical target)
+//! - [`upgrade`]: `Upgrade` requests (WebSocket) and their tunnels
 //! - [`rewrite`]: header rewrite (pure functions)
 //! - [`forward`]: upstream clients, the body type, one send
 //! - [`service`]: one request from start to log line
@@ -15,7 +17,7 @@
 //! [`ProxyHandle::reconfigure`]; a request keeps the `State` it started with.
 //!
 //! Must never: forward a request without an identified, allowed caller and a token from the
-//! broker, or print a caller key or a token.
+//! broker, route or forward anything but the canonical target, or print a caller key or a token.
 
 pub mod error;
 pub mod forward;
@@ -25,7 +27,9 @@ pub mod listener;
 pub mod rewrite;
 pub mod route;
 pub mod service;
+pub mod target;
 pub mod tls;
+pub mod upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,8 +48,9 @@ pub use error::ProxyError;
 pub use forward::ProxyBody;
 pub use identify::{identify, Callers, ConnIdentity};
 pub use rewrite::{rewrite_request, rewrite_response, Forwarded};
-pub use route::{request_host, Route, Routes};
+pub use route::{Route, Routes};
 pub use service::{check_head, find_route, ConnInfo};
+pub use target::Target;
 
 /// Why the proxy could not start (or a new config could not be applied).
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +101,12 @@ impl State {
             .routes
             .iter()
             .zip(client_of_route)
-            .map(|(r, client)| Route::new(r, client))
-            .collect::<Result<Vec<_>, _>>()
+            .map(|(r, clients)| {
+                let mut route = Route::new(r, clients.plain)?;
+                route.upgrade_client = clients.upgrade;
+                Ok(route)
+            })
+            .collect::<Result<Vec<_>, String>>()
             .map_err(StartError)?;
         Ok(State {
             callers: Callers::from_config(config),

@@ -633,3 +633,26 @@ fn store_problems_are_reported_with_their_keys_and_echo_no_secret() {
         "missing",
     );
 }
+
+#[test]
+fn upgrades_merge_slashes_and_canonical_prefixes() {
+    let dir = folder();
+    let text = format!(
+        "{}upgrades = [\"WebSocket\"]\n\n[limits]\nmerge_slashes = false\n",
+        base()
+    );
+    let c = load(dir.path(), &text).unwrap();
+    assert_eq!(c.routes[0].upgrades, ["websocket"]);
+    assert!(!c.limits.merge_slashes);
+    assert!(load(dir.path(), &base()).unwrap().limits.merge_slashes);
+
+    let bad = base().replace(
+        "allow = [\"svc\"]",
+        "allow = [\"svc\"]\npath_prefix = \"/%61pi\"\nupgrades = [\"h2c\", \"web socket\"]\n\n[[route]]\nname = \"two\"\nupstream = \"http://127.0.0.1:7003\"\nallow = [\"svc\"]\npath_prefix = \"/a;b\"",
+    );
+    let all = problems(&bad);
+    assert_problem(&all, "route[0].path_prefix", "write `/api`");
+    assert_problem(&all, "route[0].upgrades[0]", "not an Upgrade protocol");
+    assert_problem(&all, "route[0].upgrades[1]", "not an Upgrade protocol");
+    assert_problem(&all, "route[1].path_prefix", "can never match");
+}

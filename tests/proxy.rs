@@ -2,13 +2,14 @@
 //! emulator's echo upstream and an in-process fake upstream (`support/upstream.rs`) behind it.
 //! Tests check behaviour and counts, never speed.
 
+#[path = "support/proxy_config.rs"]
+mod proxy_config;
 mod support;
 #[path = "support/upstream.rs"]
 mod upstream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,14 +22,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use proxy_config::{caller, certs, listener, route, server_tls};
 use support::{header, http, json, raw};
 use tokenbroker::broker::Broker;
-use tokenbroker::config::{
-    CallerConfig, CertIdentity, Config, Limits, ListenerConfig, RouteConfig, ServerTls,
-};
+use tokenbroker::config::{CertIdentity, Config, Limits};
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
 use tokenbroker::metrics::Metrics;
 use tokenbroker::proxy::ProxyHandle;
@@ -41,52 +40,6 @@ const MIB: usize = 1024 * 1024;
 const LONG: Duration = Duration::from_secs(60);
 /// The fixture's `tokens.min_renew_interval`.
 const MIN_RENEW: Duration = Duration::from_millis(10);
-
-fn certs() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("certs")
-}
-
-fn caller(name: &str, key: &str, certs: Vec<CertIdentity>) -> CallerConfig {
-    CallerConfig {
-        name: name.into(),
-        client_id: None,
-        key_hashes: vec![Sha256::digest(key).into()],
-        cert_identities: certs,
-        inject: None,
-        max_count_of_uses: None,
-    }
-}
-
-fn route(name: &str, prefix: &str, upstream: String, allow: &[&str]) -> RouteConfig {
-    RouteConfig {
-        name: name.into(),
-        host: None,
-        path_prefix: prefix.into(),
-        strip_prefix: true,
-        upstream: upstream.parse().unwrap(),
-        upstream_ca_file: None,
-        allow: allow.iter().map(|s| s.to_string()).collect(),
-        connect_timeout: Duration::from_secs(2),
-        response_timeout: Duration::from_secs(20),
-    }
-}
-
-fn listener(name: &str, tls: Option<ServerTls>, caller: Option<&str>) -> ListenerConfig {
-    ListenerConfig {
-        name: name.into(),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        tls,
-        caller: caller.map(Into::into),
-    }
-}
-
-fn server_tls(client_ca: bool) -> ServerTls {
-    ServerTls {
-        cert: certs().join("server.pem"),
-        key: certs().join("server.key"),
-        client_ca: client_ca.then(|| certs().join("ca.pem")),
-    }
-}
 
 async fn closed_port() -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -513,12 +466,26 @@ async fn an_mtls_caller_is_identified_by_its_certificate() {
         .as_str()
         .unwrap()
         .contains("demo"));
-    // The certificate wins over a key for another caller.
+    // A key for another caller next to the certificate is a second identity: ambiguous.
+    let before = f.up.requests();
     let response = client
         .request(get(&f.url("mtls", "/private/x"), &[BILLING]))
         .await
         .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+    let (status, _, body) = read_all(response).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json(&body)["error"], "unknown_caller");
+    assert_eq!(f.up.requests(), before);
+    let demo = [("proxy-authorization", "Bearer demo-key")];
+    let response = client
+        .request(get(&f.url("mtls", "/private/x"), &demo))
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the same caller twice is one"
+    );
 }
 
 #[tokio::test]

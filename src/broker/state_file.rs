@@ -130,9 +130,30 @@ impl Broker {
     }
 }
 
-/// Reads the state file, sealed or plain. Missing: `None`. Damaged (or sealed under another
-/// key): reported, renamed aside, `None`.
+/// A state file whose mode is wider than 0600 (it holds API tokens) is narrowed to 0600 before it
+/// is read, with a warning.
+fn tighten_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & !0o600 == 0 {
+        return;
+    }
+    let mode = format!("{mode:04o}");
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        Ok(()) => tracing::warn!(path = %path.display(), mode,
+            "the state file was open to others; its mode is now 0600"),
+        Err(e) => tracing::warn!(path = %path.display(), mode, error = %e,
+            "the state file is open to others and its mode could not be narrowed"),
+    }
+}
+
+/// Reads the state file (after [`tighten_permissions`]), sealed or plain. Missing: `None`.
+/// Damaged (or sealed under another key): reported, renamed aside, `None`.
 fn load(path: &Path, key: Option<&SealKey>) -> Option<StateFile> {
+    tighten_permissions(path);
     let bytes = match std::fs::read(path) {
         Ok(b) => Zeroizing::new(b),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,

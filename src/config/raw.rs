@@ -105,6 +105,8 @@ pub struct RawRoute {
     pub upstream_ca_file: Option<String>,
     #[serde(default)]
     pub allow: Vec<String>,
+    #[serde(default)]
+    pub upgrades: Vec<String>,
     pub connect_timeout: Option<String>,
     pub response_timeout: Option<String>,
 }
@@ -119,6 +121,7 @@ pub struct RawLimits {
     pub replay_buffer_bytes: Option<i64>,
     pub idle_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
+    pub merge_slashes: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -506,6 +506,33 @@ impl Checker {
         while path_prefix.len() > 1 && path_prefix.ends_with('/') {
             path_prefix.pop();
         }
+        if let Ok(canonical) = crate::proxy::target::canonical_path(&path_prefix, false) {
+            if canonical != path_prefix {
+                self.add(
+                    join(key, "path_prefix"),
+                    format!("`{path_prefix}` is not in canonical form; write `{canonical}`"),
+                );
+            }
+        } else if path_prefix.starts_with('/') {
+            self.add(
+                join(key, "path_prefix"),
+                format!("`{path_prefix}` can never match: requests with such a path are refused"),
+            );
+        }
+        let mut upgrades = Vec::with_capacity(r.upgrades.len());
+        for (i, protocol) in r.upgrades.into_iter().enumerate() {
+            let token = !protocol.is_empty()
+                && protocol
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+            if !token || protocol.eq_ignore_ascii_case("h2c") {
+                self.add(
+                    format!("{}[{i}]", join(key, "upgrades")),
+                    format!("`{protocol}` is not an Upgrade protocol name (e.g. `websocket`)"),
+                );
+            }
+            upgrades.push(protocol.to_ascii_lowercase());
+        }
         let upstream = self.url(&join(key, "upstream"), r.upstream, true);
         RouteConfig {
             name,
@@ -516,6 +543,7 @@ impl Checker {
             upstream_ca_file: self
                 .readable_file(&join(key, "upstream_ca_file"), r.upstream_ca_file),
             allow: r.allow,
+            upgrades,
             connect_timeout: self.duration(
                 &join(key, "connect_timeout"),
                 r.connect_timeout,
@@ -705,6 +733,7 @@ impl Checker {
                 r.shutdown_grace,
                 d.shutdown_grace,
             ),
+            merge_slashes: r.merge_slashes.unwrap_or(d.merge_slashes),
         }
     }
 

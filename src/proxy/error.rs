@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode, Version};
 
 use super::forward::ProxyBody;
@@ -40,9 +40,20 @@ pub enum ProxyError {
     BodyTooLarge,
     /// The request headers are larger than `limits.max_header_bytes`.
     HeadersTooLarge,
-    /// A malformed or ambiguous request (e.g. both Content-Length and Transfer-Encoding).
+    /// A malformed or ambiguous request (e.g. both Content-Length and Transfer-Encoding, a path
+    /// or authority that has no canonical form).
     BadRequest(&'static str),
+    /// The caller's body broke off or was malformed while it was read or forwarded (its own
+    /// fault, never the upstream's); the detail is for the log.
+    ClientBody(String),
+    /// `CONNECT` or `TRACE`: never forwarded.
+    MethodNotAllowed,
+    /// An `Upgrade` (e.g. WebSocket) the route does not accept (`route.upgrades`).
+    UpgradeNotAllowed,
 }
+
+/// What a 405 answer names as allowed: every method but the two that are refused.
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// One row of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +85,13 @@ impl ProxyError {
                 "headers_too_large",
                 true,
             ),
-            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", true),
+            ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => {
+                (StatusCode::BAD_REQUEST, "bad_request", true)
+            }
+            ProxyError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", true)
+            }
+            ProxyError::UpgradeNotAllowed => (StatusCode::BAD_REQUEST, "upgrade_not_allowed", true),
         };
         ErrorSpec {
             status,
@@ -95,6 +112,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "the request body is too large",
             ProxyError::HeadersTooLarge => "the request headers are too large",
             ProxyError::BadRequest(why) => why,
+            ProxyError::ClientBody(_) => "the request body could not be read",
+            ProxyError::MethodNotAllowed => "CONNECT and TRACE are not proxied",
+            ProxyError::UpgradeNotAllowed => "this route does not accept this Upgrade protocol",
         }
     }
 
@@ -103,6 +123,7 @@ impl ProxyError {
         match self {
             ProxyError::TokenUnavailable { detail, .. } => Some(detail),
             ProxyError::UpstreamUnavailable(detail) => Some(detail),
+            ProxyError::ClientBody(detail) => Some(detail),
             _ => None,
         }
     }
@@ -127,10 +148,37 @@ impl ProxyError {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
+        if let ProxyError::MethodNotAllowed = &self {
+            headers.insert(ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+        }
         if spec.close && version <= Version::HTTP_11 {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+impl ProxyError {
+    /// The whole HTTP/1.1 answer for this error, as bytes: for the one place that answers below
+    /// hyper (`io`, replacing hyper's bare answer to a head it could not take).
+    pub fn http1_bytes(self, request_id: &HeaderValue) -> Vec<u8> {
+        let (parts, body) = self
+            .into_response(request_id, Version::HTTP_11)
+            .into_parts();
+        let body = match body {
+            ProxyBody::Full(Some(bytes)) => bytes,
+            _ => Bytes::new(),
+        };
+        let mut out = format!("HTTP/1.1 {}\r\n", parts.status).into_bytes();
+        for (name, value) in &parts.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+        out.extend_from_slice(&body);
+        out
     }
 }
 
@@ -162,6 +210,9 @@ mod tests {
             ProxyError::BodyTooLarge,
             ProxyError::HeadersTooLarge,
             ProxyError::BadRequest("bad"),
+            ProxyError::ClientBody("chunk size overflow".into()),
+            ProxyError::MethodNotAllowed,
+            ProxyError::UpgradeNotAllowed,
         ]
     }
 
@@ -186,6 +237,9 @@ mod tests {
                 (413, "body_too_large", true),
                 (431, "headers_too_large", true),
                 (400, "bad_request", true),
+                (400, "bad_request", true),
+                (405, "method_not_allowed", true),
+                (400, "upgrade_not_allowed", true),
             ]
         );
     }
@@ -201,6 +255,10 @@ mod tests {
             assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
             assert_eq!(response.headers()[X_REQUEST_ID], "req-1");
             assert_eq!(response.headers().contains_key(CONNECTION), spec.close);
+            assert_eq!(
+                response.headers().contains_key(ALLOW),
+                spec.status == StatusCode::METHOD_NOT_ALLOWED
+            );
             assert_eq!(
                 response.headers().contains_key(RETRY_AFTER),
                 spec.status == StatusCode::SERVICE_UNAVAILABLE

@@ -35,14 +35,39 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
+    /// An upstream's response body.
     Stream(Incoming),
-    /// A streamed request body with a size limit (`limits.max_body_bytes`).
-    Limited(Limited<Incoming>),
+    /// The caller's streamed request body, under `limits.max_body_bytes`; its read errors are
+    /// marked as the caller's ([`CallerBodyError`]).
+    Caller(Limited<Incoming>),
 }
 
 impl ProxyBody {
     pub fn full(bytes: Bytes) -> ProxyBody {
         ProxyBody::Full(Some(bytes))
+    }
+
+    /// The caller's request body, streamed, with an optional size limit.
+    pub fn caller(body: Incoming, limit: Option<u64>) -> ProxyBody {
+        let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+        ProxyBody::Caller(Limited::new(body, limit))
+    }
+}
+
+/// Reading the caller's body failed (malformed chunking, the caller went away): the caller's
+/// fault, which the upstream client reports as its own body error.
+#[derive(Debug)]
+pub struct CallerBodyError(BoxError);
+
+impl std::fmt::Display for CallerBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the caller's body: {}", self.0)
+    }
+}
+
+impl std::error::Error for CallerBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
     }
 }
 
@@ -63,7 +88,13 @@ impl Body for ProxyBody {
                     .map(|b| Ok(Frame::data(b))),
             ),
             ProxyBody::Stream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            ProxyBody::Limited(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Caller(body) => Pin::new(body).poll_frame(cx).map_err(|e| {
+                if e.is::<LengthLimitError>() {
+                    e
+                } else {
+                    Box::new(CallerBodyError(e))
+                }
+            }),
         }
     }
 
@@ -72,7 +103,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
             ProxyBody::Stream(body) => body.is_end_stream(),
-            ProxyBody::Limited(body) => body.is_end_stream(),
+            ProxyBody::Caller(body) => body.is_end_stream(),
         }
     }
 
@@ -83,7 +114,7 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             ProxyBody::Stream(body) => body.size_hint(),
-            ProxyBody::Limited(body) => body.size_hint(),
+            ProxyBody::Caller(body) => body.size_hint(),
         }
     }
 }
@@ -95,6 +126,16 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 struct ClientKey {
     ca_file: Option<PathBuf>,
     connect_timeout: Duration,
+    /// HTTP/1.1 only, never h2 (for `Upgrade`s, which HTTP/2 does not have).
+    http1_only: bool,
+}
+
+/// The clients of one route, by index into [`Clients`].
+#[derive(Debug, Clone, Copy)]
+pub struct RouteClients {
+    pub plain: usize,
+    /// HTTP/1.1 only, for `Upgrade`s: when the route has `upgrades`.
+    pub upgrade: Option<usize>,
 }
 
 /// The upstream clients of one config; routes refer to them by index.
@@ -104,25 +145,31 @@ pub struct Clients {
 
 impl Clients {
     /// Builds one client per distinct setting and returns, for each route (in config order), the
-    /// index of its client.
-    pub fn from_config(config: &Config) -> Result<(Clients, Vec<usize>), String> {
+    /// index of its client and, for a route with `upgrades`, of its HTTP/1.1-only client.
+    pub fn from_config(config: &Config) -> Result<(Clients, Vec<RouteClients>), String> {
         let mut index: HashMap<ClientKey, usize> = HashMap::new();
         let mut clients = Vec::new();
         let mut per_route = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
-            let key = ClientKey {
-                ca_file: route.upstream_ca_file.clone(),
-                connect_timeout: route.connect_timeout,
-            };
-            let i = match index.get(&key) {
-                Some(i) => *i,
-                None => {
-                    clients.push(build_client(route, config)?);
-                    index.insert(key, clients.len() - 1);
-                    clients.len() - 1
+            let mut client = |http1_only: bool| {
+                let key = ClientKey {
+                    ca_file: route.upstream_ca_file.clone(),
+                    connect_timeout: route.connect_timeout,
+                    http1_only,
+                };
+                if let Some(i) = index.get(&key) {
+                    return Ok::<_, String>(*i);
                 }
+                clients.push(build_client(route, config, http1_only)?);
+                index.insert(key, clients.len() - 1);
+                Ok(clients.len() - 1)
             };
-            per_route.push(i);
+            let plain = client(false)?;
+            let upgrade = match route.upgrades.is_empty() {
+                true => None,
+                false => Some(client(true)?),
+            };
+            per_route.push(RouteClients { plain, upgrade });
         }
         Ok((Clients { clients }, per_route))
     }
@@ -140,20 +187,26 @@ impl Clients {
     }
 }
 
-fn build_client(route: &RouteConfig, config: &Config) -> Result<UpstreamClient, String> {
-    // ALPN is left to the connector builder (h2, http/1.1).
+fn build_client(
+    route: &RouteConfig,
+    config: &Config,
+    http1_only: bool,
+) -> Result<UpstreamClient, String> {
+    // ALPN is left to the connector builder (h2 and http/1.1, or http/1.1 only).
     let tls = crate::tls::client_config(route.upstream_ca_file.as_deref())
         .map_err(|e| format!("route {}: {e}", route.name))?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(route.connect_timeout));
-    let connector = HttpsConnectorBuilder::new()
+    let builder = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+        .enable_http1();
+    let connector = match http1_only {
+        true => builder.wrap_connector(http),
+        false => builder.enable_http2().wrap_connector(http),
+    };
     Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
@@ -174,13 +227,16 @@ pub async fn send(
     }
 }
 
-/// Maps a client error: an over-long request body is the caller's fault (413), the rest is the
-/// upstream's (502).
+/// Maps a client error: an over-long request body (413) or one that broke off or was malformed
+/// (400) is the caller's fault, the rest is the upstream's (502).
 fn classify(e: &hyper_util::client::legacy::Error) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if err.is::<LengthLimitError>() {
             return ProxyError::BodyTooLarge;
+        }
+        if let Some(caller) = err.downcast_ref::<CallerBodyError>() {
+            return ProxyError::ClientBody(error_chain(caller));
         }
         source = err.source();
     }
@@ -210,5 +266,5 @@ pub async fn buffer(body: Incoming, content_length: usize) -> Result<Bytes, Prox
         .collect()
         .await
         .map(|c| c.to_bytes())
-        .map_err(|_| ProxyError::BadRequest("the request body could not be read"))
+        .map_err(|e| ProxyError::ClientBody(format!("the caller's body: {}", error_chain(&*e))))
 }

@@ -1,9 +1,13 @@
 //! Caller identification: who is calling, decided before anything else happens to a request.
 //!
 //! In order: the caller a listener is bound to; else the verified client certificate's identities
-//! (URI SANs, then DNS SANs, then CN) mapped through `cert_identities`; else a caller key presented
+//! (URI SANs, DNS SANs, CN) mapped through `cert_identities`, which must all name the same caller; else a caller key presented
 //! as `Proxy-Authorization: Bearer <key>`, hashed with SHA-256 and looked up among the configured
 //! key hashes.
+//!
+//! One identity or none: two `Proxy-Authorization` headers, a certificate whose identities map to
+//! two callers, or a key naming another caller than the certificate are ambiguous (401), whichever
+//! would have come first.
 //!
 //! The key table is keyed by the SHA-256 digest of the key. A lookup's timing can only tell an
 //! attacker something about the digest of a key they chose, which does not help them find a valid
@@ -49,6 +53,8 @@ pub const UNKNOWN_CERT: &str = "the client certificate does not belong to a know
 pub const NO_IDENTITY: &str =
     "no caller identity: present a client certificate or Proxy-Authorization: Bearer <key>";
 pub const BAD_SCHEME: &str = "Proxy-Authorization must be: Bearer <caller key>";
+pub const AMBIGUOUS: &str =
+    "more than one caller identity: send one Proxy-Authorization, or one that matches the certificate";
 
 impl Callers {
     pub fn from_config(config: &Config) -> Callers {
@@ -89,19 +95,45 @@ pub fn identify<'a>(
     if let Some(caller) = callers.bound.get(&conn.listener) {
         return Ok(caller);
     }
-    if let Some(caller) = conn.cert.iter().find_map(|id| callers.by_cert.get(id)) {
-        return Ok(caller);
+    let mut presented = headers.get_all(PROXY_AUTHORIZATION).iter();
+    let presented = match (presented.next(), presented.next()) {
+        (_, Some(_)) => return Err(ProxyError::UnknownCaller(AMBIGUOUS)),
+        (one, None) => one,
+    };
+    let by_key = |value: &http::HeaderValue| {
+        let key = bearer(value.as_bytes()).ok_or(ProxyError::UnknownCaller(BAD_SCHEME))?;
+        callers
+            .by_key(key)
+            .ok_or(ProxyError::UnknownCaller(UNKNOWN_KEY))
+    };
+    if let Some(caller) = by_cert(callers, &conn.cert)? {
+        return match presented {
+            Some(value) if by_key(value).ok() != Some(caller) => {
+                Err(ProxyError::UnknownCaller(AMBIGUOUS))
+            }
+            _ => Ok(caller),
+        };
     }
-    match headers.get(PROXY_AUTHORIZATION) {
-        Some(value) => {
-            let key = bearer(value.as_bytes()).ok_or(ProxyError::UnknownCaller(BAD_SCHEME))?;
-            callers
-                .by_key(key)
-                .ok_or(ProxyError::UnknownCaller(UNKNOWN_KEY))
-        }
+    match presented {
+        Some(value) => by_key(value),
         None if !conn.cert.is_empty() => Err(ProxyError::UnknownCaller(UNKNOWN_CERT)),
         None => Err(ProxyError::UnknownCaller(NO_IDENTITY)),
     }
+}
+
+/// The one caller the certificate's identities map to, if any; two different ones: ambiguous.
+fn by_cert<'a>(
+    callers: &'a Callers,
+    cert: &[CertIdentity],
+) -> Result<Option<&'a Arc<str>>, ProxyError> {
+    let mut found: Option<&Arc<str>> = None;
+    for caller in cert.iter().filter_map(|id| callers.by_cert.get(id)) {
+        match found {
+            Some(f) if f != caller => return Err(ProxyError::UnknownCaller(AMBIGUOUS)),
+            _ => found = Some(caller),
+        }
+    }
+    Ok(found)
 }
 
 /// The credential of a `Bearer <credential>` value (scheme case-insensitive).
@@ -220,7 +252,7 @@ mod tests {
             "mtls",
             vec![
                 CertIdentity::Uri("spiffe://tokenbroker.dev/demo".into()),
-                CertIdentity::Dns("other.client.local".into()),
+                CertIdentity::Dns("demo.client.local".into()),
             ],
         );
         assert_eq!(who(&uri, &HeaderMap::new()), Ok("demo".into()));
@@ -234,6 +266,51 @@ mod tests {
         assert_eq!(who(&dns, &HeaderMap::new()), Ok("by-dns".into()));
         let cn = conn("mtls", vec![CertIdentity::Cn("legacy".into())]);
         assert_eq!(who(&cn, &HeaderMap::new()), Ok("by-dns".into()));
+    }
+
+    #[test]
+    fn two_identities_are_ambiguous() {
+        let plain = conn("main", vec![]);
+        let mut two = with_proxy_auth("Bearer billing-key-1");
+        two.append(
+            PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Bearer demo-key"),
+        );
+        assert_eq!(who(&plain, &two), Err(ProxyError::UnknownCaller(AMBIGUOUS)));
+        let mut same_twice = with_proxy_auth("Bearer demo-key");
+        same_twice.append(
+            PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Bearer demo-key"),
+        );
+        assert_eq!(
+            who(&plain, &same_twice),
+            Err(ProxyError::UnknownCaller(AMBIGUOUS))
+        );
+        let two_callers = conn(
+            "mtls",
+            vec![
+                CertIdentity::Uri("spiffe://tokenbroker.dev/demo".into()),
+                CertIdentity::Cn("legacy".into()),
+            ],
+        );
+        assert_eq!(
+            who(&two_callers, &HeaderMap::new()),
+            Err(ProxyError::UnknownCaller(AMBIGUOUS))
+        );
+        let demo_cert = conn(
+            "mtls",
+            vec![CertIdentity::Uri("spiffe://tokenbroker.dev/demo".into())],
+        );
+        assert_eq!(
+            who(&demo_cert, &with_proxy_auth("Bearer billing-key-1")),
+            Err(ProxyError::UnknownCaller(AMBIGUOUS))
+        );
+        assert_eq!(
+            who(&demo_cert, &with_proxy_auth("Bearer demo-key")),
+            Ok("demo".into())
+        );
+        // A bound listener is one identity whatever the headers say.
+        assert_eq!(who(&conn("sidecar", vec![]), &two), Ok("billing".into()));
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! `max_header_bytes` (hyper's HTTP/1 buffer and HTTP/2 header list), `idle_timeout` (no I/O and
 //! no request in flight for that long: the connection is closed gracefully), `shutdown_grace`.
 //!
+//! A connection's slot under `max_connections` is a `ConnHold`, shared with a tunnel that
+//! outlives hyper's part of the connection (an `Upgrade`), so that a tunnel is counted, limited and
+//! cut at the deadline like any connection. Requests cut at the deadline are logged by
+//! `service` (one line each).
+//!
 //! Must never: let a connection outlive the shutdown deadline, or block the accept loop on a
 //! handshake.
 
@@ -166,6 +171,22 @@ async fn accept_loop<T: TokenSource>(listener: BoundListener, ctx: Ctx<T>) {
     tracing::info!(listener = %name, "proxy listener stopped accepting");
 }
 
+/// A client connection's slot (connection limit, open-connections gauge, drain), held by the
+/// connection task and by a tunnel on it, whichever ends last.
+pub(crate) struct ConnHold {
+    _permit: OwnedSemaphorePermit,
+    _open: OpenConnection,
+    _drain: mpsc::Sender<()>,
+    /// Triggered at the shutdown deadline.
+    pub hard_stop: Shutdown,
+}
+
+impl std::fmt::Debug for ConnHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnHold").finish_non_exhaustive()
+    }
+}
+
 /// Counts an open connection in the metrics while alive.
 struct OpenConnection(Arc<Metrics>);
 
@@ -190,10 +211,14 @@ async fn connection<T: TokenSource>(
     permit: OwnedSemaphorePermit,
     ctx: Ctx<T>,
 ) {
-    let _permit = permit;
-    let _open = OpenConnection::new(&ctx.shared.metrics);
     let limits = ctx.shared.state.load().limits.clone();
     let mut conn = ConnInfo::new(listener, peer);
+    conn.hold = Some(Arc::new(ConnHold {
+        _permit: permit,
+        _open: OpenConnection::new(&ctx.shared.metrics),
+        _drain: ctx.drain.clone(),
+        hard_stop: ctx.hard_stop.clone(),
+    }));
     let activity = conn.activity.clone();
     let Some(acceptor) = tls else {
         return serve(Watched::new(stream, activity), conn, &limits, ctx).await;
@@ -254,7 +279,7 @@ where
         async move { Ok::<_, Infallible>(service::handle(req, &conn, &shared).await) }
     });
     let builder = http_builder(limits);
-    let connection = builder.serve_connection(TokioIo::new(stream), svc);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(connection);
 
     let mut idle_check = interval_at(Instant::now() + limits.idle_timeout, limits.idle_timeout);

@@ -2,22 +2,26 @@
 //! upstream, and what goes back to the caller.
 //!
 //! Request: headers named by `Connection` go first, then the hop-by-hop headers (RFC 9110 7.6.1),
-//! the caller's `Authorization`, `Proxy-Authorization` and `Host`; then the broker's token and the
-//! `X-Forwarded-*` / `X-Request-Id` headers are inserted, after every removal, so that no header
-//! the caller sent can remove or replace them. Response: the hop-by-hop headers are removed.
+//! the caller's `Authorization`, `Proxy-Authorization` and `Host`, and the caller's own
+//! `Forwarded` and `X-Real-IP` (client-address claims the proxy cannot vouch for); then the
+//! broker's token and the `X-Forwarded-*` / `X-Request-Id` headers are inserted, after every
+//! removal, so that no header the caller sent can remove or replace them. The caller's
+//! `X-Forwarded-For` elements are kept in front of the peer address the proxy appends: an upstream
+//! may trust only the last element. Response: the hop-by-hop headers are removed.
 //!
 //! Must never: log or copy a header value anywhere else, or let a caller-sent header survive in
 //! place of one this module sets.
 
 use std::net::IpAddr;
 
-use http::header::{AUTHORIZATION, CONNECTION, HOST, PROXY_AUTHORIZATION};
+use http::header::{AUTHORIZATION, CONNECTION, FORWARDED, HOST, PROXY_AUTHORIZATION};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -50,16 +54,22 @@ pub struct Forwarded<'a> {
     pub request_id: &'a HeaderValue,
 }
 
-/// Headers the proxy sets on every forwarded request, dropped as the caller sent them. (The
-/// caller's `X-Forwarded-For` is kept, unless `Connection` names it, and joined into the new one.)
-const SET_BY_PROXY: [HeaderName; 5] = [
+/// Headers dropped as the caller sent them: the ones the proxy sets on every forwarded request,
+/// and client-address claims it does not pass on. (The caller's `X-Forwarded-For` is kept, unless
+/// `Connection` names it, and joined into the new one.)
+const NOT_FROM_CALLER: [HeaderName; 7] = [
     AUTHORIZATION,
     // The upstream authority comes from the route; the client sets Host from the upstream URI.
     HOST,
     X_FORWARDED_PROTO,
     X_FORWARDED_HOST,
     X_REQUEST_ID,
+    FORWARDED,
+    X_REAL_IP,
 ];
+
+/// How many headers `rewrite_request` may add.
+const SET_BY_PROXY: usize = 5;
 
 /// The caller's address as an `X-Forwarded-For` element: made once per connection.
 pub fn peer_ip_value(ip: IpAddr) -> HeaderValue {
@@ -69,7 +79,7 @@ pub fn peer_ip_value(ip: IpAddr) -> HeaderValue {
 /// Rewrites the headers of a request about to be forwarded. `token` is the broker's ready
 /// `Authorization` value.
 pub fn rewrite_request(headers: &mut HeaderMap, token: &HeaderValue, fwd: &Forwarded<'_>) {
-    keep_forwardable(headers, &SET_BY_PROXY, SET_BY_PROXY.len());
+    keep_forwardable(headers, &NOT_FROM_CALLER, SET_BY_PROXY);
     let forwarded_for = forwarded_for(headers, fwd.peer_ip);
     headers.insert(AUTHORIZATION, token.clone());
     headers.insert(X_FORWARDED_FOR, forwarded_for);
@@ -336,8 +346,12 @@ mod tests {
             ("x-forwarded-proto", "gopher"),
             ("x-forwarded-host", "evil.example"),
             ("x-request-id", "caller-id"),
+            ("forwarded", "for=6.6.6.6;host=evil.example"),
+            ("x-real-ip", "6.6.6.6"),
         ]));
         assert!(!h.contains_key(HOST));
+        assert!(!h.contains_key(FORWARDED));
+        assert!(!h.contains_key(X_REAL_IP));
         assert_eq!(h[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.7");
         assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[X_FORWARDED_PROTO], "https");

@@ -1,5 +1,8 @@
 //! Routing: which configured upstream a request goes to, and the exact upstream URI.
 //!
+//! Routing only ever sees the request's canonical [`Target`] (path and authority decided once, in
+//! `target`), and the upstream URI is built from that same path, never from the raw one.
+//!
 //! A route matches by Host (port removed, case-insensitive; optional) and path prefix on segment
 //! boundaries (`/api` matches `/api` and `/api/x`, not `/apix`); the longest prefix wins, and at
 //! equal length a route naming a host beats one that does not. The upstream URI is the route's
@@ -7,17 +10,18 @@
 //! and the request's query.
 //!
 //! Must never: take the upstream authority from the request (Host, `:authority` or an
-//! absolute-form URI), or forward a path with dot segments that could climb out of the base path.
+//! absolute-form URI), or match or forward anything but the canonical path (which has no dot
+//! segments that could climb out of the base path).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::HOST;
 use http::uri::{Authority, Scheme};
-use http::{HeaderMap, Uri};
+use http::Uri;
 
 use super::error::ProxyError;
+use super::target::Target;
 use crate::config::RouteConfig;
 
 /// One route, ready to match.
@@ -34,8 +38,12 @@ pub struct Route {
     /// Empty or a path without trailing slash.
     base_path: String,
     allow: HashSet<Arc<str>>,
+    /// `Upgrade` protocols tunnelled, lower case.
+    upgrades: Box<[Box<str>]>,
     /// Index of the upstream client (see `forward::Clients`).
     pub(crate) client: usize,
+    /// Index of the HTTP/1.1-only client used for upgrades, when `upgrades` is not empty.
+    pub(crate) upgrade_client: Option<usize>,
     pub response_timeout: Duration,
 }
 
@@ -71,7 +79,9 @@ impl Route {
             authority,
             base_path: config.upstream.path().trim_end_matches('/').to_string(),
             allow: config.allow.iter().map(|c| Arc::from(c.as_str())).collect(),
+            upgrades: config.upgrades.iter().map(|p| p.as_str().into()).collect(),
             client,
+            upgrade_client: None,
             response_timeout: config.response_timeout,
         })
     }
@@ -88,15 +98,20 @@ impl Route {
         self.allow.contains(caller)
     }
 
-    /// The upstream URI for a request URI that matched this route.
-    pub fn upstream_uri(&self, request: &Uri) -> Result<Uri, ProxyError> {
-        let path = request.path();
+    /// Whether this route tunnels the `Upgrade` protocol `name` (case-insensitive).
+    pub fn accepts_upgrade(&self, name: &str) -> bool {
+        self.upgrades.iter().any(|p| p.eq_ignore_ascii_case(name))
+    }
+
+    /// The upstream URI for a request target that matched this route.
+    pub fn upstream_uri(&self, target: &Target<'_>) -> Result<Uri, ProxyError> {
+        let path = &*target.path;
         let rest = if self.strip_prefix && self.prefix != "/" {
             &path[self.prefix.len()..]
         } else {
             path
         };
-        let query = request.query();
+        let query = target.query;
         let mut pq = String::with_capacity(
             self.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
         );
@@ -138,62 +153,6 @@ fn under_prefix(prefix: &str, path: &str) -> bool {
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-/// The host the caller asked for, without port: the request URI's authority (HTTP/2, or an
-/// absolute-form HTTP/1 target) or else the Host header. Used for matching only.
-pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
-    let host = match uri.host() {
-        Some(h) => h,
-        None => strip_port(headers.get(HOST)?.to_str().ok()?),
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    (!host.is_empty()).then_some(host)
-}
-
-fn strip_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        // [v6]:port
-        return authority
-            .find(']')
-            .map_or(authority, |end| &authority[..=end]);
-    }
-    authority
-        .rsplit_once(':')
-        .map_or(authority, |(host, _port)| host)
-}
-
-/// Refuses request targets that are not an absolute path or that hold `.`/`..` segments (also
-/// percent-encoded), which an upstream could resolve to outside the route's base path.
-pub fn check_path(path: &str) -> Result<(), ProxyError> {
-    if !path.starts_with('/') {
-        return Err(ProxyError::BadRequest(
-            "the request target must be an absolute path",
-        ));
-    }
-    if path.split('/').any(is_dot_segment) {
-        return Err(ProxyError::BadRequest(
-            "the request path holds a dot segment",
-        ));
-    }
-    Ok(())
-}
-
-/// `.` or `..`, each dot possibly written `%2e`.
-fn is_dot_segment(segment: &str) -> bool {
-    let mut rest = segment.as_bytes();
-    let mut dots = 0;
-    while !rest.is_empty() {
-        if rest[0] == b'.' {
-            rest = &rest[1..];
-        } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case(b"%2e") {
-            rest = &rest[3..];
-        } else {
-            return false;
-        }
-        dots += 1;
-    }
-    (1..=2).contains(&dots)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +167,7 @@ mod tests {
                 upstream: up.parse().unwrap(),
                 upstream_ca_file: None,
                 allow: vec!["billing".into()],
+                upgrades: vec![],
                 connect_timeout: Duration::from_secs(1),
                 response_timeout: Duration::from_secs(1),
             },
@@ -270,17 +230,27 @@ mod tests {
         assert_eq!(find(&only_host, Some("b.example"), "/"), None);
     }
 
+    /// The upstream URI for a request (`Host` header `host`, if any).
+    fn upstream(r: &Routes, host: Option<&str>, target: &str) -> String {
+        let mut req = http::Request::builder()
+            .uri(target)
+            .version(http::Version::HTTP_2);
+        if let Some(h) = host {
+            req = req.header(http::header::HOST, h);
+        }
+        let req = req.body(()).unwrap();
+        let target = Target::of(&req, true).unwrap();
+        r.find(target.host(), &target.path)
+            .unwrap()
+            .upstream_uri(&target)
+            .unwrap()
+            .to_string()
+    }
+
     #[test]
     fn upstream_uri_strips_joins_and_keeps_the_query() {
         let r = routes();
-        let up = |host: Option<&str>, target: &str| {
-            let uri: Uri = target.parse().unwrap();
-            r.find(host, uri.path())
-                .unwrap()
-                .upstream_uri(&uri)
-                .unwrap()
-                .to_string()
-        };
+        let up = |host: Option<&str>, target: &str| upstream(&r, host, target);
         assert_eq!(
             up(None, "/api/x/y?a=1&b=2"),
             "https://api.internal:8443/v1/x/y?a=1&b=2"
@@ -294,59 +264,37 @@ mod tests {
         assert_eq!(up(None, "/other?q"), "http://root.internal/other?q");
         assert_eq!(up(Some("b.example"), "/api/z"), "http://b.internal/api/z");
         let bare = Routes::new(vec![route("s", None, "/svc", true, "http://s.internal")]);
-        let uri: Uri = "/svc?x=1".parse().unwrap();
-        let out = bare.find(None, "/svc").unwrap().upstream_uri(&uri).unwrap();
-        assert_eq!(out.to_string(), "http://s.internal/?x=1");
+        assert_eq!(upstream(&bare, None, "/svc?x=1"), "http://s.internal/?x=1");
+    }
+
+    #[test]
+    fn the_canonical_path_is_matched_and_forwarded() {
+        let r = routes();
+        let up = |target: &str| upstream(&r, None, target);
+        assert_eq!(
+            up("/%61pi//x?q=%2F"),
+            "https://api.internal:8443/v1/x?q=%2F"
+        );
+        assert_eq!(up("//api/users/%37"), "http://users.internal/api/users/7");
     }
 
     #[test]
     fn the_upstream_authority_never_comes_from_the_request() {
         let r = routes();
-        let uri: Uri = "http://evil.example:1/api/x".parse().unwrap();
-        let out = r
-            .find(None, uri.path())
-            .unwrap()
-            .upstream_uri(&uri)
-            .unwrap();
-        assert_eq!(out.authority().unwrap(), "api.internal:8443");
+        let out = upstream(&r, None, "http://evil.example:1/api/x");
+        assert!(out.starts_with("https://api.internal:8443/"), "{out}");
+        let out = upstream(&r, Some("b.example"), "http://b.example/api/x");
+        assert!(out.starts_with("http://b.internal/"), "{out}");
     }
 
     #[test]
-    fn request_host_drops_the_port() {
-        let mut h = HeaderMap::new();
-        let rel: Uri = "/x".parse().unwrap();
-        assert_eq!(request_host(&rel, &h), None);
-        for (host, want) in [
-            ("Example.com:8080", "Example.com"),
-            ("example.com", "example.com"),
-            ("example.com.", "example.com"),
-            ("[::1]:443", "[::1]"),
-            ("[::1]", "[::1]"),
-        ] {
-            h.insert(HOST, host.parse().unwrap());
-            assert_eq!(request_host(&rel, &h), Some(want), "{host}");
-        }
-        let abs: Uri = "http://abs.example:81/x".parse().unwrap();
-        assert_eq!(request_host(&abs, &h), Some("abs.example"));
-    }
-
-    #[test]
-    fn dot_segments_and_odd_targets_are_refused() {
-        for ok in ["/", "/a/b", "/a/.well-known", "/a/..b", "/a/b..", "/%2e%2f"] {
-            assert_eq!(check_path(ok), Ok(()), "{ok}");
-        }
-        for bad in [
-            "/a/../b",
-            "/..",
-            "/a/.",
-            "/./a",
-            "/a/%2e%2e/b",
-            "/a/%2E./b",
-            "/a/.%2e",
-            "/%2e",
-            "*",
-        ] {
-            assert!(check_path(bad).is_err(), "{bad}");
+    fn hosts_match_without_port_or_trailing_dot() {
+        let r = routes();
+        for host in ["b.example:8080", "B.example.", "b.example"] {
+            assert!(
+                upstream(&r, Some(host), "/api").starts_with("http://b.internal"),
+                "{host}"
+            );
         }
         let allow = route("r", None, "/", false, "http://x");
         assert!(allow.allows("billing"));

@@ -1,32 +1,40 @@
-//! One proxied request, from the first header to the log line: check framing and limits,
-//! identify the caller, route, fetch the token, rewrite, forward (replaying once after an upstream
-//! 401 when the body allows it), and stream the answer back.
+//! One proxied request, from the first header to the log line: check method, framing and limits,
+//! decide the canonical target (path and authority, see `target`), identify the caller, route on
+//! that target, fetch the token, rewrite, forward that same target (replaying once after an
+//! upstream 401 when the body allows it), and stream the answer back, or hand an accepted
+//! `Upgrade` to its tunnel.
 //!
 //! [`handle`] never fails: the inner [`proxy`] returns `Result`, and [`handle`] turns an error into
-//! its response once, then writes the one log line and the metrics of the request.
+//! its response once, then writes the one log line and the metrics of the request. A request that
+//! never gets that far (cut at the shutdown deadline, or its client went away) still gets one log
+//! line and is counted in `requests_cut`.
 //!
 //! Must never: log a header value, contact the broker or the upstream before the caller is
-//! identified and allowed, or replay a request whose body was streamed.
+//! identified and allowed, forward `CONNECT` or `TRACE`, or replay a request whose body was
+//! streamed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
-use http_body_util::Limited;
 use hyper::body::Incoming;
 
 use super::forward::{self, ProxyBody, UpstreamClient};
 use super::io::Activity;
+use super::listener::ConnHold;
 use super::rewrite::{self, Forwarded, X_REQUEST_ID};
-use super::route::{self, Route};
+use super::route::Route;
+use super::target::Target;
+use super::upgrade::{self, Tunnel};
 use super::{identify, ConnIdentity, ProxyError, Shared, State, TokenSource};
 use crate::broker::{InjectToken, Rejection};
 use crate::config::Limits;
+use crate::metrics::Metrics;
 
 /// What a request knows about its connection.
 #[derive(Debug)]
@@ -38,6 +46,8 @@ pub struct ConnInfo {
     /// `http` or `https`.
     pub proto: &'static str,
     pub activity: Arc<Activity>,
+    /// The connection's slot and shutdown deadline, when it came through a listener.
+    pub(crate) hold: Option<Arc<ConnHold>>,
 }
 
 impl ConnInfo {
@@ -52,6 +62,7 @@ impl ConnInfo {
             peer_ip: rewrite::peer_ip_value(peer.ip()),
             proto: "http",
             activity: Arc::default(),
+            hold: None,
         }
     }
 }
@@ -62,6 +73,49 @@ struct Outcome<'s> {
     caller: Option<&'s Arc<str>>,
     route: Option<&'s Arc<str>>,
     upstream: Option<Duration>,
+}
+
+/// A request between its first header and its answer: if dropped unanswered (the connection was
+/// cut at the shutdown deadline, or its client went away), it writes the request's one log line.
+struct Pending<'a> {
+    outcome: Outcome<'a>,
+    answered: bool,
+    conn: &'a ConnInfo,
+    metrics: &'a Metrics,
+    method: &'a Method,
+    request_id: &'a HeaderValue,
+    started: Instant,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let at_deadline = self
+            .conn
+            .hold
+            .as_ref()
+            .is_some_and(|h| h.hard_stop.is_triggered());
+        let reason = if at_deadline {
+            "shutdown"
+        } else {
+            "client_gone"
+        };
+        let route = self.outcome.route.map_or("-", |r| &**r);
+        let caller = self.outcome.caller.map_or("-", |c| &**c);
+        let request_id = self.request_id.to_str().unwrap_or("-");
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let method = self.method;
+        if at_deadline {
+            tracing::warn!(target: "tokenbroker::request", %method, route, caller, request_id,
+                latency_ms, reason, "request cut at the shutdown deadline");
+        } else {
+            tracing::info!(target: "tokenbroker::request", %method, route, caller, request_id,
+                latency_ms, reason, "request abandoned by its client");
+        }
+        self.metrics.record_cut(self.outcome.route, reason);
+    }
 }
 
 /// Serves one request; never fails.
@@ -76,17 +130,27 @@ pub(crate) async fn handle<T: TokenSource>(
     let request_id = rewrite::request_id(request.headers());
     let method = request.method().clone();
     let version = request.version();
-    let mut outcome = Outcome::default();
+    let mut pending = Pending {
+        outcome: Outcome::default(),
+        answered: false,
+        conn,
+        metrics: &shared.metrics,
+        method: &method,
+        request_id: &request_id,
+        started,
+    };
 
     let result = proxy(
         request,
         conn,
         &state,
-        &*shared.tokens,
+        shared,
         &request_id,
-        &mut outcome,
+        &mut pending.outcome,
     )
     .await;
+    pending.answered = true;
+    let outcome = &pending.outcome;
     let (response, error) = match result {
         Ok(response) => (response, None),
         Err(e) => {
@@ -124,18 +188,24 @@ pub(crate) async fn handle<T: TokenSource>(
 }
 
 async fn proxy<'s, T: TokenSource>(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     conn: &ConnInfo,
     state: &'s State,
-    tokens: &T,
+    shared: &Shared<T>,
     request_id: &HeaderValue,
     outcome: &mut Outcome<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let tokens = &*shared.tokens;
     check_head(&request, &conn.activity, &state.limits)?;
+    let target = Target::of(&request, state.limits.merge_slashes)?;
     let caller = identify(&state.callers, &conn.identity, request.headers())?;
     outcome.caller = Some(caller);
-    let route = find_route(state, &request, caller)?;
+    let route = find_route(state, &target, caller)?;
     outcome.route = Some(&route.name);
+    let upgrading = upgrade::requested(&request);
+    if upgrading {
+        upgrade::check(route, request.headers())?;
+    }
     let content_length = content_length(request.headers());
     if let (Some(max), Some(len)) = (state.limits.max_body_bytes, content_length) {
         if len > max {
@@ -144,25 +214,42 @@ async fn proxy<'s, T: TokenSource>(
     }
 
     let token = tokens.token(caller).await?;
-    let uri = route.upstream_uri(request.uri())?;
-    let original_host = original_host(&request);
+    let uri = route.upstream_uri(&target)?;
+    let forwarded_host = target.forwarded_host();
+    let on_upgrade = upgrading.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
+    let offered: Vec<HeaderValue> = match upgrading {
+        true => parts.headers.get_all(UPGRADE).iter().cloned().collect(),
+        false => Vec::new(),
+    };
     rewrite::rewrite_request(
         &mut parts.headers,
         &token.header,
         &Forwarded {
             peer_ip: &conn.peer_ip,
             proto: conn.proto,
-            host: original_host.as_ref(),
+            host: forwarded_host.as_ref(),
             request_id,
         },
     );
+    if upgrading {
+        // Hop-by-hop, so removed above: the handshake asks the upstream for the same upgrade.
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        for value in offered {
+            parts.headers.append(UPGRADE, value);
+        }
+    }
     parts.uri = uri;
     // The client picks HTTP/1.1 or h2 towards the upstream; it refuses an HTTP/2 request on an
     // HTTP/1 connection, so the request goes out as version-neutral HTTP/1.1.
     parts.version = Version::HTTP_11;
 
-    let client = state.clients.get(route.client);
+    let client = match (upgrading, route.upgrade_client) {
+        (true, Some(http1_only)) => state.clients.get(http1_only),
+        _ => state.clients.get(route.client),
+    };
     let body = outgoing_body(body, content_length, &state.limits).await?;
     let upstream_started = Instant::now();
     let result = match body {
@@ -185,18 +272,53 @@ async fn proxy<'s, T: TokenSource>(
     };
     outcome.upstream = Some(upstream_started.elapsed());
 
-    let (mut parts, body) = result?.into_parts();
+    let mut response = result?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(caller_side) = on_upgrade else {
+            return Err(ProxyError::UpstreamUnavailable(
+                "the upstream switched protocols on a request that asked for no upgrade".into(),
+            ));
+        };
+        let upstream_side = hyper::upgrade::on(&mut response);
+        let (mut parts, _) = response.into_parts();
+        let accepted: Vec<HeaderValue> = parts.headers.get_all(UPGRADE).iter().cloned().collect();
+        rewrite::rewrite_response(&mut parts.headers);
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        for value in accepted {
+            parts.headers.append(UPGRADE, value);
+        }
+        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        Tunnel {
+            caller: caller_side,
+            upstream: upstream_side,
+            route: route.name.clone(),
+            metrics: shared.metrics.clone(),
+            hold: conn.hold.clone(),
+            activity: conn.activity.clone(),
+            idle_timeout: state.limits.idle_timeout,
+        }
+        .spawn();
+        return Ok(Response::from_parts(parts, ProxyBody::Empty));
+    }
+    let (mut parts, body) = response.into_parts();
     rewrite::rewrite_response(&mut parts.headers);
     parts.headers.insert(X_REQUEST_ID, request_id.clone());
     Ok(Response::from_parts(parts, ProxyBody::Stream(body)))
 }
 
-/// Framing and size checks that need no caller: ambiguous framing (400) and header size (431).
+/// Checks that need no caller: method (`CONNECT` and `TRACE` are 405: one would open a tunnel
+/// around every route, the other would echo the injected token back), ambiguous framing (400)
+/// and header size (431).
 pub fn check_head<B>(
     request: &Request<B>,
     activity: &Activity,
     limits: &Limits,
 ) -> Result<(), ProxyError> {
+    if matches!(*request.method(), Method::CONNECT | Method::TRACE) {
+        return Err(ProxyError::MethodNotAllowed);
+    }
     let headers = request.headers();
     if headers.contains_key(TRANSFER_ENCODING)
         && (headers.contains_key(CONTENT_LENGTH)
@@ -220,17 +342,17 @@ fn header_bytes(headers: &HeaderMap) -> usize {
         .sum()
 }
 
-/// The route for a request and caller: 400 for a bad path, 404 without a route, 403 when the
-/// caller is not allowed on it.
-pub fn find_route<'s, B>(
+/// The route for a canonical target and caller: 404 without a route, 403 when the caller is not
+/// allowed on it.
+pub fn find_route<'s>(
     state: &'s State,
-    request: &Request<B>,
+    target: &Target<'_>,
     caller: &str,
 ) -> Result<&'s Route, ProxyError> {
-    let path = request.uri().path();
-    route::check_path(path)?;
-    let host = route::request_host(request.uri(), request.headers());
-    let route = state.routes.find(host, path).ok_or(ProxyError::NoRoute)?;
+    let route = state
+        .routes
+        .find(target.host(), &target.path)
+        .ok_or(ProxyError::NoRoute)?;
     if !route.allows(caller) {
         return Err(ProxyError::Forbidden);
     }
@@ -239,14 +361,6 @@ pub fn find_route<'s, B>(
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-/// The Host the caller asked for, as sent (for `X-Forwarded-Host`).
-fn original_host<B>(request: &Request<B>) -> Option<HeaderValue> {
-    match request.headers().get(HOST) {
-        Some(host) => Some(host.clone()),
-        None => HeaderValue::from_str(request.uri().authority()?.as_str()).ok(),
-    }
 }
 
 enum Outgoing {
@@ -271,13 +385,10 @@ async fn outgoing_body(
             return Ok(Outgoing::Replayable(Some(bytes)));
         }
     }
-    Ok(Outgoing::Streaming(match limits.max_body_bytes {
-        Some(max) => ProxyBody::Limited(Limited::new(
-            body,
-            usize::try_from(max).unwrap_or(usize::MAX),
-        )),
-        None => ProxyBody::Stream(body),
-    }))
+    Ok(Outgoing::Streaming(ProxyBody::caller(
+        body,
+        limits.max_body_bytes,
+    )))
 }
 
 fn replay_body(body: &Option<Bytes>) -> ProxyBody {

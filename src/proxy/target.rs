@@ -1,0 +1,509 @@
+//! The canonical request target: the one view of a request's path and authority that routing,
+//! the allow check and forwarding all use, decided once, before routing.
+//!
+//! Path, byte by byte (RFC 3986 section 6 normalization, and stricter where upstreams disagree):
+//! - percent-encoded unreserved characters (`ALPHA DIGIT - . _ ~`) are decoded, so `/%61dmin`
+//!   is `/admin`; every other escape is kept, with upper-case hex digits;
+//! - refused (400): an escape that decodes to `/`, `\`, `;`, `%`, `?`, `#` or a control byte
+//!   (upstreams split, re-parse or double-decode those), a malformed escape, escaped bytes that are
+//!   not UTF-8 (overlong dots), raw `\`, raw `;` (path parameters, which some upstreams strip
+//!   before matching), raw non-ASCII or control bytes, and `.` / `..` segments in any encoding;
+//! - repeated slashes are merged (`//admin` is `/admin`), or refused when `merge_slashes` is off.
+//!
+//! Authority: the absolute-form target's (or HTTP/2 `:authority`), else `Host`. Two that differ,
+//! more than one `Host`, none on HTTP/1.1, userinfo, or a value that is no authority: 400.
+//!
+//! A path that needs no change is borrowed, never copied.
+//!
+//! Must never: let a later step look at the raw path or a second authority, or pass on a path
+//! that an upstream could read as a different one than the route matched.
+
+use std::borrow::Cow;
+
+use http::header::HOST;
+use http::{HeaderMap, HeaderValue, Request, Version};
+
+use super::error::ProxyError;
+
+/// What the proxy routes, checks and forwards, for one request.
+#[derive(Debug)]
+pub struct Target<'r> {
+    /// The canonical path (see the module doc).
+    pub path: Cow<'r, str>,
+    /// The query as sent (not used for routing).
+    pub query: Option<&'r str>,
+    /// `host[:port]` the caller named, if any.
+    pub authority: Option<&'r str>,
+    /// The `Host` header, when the authority came from it (or equals it).
+    host_header: Option<&'r HeaderValue>,
+}
+
+impl<'r> Target<'r> {
+    /// The canonical target of `request`, or why there is none.
+    pub fn of<B>(request: &'r Request<B>, merge_slashes: bool) -> Result<Target<'r>, ProxyError> {
+        let uri = request.uri();
+        let path = canonical_path(uri.path(), merge_slashes)?;
+        let (authority, host_header) = authority(
+            uri.authority().map(|a| a.as_str()),
+            request.headers(),
+            request.version(),
+        )?;
+        Ok(Target {
+            path,
+            query: uri.query(),
+            authority,
+            host_header,
+        })
+    }
+
+    /// The host without port or trailing dot, for host routing.
+    pub fn host(&self) -> Option<&'r str> {
+        let host = strip_port(self.authority?);
+        let host = host.strip_suffix('.').unwrap_or(host);
+        (!host.is_empty()).then_some(host)
+    }
+
+    /// The authority as an `X-Forwarded-Host` value (the Host header as sent when it named it).
+    pub fn forwarded_host(&self) -> Option<HeaderValue> {
+        match self.host_header {
+            Some(v) => Some(v.clone()),
+            None => HeaderValue::from_str(self.authority?).ok(),
+        }
+    }
+}
+
+fn bad(why: &'static str) -> ProxyError {
+    ProxyError::BadRequest(why)
+}
+
+/// The one authority of a request: `target` is the request URI's (absolute form or HTTP/2
+/// `:authority`), then the `Host` header.
+fn authority<'r>(
+    target: Option<&'r str>,
+    headers: &'r HeaderMap,
+    version: Version,
+) -> Result<(Option<&'r str>, Option<&'r HeaderValue>), ProxyError> {
+    let mut hosts = headers.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad("a request must carry at most one Host header"));
+    }
+    if host.is_none() && version == Version::HTTP_11 {
+        return Err(bad("an HTTP/1.1 request must carry a Host header"));
+    }
+    let host_text = match host {
+        None => None,
+        Some(v) => {
+            let text = v.to_str().ok().filter(|t| is_authority(t));
+            Some(text.ok_or(bad("the Host header is not a valid host[:port]"))?)
+        }
+    };
+    if let Some(t) = target {
+        if !is_authority(t) {
+            return Err(bad(
+                "the request target's authority is not a valid host[:port]",
+            ));
+        }
+    }
+    match (target, host_text) {
+        (Some(t), Some(h)) if !t.eq_ignore_ascii_case(h) => Err(bad(
+            "the request target and the Host header name different authorities",
+        )),
+        // RFC 9112 3.2.2: the target's authority wins (here they are the same anyway).
+        (Some(t), _) => Ok((Some(t), host)),
+        (None, Some(_)) => Ok((host_text, host)),
+        (None, None) => Ok((None, None)),
+    }
+}
+
+/// `host[:port]`: a reg-name, IPv4 or bracketed IP literal, no userinfo, path or space.
+fn is_authority(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
+}
+
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        // [v6]:port
+        return authority
+            .find(']')
+            .map_or(authority, |end| &authority[..=end]);
+    }
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _port)| host)
+}
+
+/// The output of [`canonical_path`]: borrows the input until the first byte that differs.
+struct Out<'a> {
+    raw: &'a str,
+    /// `None` while the output is `raw[..len]`.
+    owned: Option<Vec<u8>>,
+    len: usize,
+}
+
+impl<'a> Out<'a> {
+    /// The raw byte at `at` goes out unchanged.
+    fn keep(&mut self, at: usize) {
+        match &mut self.owned {
+            None if at == self.len => self.len += 1,
+            _ => self.push(&[self.raw.as_bytes()[at]]),
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let owned = self
+            .owned
+            .get_or_insert_with(|| self.raw.as_bytes()[..self.len].to_vec());
+        owned.extend_from_slice(bytes);
+    }
+
+    /// The raw bytes from `at` on are dropped or replaced.
+    fn diverge(&mut self) {
+        if self.owned.is_none() {
+            self.owned = Some(self.raw.as_bytes()[..self.len].to_vec());
+        }
+    }
+
+    fn last(&self) -> Option<u8> {
+        match &self.owned {
+            None => self.len.checked_sub(1).map(|i| self.raw.as_bytes()[i]),
+            Some(o) => o.last().copied(),
+        }
+    }
+
+    fn finish(self) -> Cow<'a, str> {
+        match self.owned {
+            None => Cow::Borrowed(self.raw),
+            // Every byte pushed is ASCII.
+            Some(bytes) => Cow::Owned(String::from_utf8(bytes).expect("ASCII")),
+        }
+    }
+}
+
+/// The decoded content of the current segment, as far as dot segments are concerned.
+#[derive(Default)]
+struct Segment {
+    dots: u8,
+    other: bool,
+}
+
+impl Segment {
+    fn feed(&mut self, decoded: u8) {
+        if decoded == b'.' && !self.other {
+            self.dots = self.dots.saturating_add(1);
+        } else {
+            self.other = true;
+        }
+    }
+
+    fn end(&mut self) -> Result<(), ProxyError> {
+        let dot_segment = !self.other && (1..=2).contains(&self.dots);
+        *self = Segment::default();
+        if dot_segment {
+            return Err(bad("the request path holds a dot segment"));
+        }
+        Ok(())
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// The escape at `at` (`%XY`), decoded.
+fn escape(raw: &[u8], at: usize) -> Result<u8, ProxyError> {
+    match (
+        raw.get(at + 1).and_then(|b| hex(*b)),
+        raw.get(at + 2).and_then(|b| hex(*b)),
+    ) {
+        (Some(hi), Some(lo)) => Ok(hi << 4 | lo),
+        _ => Err(bad("the request path holds a malformed percent-escape")),
+    }
+}
+
+/// Checks that the run of escaped bytes >= 0x80 starting at `at` is UTF-8 (so no overlong or
+/// stray bytes); returns where the run ends. Only paths with escaped non-ASCII get here.
+fn utf8_run(raw: &[u8], mut at: usize) -> Result<usize, ProxyError> {
+    let mut decoded = Vec::new();
+    while raw.get(at) == Some(&b'%') {
+        let b = escape(raw, at)?;
+        if b < 0x80 {
+            break;
+        }
+        decoded.push(b);
+        at += 3;
+    }
+    if std::str::from_utf8(&decoded).is_err() {
+        return Err(bad(
+            "the request path holds escaped bytes that are not UTF-8",
+        ));
+    }
+    Ok(at)
+}
+
+/// Whether `path` is canonical at a glance: no byte that could need a change or a refusal, no
+/// repeated slash and no segment starting with a dot. Most paths are; the others take the full
+/// pass (which also accepts `/.well-known`).
+fn plainly_canonical(path: &[u8]) -> bool {
+    let mut previous = 0u8;
+    for &b in path {
+        match b {
+            b'%' | b';' | b'\\' | 0..=0x20 | 0x7f..=0xff => return false,
+            b'/' | b'.' if previous == b'/' => return false,
+            _ => previous = b,
+        }
+    }
+    true
+}
+
+/// The canonical form of a request path (see the module doc). Borrowed when already canonical.
+pub fn canonical_path(raw: &str, merge_slashes: bool) -> Result<Cow<'_, str>, ProxyError> {
+    let bytes = raw.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(bad("the request target must be an absolute path"));
+    }
+    if plainly_canonical(bytes) {
+        return Ok(Cow::Borrowed(raw));
+    }
+    let mut out = Out {
+        raw,
+        owned: None,
+        len: 0,
+    };
+    let mut segment = Segment::default();
+    // Escaped non-ASCII bytes before this index have been checked to be UTF-8.
+    let mut utf8_checked = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'/' => {
+                segment.end()?;
+                if i > 0 && out.last() == Some(b'/') {
+                    if !merge_slashes {
+                        return Err(bad("the request path holds repeated slashes"));
+                    }
+                    out.diverge();
+                } else {
+                    out.keep(i);
+                }
+                i += 1;
+            }
+            b'%' => {
+                let decoded = escape(bytes, i)?;
+                match decoded {
+                    b'/' | b'\\' => return Err(bad("the request path holds an escaped slash")),
+                    b';' | b'%' | b'?' | b'#' => {
+                        return Err(bad(
+                            "the request path holds an escaped ';', '%', '?' or '#'",
+                        ))
+                    }
+                    0..=0x1f | 0x7f => {
+                        return Err(bad("the request path holds a control character"))
+                    }
+                    _ => {}
+                }
+                if decoded >= 0x80 && i >= utf8_checked {
+                    utf8_checked = utf8_run(bytes, i)?;
+                }
+                segment.feed(decoded);
+                if is_unreserved(decoded) {
+                    out.diverge();
+                    out.push(&[decoded]);
+                } else if bytes[i + 1..i + 3].iter().any(u8::is_ascii_lowercase) {
+                    out.diverge();
+                    let upper = [
+                        b'%',
+                        bytes[i + 1].to_ascii_uppercase(),
+                        bytes[i + 2].to_ascii_uppercase(),
+                    ];
+                    out.push(&upper);
+                } else {
+                    for at in i..i + 3 {
+                        out.keep(at);
+                    }
+                }
+                i += 3;
+            }
+            b';' => return Err(bad("the request path holds a ';' (path parameters)")),
+            b'\\' => return Err(bad("the request path holds a backslash")),
+            0x80..=0xff => return Err(bad("the request path holds raw non-ASCII bytes")),
+            0..=0x20 | 0x7f => return Err(bad("the request path holds a control character")),
+            _ => {
+                segment.feed(b);
+                out.keep(i);
+                i += 1;
+            }
+        }
+    }
+    segment.end()?;
+    Ok(out.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canon(path: &str) -> Result<String, ProxyError> {
+        canonical_path(path, true).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn clean_paths_are_borrowed() {
+        for clean in [
+            "/",
+            "/a/b",
+            "/a/.well-known",
+            "/a/..b",
+            "/a/b..",
+            "/x/%C3%A9",
+            "/q%20r/",
+        ] {
+            assert!(
+                matches!(canonical_path(clean, true), Ok(Cow::Borrowed(p)) if p == clean),
+                "{clean}"
+            );
+        }
+    }
+
+    #[test]
+    fn most_paths_are_canonical_at_a_glance() {
+        for plain in [
+            "/",
+            "/api/v1/orders/12345",
+            "/v1.2/x",
+            "/a-b_c~d/e!f",
+            "/a/b../c",
+        ] {
+            assert!(plainly_canonical(plain.as_bytes()), "{plain}");
+        }
+        // These take the full pass, which accepts them unchanged.
+        for full in ["/.well-known", "/a/..b", "/x/%C3%A9"] {
+            assert!(!plainly_canonical(full.as_bytes()), "{full}");
+            assert!(matches!(canonical_path(full, false), Ok(Cow::Borrowed(_))));
+        }
+    }
+
+    #[test]
+    fn unreserved_escapes_are_decoded_and_others_upper_cased() {
+        for (raw, want) in [
+            ("/%61dmin/x", "/admin/x"),
+            ("/%41%7e%2D%5f", "/A~-_"),
+            ("//admin//x/", "/admin/x/"),
+            ("/a%2a/%c3%a9", "/a%2A/%C3%A9"),
+            ("/caf%C3%A9", "/caf%C3%A9"),
+            ("/%F0%9F%98%80/x", "/%F0%9F%98%80/x"),
+        ] {
+            assert_eq!(canon(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn confusable_paths_are_refused() {
+        for bad in [
+            "*",
+            "admin",
+            "/a/../b",
+            "/..",
+            "/a/.",
+            "/./a",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a/.%2e",
+            "/%2e",
+            "/%2e%2E/",
+            "/admin%2fx",
+            "/admin%2Fx",
+            "/admin%5cx",
+            "/admin\\x",
+            "/admin;x",
+            "/..;/admin",
+            "/.;/admin",
+            "/admin%3bx",
+            "/%2561dmin",
+            "/admin%3F",
+            "/admin%23",
+            "/a%00b",
+            "/a%0a",
+            "/a%7f",
+            "/a%",
+            "/a%4",
+            "/a%zz",
+            "/%c0%ae%c0%ae/x",
+            "/%C3",
+            "/%80",
+            "/%C3%A9%A9",
+            "/é",
+        ] {
+            assert!(canonical_path(bad, true).is_err(), "{bad}");
+            assert!(
+                !bad.starts_with('/') || !plainly_canonical(bad.as_bytes()),
+                "{bad}"
+            );
+        }
+        assert!(canonical_path("//admin", false).is_err());
+        assert!(canonical_path("/a//b", false).is_err());
+        assert_eq!(canonical_path("/a/b/", false).as_deref(), Ok("/a/b/"));
+    }
+
+    fn target(req: &Request<()>) -> Result<(Option<&str>, Option<String>), ProxyError> {
+        let t = Target::of(req, true)?;
+        Ok((
+            t.host(),
+            t.forwarded_host().map(|v| v.to_str().unwrap().to_string()),
+        ))
+    }
+
+    #[test]
+    fn one_authority_or_400() {
+        let req = |uri: &str, hosts: &[&str], version| {
+            let mut b = Request::builder().uri(uri).version(version);
+            for h in hosts {
+                b = b.header(HOST, *h);
+            }
+            b.body(()).unwrap()
+        };
+        let ok = req("/x", &["Api.Example:8080"], Version::HTTP_11);
+        assert_eq!(
+            target(&ok),
+            Ok((Some("Api.Example"), Some("Api.Example:8080".into())))
+        );
+        let abs = req("http://a.example/x", &["A.example"], Version::HTTP_11);
+        assert_eq!(target(&abs).unwrap().0, Some("a.example"));
+        let h2 = req("https://b.example/x", &[], Version::HTTP_2);
+        assert_eq!(
+            target(&h2),
+            Ok((Some("b.example"), Some("b.example".into())))
+        );
+        let h10 = req("/x", &[], Version::HTTP_10);
+        assert_eq!(target(&h10), Ok((None, None)));
+        for bad in [
+            req(
+                "http://other.example/x",
+                &["internal.example"],
+                Version::HTTP_11,
+            ),
+            req("/x", &["a.example", "a.example"], Version::HTTP_11),
+            req("/x", &[], Version::HTTP_11),
+            req("http://a.example/x", &[], Version::HTTP_11),
+            req("http://u@a.example/x", &["a.example"], Version::HTTP_11),
+            req("/x", &["a.example/x"], Version::HTTP_11),
+            req("/x", &[""], Version::HTTP_11),
+            req("https://b.example/x", &["c.example"], Version::HTTP_2),
+        ] {
+            assert!(target(&bad).is_err(), "{bad:?}");
+        }
+    }
+}
