@@ -786,3 +786,51 @@ async fn rediss_works_with_the_configured_ca_and_refuses_an_unknown_one() {
     let err = b.read("billing").await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
 }
+
+#[tokio::test]
+async fn nothing_the_store_logs_at_trace_level_carries_a_token_a_password_or_the_key() {
+    // A current-thread runtime: the subscription task runs on this thread and logs into the
+    // capture too.
+    let capture = support::logs::LogCapture::default();
+    let _guard = tracing::subscriber::set_default(capture.subscriber());
+    let mut server = RedisServer::start_with(RedisOptions {
+        password: Some("logged-never-redis-pw".into()),
+        ..RedisOptions::default()
+    });
+    let key = SealKey::generate();
+    let mut good = config(&server, &key);
+    good.password = Some(Secret::new("logged-never-redis-pw"));
+    let (a, _) = store(&good);
+    let mut events = a.subscribe();
+    assert_eq!(next(&mut events).await, StoreEvent::Resync);
+    let lease = a.try_lease("billing", LEASE).await.unwrap().unwrap();
+    a.write("billing", &lease, 0, &tokens(1)).await.unwrap();
+    assert!(matches!(
+        next(&mut events).await,
+        StoreEvent::Changed { .. }
+    ));
+    a.read("billing").await.unwrap();
+
+    let mut bad = config(&server, &key);
+    bad.password = Some(Secret::new("wrong-logged-never-pw"));
+    let (b, _) = store(&bad);
+    let mut refused = b.subscribe();
+    b.read("billing").await.unwrap_err();
+    server.restart();
+    assert_eq!(next(&mut events).await, StoreEvent::Resync);
+    drop(refused.try_recv());
+
+    let logs = capture.text();
+    assert!(logs.contains("subscribed to store changes"), "{logs}");
+    assert!(logs.contains("cannot subscribe to store changes"), "{logs}");
+    let key_text = key.to_base64();
+    for secret in [
+        API_SECRET,
+        ACCESS_SECRET,
+        "logged-never-redis-pw",
+        "wrong-logged-never-pw",
+        &key_text[..],
+    ] {
+        assert!(!logs.contains(secret), "`{secret}` logged:\n{logs}");
+    }
+}
