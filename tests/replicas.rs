@@ -1,7 +1,8 @@
 //! Several real `tokenbroker run` processes on one Redis store and one emulator (the harness in
 //! `support::cluster`). The broker does not use the store for its tokens yet: this checks that a
 //! `[store] kind = "redis"` cluster starts, serves every caller on every replica, survives a
-//! `kill -9` of one replica and takes a new one, and that `check` accepts its config.
+//! `kill -9` of one replica and takes a new one, that `check` accepts its config, and that
+//! proxied requests send Redis no command.
 
 mod support;
 
@@ -29,6 +30,19 @@ async fn three_replicas_on_one_redis_store_start_serve_and_survive_a_kill() {
         let metrics = cluster.metrics(i).await;
         assert!(metrics.contains("tokenbroker_store_up"), "{metrics}");
     }
+
+    // Warm now: proxied requests send Redis nothing (commands other than the harness's own
+    // INFO and the subscriptions' PINGs), far fewer than one per request.
+    let before = cluster.redis.command_calls().await;
+    let statuses = cluster.spread(90).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let after = cluster.redis.command_calls().await;
+    let sent: u64 = after
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "info" | "ping"))
+        .map(|(name, calls)| calls - before.get(name).copied().unwrap_or(0))
+        .sum();
+    assert!(sent < 9, "{sent} Redis commands for 90 requests: {after:?}");
 
     cluster.kill(1);
     let statuses = cluster.spread(20).await;

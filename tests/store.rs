@@ -61,19 +61,6 @@ fn tokens(n: u64) -> StoredTokens {
     }
 }
 
-/// A plain connection for looking at (and damaging) what the store wrote.
-async fn raw(server: &RedisServer, password: Option<&str>) -> redis::aio::MultiplexedConnection {
-    let mut url = server.url();
-    if let Some(pw) = password {
-        url = url.replacen("://", &format!("://:{pw}@"), 1);
-    }
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
 fn sample(metrics: &Metrics, series: &str) -> Option<f64> {
     metrics
         .encode()
@@ -259,7 +246,7 @@ async fn keep_alive_holds_a_lease_past_its_ttl_and_reports_when_it_is_lost() {
     assert!(b.try_lease("billing", ttl).await.unwrap().is_none());
 
     // Someone deletes the lease (an operator, an eviction) and B takes it: A hears of it.
-    let mut conn = raw(&server, None).await;
+    let mut conn = server.connection().await;
     let _: () = redis::cmd("DEL")
         .arg(format!("{PREFIX}lease:billing"))
         .query_async(&mut conn)
@@ -355,7 +342,7 @@ async fn a_password_and_an_acl_user_work_and_a_wrong_password_is_a_clear_error()
         ..RedisOptions::default()
     });
     let key = SealKey::generate();
-    let mut conn = raw(&server, Some("default-user-pw")).await;
+    let mut conn = server.connection().await;
     let _: () = redis::cmd("ACL")
         .arg(
             &[
@@ -437,35 +424,16 @@ async fn a_dump_of_every_key_and_monitor_show_no_token_and_no_key() {
     }
     let _ = a.lease_holder("billing").await.unwrap();
 
-    let mut conn = raw(&server, None).await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{PREFIX}*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(keys.len(), 6, "3 records and 3 leases: {keys:?}");
-    let mut dump = String::new();
-    for k in &keys {
-        let kind: String = redis::cmd("TYPE")
-            .arg(k)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let value: redis::Value = match kind.as_str() {
-            "hash" => redis::cmd("HGETALL")
-                .arg(k)
-                .query_async(&mut conn)
-                .await
-                .unwrap(),
-            "string" => redis::cmd("GET")
-                .arg(k)
-                .query_async(&mut conn)
-                .await
-                .unwrap(),
-            other => panic!("{k} is a {other}"),
-        };
-        dump.push_str(&format!("{k} {kind} {value:?}\n"));
-    }
+    let dump = server.dump(PREFIX).await;
+    assert_eq!(dump.lines().count(), 6, "3 records and 3 leases:\n{dump}");
+    let billing = dump
+        .lines()
+        .find(|l| l.starts_with(&format!("{PREFIX}caller:billing hash ")))
+        .unwrap_or_default();
+    assert!(
+        billing.contains("generation 1") && billing.contains(&format!("sealed v1.{}.", key.id())),
+        "the generation in clear, the tokens sealed:\n{dump}"
+    );
     let mut monitored = String::new();
     while let Ok(Some(line)) = tokio::time::timeout(Duration::from_millis(500), seen.next()).await {
         monitored.push_str(&line);
@@ -495,7 +463,7 @@ async fn damaged_or_foreign_records_are_precise_errors() {
     let server = RedisServer::start();
     let key = SealKey::generate();
     let (a, metrics) = store(&config(&server, &key));
-    let mut conn = raw(&server, None).await;
+    let mut conn = server.connection().await;
     let record = |caller: &str| format!("{PREFIX}caller:{caller}");
 
     let lease = a.try_lease("billing", LEASE).await.unwrap().unwrap();
