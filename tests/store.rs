@@ -802,3 +802,28 @@ async fn nothing_the_store_logs_at_trace_level_carries_a_token_a_password_or_the
         assert!(!logs.contains(secret), "`{secret}` logged:\n{logs}");
     }
 }
+
+#[tokio::test]
+async fn the_subscription_notices_a_redis_that_stops_answering_and_resyncs_when_it_answers_again() {
+    let server = RedisServer::start();
+    let key = SealKey::generate();
+    let (a, metrics) = store(&config(&server, &key));
+    let mut events = a.subscribe();
+    assert_eq!(next(&mut events).await, StoreEvent::Resync);
+    // Paused, the connection stays open and silent: only the subscription's ping can tell.
+    server.pause();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            sample(&metrics, "tokenbroker_store_up") == Some(0.0)
+        })
+        .await,
+        "the silent connection is given up"
+    );
+    server.resume();
+    assert_eq!(
+        next(&mut events).await,
+        StoreEvent::Resync,
+        "after it answers again"
+    );
+    assert_eq!(sample(&metrics, "tokenbroker_store_up"), Some(1.0));
+}
