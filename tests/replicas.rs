@@ -93,14 +93,26 @@ async fn three_replicas_twenty_cold_callers_one_create_and_one_exchange_each() {
     assert_eq!(first["store"]["current"], true, "{tokens}");
     assert!(first["store"]["generation"].as_u64() >= Some(1), "{tokens}");
 
-    // no Redis command per proxied request once the tokens are held
+    // no Redis command per proxied request once the tokens are held: neither the replicas'
+    // counters nor Redis's own (the harness's INFO and the subscriptions' PINGs aside)
     let mut before = Vec::new();
     for i in cluster.running() {
         let metrics = cluster.metrics(i).await;
         before.push(family_sum(&metrics, "tokenbroker_store_operations_total"));
     }
+    let calls_before = cluster.redis.command_calls().await;
     let statuses = cluster.spread(300).await;
     assert!(statuses.iter().all(|&s| s == 200));
+    let calls_after = cluster.redis.command_calls().await;
+    let sent: u64 = calls_after
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "info" | "ping"))
+        .map(|(name, calls)| calls - calls_before.get(name).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        sent, 0,
+        "Redis commands during 300 requests: {calls_after:?}"
+    );
     for (n, i) in cluster.running().into_iter().enumerate() {
         let after = family_sum(
             &cluster.metrics(i).await,
@@ -109,15 +121,28 @@ async fn three_replicas_twenty_cold_callers_one_create_and_one_exchange_each() {
         assert_eq!(after, before[n], "replica {i} talked to Redis for requests");
     }
 
-    // a dump of every key shows no token, no caller key, no secret
+    // a dump of every key shows no token, no caller key, no secret: each record is its
+    // generation and one sealed value, nothing else
     let dump = cluster.redis.dump(KEY_PREFIX).await;
-    assert!(dump.contains("sealed"), "{dump}");
-    for clear in [
-        "vidb_",
-        "eyJ",
-        "cluster-key-",
-        "cluster-admin-client-secret",
-    ] {
+    let mut records = 0;
+    for line in dump.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields[0].starts_with(&format!("{KEY_PREFIX}caller:")) {
+            records += 1;
+            assert_eq!((fields[1], fields.len()), ("hash", 6), "{line}");
+            let pairs: std::collections::BTreeMap<&str, &str> =
+                fields[2..].chunks(2).map(|kv| (kv[0], kv[1])).collect();
+            assert!(pairs["generation"].parse::<u64>().is_ok(), "{line}");
+            let sealed: Vec<&str> = pairs["sealed"].splitn(3, '.').collect();
+            assert_eq!(sealed[0], "v1", "{line}");
+            assert!(sealed[1].len() == 8 && sealed[1].chars().all(|c| c.is_ascii_hexdigit()));
+            assert!(sealed[2]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        }
+    }
+    assert_eq!(records, 20, "{dump}");
+    for clear in ["vidb_", "cluster-key-", "cluster-admin-client-secret"] {
         assert!(!dump.contains(clear), "Redis shows {clear}:\n{dump}");
     }
 }

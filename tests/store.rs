@@ -61,19 +61,6 @@ fn tokens(n: u64) -> StoredTokens {
     }
 }
 
-/// A plain connection for looking at (and damaging) what the store wrote.
-async fn raw(server: &RedisServer, password: Option<&str>) -> redis::aio::MultiplexedConnection {
-    let mut url = server.url();
-    if let Some(pw) = password {
-        url = url.replacen("://", &format!("://:{pw}@"), 1);
-    }
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
 fn sample(metrics: &Metrics, series: &str) -> Option<f64> {
     metrics
         .encode()
@@ -259,7 +246,7 @@ async fn keep_alive_holds_a_lease_past_its_ttl_and_reports_when_it_is_lost() {
     assert!(b.try_lease("billing", ttl).await.unwrap().is_none());
 
     // Someone deletes the lease (an operator, an eviction) and B takes it: A hears of it.
-    let mut conn = raw(&server, None).await;
+    let mut conn = server.connection().await;
     let _: () = redis::cmd("DEL")
         .arg(format!("{PREFIX}lease:billing"))
         .query_async(&mut conn)
@@ -355,7 +342,7 @@ async fn a_password_and_an_acl_user_work_and_a_wrong_password_is_a_clear_error()
         ..RedisOptions::default()
     });
     let key = SealKey::generate();
-    let mut conn = raw(&server, Some("default-user-pw")).await;
+    let mut conn = server.connection().await;
     let _: () = redis::cmd("ACL")
         .arg(
             &[
@@ -439,6 +426,14 @@ async fn a_dump_of_every_key_and_monitor_show_no_token_and_no_key() {
 
     let dump = server.dump(PREFIX).await;
     assert_eq!(dump.lines().count(), 6, "3 records and 3 leases:\n{dump}");
+    let billing = dump
+        .lines()
+        .find(|l| l.starts_with(&format!("{PREFIX}caller:billing hash ")))
+        .unwrap_or_default();
+    assert!(
+        billing.contains("generation 1") && billing.contains(&format!("sealed v1.{}.", key.id())),
+        "the generation in clear, the tokens sealed:\n{dump}"
+    );
     let mut monitored = String::new();
     while let Ok(Some(line)) = tokio::time::timeout(Duration::from_millis(500), seen.next()).await {
         monitored.push_str(&line);
@@ -468,7 +463,7 @@ async fn damaged_or_foreign_records_are_precise_errors() {
     let server = RedisServer::start();
     let key = SealKey::generate();
     let (a, metrics) = store(&config(&server, &key));
-    let mut conn = raw(&server, None).await;
+    let mut conn = server.connection().await;
     let record = |caller: &str| format!("{PREFIX}caller:{caller}");
 
     let lease = a.try_lease("billing", LEASE).await.unwrap().unwrap();
@@ -758,4 +753,77 @@ async fn rediss_works_with_the_configured_ca_and_refuses_an_unknown_one() {
     let (b, _) = store(&other);
     let err = b.read("billing").await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
+}
+
+#[tokio::test]
+async fn nothing_the_store_logs_at_trace_level_carries_a_token_a_password_or_the_key() {
+    // A current-thread runtime: the subscription task runs on this thread and logs into the
+    // capture too.
+    let capture = support::logs::LogCapture::default();
+    let _guard = tracing::subscriber::set_default(capture.subscriber());
+    let mut server = RedisServer::start_with(RedisOptions {
+        password: Some("logged-never-redis-pw".into()),
+        ..RedisOptions::default()
+    });
+    let key = SealKey::generate();
+    let mut good = config(&server, &key);
+    good.password = Some(Secret::new("logged-never-redis-pw"));
+    let (a, _) = store(&good);
+    let mut events = a.subscribe();
+    assert_eq!(next(&mut events).await, StoreEvent::Resync);
+    let lease = a.try_lease("billing", LEASE).await.unwrap().unwrap();
+    a.write("billing", &lease, 0, &tokens(1)).await.unwrap();
+    assert!(matches!(
+        next(&mut events).await,
+        StoreEvent::Changed { .. }
+    ));
+    a.read("billing").await.unwrap();
+
+    let mut bad = config(&server, &key);
+    bad.password = Some(Secret::new("wrong-logged-never-pw"));
+    let (b, _) = store(&bad);
+    let mut refused = b.subscribe();
+    b.read("billing").await.unwrap_err();
+    server.restart();
+    assert_eq!(next(&mut events).await, StoreEvent::Resync);
+    drop(refused.try_recv());
+
+    let logs = capture.text();
+    assert!(logs.contains("subscribed to store changes"), "{logs}");
+    assert!(logs.contains("cannot subscribe to store changes"), "{logs}");
+    let key_text = key.to_base64();
+    for secret in [
+        API_SECRET,
+        ACCESS_SECRET,
+        "logged-never-redis-pw",
+        "wrong-logged-never-pw",
+        &key_text[..],
+    ] {
+        assert!(!logs.contains(secret), "`{secret}` logged:\n{logs}");
+    }
+}
+
+#[tokio::test]
+async fn the_subscription_notices_a_redis_that_stops_answering_and_resyncs_when_it_answers_again() {
+    let server = RedisServer::start();
+    let key = SealKey::generate();
+    let (a, metrics) = store(&config(&server, &key));
+    let mut events = a.subscribe();
+    assert_eq!(next(&mut events).await, StoreEvent::Resync);
+    // Paused, the connection stays open and silent: only the subscription's ping can tell.
+    server.pause();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            sample(&metrics, "tokenbroker_store_up") == Some(0.0)
+        })
+        .await,
+        "the silent connection is given up"
+    );
+    server.resume();
+    assert_eq!(
+        next(&mut events).await,
+        StoreEvent::Resync,
+        "after it answers again"
+    );
+    assert_eq!(sample(&metrics, "tokenbroker_store_up"), Some(1.0));
 }

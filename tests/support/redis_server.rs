@@ -1,7 +1,8 @@
 //! A real `redis-server` for the store tests (Debian package `redis-server`; `.ci/run` installs
 //! it): on a free loopback port, persistence off, its own temporary folder and log file. It can
 //! be stopped and started again on the same port, paused (SIGSTOP: a Redis that accepts
-//! connections and never answers), and it is killed on drop.
+//! connections and never answers), and it is killed on drop. It also shows what is in it (a dump
+//! of every key under a prefix) and how many commands it ran, by name.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -48,47 +49,9 @@ impl RedisServer {
         self.port
     }
 
-    /// Every key under `prefix` with its type and value, one per line: what a Redis dump shows.
-    pub async fn dump(&self, prefix: &str) -> String {
-        let mut conn = redis::Client::open(self.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}*"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let mut dump = String::new();
-        for k in &keys {
-            let kind: String = redis::cmd("TYPE")
-                .arg(k)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let command = match kind.as_str() {
-                "hash" => "HGETALL",
-                "string" => "GET",
-                other => panic!("{k} is a {other}"),
-            };
-            let value: redis::Value = redis::cmd(command)
-                .arg(k)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            dump.push_str(&format!("{k} {kind} {value:?}\n"));
-        }
-        dump
-    }
-
     /// The value of a plain key (e.g. who holds a lease).
     pub async fn get(&self, key: &str) -> Option<String> {
-        let mut conn = redis::Client::open(self.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut conn = self.connection().await;
         redis::cmd("GET")
             .arg(key)
             .query_async(&mut conn)
@@ -225,6 +188,100 @@ impl Drop for RedisServer {
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGCONT) };
         }
         self.stop();
+    }
+}
+
+impl RedisServer {
+    /// A plain connection of the test's own (not the store's), with the server's password.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        let mut url = self.url();
+        if let Some(pw) = &self.options.password {
+            url = url.replacen("://", &format!("://:{pw}@"), 1);
+        }
+        let client = if self.options.tls {
+            let ca = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/ca.pem"));
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.expect("certs/ca.pem")),
+            };
+            redis::Client::build_with_tls(url.as_str(), certs).expect("TLS client")
+        } else {
+            redis::Client::open(url).expect("client")
+        };
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("a connection to the test's redis-server")
+    }
+
+    /// Every key under `prefix`, one line each: `<key> <type> <value>` (GET of strings, HGETALL
+    /// of hashes), sorted. What an operator with a Redis dump would see.
+    pub async fn dump(&self, prefix: &str) -> String {
+        let mut conn = self.connection().await;
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        keys.sort();
+        let mut dump = String::new();
+        for key in keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let command = match kind.as_str() {
+                "hash" => "HGETALL",
+                "string" => "GET",
+                other => panic!("{key} is a {other}: the store writes hashes and strings only"),
+            };
+            let value: redis::Value = redis::cmd(command)
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let value = text(&value);
+            dump.push_str(&format!("{key} {kind} {value}\n"));
+        }
+        dump
+    }
+
+    /// How often each command ran since start (`INFO commandstats`), by lower-case name.
+    pub async fn command_calls(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut conn = self.connection().await;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        info.lines()
+            .filter_map(|line| {
+                let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+                Some((name.to_string(), calls.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+/// A reply as text: bulk strings as (lossy) UTF-8, so that a secret in clear would show as such.
+fn text(value: &redis::Value) -> String {
+    use redis::Value;
+    match value {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(n) => n.to_string(),
+        Value::Nil => "(nil)".to_string(),
+        Value::Array(items) | Value::Set(items) => {
+            items.iter().map(text).collect::<Vec<_>>().join(" ")
+        }
+        Value::Map(pairs) => pairs
+            .iter()
+            .map(|(k, v)| format!("{} {}", text(k), text(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => format!("{other:?}"),
     }
 }
 

@@ -188,7 +188,8 @@ impl RedisStore {
         let key = record_key(&self.inner.prefix, caller);
         let mut cmd = ::redis::cmd("HGETALL");
         cmd.arg(&key);
-        let fields = match self.command::<Vec<(String, Vec<u8>)>>("read", &cmd).await {
+        // Field names as bytes: a conversion error would quote the reply, whatever it holds.
+        let fields = match self.command::<Vec<(Vec<u8>, Vec<u8>)>>("read", &cmd).await {
             Ok(fields) => fields,
             Err(StoreError::Foreign { what, .. }) => return Err(StoreError::Foreign { key, what }),
             Err(e) => return Err(e),
@@ -206,7 +207,7 @@ impl RedisStore {
         &self,
         caller: &str,
         key: &str,
-        fields: Vec<(String, Vec<u8>)>,
+        fields: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<Option<(u64, StoredTokens)>, StoreError> {
         if fields.is_empty() {
             return Ok(None);
@@ -218,9 +219,9 @@ impl RedisStore {
         let mut generation = None;
         let mut sealed = None;
         for (field, value) in fields {
-            match field.as_str() {
-                "generation" => generation = Some(value),
-                "sealed" => sealed = Some(value),
+            match &field[..] {
+                b"generation" => generation = Some(value),
+                b"sealed" => sealed = Some(value),
                 _ => return Err(foreign("it has fields other than generation and sealed")),
             }
         }
