@@ -145,16 +145,7 @@ async fn requests_wait_for_the_renewal_in_flight() {
     let fake = FakeIdentity::with_latency(minutes(30), minutes(600), Duration::from_millis(300));
     let broker = start(&fake, vec![caller("billing")], policy()).await;
     // 20 concurrent first requests: one renewal (three calls of 300 ms), nobody gets 503
-    let tasks: Vec<_> = (0..20)
-        .map(|_| {
-            let b = Arc::clone(&broker);
-            tokio::spawn(async move { b.token("billing").await })
-        })
-        .collect();
-    let mut generations = std::collections::HashSet::new();
-    for t in tasks {
-        generations.insert(t.await.unwrap().expect("waited for the token").generation);
-    }
+    let generations = support::broker::concurrent_generations(&broker, "billing", 20).await;
     assert_eq!(generations.len(), 1);
     assert_eq!(
         (

@@ -106,16 +106,7 @@ async fn accepted_upstream(emu: &Emulator, result: &TokenResult) -> bool {
 async fn thousand_concurrent_first_requests_cause_one_fetch_of_each_kind() {
     let emu = emulator(60.0).await;
     let broker = start(&config(&emu, vec![caller("billing")], policy(60, 30))).await;
-    let tasks: Vec<_> = (0..1000)
-        .map(|_| {
-            let b = Arc::clone(&broker);
-            tokio::spawn(async move { b.token("billing").await })
-        })
-        .collect();
-    let mut generations = std::collections::HashSet::new();
-    for t in tasks {
-        generations.insert(t.await.unwrap().expect("token").generation);
-    }
+    let generations = support::broker::concurrent_generations(&broker, "billing", 1000).await;
     assert_eq!(generations.len(), 1, "every request got the same token");
     let c = emu.counters();
     assert_eq!(

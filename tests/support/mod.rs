@@ -1,12 +1,15 @@
-//! HTTP helpers shared by the integration tests (`mod support;`), log capture (`logs`) and a
-//! real `redis-server` (`redis_server`).
-//! Generic on purpose: nothing here knows the emulator or the proxy.
+//! HTTP helpers shared by the integration tests (`mod support;`), and beside them: log capture
+//! (`logs`), a real `redis-server` (`redis_server`), child processes (`process`), a cluster of
+//! `tokenbroker run` replicas (`cluster`), an in-process fake identity service for paused-time
+//! broker tests (`fake_identity`) and broker helpers (`broker`). The HTTP helpers here know
+//! nothing of the emulator or the proxy.
 //!
 //! Every call opens a fresh connection (no pool), so one step of a test cannot leak a kept-alive
 //! connection into the next; `raw` speaks hand-written HTTP/1.1 for malformed requests.
 
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod cluster;
 pub mod fake_identity;
 pub mod logs;

@@ -1,0 +1,29 @@
+//! Broker helpers shared by the broker tests (paused time, `broker.rs`) and the lifecycle tests
+//! (real emulator, `lifecycle.rs`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tokenbroker::broker::Broker;
+
+/// `n` concurrent first requests for `caller`: the generations of the tokens they got (each must
+/// get one).
+pub async fn concurrent_generations(broker: &Arc<Broker>, caller: &str, n: usize) -> HashSet<u64> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let b = Arc::clone(broker);
+            let caller = caller.to_string();
+            tokio::spawn(async move { b.token(&caller).await })
+        })
+        .collect();
+    let mut generations = HashSet::new();
+    for t in tasks {
+        generations.insert(
+            t.await
+                .unwrap()
+                .expect("every request gets a token")
+                .generation,
+        );
+    }
+    generations
+}
