@@ -363,3 +363,31 @@ async fn restarts_and_a_new_replica_create_nothing() {
     cluster.kill(1);
     assert!(cluster.spread(20).await.iter().all(|&s| s == 200));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_401s_on_three_replicas_cause_one_renewal() {
+    let cluster = Cluster::start(ClusterOptions {
+        callers: 1,
+        tokens_extra: "min_renew_interval = \"100ms\"\n".into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
+    let before = cluster.counters();
+    assert_eq!(before.exchange, 1, "{before:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // the upstream stops accepting the shared access token: every replica sees 401s for it
+    cluster.emulator.revoke_access_tokens();
+    let statuses = cluster.spread(30).await;
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "replayed with the renewed token: {statuses:?}"
+    );
+    let c = cluster.counters();
+    assert_eq!(
+        c.exchange - before.exchange,
+        1,
+        "one renewal for the fleet: {c:?}"
+    );
+    assert!(c.echo_rejected >= 3, "each replica saw a 401: {c:?}");
+}
