@@ -490,3 +490,63 @@ async fn a_sealed_state_file_keeps_api_tokens_and_another_key_means_a_fresh_star
         "{names:?}"
     );
 }
+
+/// Every call the emulator counted.
+fn identity_calls(emu: &Emulator) -> u64 {
+    let c = emu.counters();
+    c.client_credentials + c.create + c.regenerate + c.exchange
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_callers_through_an_emulator_outage_probe_once_per_step_and_recover_at_once() {
+    // access tokens live 2 s; the emulator answers 500 to everything for 6 s
+    let emu = emulator(1.0).await;
+    let names: Vec<String> = (0..100).map(|i| format!("svc{i}")).collect();
+    let mut tokens = policy(60, 2);
+    tokens.backoff_initial = Duration::from_secs(1);
+    tokens.backoff_max = Duration::from_secs(2);
+    let broker = start(&config(
+        &emu,
+        names.iter().map(|n| caller(n)).collect(),
+        tokens,
+    ))
+    .await;
+    for n in &names {
+        broker.token(n).await.expect("token before the outage");
+    }
+    let before = identity_calls(&emu);
+    emu.inject_fault(Fault {
+        seconds: Some(6.0),
+        ..Fault::new(FaultKind::ServerError, vec![], None)
+    });
+    let outage_end = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < outage_end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let during = identity_calls(&emu) - before;
+    assert!(
+        during <= 6,
+        "{during} identity calls in a 6 s outage with 100 callers (at most one per second)"
+    );
+    // every caller is served again within about one backoff step, without asking
+    let recovered = loop {
+        let statuses = broker.status();
+        if statuses.callers.iter().all(|c| c.state == "ready") {
+            break Instant::now();
+        }
+        assert!(
+            outage_end.elapsed() < Duration::from_secs(10),
+            "not recovered: {:?}",
+            statuses.identity_service
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        recovered - outage_end <= Duration::from_millis(2500),
+        "served {:?} after the outage",
+        recovered - outage_end
+    );
+    for n in &names {
+        assert!(accepted_upstream(&emu, &broker.token(n).await).await);
+    }
+}
