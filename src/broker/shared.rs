@@ -236,8 +236,7 @@ impl Broker {
         };
         let now = Instant::now();
         let held = c.sound().filter(|h| !h.is_due(now))?;
-        let api = c.api()?;
-        if api.is_due(now) || (c.settings().single_use && api.value.exchanged_once()) {
+        if c.api()?.is_due(now) {
             return None;
         }
         Some((held, adopted))
@@ -264,12 +263,17 @@ impl Broker {
         let api = match c.api().filter(|_| same_api) {
             Some(api) => api,
             None => {
+                let cred = ApiCred::new(
+                    tokens.api.id.clone(),
+                    tokens.api.token.clone(),
+                    tokens.api.suffix.clone(),
+                );
+                if tokens.access.is_some() {
+                    // the stored access token was exchanged from it (matters for single use)
+                    cred.exchanged.store(true, std::sync::atomic::Ordering::Release);
+                }
                 let held = Arc::new(Held::new(
-                    ApiCred::new(
-                        tokens.api.id.clone(),
-                        tokens.api.token.clone(),
-                        tokens.api.suffix.clone(),
-                    ),
+                    cred,
                     self.next_generation(),
                     now,
                     api_left,
