@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::raw::{
-    RawAdmin, RawCaller, RawConfig, RawIdentity, RawLimits, RawListener, RawLogging, RawRoute,
-    RawTls, RawTokens,
+    RawAdmin, RawCaller, RawConfig, RawDuration, RawIdentity, RawLimits, RawListener, RawLogging,
+    RawRoute, RawTls, RawTokens,
 };
 use super::*;
 use crate::secret::{Secret, SecretSource};
@@ -107,30 +107,6 @@ fn join(key: &str, field: &str) -> String {
     }
 }
 
-/// Turns a serde message into one that names types, never values: `invalid type: string "x",
-/// expected an integer` could otherwise carry a secret typed into the wrong key.
-fn without_values(message: &str) -> String {
-    if let Some(rest) = message.strip_prefix("invalid type: ") {
-        let found = match rest.split([' ', ',']).next().unwrap_or("value") {
-            "floating" => "a number with a fraction",
-            other => other,
-        };
-        let expected = match rest.rsplit_once(", expected ").map_or("", |p| p.1) {
-            "i64" => "an integer",
-            "f64" => "a number",
-            "" => "another type",
-            other => other,
-        };
-        return format!("expected {expected}, found {found}");
-    }
-    message
-        .split(['`', '"', '\''])
-        .next()
-        .unwrap_or(message)
-        .trim_end()
-        .to_string()
-}
-
 /// What is wrong with a URL for an upstream or the identity service, if anything.
 fn url_problem(uri: &http::Uri, path_allowed: bool) -> Option<&'static str> {
     let authority = uri.authority().map_or("", |a| a.as_str());
@@ -199,41 +175,24 @@ impl Checker {
         value
     }
 
-    /// Deserializes one table. Unknown keys and values of the wrong type are reported and
-    /// removed, and the rest is read again, so one mistake hides no other.
-    fn read<T: DeserializeOwned>(&mut self, mut value: toml::Value, key: &str) -> Option<T> {
-        loop {
-            let err = match value.clone().try_into::<T>() {
-                Ok(t) => return Some(t),
-                Err(e) => e.to_string(),
-            };
-            let mut lines = err.lines();
-            let message = lines.next().unwrap_or_default();
-            let field = if let Some(rest) = message.strip_prefix("unknown field `") {
-                let (field, rest) = rest.split_once('`').unwrap_or((rest, ""));
-                let expected = rest.trim_start_matches(", ");
-                self.add(join(key, field), format!("unknown key ({expected})"));
-                field.to_string()
+    /// Deserializes one table (see [`super::keys::read`]): unknown keys and values of the wrong
+    /// type are reported with their key path and left out, so one mistake hides no other.
+    fn read<T: DeserializeOwned>(&mut self, value: toml::Value, key: &str) -> Option<T> {
+        let toml::Value::Table(table) = value else {
+            self.add(key, format!("expected a table, found {}", value.type_str()));
+            return None;
+        };
+        let mut problems = Vec::new();
+        let read = super::keys::read::<T>(table, &mut problems);
+        for p in problems {
+            let at = if p.key.starts_with('[') {
+                format!("{key}{}", p.key)
             } else {
-                let at = lines
-                    .find_map(|l| l.strip_prefix("in `")?.strip_suffix('`'))
-                    .unwrap_or_default();
-                self.add(join(key, at), without_values(message));
-                at.split('.').next().unwrap_or_default().to_string()
+                join(key, &p.key)
             };
-            let removed = value
-                .as_table_mut()
-                .is_some_and(|table| table.remove(&field).is_some());
-            if !removed {
-                // Not a table, or nothing left to remove: give up on this one.
-                if !value.is_table() {
-                    let last = self.problems.last_mut().expect("just added");
-                    last.key = key.to_string();
-                    last.message = format!("expected a table, found {}", value.type_str());
-                }
-                return None;
-            }
+            self.add(at, p.message);
         }
+        read
     }
 
     /// An optional single-table section; `required` ones report their absence.
@@ -280,7 +239,7 @@ impl Checker {
     }
 
     /// A duration longer than zero (timeouts, margins).
-    fn duration(&mut self, key: &str, value: Option<String>, default: Duration) -> Duration {
+    fn duration(&mut self, key: &str, value: Option<RawDuration>, default: Duration) -> Duration {
         let d = self.any_duration(key, value, default);
         if d.is_zero() {
             self.add(key, "must be longer than zero");
@@ -290,8 +249,15 @@ impl Checker {
     }
 
     /// A duration, zero included.
-    fn any_duration(&mut self, key: &str, value: Option<String>, default: Duration) -> Duration {
-        let Some(text) = value else { return default };
+    fn any_duration(
+        &mut self,
+        key: &str,
+        value: Option<RawDuration>,
+        default: Duration,
+    ) -> Duration {
+        let Some(RawDuration(text)) = value else {
+            return default;
+        };
         humantime::parse_duration(&text).unwrap_or_else(|e| {
             let msg = format!("`{text}` is not a duration like \"5s\" or \"2m\": {e}");
             self.add(key, msg);
