@@ -18,7 +18,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::{self, Config, ConfigError, ConfigErrors, LoggingConfig};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::proxy::{ProxyHandle, StartError as ProxyStartError};
+use crate::proxy::{tls, ProxyHandle, StartError as ProxyStartError};
 use crate::server::Shutdown;
 
 /// Why the process could not start serving.
@@ -203,6 +203,7 @@ impl AppHandle {
         {
             tracing::warn!("listener addresses changed: they take effect at the next restart");
         }
+        let certificates = self.listener_certificates(&new)?;
         if let Err(e) = self.proxy.try_reconfigure(&new) {
             return Err(ConfigErrors(vec![ConfigError {
                 file: new.source.clone().unwrap_or_default(),
@@ -210,9 +211,50 @@ impl AppHandle {
                 message: e.to_string(),
             }]));
         }
+        for (listener, config) in certificates {
+            listener.replace(config);
+        }
         self.broker.reconfigure(&new);
         *self.config.lock().expect("config lock") = new;
         Ok(())
+    }
+
+    /// The TLS listeners' new server configs, read from the files `new` names (certificate, key
+    /// and client CA are read again even when their paths did not change: that is how they are
+    /// rotated). Nothing is replaced here; any file that does not load refuses the reload.
+    fn listener_certificates(
+        &self,
+        new: &Config,
+    ) -> Result<Vec<(tls::ListenerTls, Arc<rustls::ServerConfig>)>, ConfigErrors> {
+        let mut loaded = Vec::new();
+        let mut problems = Vec::new();
+        for (name, current) in self.proxy.listener_tls() {
+            let Some((i, listener)) = new
+                .listeners
+                .iter()
+                .enumerate()
+                .find(|(_, l)| &l.name == name)
+            else {
+                continue;
+            };
+            let Some(files) = &listener.tls else {
+                tracing::warn!(listener = %name, "TLS cannot be turned off by a reload: restart for that");
+                continue;
+            };
+            match tls::server_config(files) {
+                Ok(config) => loaded.push((current.clone(), config)),
+                Err(e) => problems.push(ConfigError {
+                    file: new.source.clone().unwrap_or_default(),
+                    key: format!("listener[{i}].tls.{}", e.file.key()),
+                    message: e.message,
+                }),
+            }
+        }
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(ConfigErrors(problems))
+        }
     }
 
     /// Stops in order: readiness goes to 503, proxy listeners stop accepting and drain (up to

@@ -1,6 +1,7 @@
 //! Raw TOML -> validated [`Config`]: applies the `DEFAULT_*` values, resolves paths against the
-//! config file's folder, reads the referenced secrets, and collects every problem (with its key
-//! path, e.g. `route[2].upstream`) before failing. It never puts a secret, nor any value that could
+//! config file's folder, reads the referenced secrets and checks the files `run` would load (TLS
+//! files with the listener's own loader, the state file's folder), and collects every problem
+//! (with its key path, e.g. `route[2].upstream`) before failing. It never puts a secret, nor any value that could
 //! be one, into a message.
 
 use std::collections::{HashMap, HashSet};
@@ -375,20 +376,61 @@ impl Checker {
     fn listener(&mut self, key: &str, r: RawListener) -> ListenerConfig {
         let tls = r.tls.and_then(|v| {
             let key = join(key, "tls");
+            let before = self.problems.len();
             let t: RawTls = self.read(v, &key)?;
             let cert = self.required(&join(&key, "cert"), t.cert);
             let private_key = self.required(&join(&key, "key"), t.key);
-            Some(ServerTls {
+            let tls = ServerTls {
                 cert: self.readable_file(&join(&key, "cert"), cert)?,
                 key: self.readable_file(&join(&key, "key"), private_key)?,
                 client_ca: self.readable_file(&join(&key, "client_ca"), t.client_ca),
-            })
+            };
+            if self.problems.len() == before {
+                self.tls_files(&key, &tls);
+            }
+            Some(tls)
         });
         ListenerConfig {
             name: self.name(&join(key, "name"), r.name),
             addr: self.addr(&join(key, "address"), r.address),
             tls,
             caller: r.caller,
+        }
+    }
+
+    /// What the listener would refuse at start: each file's PEM contents, the key matching the
+    /// certificate, the client CA. The listener's own loading code does the checking.
+    fn tls_files(&mut self, key: &str, tls: &ServerTls) {
+        if let Err(e) = crate::proxy::tls::server_config(tls) {
+            self.add(join(key, e.file.key()), e.message);
+        }
+    }
+
+    /// The folder of the state file must exist and take new files (it is written by a rename).
+    fn state_folder(&mut self, state_file: &Path) {
+        let Some(dir) = state_file.parent().filter(|d| !d.as_os_str().is_empty()) else {
+            return;
+        };
+        if !dir.is_dir() {
+            self.add(
+                "tokens.state_file",
+                format!("folder {} does not exist", dir.display()),
+            );
+            return;
+        }
+        let probe = dir.join(format!(".tokenbroker-check-{}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+        {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+            }
+            Err(e) => self.add(
+                "tokens.state_file",
+                format!("folder {} is not writable: {e}", dir.display()),
+            ),
         }
     }
 
@@ -576,13 +618,8 @@ impl Checker {
             );
         }
         let state_file = r.state_file.map(|s| self.path(&s));
-        if let Some(dir) = state_file.as_ref().and_then(|p| p.parent()) {
-            if !dir.as_os_str().is_empty() && !dir.is_dir() {
-                self.add(
-                    "tokens.state_file",
-                    format!("folder {} does not exist", dir.display()),
-                );
-            }
+        if let Some(path) = &state_file {
+            self.state_folder(path);
         }
         let display_name_prefix = r.display_name_prefix.unwrap_or(d.display_name_prefix);
         TokenPolicy {
