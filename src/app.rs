@@ -1,7 +1,9 @@
 //! The running process: wires the metrics registry, the broker, the proxy listeners and the admin
 //! listener together ([`AppHandle`]), reloads the configuration, shuts down in order, and maps
 //! process signals onto that ([`run`]). Tests drive [`AppHandle`] directly, without signals.
-//! A reload that fails validation changes nothing.
+//! A reload also reads the TLS listeners' certificate, key and client CA files again (rotation
+//! without restart). A reload that fails validation, or whose TLS files do not load, changes
+//! nothing.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;

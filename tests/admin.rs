@@ -5,20 +5,17 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use support::{eventually, http, json};
+use support::process::{logged_addr, Process};
+use support::{eventually, http, json, sample};
 use tokenbroker::app::AppHandle;
 use tokenbroker::config;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultKind, Operation};
 use tokenbroker::secret::Secret;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tokenbroker");
 const CLIENT_SECRET: &str = "emulated-client-secret-value";
 const SVC_KEY: &str = "svc-caller-key-0123456789";
 const RAW_KEY: &str = "raw-caller-key-0123456789";
@@ -127,13 +124,6 @@ async fn proxied(addr: SocketAddr, path: &str, key: &str) -> (u16, serde_json::V
     )
     .await;
     (status.as_u16(), json(&body))
-}
-
-/// The value of the sample line starting with `name{labels}`, if any.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,76 +293,6 @@ async fn reload_applies_a_good_config_and_refuses_a_bad_one() {
 
     app.shutdown().await;
     emulator.shutdown().await;
-}
-
-/// A child process whose standard error is read line by line in the background.
-struct Process {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Process {
-    fn spawn(args: &[&str]) -> Process {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        Process { child, lines }
-    }
-
-    /// The next output line (stdout or stderr) for which `pick` gives something.
-    fn wait_for<T>(&self, mut pick: impl FnMut(&str) -> Option<T>) -> T {
-        let deadline = std::time::Instant::now() + WAIT;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(found) = pick(&line) {
-                        return found;
-                    }
-                    seen.push(line);
-                }
-                Err(_) => panic!("not seen; output so far:\n{}", seen.join("\n")),
-            }
-        }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-    }
-
-    /// Sends SIGTERM and returns the exit code.
-    fn stop(mut self) -> Option<i32> {
-        self.signal(libc::SIGTERM);
-        self.child.wait().unwrap().code()
-    }
-}
-
-/// The address in a JSON log line with this message (`run --log-json`).
-fn logged_addr(line: &str, message: &str) -> Option<SocketAddr> {
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    if v["fields"]["message"] != message {
-        return None;
-    }
-    v["fields"]["addr"].as_str()?.parse().ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,5 @@
-//! HTTP helpers shared by the integration tests (`mod support;`), and log capture (`logs`).
+//! HTTP helpers shared by the integration tests (`mod support;`), log capture (`logs`) and the
+//! binary as a child process (`process`).
 //! Generic on purpose: nothing here knows the emulator or the proxy.
 //!
 //! Every call opens a fresh connection (no pool), so one step of a test cannot leak a kept-alive
@@ -7,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod logs;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -148,4 +150,11 @@ pub fn basic(id: &str, secret: &str) -> String {
 /// `application/x-www-form-urlencoded` of the pairs.
 pub fn form(pairs: &[(&str, &str)]) -> String {
     serde_urlencoded::to_string(pairs).expect("form encoding")
+}
+
+/// The value of the Prometheus sample line `series` (`name{labels}`) in `metrics`, if any.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
