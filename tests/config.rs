@@ -672,3 +672,23 @@ fn a_wrong_type_gets_a_hint_and_an_unknown_key_a_suggestion() {
         "expected a string, found integer",
     );
 }
+
+#[test]
+fn version_names_the_commit() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or("unknown".to_string(), |o| {
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        });
+    let expected = std::env::var("TOKENBROKER_COMMIT").unwrap_or(commit);
+    assert_eq!(
+        stdout(&out),
+        format!("tokenbroker {} ({expected})\n", env!("CARGO_PKG_VERSION"))
+    );
+}
