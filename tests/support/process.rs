@@ -15,15 +15,21 @@ pub struct Process {
 }
 
 impl Process {
+    /// `tokenbroker ARGS`, without `RUST_LOG`.
     pub fn spawn(args: &[&str]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tokenbroker"))
-            .args(args)
-            .env_remove("RUST_LOG")
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tokenbroker"));
+        command.args(args).env_remove("RUST_LOG");
+        Process::start(command)
+    }
+
+    /// Any command, with its output read the same way.
+    pub fn start(mut command: Command) -> Process {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
         let (tx, lines) = mpsc::channel();
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
