@@ -692,3 +692,53 @@ fn version_names_the_commit() {
         format!("tokenbroker {} ({expected})\n", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// The block `tokenbroker.toml: |` of the Kubernetes ConfigMap, unindented.
+fn configmap_toml() -> String {
+    let yaml = std::fs::read_to_string(repo("deploy/kubernetes/configmap.yaml")).unwrap();
+    let mut lines = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "tokenbroker.toml: |");
+    let header = lines.next().expect("a tokenbroker.toml block");
+    let indent = header.len() - header.trim_start().len() + 2;
+    lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+        .map(|l| l.get(indent..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_kubernetes_configmap_is_a_valid_config_with_the_mounted_files() {
+    // Laid out as deployment.yaml mounts it: secrets/ and tls/ beside the file.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+    std::fs::create_dir_all(dir.path().join("tls")).unwrap();
+    std::fs::write(dir.path().join("secrets/client-secret"), "from-a-secret\n").unwrap();
+    for (to, from) in [
+        ("tls/tls.crt", "certs/server.pem"),
+        ("tls/tls.key", "certs/server.key"),
+        ("tls/ca.crt", "certs/ca.pem"),
+    ] {
+        std::fs::copy(repo(from), dir.path().join(to)).unwrap();
+    }
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let text = configmap_toml();
+    assert!(text.contains("[store]"), "the optional store is shown");
+    let text = text.replace(
+        "/var/lib/tokenbroker/tokens.json",
+        state.join("tokens.json").to_str().unwrap(),
+    );
+    let path = dir.path().join("tokenbroker.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = check(&path, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let c = config::load(&path).unwrap();
+    assert_eq!(
+        c.limits.shutdown_grace.as_secs(),
+        30,
+        "deployment.yaml's grace period assumes it"
+    );
+    assert_eq!(c.admin.unwrap().addr.port(), 9090, "the probes' port");
+}
