@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -22,6 +23,13 @@ use crate::emulator::{Emulator, EmulatorConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proxy::{tls, ProxyHandle, StartError as ProxyStartError};
 use crate::server::Shutdown;
+
+/// How often `run` looks at the TLS listeners' files for a change (then reloads them alone).
+const TLS_FILES_POLL: Duration = Duration::from_secs(5);
+
+/// What identifies one version of a file: size, modification time, inode (following symlinks, as
+/// Kubernetes Secret volumes swap them); `None` when it cannot be read.
+type FileStamp = Option<(u64, SystemTime, u64)>;
 
 /// Why the process could not start serving.
 #[derive(Debug, thiserror::Error)]
@@ -178,12 +186,58 @@ impl AppHandle {
                 Err(errors)
             }
         };
-        let label = if outcome.is_ok() { "ok" } else { "rejected" };
+        self.count_reload(outcome.is_ok());
+        outcome
+    }
+
+    fn count_reload(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "rejected" };
         self.metrics
             .config_reloads
-            .get_or_create(&OutcomeLabels { outcome: label })
+            .get_or_create(&OutcomeLabels { outcome })
             .inc();
-        outcome
+    }
+
+    /// Reads the TLS listeners' certificate, key and client CA files of the config in force again
+    /// (the config file is not read) and serves them for new handshakes. Files that do not load
+    /// are refused, logged and counted like a refused reload; the current certificates stay.
+    pub fn reload_certificates(&self) -> Result<(), ConfigErrors> {
+        let outcome = self.listener_certificates(&self.config());
+        match &outcome {
+            Ok(loaded) => {
+                for (listener, config) in loaded {
+                    listener.replace(config.clone());
+                }
+                tracing::info!(listeners = loaded.len(), "TLS certificates reloaded");
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!(problem = %e, "new TLS files refused");
+                }
+                tracing::warn!("TLS reload refused; the previous certificates stay in force");
+            }
+        }
+        self.count_reload(outcome.is_ok());
+        outcome.map(|_| ())
+    }
+
+    /// The stamp of every TLS file of the config in force: when it changes, the files did.
+    fn tls_files_stamp(&self) -> Vec<FileStamp> {
+        let stamp = |path: &std::path::Path| -> FileStamp {
+            let m = std::fs::metadata(path).ok()?;
+            Some((
+                m.len(),
+                m.modified().ok()?,
+                std::os::unix::fs::MetadataExt::ino(&m),
+            ))
+        };
+        self.config()
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref())
+            .flat_map(|t| [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()])
+            .map(|p| p.and_then(|p| stamp(p)))
+            .collect()
     }
 
     /// Applies a validated config: the proxy first, as it can still refuse it (e.g. an upstream
@@ -326,13 +380,26 @@ impl Signals {
             .ok()
     }
 
-    /// Reloads `app`'s configuration on each SIGHUP; returns on SIGTERM or SIGINT.
+    /// Reloads `app`'s configuration on each SIGHUP, and its TLS certificates alone when their
+    /// files change (looked at every few seconds); returns on SIGTERM or SIGINT.
     pub async fn serve(&mut self, app: &AppHandle) {
+        let mut poll = tokio::time::interval(TLS_FILES_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut files = app.tls_files_stamp();
         loop {
             tokio::select! {
                 _ = self.hangup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration");
                     let _ = app.reload();
+                    files = app.tls_files_stamp();
+                }
+                _ = poll.tick() => {
+                    let now = app.tls_files_stamp();
+                    if now != files {
+                        files = now;
+                        tracing::info!("TLS files changed: reloading the certificates");
+                        let _ = app.reload_certificates();
+                    }
                 }
                 () = stop(&mut self.terminate, &mut self.interrupt) => return,
             }

@@ -2,7 +2,8 @@
 //! certificates made at test time. New certificate, key and client CA files + SIGHUP -> new
 //! handshakes present the new certificate and need a client certificate from the new CA, while a
 //! connection opened before keeps working; broken files are refused, counted as a rejected
-//! reload, and the previous certificate is still served.
+//! reload, and the previous certificate is still served; and valid new files are picked up
+//! without SIGHUP when they change.
 
 mod support;
 
@@ -245,7 +246,9 @@ async fn sighup_rotates_certificates_without_dropping_connections_and_refuses_br
         &clients_2.issued.cert_pem,
     );
     run.signal(libc::SIGHUP);
-    assert!(eventually(WAIT, || async { reloads(admin, "ok").await == 1.0 }).await);
+    // (The file watcher may see the new files first, even half-replaced: counts are compared, not
+    // pinned.)
+    assert!(eventually(WAIT, || async { reloads(admin, "ok").await >= 1.0 }).await);
 
     let (presented, mut after) = connect(proxy, &server_ca.issued, &client_2).await.unwrap();
     assert!(
@@ -264,7 +267,8 @@ async fn sighup_rotates_certificates_without_dropping_connections_and_refuses_br
 
     // Broken: a key file holding a certificate, then a key that does not match: each refused and
     // counted, certificate B still served.
-    for (n, key) in [(1.0, &server_b.cert_pem), (2.0, &server_a.key_pem)] {
+    for key in [&server_b.cert_pem, &server_a.key_pem] {
+        let (ok, rejected) = (reloads(admin, "ok").await, reloads(admin, "rejected").await);
         install(
             dir.path(),
             &server_b.cert_pem,
@@ -286,8 +290,8 @@ async fn sighup_rotates_certificates_without_dropping_connections_and_refuses_br
             !problem.contains("PRIVATE KEY") && !problem.contains("BEGIN"),
             "{problem}"
         );
-        assert_eq!(reloads(admin, "rejected").await, n);
-        assert_eq!(reloads(admin, "ok").await, 1.0);
+        assert!(reloads(admin, "rejected").await > rejected);
+        assert_eq!(reloads(admin, "ok").await, ok);
         let (presented, mut again) = connect(proxy, &server_ca.issued, &client_2).await.unwrap();
         assert!(
             presented == server_b.der,
@@ -295,6 +299,22 @@ async fn sighup_rotates_certificates_without_dropping_connections_and_refuses_br
         );
         assert_eq!(get(&mut again, "/echo/c").await, Ok(200));
     }
+
+    // Without SIGHUP: valid new files (certificate A again) are picked up when they change.
+    install(
+        dir.path(),
+        &server_a.cert_pem,
+        &server_a.key_pem,
+        &clients_2.issued.cert_pem,
+    );
+    let watched = eventually(WAIT, || async {
+        let (presented, _) = connect(proxy, &server_ca.issued, &client_2).await.unwrap();
+        presented == server_a.der
+    })
+    .await;
+    assert!(watched, "changed files were not reloaded");
+    run.wait_for(|l| l.contains("TLS certificates reloaded").then_some(()));
+
     assert_eq!(get(&mut before, "/echo/last").await, Ok(200));
     assert_eq!(get(&mut after, "/echo/last").await, Ok(200));
 

@@ -183,9 +183,8 @@ pub fn read<T: DeserializeOwned>(mut table: toml::Table, problems: &mut Vec<Prob
             key,
             message: err.into_inner().to_string(),
         });
-        if field.and_then(|f| table.remove(&f)).is_none() {
-            return None;
-        }
+        // Nothing left to remove (a problem with the table itself): give up on it.
+        field.and_then(|f| table.remove(&f))?;
     }
 }
 
