@@ -22,19 +22,31 @@ fn main() {
         .filter(|c| !c.trim().is_empty());
     let commit = from_env.or_else(|| {
         let commit = git(&["rev-parse", "--short", "HEAD"])?;
-        // HEAD itself (a branch switch) and the branch it points to (a new commit); both paths
-        // are resolved by git, so worktrees and packed refs are covered.
-        let mut watched = vec!["HEAD".to_string()];
+        // HEAD itself (a branch switch), packed refs, and the branch HEAD points to (a new
+        // commit), at the paths git gives (worktrees keep them apart). With each: whether to
+        // watch its folder while it does not exist.
+        let mut watched = vec![
+            ("HEAD".to_string(), false),
+            ("packed-refs".to_string(), false),
+        ];
         if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            watched.push(branch);
+            // A branch only in packed-refs gets a file of its own at its next commit: watch its
+            // folder (cargo looks at every file in a watched folder) until it has one.
+            watched.push((branch, true));
         }
-        watched.push("packed-refs".to_string());
-        for name in watched {
-            if let Some(path) = git(&["rev-parse", "--git-path", &name]) {
-                let path = PathBuf::from(path);
-                if path.exists() {
-                    println!("cargo:rerun-if-changed={}", path.display());
-                }
+        for (name, or_folder) in watched {
+            let Some(path) = git(&["rev-parse", "--git-path", &name]).map(PathBuf::from) else {
+                continue;
+            };
+            let watch = if path.exists() {
+                Some(path.as_path())
+            } else if or_folder {
+                path.parent().filter(|p| p.is_dir())
+            } else {
+                None
+            };
+            if let Some(watch) = watch {
+                println!("cargo:rerun-if-changed={}", watch.display());
             }
         }
         Some(commit)
