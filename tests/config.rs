@@ -742,3 +742,29 @@ fn the_kubernetes_configmap_is_a_valid_config_with_the_mounted_files() {
     );
     assert_eq!(c.admin.unwrap().addr.port(), 9090, "the probes' port");
 }
+
+#[test]
+fn ca_files_of_outbound_clients_must_hold_ca_certificates() {
+    let dir = folder();
+    std::fs::write(dir.path().join("garbage.pem"), GARBAGE_PEM).unwrap();
+    std::fs::copy(repo("certs/server.key"), dir.path().join("a-key.pem")).unwrap();
+    std::fs::copy(repo("certs/ca.pem"), dir.path().join("ca.pem")).unwrap();
+    let text = base()
+        .replace(
+            "client_id = \"admin\"",
+            "client_id = \"admin\"\nca_file = \"garbage.pem\"",
+        )
+        .replace(
+            "allow = [\"svc\"]",
+            "allow = [\"svc\"]\nupstream_ca_file = \"a-key.pem\"",
+        );
+    let all = load(dir.path(), &text).unwrap_err();
+    assert_problem(&all, "identity.ca_file", "unusable CA certificate");
+    assert_problem(&all, "route[0].upstream_ca_file", "no certificate found");
+    assert_eq!(all.len(), 2, "{all:?}");
+    // A real CA file is fine in both places.
+    let text = text
+        .replace("garbage.pem", "ca.pem")
+        .replace("a-key.pem", "ca.pem");
+    load(dir.path(), &text).unwrap();
+}

@@ -293,6 +293,20 @@ impl Checker {
         Some(path)
     }
 
+    /// A CA file for an outbound client (identity service, upstream): readable, and holding CA
+    /// certificates that the client's own loader accepts.
+    fn ca_file(&mut self, key: &str, value: Option<String>) -> Option<PathBuf> {
+        let before = self.problems.len();
+        let path = self.readable_file(key, value)?;
+        if self.problems.len() == before {
+            let mut roots = rustls::RootCertStore::empty();
+            if let Err(e) = crate::tls::add_ca_file(&mut roots, &path) {
+                self.add(key, e);
+            }
+        }
+        Some(path)
+    }
+
     fn secret(&mut self, key: &str, value: Option<toml::Value>) -> Secret {
         const HOW: &str = "must be { env = \"NAME\" } or { file = \"path\" }";
         let source = match self.required(key, value) {
@@ -516,8 +530,7 @@ impl Checker {
             path_prefix,
             strip_prefix: r.strip_prefix.unwrap_or(false),
             upstream: upstream.unwrap_or_default(),
-            upstream_ca_file: self
-                .readable_file(&join(key, "upstream_ca_file"), r.upstream_ca_file),
+            upstream_ca_file: self.ca_file(&join(key, "upstream_ca_file"), r.upstream_ca_file),
             allow: r.allow,
             connect_timeout: self.duration(
                 &join(key, "connect_timeout"),
@@ -568,7 +581,7 @@ impl Checker {
             client_id,
             client_secret: self.secret("identity.client_secret", r.client_secret),
             scope: r.scope.filter(|s| !s.is_empty()),
-            ca_file: self.readable_file("identity.ca_file", r.ca_file),
+            ca_file: self.ca_file("identity.ca_file", r.ca_file),
             connect_timeout: self.duration(
                 "identity.connect_timeout",
                 r.connect_timeout,
