@@ -294,7 +294,10 @@ impl AppHandle {
                 continue;
             };
             let Some(files) = &listener.tls else {
-                tracing::warn!(listener = %name, "TLS cannot be turned off by a reload: restart for that");
+                tracing::warn!(
+                    listener = %name,
+                    "TLS cannot be turned off by a reload: restart for that"
+                );
                 continue;
             };
             match tls::server_config(files) {

@@ -1,8 +1,8 @@
 //! Raw TOML -> validated [`Config`]: applies the `DEFAULT_*` values, resolves paths against the
-//! config file's folder, reads the referenced secrets and checks the files `run` would load (TLS
-//! files with the listener's own loader, the state file's folder), and collects every problem
-//! (with its key path, e.g. `route[2].upstream`) before failing. It never puts a secret, nor any value that could
-//! be one, into a message.
+//! config file's folder, reads the referenced secrets, checks the files `run` would load (TLS
+//! files and CA files with the loaders that use them, the state file's folder), and collects
+//! every problem (with its key path, e.g. `route[2].upstream`) before failing. It never puts a
+//! secret, nor any value that could be one, into a message.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

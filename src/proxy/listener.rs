@@ -24,8 +24,6 @@ use tokio::task::JoinHandle;
 use tokio::time::{interval_at, sleep, timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
-use super::tls::ListenerTls;
-
 use super::io::Watched;
 use super::service::{self, ConnInfo};
 use super::{tls, Shared, StartError, TokenSource};
@@ -40,7 +38,7 @@ const MIN_H1_BUF: usize = 8192;
 pub struct BoundListener {
     name: Arc<str>,
     tcp: TcpListener,
-    tls: Option<ListenerTls>,
+    tls: Option<tls::ListenerTls>,
     addr: SocketAddr,
 }
 
@@ -52,7 +50,7 @@ impl BoundListener {
         self.addr
     }
     /// Its TLS config in force, which reload replaces.
-    pub fn tls(&self) -> Option<&ListenerTls> {
+    pub fn tls(&self) -> Option<&tls::ListenerTls> {
         self.tls.as_ref()
     }
 }
@@ -63,7 +61,7 @@ pub async fn bind_all(config: &Config) -> Result<Vec<BoundListener>, StartError>
     for l in &config.listeners {
         let acceptor = match &l.tls {
             None => None,
-            Some(t) => Some(ListenerTls::load(t).map_err(|e| {
+            Some(t) => Some(tls::ListenerTls::load(t).map_err(|e| {
                 StartError(format!("listener {}: tls.{}: {e}", l.name, e.file.key()))
             })?),
         };
@@ -162,7 +160,7 @@ async fn accept_loop<T: TokenSource>(listener: BoundListener, ctx: Ctx<T>) {
             stream,
             peer,
             name.clone(),
-            tls.as_ref().map(ListenerTls::acceptor),
+            tls.as_ref().map(tls::ListenerTls::acceptor),
             permit,
             ctx.clone(),
         ));
