@@ -642,18 +642,26 @@ fn a_state_folder_that_takes_no_files_is_refused() {
 
 #[test]
 fn a_wrong_type_gets_a_hint_and_an_unknown_key_a_suggestion() {
-    let text = base().replace("[[route]]", "[limits]\nshutdown_grace = 90\n\n[[route]]");
-    assert_problem(
-        &problems(&text),
-        "limits.shutdown_grace",
-        "expected a duration string such as \"90s\", found integer",
-    );
+    // As `check` prints them.
+    let dir = folder();
+    let path = dir.path().join("tokenbroker.toml");
     let text = base()
         .replace("address = \"127.0.0.1:0\"", "adress = \"127.0.0.1:0\"")
-        .replace("[[route]]", "[[route]]\nalow = [\"svc\"]");
-    let all = problems(&text);
-    assert_problem(&all, "listener[0].adress", "did you mean `address`?");
-    assert_problem(&all, "route[0].alow", "did you mean `allow`?");
+        .replace(
+            "[[route]]",
+            "[limits]\nshutdown_grace = 90\n\n[[route]]\nalow = [\"svc\"]",
+        );
+    std::fs::write(&path, text).unwrap();
+    let out = check(&path, &[]);
+    let printed = stdout(&out);
+    assert_eq!(out.status.code(), Some(64), "{printed}");
+    for line in [
+        "limits.shutdown_grace: expected a duration string such as \"90s\", found integer",
+        "listener[0].adress: unknown key (did you mean `address`? expected one of `name`, `address`, `tls`, `caller`)",
+        "route[0].alow: unknown key (did you mean `allow`?",
+    ] {
+        assert!(printed.contains(line), "{line}\nnot in:\n{printed}");
+    }
     // Nothing close: the list of keys only.
     let text = base().replace("[[route]]", "[[route]]\ncolour = 1");
     let all = problems(&text);
