@@ -718,27 +718,29 @@ fn configmap_toml() -> String {
 
 #[test]
 fn the_kubernetes_configmap_is_a_valid_config_with_the_mounted_files() {
-    // Laid out as deployment.yaml mounts it: secrets/ and tls/ beside the file.
+    // Laid out as deployment.yaml mounts it, under a temporary folder instead of /etc/tokenbroker
+    // and /var/lib/tokenbroker.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
-    std::fs::create_dir_all(dir.path().join("tls")).unwrap();
-    std::fs::write(dir.path().join("secrets/client-secret"), "from-a-secret\n").unwrap();
+    let etc = dir.path().join("etc");
+    for sub in ["config", "secrets", "tls"] {
+        std::fs::create_dir_all(etc.join(sub)).unwrap();
+    }
+    std::fs::write(etc.join("secrets/client-secret"), "from-a-secret\n").unwrap();
     for (to, from) in [
         ("tls/tls.crt", "certs/server.pem"),
         ("tls/tls.key", "certs/server.key"),
         ("tls/ca.crt", "certs/ca.pem"),
     ] {
-        std::fs::copy(repo(from), dir.path().join(to)).unwrap();
+        std::fs::copy(repo(from), etc.join(to)).unwrap();
     }
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     let text = configmap_toml();
     assert!(text.contains("[store]"), "the optional store is shown");
-    let text = text.replace(
-        "/var/lib/tokenbroker/tokens.json",
-        state.join("tokens.json").to_str().unwrap(),
-    );
-    let path = dir.path().join("tokenbroker.toml");
+    let text = text
+        .replace("/etc/tokenbroker/", &format!("{}/", etc.display()))
+        .replace("/var/lib/tokenbroker/", &format!("{}/", state.display()));
+    let path = etc.join("config/tokenbroker.toml");
     std::fs::write(&path, text).unwrap();
     let out = check(&path, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
