@@ -88,7 +88,8 @@ pub struct Problem {
 }
 
 /// The fields `T`'s derived `Deserialize` knows, as serde passes them to `deserialize_struct`.
-/// Empty for a type that is not a struct.
+/// Empty for a type that is not a struct. (A `#[serde(flatten)]` field would hide its keys from
+/// this list: the raw structs do not use it.)
 pub fn fields_of<T: DeserializeOwned>() -> &'static [&'static str] {
     struct Probe<'a>(&'a mut &'static [&'static str]);
     impl<'de> de::Deserializer<'de> for Probe<'_> {
