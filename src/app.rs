@@ -1,13 +1,16 @@
 //! The running process: wires the metrics registry, the broker, the proxy listeners and the admin
 //! listener together ([`AppHandle`]), reloads the configuration, shuts down in order, and maps
 //! process signals onto that ([`run`]). Tests drive [`AppHandle`] directly, without signals.
-//! A reload that fails validation changes nothing.
+//! A reload also reads the TLS listeners' certificate, key and client CA files again (rotation
+//! without restart). A reload that fails validation, or whose TLS files do not load, changes
+//! nothing.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -18,8 +21,15 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::{self, Config, ConfigError, ConfigErrors, LoggingConfig};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::proxy::{ProxyHandle, StartError as ProxyStartError};
+use crate::proxy::{tls, ProxyHandle, StartError as ProxyStartError};
 use crate::server::Shutdown;
+
+/// How often `run` looks at the TLS listeners' files for a change (then reloads them alone).
+const TLS_FILES_POLL: Duration = Duration::from_secs(5);
+
+/// What identifies one version of a file: size, modification time, inode (following symlinks, as
+/// Kubernetes Secret volumes swap them); `None` when it cannot be read.
+type FileStamp = Option<(u64, SystemTime, u64)>;
 
 /// Why the process could not start serving.
 #[derive(Debug, thiserror::Error)]
@@ -176,12 +186,58 @@ impl AppHandle {
                 Err(errors)
             }
         };
-        let label = if outcome.is_ok() { "ok" } else { "rejected" };
+        self.count_reload(outcome.is_ok());
+        outcome
+    }
+
+    fn count_reload(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "rejected" };
         self.metrics
             .config_reloads
-            .get_or_create(&OutcomeLabels { outcome: label })
+            .get_or_create(&OutcomeLabels { outcome })
             .inc();
-        outcome
+    }
+
+    /// Reads the TLS listeners' certificate, key and client CA files of the config in force again
+    /// (the config file is not read) and serves them for new handshakes. Files that do not load
+    /// are refused, logged and counted like a refused reload; the current certificates stay.
+    pub fn reload_certificates(&self) -> Result<(), ConfigErrors> {
+        let outcome = self.listener_certificates(&self.config());
+        match &outcome {
+            Ok(loaded) => {
+                for (listener, config) in loaded {
+                    listener.replace(config.clone());
+                }
+                tracing::info!(listeners = loaded.len(), "TLS certificates reloaded");
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!(problem = %e, "new TLS files refused");
+                }
+                tracing::warn!("TLS reload refused; the previous certificates stay in force");
+            }
+        }
+        self.count_reload(outcome.is_ok());
+        outcome.map(|_| ())
+    }
+
+    /// The stamp of every TLS file of the config in force: when it changes, the files did.
+    fn tls_files_stamp(&self) -> Vec<FileStamp> {
+        let stamp = |path: &std::path::Path| -> FileStamp {
+            let m = std::fs::metadata(path).ok()?;
+            Some((
+                m.len(),
+                m.modified().ok()?,
+                std::os::unix::fs::MetadataExt::ino(&m),
+            ))
+        };
+        self.config()
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref())
+            .flat_map(|t| [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()])
+            .map(|p| p.and_then(|p| stamp(p)))
+            .collect()
     }
 
     /// Applies a validated config: the proxy first, as it can still refuse it (e.g. an upstream
@@ -203,6 +259,7 @@ impl AppHandle {
         {
             tracing::warn!("listener addresses changed: they take effect at the next restart");
         }
+        let certificates = self.listener_certificates(&new)?;
         if let Err(e) = self.proxy.try_reconfigure(&new) {
             return Err(ConfigErrors(vec![ConfigError {
                 file: new.source.clone().unwrap_or_default(),
@@ -210,9 +267,53 @@ impl AppHandle {
                 message: e.to_string(),
             }]));
         }
+        for (listener, config) in certificates {
+            listener.replace(config);
+        }
         self.broker.reconfigure(&new);
         *self.config.lock().expect("config lock") = new;
         Ok(())
+    }
+
+    /// The TLS listeners' new server configs, read from the files `new` names (certificate, key
+    /// and client CA are read again even when their paths did not change: that is how they are
+    /// rotated). Nothing is replaced here; any file that does not load refuses the reload.
+    fn listener_certificates(
+        &self,
+        new: &Config,
+    ) -> Result<Vec<(tls::ListenerTls, Arc<rustls::ServerConfig>)>, ConfigErrors> {
+        let mut loaded = Vec::new();
+        let mut problems = Vec::new();
+        for (name, current) in self.proxy.listener_tls() {
+            let Some((i, listener)) = new
+                .listeners
+                .iter()
+                .enumerate()
+                .find(|(_, l)| &l.name == name)
+            else {
+                continue;
+            };
+            let Some(files) = &listener.tls else {
+                tracing::warn!(
+                    listener = %name,
+                    "TLS cannot be turned off by a reload: restart for that"
+                );
+                continue;
+            };
+            match tls::server_config(files) {
+                Ok(config) => loaded.push((current.clone(), config)),
+                Err(e) => problems.push(ConfigError {
+                    file: new.source.clone().unwrap_or_default(),
+                    key: format!("listener[{i}].tls.{}", e.file.key()),
+                    message: e.message,
+                }),
+            }
+        }
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(ConfigErrors(problems))
+        }
     }
 
     /// Stops in order: readiness goes to 503, proxy listeners stop accepting and drain (up to
@@ -282,13 +383,26 @@ impl Signals {
             .ok()
     }
 
-    /// Reloads `app`'s configuration on each SIGHUP; returns on SIGTERM or SIGINT.
+    /// Reloads `app`'s configuration on each SIGHUP, and its TLS certificates alone when their
+    /// files change (looked at every few seconds); returns on SIGTERM or SIGINT.
     pub async fn serve(&mut self, app: &AppHandle) {
+        let mut poll = tokio::time::interval(TLS_FILES_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut files = app.tls_files_stamp();
         loop {
             tokio::select! {
                 _ = self.hangup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration");
                     let _ = app.reload();
+                    files = app.tls_files_stamp();
+                }
+                _ = poll.tick() => {
+                    let now = app.tls_files_stamp();
+                    if now != files {
+                        files = now;
+                        tracing::info!("TLS files changed: reloading the certificates");
+                        let _ = app.reload_certificates();
+                    }
                 }
                 () = stop(&mut self.terminate, &mut self.interrupt) => return,
             }

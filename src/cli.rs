@@ -20,7 +20,7 @@ pub const EXIT_USAGE: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(
     name = "tokenbroker",
-    version,
+    version = env!("TOKENBROKER_VERSION"),
     about = "Token-brokering reverse proxy for VMware Identity Services",
     long_about = "Token-brokering reverse proxy for VMware Identity Services.\n\n\
         Services send plain HTTP(S) requests to tokenbroker; it recognises the caller (a key, a \

@@ -3,6 +3,7 @@
 //! Nothing else in the crate reads TOML; everything else takes a validated `Config`.
 //! Loading reads the secrets the file refers to; no error message ever carries a secret.
 
+mod keys;
 mod raw;
 mod validate;
 
@@ -108,20 +109,13 @@ pub fn key_hash(key: &[u8]) -> [u8; 32] {
 
 /// A caller key's hash as written in the config: `sha256:<64 hex digits>`.
 pub fn format_key_hash(hash: &[u8; 32]) -> String {
-    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", hex::encode(hash))
 }
 
-/// `sha256:<64 hex digits>` -> the 32 bytes.
+/// `sha256:<64 hex digits>` (either case) -> the 32 bytes.
 pub fn parse_key_hash(text: &str) -> Option<[u8; 32]> {
-    let hex = text.strip_prefix("sha256:")?;
-    if hex.len() != 64 || !hex.is_ascii() {
-        return None;
-    }
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(text.strip_prefix("sha256:")?, &mut out).ok()?;
     Some(out)
 }
 
@@ -387,4 +381,33 @@ pub struct RedisConfig {
     pub ca_file: Option<PathBuf>,
     /// The same key as [`StoreConfig::seal_key`]: required with Redis.
     pub seal_key: SealKey,
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_hashes_round_trip_and_refuse_anything_else() {
+        let hash = key_hash(b"abc");
+        let text = format_key_hash(&hash);
+        assert_eq!(
+            text,
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(parse_key_hash(&text), Some(hash));
+        assert_eq!(
+            parse_key_hash(&text.to_ascii_uppercase().replace("SHA256", "sha256")),
+            Some(hash)
+        );
+        for bad in [
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            "sha256:ba78",
+            "sha256:+a7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015adff",
+            "sha256:zz7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            "sha256:é7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015a",
+        ] {
+            assert_eq!(parse_key_hash(bad), None, "{bad}");
+        }
+    }
 }

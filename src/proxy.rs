@@ -127,6 +127,8 @@ pub(crate) struct Shared<T> {
 /// The running proxy: every configured listener, bound.
 pub struct ProxyHandle {
     addrs: Vec<(String, SocketAddr)>,
+    /// Each TLS listener's name and config in force, for certificate reloads.
+    tls: Vec<(String, tls::ListenerTls)>,
     state: Arc<ArcSwap<State>>,
     accept_tasks: Vec<JoinHandle<()>>,
     /// Closes when every connection task has ended.
@@ -164,6 +166,10 @@ impl ProxyHandle {
             .iter()
             .map(|l| (l.name().to_string(), l.local_addr()))
             .collect();
+        let tls = listeners
+            .iter()
+            .filter_map(|l| Some((l.name().to_string(), l.tls()?.clone())))
+            .collect();
         let hard_stop = Shutdown::new();
         let accept_tasks = listener::spawn_all(
             listeners,
@@ -175,6 +181,7 @@ impl ProxyHandle {
         );
         Ok(ProxyHandle {
             addrs,
+            tls,
             state,
             accept_tasks,
             drained,
@@ -185,6 +192,11 @@ impl ProxyHandle {
     /// Listener names and the addresses they are bound to (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.addrs.clone()
+    }
+
+    /// Each TLS listener's name and its config in force (replaced on reload).
+    pub fn listener_tls(&self) -> &[(String, tls::ListenerTls)] {
+        &self.tls
     }
 
     /// Swaps in a reloaded config (callers, routes, limits) for new requests. Listeners whose

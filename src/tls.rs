@@ -33,13 +33,20 @@ pub fn root_store(extra_ca: Option<&Path>) -> Result<RootCertStore, String> {
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
     if let Some(path) = extra_ca {
-        for cert in read_certs(path)? {
-            roots
-                .add(cert)
-                .map_err(|e| format!("unusable CA certificate in {}: {e}", path.display()))?;
-        }
+        add_ca_file(&mut roots, path)?;
     }
     Ok(roots)
+}
+
+/// Adds every certificate of a CA file to `roots`; a file that holds none, or one that is not a
+/// usable CA certificate, is an error. What `check` runs on `ca_file` and `upstream_ca_file`.
+pub fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), String> {
+    for cert in read_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("unusable CA certificate in {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// A client config trusting the system roots and `extra_ca`. No ALPN: hyper-rustls sets it from

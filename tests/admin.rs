@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::process::{logged_addr, Process};
-use support::{eventually, http, json};
+use support::{eventually, http, json, sample};
 use tokenbroker::app::AppHandle;
 use tokenbroker::config;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultKind, Operation};
@@ -124,13 +124,6 @@ async fn proxied(addr: SocketAddr, path: &str, key: &str) -> (u16, serde_json::V
     )
     .await;
     (status.as_u16(), json(&body))
-}
-
-/// The value of the sample line starting with `name{labels}`, if any.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 //! paths follow the config file, and `check` / `hash-key` behave as documented.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -124,8 +125,12 @@ fn production_example_is_valid_with_its_files_and_secret() {
     std::fs::copy(repo("config/tokenbroker.toml"), &path).unwrap();
     std::fs::create_dir(dir.path().join("tls")).unwrap();
     std::fs::create_dir(dir.path().join("state")).unwrap();
-    for f in ["server.pem", "server.key", "clients-ca.pem"] {
-        std::fs::write(dir.path().join("tls").join(f), "PEM").unwrap();
+    for (f, from) in [
+        ("server.pem", "certs/server.pem"),
+        ("server.key", "certs/server.key"),
+        ("clients-ca.pem", "certs/ca.pem"),
+    ] {
+        std::fs::copy(repo(from), dir.path().join("tls").join(f)).unwrap();
     }
     let out = check(&path, &[("TOKENBROKER_CLIENT_SECRET", "example-secret")]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
@@ -229,8 +234,12 @@ fn relative_paths_follow_the_config_file_not_the_working_folder() {
     std::fs::create_dir_all(sub.join("tls")).unwrap();
     std::fs::create_dir_all(sub.join("state")).unwrap();
     std::fs::write(sub.join("client-secret"), "from-file").unwrap();
-    for f in ["cert.pem", "key.pem", "ca.pem"] {
-        std::fs::write(sub.join("tls").join(f), "PEM").unwrap();
+    for (f, from) in [
+        ("cert.pem", "certs/server.pem"),
+        ("key.pem", "certs/server.key"),
+        ("ca.pem", "certs/ca.pem"),
+    ] {
+        std::fs::copy(repo(from), sub.join("tls").join(f)).unwrap();
     }
     let text = base().replace(
         "address = \"127.0.0.1:0\"",
@@ -473,6 +482,301 @@ fn hash_key_refuses_empty_input() {
         assert!(out.stdout.is_empty());
         assert!(String::from_utf8_lossy(&out.stderr).contains("no key"));
     }
+}
+
+/// `base()` in a folder, with an mTLS listener whose three files are copies of the repository
+/// files named (relative to it), or literal contents when they do not start with `certs/`.
+fn tls_folder(cert: &str, key: &str, ca: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = folder();
+    for (name, from) in [("cert.pem", cert), ("key.pem", key), ("ca.pem", ca)] {
+        let to = dir.path().join(name);
+        if from.starts_with("certs/") {
+            std::fs::copy(repo(from), to).unwrap();
+        } else {
+            std::fs::write(to, from).unwrap();
+        }
+    }
+    let text = base().replace(
+        "address = \"127.0.0.1:0\"",
+        "address = \"127.0.0.1:0\"\ntls = { cert = \"cert.pem\", key = \"key.pem\", client_ca = \"ca.pem\" }",
+    );
+    let path = dir.path().join("tokenbroker.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+const GARBAGE_PEM: &str =
+    "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n";
+
+#[test]
+fn check_refuses_every_tls_file_the_listener_would_refuse() {
+    let (_ok, path) = tls_folder("certs/server.pem", "certs/server.key", "certs/ca.pem");
+    let out = check(&path, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+
+    for (cert, key, ca, at, words) in [
+        (
+            "certs/server.pem",
+            "certs/server.pem",
+            "certs/ca.pem",
+            "listener[0].tls.key",
+            "holds a certificate, not a private key",
+        ),
+        (
+            "certs/server.key",
+            "certs/server.key",
+            "certs/ca.pem",
+            "listener[0].tls.cert",
+            "holds a private key",
+        ),
+        (
+            "certs/server.pem",
+            "certs/client.key",
+            "certs/ca.pem",
+            "listener[0].tls.key",
+            "does not match the certificate",
+        ),
+        (
+            "certs/server.pem",
+            "certs/server.key",
+            GARBAGE_PEM,
+            "listener[0].tls.client_ca",
+            "does not parse",
+        ),
+        (
+            "certs/server.pem",
+            "certs/server.key",
+            "just some text\n",
+            "listener[0].tls.client_ca",
+            "no PEM certificate found",
+        ),
+        (
+            "garbage",
+            "certs/server.key",
+            "certs/ca.pem",
+            "listener[0].tls.cert",
+            "no PEM certificate found",
+        ),
+    ] {
+        let (_dir, path) = tls_folder(cert, key, ca);
+        let out = check(&path, &[]);
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(64), "{text}");
+        assert!(text.contains(&format!("{at}: ")), "{at}: {text}");
+        assert!(text.contains(words), "{words}: {text}");
+        assert!(text.contains("1 problem found"), "{text}");
+        assert!(!text.contains("PRIVATE KEY"), "no key material: {text}");
+    }
+}
+
+#[test]
+fn run_refuses_a_mismatched_key_before_binding_or_calling_the_identity_service() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let emulator = rt
+        .block_on(tokenbroker::emulator::Emulator::start(
+            tokenbroker::emulator::EmulatorConfig {
+                clients: vec![(
+                    "admin".to_string(),
+                    tokenbroker::secret::Secret::new("s3cr3t-client-value"),
+                )],
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let (dir, path) = tls_folder("certs/server.pem", "certs/client.key", "certs/ca.pem");
+    // A fixed port: the test then checks nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("http://127.0.0.1:7001", &emulator.base_url())
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        + "\n[tokens]\nwarm_up = true\n";
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("listener[0].tls.key: "), "{err}");
+    assert!(err.contains("does not match"), "{err}");
+    assert!(
+        err.contains(&dir.path().join("key.pem").display().to_string()),
+        "{err}"
+    );
+    assert_eq!(
+        emulator.counters().client_credentials,
+        0,
+        "the identity service was called"
+    );
+    assert!(std::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).is_err());
+    rt.block_on(emulator.shutdown());
+}
+
+#[test]
+fn a_state_folder_that_takes_no_files_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // Root writes anywhere a permission bit says no; sysfs takes no new file from anyone.
+    let folder = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/sys")
+    } else {
+        let ro = dir.path().join("read-only");
+        std::fs::create_dir(&ro).unwrap();
+        let mut perms = std::fs::metadata(&ro).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o555);
+        std::fs::set_permissions(&ro, perms).unwrap();
+        ro
+    };
+    let text = base()
+        + &format!(
+            "\n[tokens]\nstate_file = \"{}\"\n",
+            folder.join("tokens.json").display()
+        );
+    assert_problem(&problems(&text), "tokens.state_file", "is not writable");
+}
+
+#[test]
+fn a_wrong_type_gets_a_hint_and_an_unknown_key_a_suggestion() {
+    // As `check` prints them.
+    let dir = folder();
+    let path = dir.path().join("tokenbroker.toml");
+    let text = base()
+        .replace("address = \"127.0.0.1:0\"", "adress = \"127.0.0.1:0\"")
+        .replace(
+            "[[route]]",
+            "[limits]\nshutdown_grace = 90\n\n[[route]]\nalow = [\"svc\"]",
+        );
+    std::fs::write(&path, text).unwrap();
+    let out = check(&path, &[]);
+    let printed = stdout(&out);
+    assert_eq!(out.status.code(), Some(64), "{printed}");
+    for line in [
+        "limits.shutdown_grace: expected a duration string such as \"90s\", found integer",
+        "listener[0].adress: unknown key (did you mean `address`? expected one of `name`, `address`, `tls`, `caller`)",
+        "route[0].alow: unknown key (did you mean `allow`?",
+    ] {
+        assert!(printed.contains(line), "{line}\nnot in:\n{printed}");
+    }
+    // Nothing close: the list of keys only.
+    let text = base().replace("[[route]]", "[[route]]\ncolour = 1");
+    let all = problems(&text);
+    assert_problem(
+        &all,
+        "route[0].colour",
+        "unknown key (expected one of `name`",
+    );
+    let p = all.iter().find(|p| p.key == "route[0].colour").unwrap();
+    assert!(!p.message.contains("did you mean"), "{p}");
+    // A wrong type inside an array names the element.
+    let text = base().replace(&format!("[\"{HASH}\"]"), &format!("[\"{HASH}\", 42]"));
+    assert_problem(
+        &problems(&text),
+        "caller[0].key_hashes[1]",
+        "expected a string, found integer",
+    );
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or("unknown".to_string(), |o| {
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        });
+    let expected = std::env::var("TOKENBROKER_COMMIT").unwrap_or(commit);
+    assert_eq!(
+        stdout(&out),
+        format!("tokenbroker {} ({expected})\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// The block `tokenbroker.toml: |` of the Kubernetes ConfigMap, unindented.
+fn configmap_toml() -> String {
+    let yaml = std::fs::read_to_string(repo("deploy/kubernetes/configmap.yaml")).unwrap();
+    let mut lines = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "tokenbroker.toml: |");
+    let header = lines.next().expect("a tokenbroker.toml block");
+    let indent = header.len() - header.trim_start().len() + 2;
+    lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+        .map(|l| l.get(indent..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_kubernetes_configmap_is_a_valid_config_with_the_mounted_files() {
+    // Laid out as deployment.yaml mounts it, under a temporary folder instead of /etc/tokenbroker
+    // and /var/lib/tokenbroker.
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    for sub in ["config", "secrets", "tls"] {
+        std::fs::create_dir_all(etc.join(sub)).unwrap();
+    }
+    std::fs::write(etc.join("secrets/client-secret"), "from-a-secret\n").unwrap();
+    for (to, from) in [
+        ("tls/tls.crt", "certs/server.pem"),
+        ("tls/tls.key", "certs/server.key"),
+        ("tls/ca.crt", "certs/ca.pem"),
+    ] {
+        std::fs::copy(repo(from), etc.join(to)).unwrap();
+    }
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let text = configmap_toml();
+    assert!(text.contains("[store]"), "the optional store is shown");
+    let text = text
+        .replace("/etc/tokenbroker/", &format!("{}/", etc.display()))
+        .replace("/var/lib/tokenbroker/", &format!("{}/", state.display()));
+    let path = etc.join("config/tokenbroker.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = check(&path, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let c = config::load(&path).unwrap();
+    assert_eq!(
+        c.limits.shutdown_grace.as_secs(),
+        30,
+        "deployment.yaml's grace period assumes it"
+    );
+    assert_eq!(c.admin.unwrap().addr.port(), 9090, "the probes' port");
+}
+
+#[test]
+fn ca_files_of_outbound_clients_must_hold_ca_certificates() {
+    let dir = folder();
+    std::fs::write(dir.path().join("garbage.pem"), GARBAGE_PEM).unwrap();
+    std::fs::copy(repo("certs/server.key"), dir.path().join("a-key.pem")).unwrap();
+    std::fs::copy(repo("certs/ca.pem"), dir.path().join("ca.pem")).unwrap();
+    let text = base()
+        .replace(
+            "client_id = \"admin\"",
+            "client_id = \"admin\"\nca_file = \"garbage.pem\"",
+        )
+        .replace(
+            "allow = [\"svc\"]",
+            "allow = [\"svc\"]\nupstream_ca_file = \"a-key.pem\"",
+        );
+    let all = load(dir.path(), &text).unwrap_err();
+    assert_problem(&all, "identity.ca_file", "unusable CA certificate");
+    assert_problem(&all, "route[0].upstream_ca_file", "no certificate found");
+    assert_eq!(all.len(), 2, "{all:?}");
+    // A real CA file is fine in both places.
+    let text = text
+        .replace("garbage.pem", "ca.pem")
+        .replace("a-key.pem", "ca.pem");
+    load(dir.path(), &text).unwrap();
 }
 
 /// `gen-seal-key` output: the key alone on stdout.

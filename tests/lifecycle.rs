@@ -519,14 +519,24 @@ async fn hundred_callers_through_an_emulator_outage_probe_once_per_step_and_reco
         seconds: Some(6.0),
         ..Fault::new(FaultKind::ServerError, vec![], None)
     });
-    let outage_end = Instant::now() + Duration::from_secs(6);
+    let started = Instant::now();
+    let outage_end = started + Duration::from_secs(6);
+    // the tokens fall due after ~1.5 s: the first failures (and the calls already on their way)
+    // open the breaker; from then on one probe per step of 1-2 s
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = identity_calls(&emu);
     while Instant::now() < outage_end {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let during = identity_calls(&emu) - before;
+    let probes = identity_calls(&emu) - settled;
     assert!(
-        during <= 6,
-        "{during} identity calls in a 6 s outage with 100 callers (at most one per second)"
+        probes <= 5,
+        "{probes} identity calls in the last 4 s of the outage (one probe per step of 1-2 s)"
+    );
+    assert!(
+        during <= 12,
+        "{during} identity calls in a 6 s outage with 100 callers"
     );
     // every caller is served again within about one backoff step, without asking
     let recovered = loop {

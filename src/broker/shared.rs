@@ -270,7 +270,8 @@ impl Broker {
                 );
                 if tokens.access.is_some() {
                     // the stored access token was exchanged from it (matters for single use)
-                    cred.exchanged.store(true, std::sync::atomic::Ordering::Release);
+                    cred.exchanged
+                        .store(true, std::sync::atomic::Ordering::Release);
                 }
                 let held = Arc::new(Held::new(
                     cred,

@@ -3,7 +3,31 @@
 //! value; `validate` does. Tables that can hold further tables (sections, `tls`, `client_secret`)
 //! stay `toml::Value` here and are read one by one, so that a mistake in one hides nothing else.
 
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+
+/// A duration as written, e.g. `"90s"`: a string, parsed by `validate`. Its own type so that a
+/// value of the wrong type is reported as "expected a duration string such as \"90s\"".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawDuration(pub String);
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl Visitor<'_> for Text {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string such as \"90s\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration(v.to_string()))
+            }
+        }
+        deserializer.deserialize_str(Text)
+    }
+}
 
 /// The top level: one entry per section.
 #[derive(Debug, Default, Deserialize)]
@@ -57,8 +81,8 @@ pub struct RawIdentity {
     pub client_secret: Option<toml::Value>,
     pub scope: Option<String>,
     pub ca_file: Option<String>,
-    pub connect_timeout: Option<String>,
-    pub request_timeout: Option<String>,
+    pub connect_timeout: Option<RawDuration>,
+    pub request_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,12 +94,12 @@ pub struct RawTokens {
     pub inject: Option<String>,
     pub refresh_fraction: Option<f64>,
     pub refresh_jitter: Option<f64>,
-    pub min_margin: Option<String>,
-    pub expiry_skew: Option<String>,
-    pub backoff_initial: Option<String>,
-    pub backoff_max: Option<String>,
-    pub max_wait: Option<String>,
-    pub min_renew_interval: Option<String>,
+    pub min_margin: Option<RawDuration>,
+    pub expiry_skew: Option<RawDuration>,
+    pub backoff_initial: Option<RawDuration>,
+    pub backoff_max: Option<RawDuration>,
+    pub max_wait: Option<RawDuration>,
+    pub min_renew_interval: Option<RawDuration>,
     pub warm_up: Option<bool>,
     pub state_file: Option<String>,
     pub display_name_prefix: Option<String>,
@@ -107,20 +131,20 @@ pub struct RawRoute {
     pub allow: Vec<String>,
     #[serde(default)]
     pub upgrades: Vec<String>,
-    pub connect_timeout: Option<String>,
-    pub response_timeout: Option<String>,
+    pub connect_timeout: Option<RawDuration>,
+    pub response_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
-    pub header_read_timeout: Option<String>,
+    pub header_read_timeout: Option<RawDuration>,
     pub max_header_bytes: Option<i64>,
     pub max_body_bytes: Option<i64>,
     pub max_connections: Option<i64>,
     pub replay_buffer_bytes: Option<i64>,
-    pub idle_timeout: Option<String>,
-    pub shutdown_grace: Option<String>,
+    pub idle_timeout: Option<RawDuration>,
+    pub shutdown_grace: Option<RawDuration>,
     pub merge_slashes: Option<bool>,
 }
 
@@ -141,6 +165,6 @@ pub struct RawStore {
     pub password: Option<toml::Value>,
     pub key_prefix: Option<String>,
     pub seal_key: Option<toml::Value>,
-    pub lease: Option<String>,
+    pub lease: Option<RawDuration>,
     pub ca_file: Option<String>,
 }

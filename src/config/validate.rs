@@ -1,7 +1,8 @@
 //! Raw TOML -> validated [`Config`]: applies the `DEFAULT_*` values, resolves paths against the
-//! config file's folder, reads the referenced secrets, and collects every problem (with its key
-//! path, e.g. `route[2].upstream`) before failing. It never puts a secret, nor any value that could
-//! be one, into a message.
+//! config file's folder, reads the referenced secrets, checks the files `run` would load (TLS
+//! files and CA files with the loaders that use them, the state file's folder), and collects
+//! every problem (with its key path, e.g. `route[2].upstream`) before failing. It never puts a
+//! secret, nor any value that could be one, into a message.
 
 mod store;
 
@@ -13,8 +14,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::raw::{
-    RawAdmin, RawCaller, RawConfig, RawIdentity, RawLimits, RawListener, RawLogging, RawRoute,
-    RawTls, RawTokens,
+    RawAdmin, RawCaller, RawConfig, RawDuration, RawIdentity, RawLimits, RawListener, RawLogging,
+    RawRoute, RawTls, RawTokens,
 };
 use super::*;
 use crate::secret::{Secret, SecretSource};
@@ -112,30 +113,6 @@ fn join(key: &str, field: &str) -> String {
     }
 }
 
-/// Turns a serde message into one that names types, never values: `invalid type: string "x",
-/// expected an integer` could otherwise carry a secret typed into the wrong key.
-fn without_values(message: &str) -> String {
-    if let Some(rest) = message.strip_prefix("invalid type: ") {
-        let found = match rest.split([' ', ',']).next().unwrap_or("value") {
-            "floating" => "a number with a fraction",
-            other => other,
-        };
-        let expected = match rest.rsplit_once(", expected ").map_or("", |p| p.1) {
-            "i64" => "an integer",
-            "f64" => "a number",
-            "" => "another type",
-            other => other,
-        };
-        return format!("expected {expected}, found {found}");
-    }
-    message
-        .split(['`', '"', '\''])
-        .next()
-        .unwrap_or(message)
-        .trim_end()
-        .to_string()
-}
-
 /// What is wrong with a URL for an upstream or the identity service, if anything.
 fn url_problem(uri: &http::Uri, path_allowed: bool) -> Option<&'static str> {
     let authority = uri.authority().map_or("", |a| a.as_str());
@@ -204,41 +181,24 @@ impl Checker {
         value
     }
 
-    /// Deserializes one table. Unknown keys and values of the wrong type are reported and
-    /// removed, and the rest is read again, so one mistake hides no other.
-    fn read<T: DeserializeOwned>(&mut self, mut value: toml::Value, key: &str) -> Option<T> {
-        loop {
-            let err = match value.clone().try_into::<T>() {
-                Ok(t) => return Some(t),
-                Err(e) => e.to_string(),
-            };
-            let mut lines = err.lines();
-            let message = lines.next().unwrap_or_default();
-            let field = if let Some(rest) = message.strip_prefix("unknown field `") {
-                let (field, rest) = rest.split_once('`').unwrap_or((rest, ""));
-                let expected = rest.trim_start_matches(", ");
-                self.add(join(key, field), format!("unknown key ({expected})"));
-                field.to_string()
+    /// Deserializes one table (see [`super::keys::read`]): unknown keys and values of the wrong
+    /// type are reported with their key path and left out, so one mistake hides no other.
+    fn read<T: DeserializeOwned>(&mut self, value: toml::Value, key: &str) -> Option<T> {
+        let toml::Value::Table(table) = value else {
+            self.add(key, format!("expected a table, found {}", value.type_str()));
+            return None;
+        };
+        let mut problems = Vec::new();
+        let read = super::keys::read::<T>(table, &mut problems);
+        for p in problems {
+            let at = if p.key.starts_with('[') {
+                format!("{key}{}", p.key)
             } else {
-                let at = lines
-                    .find_map(|l| l.strip_prefix("in `")?.strip_suffix('`'))
-                    .unwrap_or_default();
-                self.add(join(key, at), without_values(message));
-                at.split('.').next().unwrap_or_default().to_string()
+                join(key, &p.key)
             };
-            let removed = value
-                .as_table_mut()
-                .is_some_and(|table| table.remove(&field).is_some());
-            if !removed {
-                // Not a table, or nothing left to remove: give up on this one.
-                if !value.is_table() {
-                    let last = self.problems.last_mut().expect("just added");
-                    last.key = key.to_string();
-                    last.message = format!("expected a table, found {}", value.type_str());
-                }
-                return None;
-            }
+            self.add(at, p.message);
         }
+        read
     }
 
     /// An optional single-table section; `required` ones report their absence.
@@ -285,7 +245,7 @@ impl Checker {
     }
 
     /// A duration longer than zero (timeouts, margins).
-    fn duration(&mut self, key: &str, value: Option<String>, default: Duration) -> Duration {
+    fn duration(&mut self, key: &str, value: Option<RawDuration>, default: Duration) -> Duration {
         let d = self.any_duration(key, value, default);
         if d.is_zero() {
             self.add(key, "must be longer than zero");
@@ -295,8 +255,15 @@ impl Checker {
     }
 
     /// A duration, zero included.
-    fn any_duration(&mut self, key: &str, value: Option<String>, default: Duration) -> Duration {
-        let Some(text) = value else { return default };
+    fn any_duration(
+        &mut self,
+        key: &str,
+        value: Option<RawDuration>,
+        default: Duration,
+    ) -> Duration {
+        let Some(RawDuration(text)) = value else {
+            return default;
+        };
         humantime::parse_duration(&text).unwrap_or_else(|e| {
             let msg = format!("`{text}` is not a duration like \"5s\" or \"2m\": {e}");
             self.add(key, msg);
@@ -327,6 +294,20 @@ impl Checker {
             Ok(m) if m.is_file() => {}
             Ok(_) => self.add(key, format!("{} is not a file", path.display())),
             Err(e) => self.add(key, format!("cannot read {}: {e}", path.display())),
+        }
+        Some(path)
+    }
+
+    /// A CA file for an outbound client (identity service, upstream): readable, and holding CA
+    /// certificates that the client's own loader accepts.
+    fn ca_file(&mut self, key: &str, value: Option<String>) -> Option<PathBuf> {
+        let before = self.problems.len();
+        let path = self.readable_file(key, value)?;
+        if self.problems.len() == before {
+            let mut roots = rustls::RootCertStore::empty();
+            if let Err(e) = crate::tls::add_ca_file(&mut roots, &path) {
+                self.add(key, e);
+            }
         }
         Some(path)
     }
@@ -414,20 +395,61 @@ impl Checker {
     fn listener(&mut self, key: &str, r: RawListener) -> ListenerConfig {
         let tls = r.tls.and_then(|v| {
             let key = join(key, "tls");
+            let before = self.problems.len();
             let t: RawTls = self.read(v, &key)?;
             let cert = self.required(&join(&key, "cert"), t.cert);
             let private_key = self.required(&join(&key, "key"), t.key);
-            Some(ServerTls {
+            let tls = ServerTls {
                 cert: self.readable_file(&join(&key, "cert"), cert)?,
                 key: self.readable_file(&join(&key, "key"), private_key)?,
                 client_ca: self.readable_file(&join(&key, "client_ca"), t.client_ca),
-            })
+            };
+            if self.problems.len() == before {
+                self.tls_files(&key, &tls);
+            }
+            Some(tls)
         });
         ListenerConfig {
             name: self.name(&join(key, "name"), r.name),
             addr: self.addr(&join(key, "address"), r.address),
             tls,
             caller: r.caller,
+        }
+    }
+
+    /// What the listener would refuse at start: each file's PEM contents, the key matching the
+    /// certificate, the client CA. The listener's own loading code does the checking.
+    fn tls_files(&mut self, key: &str, tls: &ServerTls) {
+        if let Err(e) = crate::proxy::tls::server_config(tls) {
+            self.add(join(key, e.file.key()), e.message);
+        }
+    }
+
+    /// The folder of the state file must exist and take new files (it is written by a rename).
+    fn state_folder(&mut self, state_file: &Path) {
+        let Some(dir) = state_file.parent().filter(|d| !d.as_os_str().is_empty()) else {
+            return;
+        };
+        if !dir.is_dir() {
+            self.add(
+                "tokens.state_file",
+                format!("folder {} does not exist", dir.display()),
+            );
+            return;
+        }
+        let probe = dir.join(format!(".tokenbroker-check-{}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+        {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+            }
+            Err(e) => self.add(
+                "tokens.state_file",
+                format!("folder {} is not writable: {e}", dir.display()),
+            ),
         }
     }
 
@@ -540,8 +562,7 @@ impl Checker {
             path_prefix,
             strip_prefix: r.strip_prefix.unwrap_or(false),
             upstream: upstream.unwrap_or_default(),
-            upstream_ca_file: self
-                .readable_file(&join(key, "upstream_ca_file"), r.upstream_ca_file),
+            upstream_ca_file: self.ca_file(&join(key, "upstream_ca_file"), r.upstream_ca_file),
             allow: r.allow,
             upgrades,
             connect_timeout: self.duration(
@@ -593,7 +614,7 @@ impl Checker {
             client_id,
             client_secret: self.secret("identity.client_secret", r.client_secret),
             scope: r.scope.filter(|s| !s.is_empty()),
-            ca_file: self.readable_file("identity.ca_file", r.ca_file),
+            ca_file: self.ca_file("identity.ca_file", r.ca_file),
             connect_timeout: self.duration(
                 "identity.connect_timeout",
                 r.connect_timeout,
@@ -643,13 +664,8 @@ impl Checker {
             );
         }
         let state_file = r.state_file.map(|s| self.path(&s));
-        if let Some(dir) = state_file.as_ref().and_then(|p| p.parent()) {
-            if !dir.as_os_str().is_empty() && !dir.is_dir() {
-                self.add(
-                    "tokens.state_file",
-                    format!("folder {} does not exist", dir.display()),
-                );
-            }
+        if let Some(path) = &state_file {
+            self.state_folder(path);
         }
         let display_name_prefix = r.display_name_prefix.unwrap_or(d.display_name_prefix);
         TokenPolicy {

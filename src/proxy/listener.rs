@@ -43,7 +43,7 @@ const MIN_H1_BUF: usize = 8192;
 pub struct BoundListener {
     name: Arc<str>,
     tcp: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<tls::ListenerTls>,
     addr: SocketAddr,
 }
 
@@ -54,6 +54,10 @@ impl BoundListener {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
+    /// Its TLS config in force, which reload replaces.
+    pub fn tls(&self) -> Option<&tls::ListenerTls> {
+        self.tls.as_ref()
+    }
 }
 
 /// Binds every listener of `config` (TLS configs are loaded first, so a bad file binds nothing).
@@ -62,11 +66,9 @@ pub async fn bind_all(config: &Config) -> Result<Vec<BoundListener>, StartError>
     for l in &config.listeners {
         let acceptor = match &l.tls {
             None => None,
-            Some(t) => {
-                Some(TlsAcceptor::from(tls::server_config(t).map_err(|e| {
-                    StartError(format!("listener {}: {e}", l.name))
-                })?))
-            }
+            Some(t) => Some(tls::ListenerTls::load(t).map_err(|e| {
+                StartError(format!("listener {}: tls.{}: {e}", l.name, e.file.key()))
+            })?),
         };
         acceptors.push(acceptor);
     }
@@ -163,7 +165,7 @@ async fn accept_loop<T: TokenSource>(listener: BoundListener, ctx: Ctx<T>) {
             stream,
             peer,
             name.clone(),
-            tls.clone(),
+            tls.as_ref().map(tls::ListenerTls::acceptor),
             permit,
             ctx.clone(),
         ));

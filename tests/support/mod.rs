@@ -157,3 +157,10 @@ pub fn basic(id: &str, secret: &str) -> String {
 pub fn form(pairs: &[(&str, &str)]) -> String {
     serde_urlencoded::to_string(pairs).expect("form encoding")
 }
+
+/// The value of the Prometheus sample line `series` (`name{labels}`) in `metrics`, if any.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}

@@ -1,5 +1,6 @@
-//! A `tokenbroker` child process whose standard output and error are read line by line in the
-//! background, so that a test can wait for a log line (e.g. the address a listener bound).
+//! The `tokenbroker` binary (or any command) as a child process: its output read line by line in
+//! the background, so that a test can wait for a log line (e.g. the address a listener bound),
+//! signals sent to it, and the addresses it logs (`run --log-json`).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -18,14 +19,19 @@ pub struct Process {
 impl Process {
     /// Starts `tokenbroker <args>` (without the caller's RUST_LOG).
     pub fn spawn(args: &[&str]) -> Process {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
+        let mut command = Command::new(BIN);
+        command.args(args).env_remove("RUST_LOG");
+        Process::start(command)
+    }
+
+    /// Any command, with its output read the same way.
+    pub fn start(mut command: Command) -> Process {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
         let (tx, lines) = mpsc::channel();
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
