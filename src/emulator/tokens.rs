@@ -316,20 +316,9 @@ fn prune(bearers: &mut HashMap<String, Bearer>, now: &Now) {
     bearers.retain(|_, b| now.mono < b.expires);
 }
 
-/// A random (version 4) UUID.
+/// A random (version 4) UUID, hyphenated.
 pub(crate) fn uuid_v4() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    uuid::Uuid::new_v4().to_string()
 }
 
 fn epoch_seconds(t: SystemTime) -> u64 {
