@@ -124,6 +124,9 @@ fn is_authority(text: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
 }
 
+/// The host part of an authority that [`is_authority`] accepted (no userinfo). Not
+/// `http::uri::Authority::host()`: building an `Authority` from a `Host` header copies it into a
+/// new buffer, once per request, to find a prefix of a string we already hold.
 fn strip_port(authority: &str) -> &str {
     if authority.starts_with('[') {
         // [v6]:port
