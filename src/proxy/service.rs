@@ -154,6 +154,7 @@ pub(crate) async fn handle<T: TokenSource>(
     let (response, error) = match result {
         Ok(response) => (response, None),
         Err(e) => {
+            shared.metrics.record_error(e.spec().code);
             let logged = (e.spec().code, e.detail().map(str::to_owned));
             (e.into_response(&request_id, version), Some(logged))
         }
