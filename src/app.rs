@@ -336,7 +336,8 @@ pub async fn emulate(config: EmulatorConfig) -> ExitCode {
 }
 
 /// Installs the log subscriber: `RUST_LOG` when set, else the config's level, else `info`;
-/// JSON lines when the config or the command line asks for them. Logs go to standard error.
+/// JSON lines when the config or the command line asks for them, each event's fields (`message`
+/// among them) at the top level of its object. Logs go to standard error.
 pub fn init_tracing(logging: &LoggingConfig, json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -349,7 +350,7 @@ pub fn init_tracing(logging: &LoggingConfig, json: bool) {
         .with_writer(std::io::stderr);
     // A second installation (tests, dev after emulate) keeps the first subscriber.
     let _ = if json || logging.json {
-        builder.json().try_init()
+        builder.json().flatten_event(true).try_init()
     } else {
         builder.try_init()
     };

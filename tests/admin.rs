@@ -665,6 +665,17 @@ async fn sighup_reloads_a_running_process() {
         run.wait_for(|l| logged_addr(l, "admin listening (/healthz /readyz /metrics /tokens)"));
     assert!(eventually(WAIT, || async { get(admin, "/readyz").await.0 == 200 }).await);
     assert_eq!(proxied(proxy, "/added/x", SVC_KEY).await.0, 404);
+    // the request line, as JSON with its fields at the top level
+    let line = run.wait_for(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v["message"] == "request").then_some(v)
+    });
+    assert_eq!(line["target"], "tokenbroker::request", "{line}");
+    assert_eq!(line["path"], "/added/x", "{line}");
+    assert_eq!(line["listener"], "plain", "{line}");
+    assert_eq!(line["status"], 404, "{line}");
+    assert_eq!(line["error"], "no_route", "{line}");
+    assert_eq!(line["level"], "INFO", "{line}");
 
     std::fs::write(&path, config_text(&emulator, &added_route(&emulator))).unwrap();
     run.signal(libc::SIGHUP);

@@ -5,9 +5,10 @@
 //! `Upgrade` to its tunnel.
 //!
 //! [`handle`] never fails: the inner [`proxy`] returns `Result`, and [`handle`] turns an error into
-//! its response once, then writes the one log line and the metrics of the request. A request that
-//! never gets that far (cut at the shutdown deadline, or its client went away) still gets one log
-//! line and is counted in `requests_cut`.
+//! its response once, records the metrics of the request and hands the response body the one log
+//! line (`log`), which it writes at its end. A request that never gets that far (cut at the
+//! shutdown deadline, or its client went away) still gets one log line and is counted in
+//! `requests_cut`.
 //!
 //! Must never: log a header value, contact the broker or the upstream before the caller is
 //! identified and allowed, forward `CONNECT` or `TRACE`, or replay a request whose body was
@@ -27,6 +28,7 @@ use hyper::body::Incoming;
 use super::forward::{self, ProxyBody, UpstreamClient};
 use super::io::Activity;
 use super::listener::ConnHold;
+use super::log::{BytesIn, Logged, RequestLog};
 use super::rewrite::{self, Forwarded, X_REQUEST_ID};
 use super::route::Route;
 use super::target::Target;
@@ -73,6 +75,9 @@ struct Outcome<'s> {
     caller: Option<&'s Arc<str>>,
     route: Option<&'s Arc<str>>,
     upstream: Option<Duration>,
+    /// The canonical path, kept only when a request line can be written.
+    path: Option<Box<str>>,
+    bytes_in: BytesIn,
 }
 
 /// A request between its first header and its answer: if dropped unanswered (the connection was
@@ -104,15 +109,19 @@ impl Drop for Pending<'_> {
         };
         let route = self.outcome.route.map_or("-", |r| &**r);
         let caller = self.outcome.caller.map_or("-", |c| &**c);
+        let path = self.outcome.path.as_deref().unwrap_or("-");
+        let listener = &*self.conn.identity.listener;
+        let peer = self.conn.peer;
         let request_id = self.request_id.to_str().unwrap_or("-");
         let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let bytes_in = self.outcome.bytes_in.get();
         let method = self.method;
         if at_deadline {
-            tracing::warn!(target: "tokenbroker::request", %method, route, caller, request_id,
-                latency_ms, reason, "request cut at the shutdown deadline");
+            tracing::warn!(target: "tokenbroker::request", %method, path, route, caller, listener,
+                %peer, request_id, latency_ms, bytes_in, reason, "request cut at the shutdown deadline");
         } else {
-            tracing::info!(target: "tokenbroker::request", %method, route, caller, request_id,
-                latency_ms, reason, "request abandoned by its client");
+            tracing::info!(target: "tokenbroker::request", %method, path, route, caller, listener,
+                %peer, request_id, latency_ms, bytes_in, reason, "request abandoned by its client");
         }
         self.metrics.record_cut(self.outcome.route, reason);
     }
@@ -162,22 +171,6 @@ pub(crate) async fn handle<T: TokenSource>(
 
     let total = started.elapsed();
     let status = response.status().as_u16();
-    let route = outcome.route.map_or("-", |r| &**r);
-    let caller = outcome.caller.map_or("-", |c| &**c);
-    let (error, detail) = error.unzip();
-    tracing::info!(
-        target: "tokenbroker::request",
-        method = %method,
-        route,
-        caller,
-        status,
-        latency_ms = total.as_secs_f64() * 1e3,
-        upstream_ms = outcome.upstream.map(|d| d.as_secs_f64() * 1e3),
-        request_id = request_id.to_str().unwrap_or("-"),
-        error,
-        detail = detail.flatten(),
-        "request"
-    );
     shared.metrics.record_request(
         outcome.route,
         outcome.caller,
@@ -185,7 +178,35 @@ pub(crate) async fn handle<T: TokenSource>(
         total,
         outcome.upstream,
     );
-    response
+    let (error, detail) = error.unzip();
+    let own_failure = error.is_some() && status >= 500;
+    let logged = if own_failure {
+        tracing::enabled!(target: "tokenbroker::request", tracing::Level::WARN)
+    } else {
+        tracing::enabled!(target: "tokenbroker::request", tracing::Level::INFO)
+    };
+    if !logged {
+        return response;
+    }
+    let outcome = std::mem::take(&mut pending.outcome);
+    let log = RequestLog {
+        method: method.clone(),
+        route: outcome.route.cloned(),
+        caller: outcome.caller.cloned(),
+        path: outcome.path,
+        listener: conn.identity.listener.clone(),
+        peer: conn.peer,
+        status,
+        latency: total,
+        upstream: outcome.upstream,
+        request_id: request_id.clone(),
+        error,
+        detail: detail.flatten(),
+        bytes_in: outcome.bytes_in,
+        bytes_out: 0,
+    };
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, ProxyBody::Logged(Box::new(Logged::new(body, log))))
 }
 
 async fn proxy<'s, T: TokenSource>(
@@ -199,6 +220,9 @@ async fn proxy<'s, T: TokenSource>(
     let tokens = &*shared.tokens;
     check_head(&request, &conn.activity, &state.limits)?;
     let target = Target::of(&request, state.limits.merge_slashes)?;
+    if tracing::enabled!(target: "tokenbroker::request", tracing::Level::WARN) {
+        outcome.path = Some(Box::from(&*target.path));
+    }
     let caller = identify(&state.callers, &conn.identity, request.headers())?;
     outcome.caller = Some(caller);
     let route = find_route(state, &target, caller)?;
@@ -252,6 +276,12 @@ async fn proxy<'s, T: TokenSource>(
         _ => state.clients.get(route.client),
     };
     let body = outgoing_body(body, content_length, &state.limits).await?;
+    outcome.bytes_in = match &body {
+        Outgoing::Replayable(None) => BytesIn::None,
+        Outgoing::Replayable(Some(bytes)) => BytesIn::Known(bytes.len() as u64),
+        Outgoing::Streaming(ProxyBody::Caller(_, read)) => BytesIn::Counted(read.clone()),
+        Outgoing::Streaming(_) => BytesIn::None,
+    };
     let upstream_started = Instant::now();
     let result = match body {
         Outgoing::Replayable(body) => {
@@ -389,6 +419,7 @@ async fn outgoing_body(
     Ok(Outgoing::Streaming(ProxyBody::caller(
         body,
         limits.max_body_bytes,
+        Arc::default(),
     )))
 }
 
