@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::caller::{
     ApiCred, CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger,
@@ -348,8 +349,21 @@ impl Broker {
         let probe = permit.probe;
         let service = Arc::clone(&self.identity_now().service);
         let started = std::time::Instant::now();
-        let result = op(service).await;
+        let span = match crate::telemetry::is_on() {
+            true => tracing::info_span!(
+                target: "tokenbroker::trace",
+                "identity",
+                otel.name = %format_args!("identity {}", operation_of(kind)),
+                otel.kind = "client",
+                tokenbroker.operation = operation_of(kind),
+                tokenbroker.caller = c.map(|c| &*c.name),
+                tokenbroker.outcome = tracing::field::Empty,
+            ),
+            false => tracing::Span::none(),
+        };
+        let result = op(service).instrument(span.clone()).await;
         let outcome = outcome(&result);
+        span.record("tokenbroker.outcome", outcome);
         self.metrics.record_fetch(kind, outcome);
         self.metrics
             .record_identity_call(operation_of(kind), outcome, started.elapsed());

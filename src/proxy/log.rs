@@ -62,6 +62,8 @@ pub struct RequestLog {
     pub detail: Option<String>,
     pub bytes_in: BytesIn,
     pub bytes_out: u64,
+    /// The OpenTelemetry trace id (32 hex digits), with telemetry on and the trace sampled.
+    pub trace_id: Option<String>,
 }
 
 impl RequestLog {
@@ -89,6 +91,7 @@ impl RequestLog {
                     bytes_in = self.bytes_in.get(),
                     bytes_out = self.bytes_out,
                     request_id = self.request_id.to_str().unwrap_or("-"),
+                    trace_id = self.trace_id.as_deref(),
                     error = self.error,
                     detail = self.detail.as_deref(),
                     "request"

@@ -34,9 +34,12 @@ use super::route::Route;
 use super::target::Target;
 use super::upgrade::{self, Tunnel};
 use super::{identify, ConnIdentity, ProxyError, Shared, State, TokenSource};
+use tracing::Instrument;
+
 use crate::broker::{InjectToken, Rejection};
 use crate::config::Limits;
 use crate::metrics::Metrics;
+use crate::telemetry;
 
 /// What a request knows about its connection.
 #[derive(Debug)]
@@ -149,6 +152,10 @@ pub(crate) async fn handle<T: TokenSource>(
         started,
     };
 
+    let span = match telemetry::is_on() {
+        true => server_span(&request, conn),
+        false => tracing::Span::none(),
+    };
     let result = proxy(
         request,
         conn,
@@ -157,6 +164,7 @@ pub(crate) async fn handle<T: TokenSource>(
         &request_id,
         &mut pending.outcome,
     )
+    .instrument(span.clone())
     .await;
     pending.answered = true;
     let outcome = &pending.outcome;
@@ -180,6 +188,10 @@ pub(crate) async fn handle<T: TokenSource>(
     );
     let (error, detail) = error.unzip();
     let own_failure = error.is_some() && status >= 500;
+    let trace_id = match span.is_none() {
+        true => None,
+        false => finish_server_span(&span, &method, outcome, status, error),
+    };
     let logged = if own_failure {
         tracing::enabled!(target: "tokenbroker::request", tracing::Level::WARN)
     } else {
@@ -204,9 +216,63 @@ pub(crate) async fn handle<T: TokenSource>(
         detail: detail.flatten(),
         bytes_in: outcome.bytes_in,
         bytes_out: 0,
+        trace_id,
     };
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, ProxyBody::Logged(Box::new(Logged::new(body, log))))
+}
+
+/// The server span of a request, child of the caller's span when it sent a W3C `traceparent`.
+fn server_span<B>(request: &Request<B>, conn: &ConnInfo) -> tracing::Span {
+    let method = request.method();
+    let span = tracing::info_span!(
+        target: "tokenbroker::trace",
+        "request",
+        otel.name = %method,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        url.path = tracing::field::Empty,
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        tokenbroker.caller = tracing::field::Empty,
+        tokenbroker.listener = &*conn.identity.listener,
+        tokenbroker.error = tracing::field::Empty,
+        network.peer.address = %conn.peer.ip(),
+    );
+    telemetry::set_parent_from(&span, request.headers());
+    span
+}
+
+/// Records what the request came to on its server span; its trace id for the log line.
+fn finish_server_span(
+    span: &tracing::Span,
+    method: &Method,
+    outcome: &Outcome<'_>,
+    status: u16,
+    error: Option<&'static str>,
+) -> Option<String> {
+    if let Some(route) = outcome.route {
+        span.record("http.route", &**route);
+        span.record(
+            "otel.name",
+            tracing::field::display(format_args!("{method} {route}")),
+        );
+    }
+    if let Some(caller) = outcome.caller {
+        span.record("tokenbroker.caller", &**caller);
+    }
+    if let Some(path) = outcome.path.as_deref() {
+        span.record("url.path", path);
+    }
+    span.record("http.response.status_code", status);
+    if let Some(error) = error {
+        span.record("tokenbroker.error", error);
+    }
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
+    telemetry::trace_id(span)
 }
 
 async fn proxy<'s, T: TokenSource>(
@@ -282,26 +348,50 @@ async fn proxy<'s, T: TokenSource>(
         Outgoing::Streaming(ProxyBody::Caller(_, read)) => BytesIn::Counted(read.clone()),
         Outgoing::Streaming(_) => BytesIn::None,
     };
-    let upstream_started = Instant::now();
-    let result = match body {
-        Outgoing::Replayable(body) => {
-            let renew = Renew {
-                tokens,
-                caller,
-                token: &token,
-            };
-            send_replayable(client, route, parts, body, renew).await
+    let upstream_span = match telemetry::is_on() {
+        true => {
+            let span = upstream_span(route);
+            telemetry::inject(&span, &mut parts.headers);
+            span
         }
-        Outgoing::Streaming(body) => {
-            forward::send(
-                client,
-                Request::from_parts(parts, body),
-                route.response_timeout,
-            )
-            .await
-        }
+        false => tracing::Span::none(),
     };
+    let upstream_started = Instant::now();
+    let result = async {
+        match body {
+            Outgoing::Replayable(body) => {
+                let renew = Renew {
+                    tokens,
+                    caller,
+                    token: &token,
+                };
+                send_replayable(client, route, parts, body, renew).await
+            }
+            Outgoing::Streaming(body) => {
+                forward::send(
+                    client,
+                    Request::from_parts(parts, body),
+                    route.response_timeout,
+                )
+                .await
+            }
+        }
+    }
+    .instrument(upstream_span.clone())
+    .await;
     outcome.upstream = Some(upstream_started.elapsed());
+    if !upstream_span.is_none() {
+        match &result {
+            Ok(response) => {
+                upstream_span.record("http.response.status_code", response.status().as_u16());
+            }
+            Err(e) => {
+                upstream_span.record("tokenbroker.error", e.spec().code);
+                upstream_span.record("otel.status_code", "ERROR");
+            }
+        }
+    }
+    drop(upstream_span);
 
     let mut response = result?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -337,6 +427,22 @@ async fn proxy<'s, T: TokenSource>(
     rewrite::rewrite_response(&mut parts.headers);
     parts.headers.insert(X_REQUEST_ID, request_id.clone());
     Ok(Response::from_parts(parts, ProxyBody::Stream(body)))
+}
+
+/// The client span of the upstream call (a child of the request's span).
+fn upstream_span(route: &Route) -> tracing::Span {
+    let upstream = route.upstream_authority();
+    tracing::info_span!(
+        target: "tokenbroker::trace",
+        "upstream",
+        otel.name = %format_args!("upstream {}", route.name),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.route = &*route.name,
+        server.address = %upstream,
+        http.response.status_code = tracing::field::Empty,
+        tokenbroker.error = tracing::field::Empty,
+    )
 }
 
 /// Checks that need no caller: method (`CONNECT` and `TRACE` are 405: one would open a tunnel
