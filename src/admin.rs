@@ -1,5 +1,6 @@
 //! Admin listener: `GET /healthz` (the process answers), `/readyz` (proxy listeners up and tokens
-//! warmed when so configured), `/metrics` (Prometheus text) and `/tokens` (per-caller token
+//! warmed when so configured), `/metrics` (Prometheus text 0.0.4, or OpenMetrics when `Accept`
+//! asks for `application/openmetrics-text`) and `/tokens` (per-caller token
 //! status). It runs on its own port through [`server::serve`] and never shows a secret: `/tokens`
 //! carries ids, suffixes and expiry times only.
 
@@ -15,7 +16,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
 use crate::broker::Broker;
-use crate::metrics::{CallerKindLabels, Metrics};
+use crate::metrics::{self, CallerKindLabels, Metrics};
 use crate::server::{self, Shutdown};
 
 /// What the admin endpoints look at.
@@ -50,13 +51,24 @@ pub async fn serve(
 ) {
     let handler = move |req: Request<Incoming>, _peer: SocketAddr| {
         let state = state.clone();
-        async move { respond(&state, req.method(), req.uri().path()) }
+        async move {
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            respond(&state, req.method(), req.uri().path(), accept)
+        }
     };
     server::serve(listener, handler, shutdown, grace).await;
 }
 
-/// The answer to one admin request.
-fn respond(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// The answer to one admin request (`accept`: the request's `Accept` header).
+pub fn respond(
+    state: &AdminState,
+    method: &Method,
+    path: &str,
+    accept: Option<&str>,
+) -> Response<Full<Bytes>> {
     let known = matches!(path, "/healthz" | "/readyz" | "/metrics" | "/tokens");
     if !known {
         return text(StatusCode::NOT_FOUND, "not found\n");
@@ -80,13 +92,24 @@ fn respond(state: &AdminState, method: &Method, path: &str) -> Response<Full<Byt
         ),
         "/metrics" => {
             update_expiry_gauges(state);
-            let mut r = Response::new(Full::new(Bytes::from(state.metrics.encode())));
-            r.headers_mut().insert(
+            let (body, content_type) = if metrics::wants_openmetrics(accept) {
+                (
+                    state.metrics.encode_openmetrics(),
+                    metrics::OPENMETRICS_CONTENT_TYPE,
+                )
+            } else {
+                (
+                    state.metrics.encode_prometheus(),
+                    metrics::PROMETHEUS_CONTENT_TYPE,
+                )
+            };
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            let h = r.headers_mut();
+            h.insert(
                 header::CONTENT_TYPE,
-                http::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                http::HeaderValue::from_static(content_type),
             );
+            h.insert(header::VARY, http::HeaderValue::from_static("accept"));
             r
         }
         _ => {

@@ -23,6 +23,7 @@ use crate::emulator::{Emulator, EmulatorConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proxy::{tls, ProxyHandle, StartError as ProxyStartError};
 use crate::server::Shutdown;
+use crate::telemetry::Telemetry;
 
 /// How often `run` looks at the TLS listeners' files for a change (then reloads them alone).
 const TLS_FILES_POLL: Duration = Duration::from_secs(5);
@@ -334,7 +335,30 @@ impl AppHandle {
 
 /// `tokenbroker run`: serves until SIGTERM or SIGINT, reloading on SIGHUP.
 pub async fn run(config: Config, log_json: bool) -> ExitCode {
-    init_tracing(&config.logging, log_json);
+    let telemetry = match &config.telemetry {
+        None => None,
+        Some(t) => match Telemetry::start(t, TELEMETRY_EXPORT_EVERY) {
+            Ok(telemetry) => Some(telemetry),
+            Err(e) => {
+                init_tracing(&config.logging, log_json);
+                tracing::error!(error = %e, "tokenbroker could not start");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    init_tracing_with(&config.logging, log_json, telemetry.as_ref());
+    let code = serve_until_stopped(config).await;
+    if let Some(telemetry) = telemetry {
+        // blocks until the last spans are exported, which needs the runtime's other thread
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    }
+    code
+}
+
+/// How often spans are exported with `[telemetry]`.
+const TELEMETRY_EXPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn serve_until_stopped(config: Config) -> ExitCode {
     let Some(mut signals) = Signals::install() else {
         return ExitCode::FAILURE;
     };
@@ -450,21 +474,33 @@ pub async fn emulate(config: EmulatorConfig) -> ExitCode {
 }
 
 /// Installs the log subscriber: `RUST_LOG` when set, else the config's level, else `info`;
-/// JSON lines when the config or the command line asks for them. Logs go to standard error.
+/// JSON lines when the config or the command line asks for them, each event's fields (`message`
+/// among them) at the top level of its object. Logs go to standard error.
 pub fn init_tracing(logging: &LoggingConfig, json: bool) {
-    use tracing_subscriber::EnvFilter;
+    init_tracing_with(logging, json, None);
+}
+
+/// [`init_tracing`], plus the OpenTelemetry layer of `telemetry` (unfiltered: the log level
+/// does not decide which spans are exported).
+pub fn init_tracing_with(logging: &LoggingConfig, json: bool, telemetry: Option<&Telemetry>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::try_new(logging.level.as_deref().unwrap_or("info"))
             .unwrap_or_else(|_| EnvFilter::new("info"))
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    // A second installation (tests, dev after emulate) keeps the first subscriber.
-    let _ = if json || logging.json {
-        builder.json().try_init()
+    let fmt = if json || logging.json {
+        fmt.json().flatten_event(true).with_filter(filter).boxed()
     } else {
-        builder.try_init()
+        fmt.with_filter(filter).boxed()
     };
+    // A second installation (tests, dev after emulate) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(telemetry.map(|t| t.layer()))
+        .try_init();
 }

@@ -133,6 +133,8 @@ pub struct Config {
     pub limits: Limits,
     pub logging: LoggingConfig,
     pub store: StoreConfig,
+    /// `[telemetry]`: OpenTelemetry traces, off when absent.
+    pub telemetry: Option<TelemetryConfig>,
 }
 
 impl Config {
@@ -150,6 +152,7 @@ impl Config {
             limits: Limits::default(),
             logging: LoggingConfig::default(),
             store: StoreConfig::default(),
+            telemetry: None,
         }
     }
 }
@@ -329,6 +332,20 @@ impl Default for Limits {
         }
     }
 }
+
+/// `[telemetry]`: where OpenTelemetry traces go.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP collector, scheme and authority (spans go to `{endpoint}/v1/traces`).
+    pub endpoint: String,
+    pub service_name: String,
+    /// Share of the traces started here that are kept, 0.0 to 1.0 (a caller's sampled
+    /// `traceparent` is followed).
+    pub sampling_ratio: f64,
+}
+
+pub const DEFAULT_SERVICE_NAME: &str = "tokenbroker";
+pub const DEFAULT_SAMPLING_RATIO: f64 = 1.0;
 
 #[derive(Clone, Debug, Default)]
 pub struct LoggingConfig {

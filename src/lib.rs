@@ -9,6 +9,7 @@
 //! - [`admin`]: health, readiness, metrics, token status
 //! - [`emulator`]: a strict emulator of the identity service and an echo upstream
 //! - [`server`]: the shared accept loop and shutdown signal
+//! - [`telemetry`]: OpenTelemetry traces (off unless `[telemetry]` is set)
 
 pub mod admin;
 pub mod app;
@@ -23,4 +24,5 @@ pub mod proxy;
 pub mod seal;
 pub mod secret;
 pub mod server;
+pub mod telemetry;
 pub mod tls;

@@ -1,13 +1,25 @@
 //! Prometheus metrics: one [`Metrics`] per process, shared by the proxy, the broker and the admin
-//! listener. Labels carry names only (route, caller, kind, outcome), never a token or a key.
+//! listener. Labels carry names only (route, caller, kind, outcome, error code), never a token or
+//! a key.
+//!
+//! Two expositions of the same registry: OpenMetrics 1.0 ([`Metrics::encode_openmetrics`],
+//! what prometheus-client writes) and the Prometheus text format 0.0.4
+//! ([`Metrics::encode_prometheus`], converted from it: in 0.0.4 a counter family is named after its
+//! `_total` sample, there is no `# UNIT` and no `# EOF`). The `process_*` metrics are read from
+//! `/proc/self` at each scrape.
+//!
+//! Every family whose label values are known in advance has all its series from the start, at 0.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -96,6 +108,54 @@ pub struct StateLabels {
     pub state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub commit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityCallLabels {
+    /// `client_credentials`, `create`, `regenerate`, `exchange`.
+    pub operation: &'static str,
+    /// `ok`, `transient`, `rejected`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// A code of the proxy's error table (`unknown_caller`, `token_unavailable`, ...).
+    pub error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub listener: Name,
+    /// One of [`HANDSHAKE_FAILURE_REASONS`].
+    pub reason: &'static str,
+}
+
+/// Why a TLS handshake on a proxy listener failed: a bounded set of label values.
+pub const HANDSHAKE_FAILURE_REASONS: [&str; 8] = [
+    "timeout",
+    "no_client_certificate",
+    "bad_certificate",
+    "peer_incompatible",
+    "alert_received",
+    "protocol_error",
+    "eof",
+    "other",
+];
+
+/// The outcomes of an identity call.
+const CALL_OUTCOMES: [&str; 3] = ["ok", "transient", "rejected"];
+
+/// The commit this binary was built from: `TOKENBROKER_COMMIT` at build time, when set.
+pub const COMMIT: &str = match option_env!("TOKENBROKER_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
+
 /// The states of the identity service's breaker, each a series of `identity_service_state`.
 const IDENTITY_STATES: [&str; 3] = ["closed", "open", "half_open"];
 
@@ -111,6 +171,11 @@ pub struct StoreOpLabels {
 fn latency_histogram() -> Histogram {
     // 100 us .. ~26 s
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+fn identity_histogram() -> Histogram {
+    // 1 ms .. ~33 s: a call crosses the network and waits on the identity service
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
 /// Every metric the process exports.
@@ -141,13 +206,63 @@ pub struct Metrics {
     pub tunnels_open: Gauge,
     pub tunnel_bytes: Family<TunnelBytesLabels, Counter>,
     pub requests_cut: Family<CutLabels, Counter>,
+    pub identity_call_duration: Family<IdentityCallLabels, Histogram, fn() -> Histogram>,
+    /// tokenbroker's own refusals and failures, by the error table's code.
+    pub errors: Family<ErrorLabels, Counter>,
+    pub tls_handshake_failures: Family<HandshakeLabels, Counter>,
     /// The label value of a request that has no route or caller (yet).
     none: Name,
 }
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::with_prefix("tokenbroker");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("tokenbroker");
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: COMMIT,
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "The version and commit of this binary; always 1",
+            build_info,
+        );
+        let identity_call_duration =
+            Family::<IdentityCallLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                identity_histogram as fn() -> Histogram,
+            );
+        for operation in crate::identity::Operation::ALL {
+            for outcome in CALL_OUTCOMES {
+                let _ = identity_call_duration.get_or_create(&IdentityCallLabels {
+                    operation: operation.as_str(),
+                    outcome,
+                });
+            }
+        }
+        registry.register(
+            "identity_call_duration_seconds",
+            "Duration of calls to the identity service by operation and outcome (ok, transient, rejected)",
+            identity_call_duration.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        for error in crate::proxy::ProxyError::CODES {
+            let _ = errors.get_or_create(&ErrorLabels { error });
+        }
+        registry.register(
+            "errors",
+            "Requests tokenbroker refused or failed itself (not the upstream's answers), by error code",
+            errors.clone(),
+        );
+        let tls_handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes on proxy listeners, by listener and reason",
+            tls_handshake_failures.clone(),
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         let request_duration =
             Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -161,6 +276,14 @@ impl Metrics {
         let token_expiry_seconds = Family::<CallerKindLabels, Gauge>::default();
         let token_waiters = Family::<CallerLabels, Counter>::default();
         let config_reloads = Family::<OutcomeLabels, Counter>::default();
+        for outcome in ["ok", "rejected"] {
+            let _ = config_reloads.get_or_create(&OutcomeLabels { outcome });
+        }
+        for kind in ["admin_bearer", "create", "regenerate", "exchange"] {
+            for outcome in CALL_OUTCOMES {
+                let _ = token_fetches.get_or_create(&FetchLabels { kind, outcome });
+            }
+        }
         let connections_open = Gauge::default();
         let token_renewals = Family::<TriggerLabels, Counter>::default();
         let token_ladder_steps = Family::<StepLabels, Counter>::default();
@@ -318,7 +441,7 @@ impl Metrics {
             requests_cut.clone(),
         );
         Arc::new(Metrics {
-            registry,
+            registry: root,
             requests,
             request_duration,
             upstream_duration,
@@ -342,6 +465,9 @@ impl Metrics {
             tunnels_open,
             tunnel_bytes,
             requests_cut,
+            identity_call_duration,
+            errors,
+            tls_handshake_failures,
             none: Name(Arc::from("-")),
         })
     }
@@ -458,18 +584,307 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
+    /// One identity call of `operation` that ended with `outcome` after `took`.
+    pub fn record_identity_call(
+        &self,
+        operation: &'static str,
+        outcome: &'static str,
+        took: Duration,
+    ) {
+        self.identity_call_duration
+            .get_or_create(&IdentityCallLabels { operation, outcome })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A request tokenbroker answered with an error of its own table (`code`).
+    pub fn record_error(&self, error: &'static str) {
+        self.errors.get_or_create(&ErrorLabels { error }).inc();
+    }
+
+    /// Every reason's series of a TLS listener, at zero.
+    pub fn add_tls_listener(&self, listener: &Arc<str>) {
+        for reason in HANDSHAKE_FAILURE_REASONS {
+            let _ = self.tls_handshake_failures.get_or_create(&HandshakeLabels {
+                listener: Name(listener.clone()),
+                reason,
+            });
+        }
+    }
+
+    /// A failed TLS handshake (`reason`: one of [`HANDSHAKE_FAILURE_REASONS`]).
+    pub fn record_handshake_failure(&self, listener: &Arc<str>, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&HandshakeLabels {
+                listener: Name(listener.clone()),
+                reason,
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics 1.0 exposition of every metric (ends with `# EOF`).
+    pub fn encode_openmetrics(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// The OpenMetrics exposition; see [`Metrics::encode_openmetrics`].
+    pub fn encode(&self) -> String {
+        self.encode_openmetrics()
+    }
+
+    /// The Prometheus text format 0.0.4 exposition of every metric.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode_openmetrics())
+    }
+}
+
+/// The content type of [`Metrics::encode_openmetrics`].
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`Metrics::encode_prometheus`].
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether an `Accept` header asks for OpenMetrics rather than the Prometheus text format: any
+/// `application/openmetrics-text` range not refused with `q=0`.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    let Some(accept) = accept else { return false };
+    accept.split(',').any(|range| {
+        let mut params = range.split(';').map(str::trim);
+        let media = params.next().unwrap_or("");
+        if !media.eq_ignore_ascii_case("application/openmetrics-text") {
+            return false;
+        }
+        !params.any(|p| {
+            p.split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f64>() == Ok(0.0)
+            })
+        })
+    })
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4: a counter family's
+/// `# HELP` and `# TYPE` name its `_total` sample; `# UNIT` and `# EOF` are dropped; `unknown`
+/// becomes `untyped`. Samples are the same in both formats for the types this crate writes
+/// (counters, gauges, histograms without exemplars or `_created`).
+pub fn openmetrics_to_prometheus(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let comment = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find(|p| line.starts_with(p));
+        match comment {
+            Some(prefix) => {
+                let rest = &line[prefix.len()..];
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(if prefix == "# TYPE " && tail == "unknown" {
+                    "untyped"
+                } else {
+                    tail
+                });
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `process_*` metrics of this process, read from `/proc/self` at each scrape (absent where
+/// there is no `/proc`).
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// What `/proc/self` says about this process.
+#[derive(Debug, Default, PartialEq)]
+pub struct ProcessStats {
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+    pub virtual_bytes: u64,
+    pub start_time_seconds: f64,
+    pub open_fds: u64,
+    pub max_fds: Option<u64>,
+}
+
+impl ProcessStats {
+    /// Reads `/proc/self/stat`, `/proc/stat` (boot time), `/proc/self/fd` and
+    /// `/proc/self/limits`; `None` if `/proc/self/stat` cannot be read.
+    pub fn read() -> Option<ProcessStats> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let boot_time = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+        });
+        let mut stats = parse_stat(&stat, clock_ticks(), page_size(), boot_time?)?;
+        stats.open_fds = std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+        stats.max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find(|l| l.starts_with("Max open files"))?
+                    .split_whitespace()
+                    .nth(3)?
+                    .parse()
+                    .ok()
+            });
+        Some(stats)
+    }
+}
+
+/// Clock ticks per second, for the times in `/proc/self/stat`.
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions; it returns -1 for an unknown name.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// The page size, for the resident set size in `/proc/self/stat`.
+fn page_size() -> u64 {
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).ok().filter(|p| *p > 0).unwrap_or(4096)
+}
+
+/// Parses `/proc/self/stat` (proc(5)): utime and stime (fields 14, 15) in clock ticks,
+/// starttime (22) in ticks since boot, vsize (23) in bytes, rss (24) in pages.
+fn parse_stat(stat: &str, ticks: f64, page: u64, boot_time: u64) -> Option<ProcessStats> {
+    // the command name (field 2) is in parentheses and may hold spaces
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `fields[0]` is field 3 (state)
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some(ProcessStats {
+        cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+        start_time_seconds: boot_time as f64 + field(22)? as f64 / ticks,
+        virtual_bytes: field(23)?,
+        resident_bytes: field(24)? * page,
+        open_fds: 0,
+        max_fds: None,
+    })
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(s) = ProcessStats::read() else {
+            return Ok(());
+        };
+        let counter = ConstCounter::new(s.cpu_seconds);
+        counter.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            counter.metric_type(),
+        )?)?;
+        let gauges: [(&str, &str, Option<f64>); 5] = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                Some(s.resident_bytes as f64),
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                Some(s.virtual_bytes as f64),
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch in seconds",
+                Some(s.start_time_seconds),
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                Some(s.open_fds as f64),
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                s.max_fds.map(|m| m as f64),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(value) = value {
+                let gauge = ConstGauge::new(value);
+                gauge.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    gauge.metric_type(),
+                )?)?;
+            }
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_format_names_counter_families_after_their_samples() {
+        let om = "# HELP tb_requests Proxied requests.\n# TYPE tb_requests counter\n\
+tb_requests_total{route=\"a\"} 1\n# HELP tb_open Open.\n# TYPE tb_open gauge\n# UNIT tb_open x\n\
+tb_open 2\n# TYPE tb_odd unknown\ntb_odd 3\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus(om),
+            "# HELP tb_requests_total Proxied requests.\n# TYPE tb_requests_total counter\n\
+tb_requests_total{route=\"a\"} 1\n# HELP tb_open Open.\n# TYPE tb_open gauge\n\
+tb_open 2\n# TYPE tb_odd untyped\ntb_odd 3\n"
+        );
+    }
+
+    #[test]
+    fn accept_picks_openmetrics_only_when_asked_for() {
+        for (accept, open) in [
+            (None, false),
+            (Some("text/plain; version=0.0.4"), false),
+            (Some("*/*"), false),
+            (Some("application/openmetrics-text; version=1.0.0"), true),
+            (
+                Some("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"),
+                true,
+            ),
+            (Some("Application/OpenMetrics-Text"), true),
+            (Some("application/openmetrics-text; q=0, text/plain"), false),
+        ] {
+            assert_eq!(wants_openmetrics(accept), open, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn proc_stat_is_parsed_past_a_command_name_with_spaces() {
+        // proc(5): pid (comm) state ppid ... utime(14) stime(15) ... starttime(22) vsize(23) rss(24)
+        let stat = "4242 (tb (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 \
+1000 123456789 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+        let s = parse_stat(stat, 100.0, 4096, 1_700_000_000).unwrap();
+        assert_eq!(s.cpu_seconds, 3.0);
+        assert_eq!(s.start_time_seconds, 1_700_000_010.0);
+        assert_eq!(s.virtual_bytes, 123_456_789);
+        assert_eq!(s.resident_bytes, 300 * 4096);
+        let live = ProcessStats::read().expect("/proc/self is readable");
+        assert!(live.resident_bytes > 0 && live.open_fds > 0, "{live:?}");
+    }
 
     #[test]
     fn records_show_up_in_the_exposition() {

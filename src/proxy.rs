@@ -10,7 +10,8 @@
 //! - [`upgrade`]: `Upgrade` requests (WebSocket) and their tunnels
 //! - [`rewrite`]: header rewrite (pure functions)
 //! - [`forward`]: upstream clients, the body type, one send
-//! - [`service`]: one request from start to log line
+//! - [`service`]: one request from start to answer
+//! - [`log`]: the request log line, written at the end of the response body
 //! - [`error`]: the error table
 //!
 //! What a request sees of the config is one immutable [`State`], swapped atomically by
@@ -24,6 +25,7 @@ pub mod forward;
 pub mod identify;
 pub mod io;
 pub mod listener;
+pub mod log;
 pub mod rewrite;
 pub mod route;
 pub mod service;

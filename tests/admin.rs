@@ -258,6 +258,325 @@ async fn admin_endpoints_report_health_metrics_and_tokens_without_secrets() {
     emulator.shutdown().await;
 }
 
+async fn get_accept(addr: SocketAddr, path: &str, accept: &str) -> (String, String) {
+    let (status, headers, body) = http(
+        "GET",
+        &format!("http://{addr}{path}"),
+        &[("accept", accept)],
+        "",
+    )
+    .await;
+    assert_eq!(status.as_u16(), 200);
+    (
+        support::header(&headers, "content-type").to_string(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+/// One series of a parsed Prometheus-text scrape: its value (a counter's or a gauge's).
+fn parsed(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    use prometheus_parse::Value;
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && s.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .map(|s| match &s.value {
+            Value::Counter(v) | Value::Gauge(v) => *v,
+            Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+            other => panic!("{name}: not a counter, gauge or histogram: {other:?}"),
+        })
+}
+
+/// The families of an OpenMetrics scrape as Python's `prometheus_client.openmetrics.parser`
+/// reads them (it raises on anything that is not valid OpenMetrics): `(name, type, samples)` with
+/// each sample as `(name, labels, value)`. `None` when the parser is not installed and this is not
+/// CI (`.ci/run` installs it; in CI its absence fails the test).
+fn openmetrics_families(text: &str) -> Option<serde_json::Value> {
+    const SCRIPT: &str = r#"
+import json, sys
+try:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+except ImportError:
+    sys.exit(3)
+families = [
+    {"name": f.name, "type": f.type,
+     "samples": [[s.name, s.labels, s.value] for s in f.samples]}
+    for f in text_string_to_metric_families(sys.stdin.read())
+]
+print(json.dumps(families))
+"#;
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.code() == Some(3) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the OpenMetrics parser is missing: pip install prometheus_client"
+        );
+        eprintln!("prometheus_client (Python) not installed: OpenMetrics parse skipped");
+        return None;
+    }
+    assert!(
+        out.status.success(),
+        "not valid OpenMetrics: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_as_openmetrics() {
+    let emulator = emulator().await;
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+    let tls_listener = format!(
+        "\n[[listener]]\nname = \"tls\"\naddress = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        certs.join("server.pem").display(),
+        certs.join("server.key").display()
+    );
+    let (_dir, path) = folder(&config_text(&emulator, &tls_listener));
+    let app = start(&path).await;
+    let admin = app.admin_addr().unwrap();
+    let proxy = app.proxy_addr("plain").unwrap();
+    let tls = app.proxy_addr("tls").unwrap();
+    assert!(eventually(WAIT, || async { get(admin, "/readyz").await.0 == 200 }).await);
+
+    assert_eq!(proxied(proxy, "/echo/a", SVC_KEY).await.0, 200);
+    let (status, body) = proxied(proxy, "/echo/a", "not-a-key").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unknown_caller"))
+    );
+    assert_eq!(proxied(proxy, "/nowhere", SVC_KEY).await.0, 404);
+    // plain HTTP on the TLS listener: a failed handshake
+    let answer = support::raw(tls, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(!answer.starts_with("HTTP/1.1 2"), "{answer}");
+
+    let text_accept = "text/plain; version=0.0.4";
+    let (content_type, text) = get_accept(admin, "/metrics", text_accept).await;
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!text.contains("# EOF"), "{text}");
+    let (default_type, _) = get_accept(admin, "/metrics", "*/*").await;
+    assert_eq!(default_type, content_type);
+
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    for s in &scrape.samples {
+        if s.metric.ends_with("_total") {
+            assert!(
+                matches!(s.value, prometheus_parse::Value::Counter(_)),
+                "{} is not typed as a counter: {text}",
+                s.metric
+            );
+        }
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    for (name, labels, expected) in [
+        (
+            "tokenbroker_build_info",
+            vec![("version", version), ("commit", "unknown")],
+            Some(1.0),
+        ),
+        (
+            "tokenbroker_requests_total",
+            vec![
+                ("route", "echo"),
+                ("caller", "svc"),
+                ("status_class", "2xx"),
+            ],
+            Some(1.0),
+        ),
+        (
+            "tokenbroker_errors_total",
+            vec![("error", "unknown_caller")],
+            Some(1.0),
+        ),
+        (
+            "tokenbroker_errors_total",
+            vec![("error", "no_route")],
+            Some(1.0),
+        ),
+        (
+            "tokenbroker_errors_total",
+            vec![("error", "token_unavailable")],
+            Some(0.0),
+        ),
+        (
+            "tokenbroker_errors_total",
+            vec![("error", "upstream_timeout")],
+            Some(0.0),
+        ),
+        (
+            "tokenbroker_tls_handshake_failures_total",
+            vec![("listener", "tls"), ("reason", "protocol_error")],
+            Some(1.0),
+        ),
+        (
+            "tokenbroker_tls_handshake_failures_total",
+            vec![("listener", "tls"), ("reason", "timeout")],
+            Some(0.0),
+        ),
+        (
+            "tokenbroker_config_reloads_total",
+            vec![("outcome", "ok")],
+            Some(0.0),
+        ),
+        (
+            "tokenbroker_config_reloads_total",
+            vec![("outcome", "rejected")],
+            Some(0.0),
+        ),
+        (
+            "tokenbroker_token_fetches_total",
+            vec![("kind", "regenerate"), ("outcome", "transient")],
+            Some(0.0),
+        ),
+        (
+            "tokenbroker_identity_call_duration_seconds",
+            vec![("operation", "regenerate"), ("outcome", "ok")],
+            Some(0.0),
+        ),
+    ] {
+        assert_eq!(
+            parsed(&scrape, name, &labels),
+            expected,
+            "{name}{labels:?}: {text}"
+        );
+    }
+    let build_info = (
+        "tokenbroker_build_info",
+        vec![
+            ("version", version),
+            ("commit", tokenbroker::metrics::COMMIT),
+        ],
+    );
+    assert_eq!(parsed(&scrape, build_info.0, &build_info.1), Some(1.0));
+    for operation in ["client_credentials", "create", "exchange"] {
+        let calls = parsed(
+            &scrape,
+            "tokenbroker_identity_call_duration_seconds",
+            &[("operation", operation), ("outcome", "ok")],
+        );
+        assert!(calls >= Some(1.0), "{operation}: {calls:?}: {text}");
+    }
+    let process = |name| parsed(&scrape, name, &[]).unwrap_or_else(|| panic!("{name}: {text}"));
+    assert!(process("process_cpu_seconds_total") >= 0.0);
+    assert!(process("process_resident_memory_bytes") > 1e6);
+    assert!(process("process_open_fds") >= 3.0);
+    let started = process("process_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started <= now + 1.0 && started > now - 3600.0,
+        "{started} vs {now}"
+    );
+
+    let (content_type, open) = get_accept(
+        admin,
+        "/metrics",
+        "application/openmetrics-text; version=1.0.0",
+    )
+    .await;
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    if let Some(families) = openmetrics_families(&open) {
+        let family = |name: &str| {
+            families
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["name"] == name)
+                .unwrap_or_else(|| panic!("no family {name}: {families}"))
+                .clone()
+        };
+        let sample = |family: &serde_json::Value, name: &str, labels: serde_json::Value| {
+            family["samples"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s[0] == name && s[1] == labels)
+                .map(|s| s[2].as_f64().unwrap())
+        };
+        let errors = family("tokenbroker_errors");
+        assert_eq!(errors["type"], "counter");
+        assert_eq!(
+            sample(
+                &errors,
+                "tokenbroker_errors_total",
+                serde_json::json!({"error": "unknown_caller"})
+            ),
+            Some(1.0)
+        );
+        let build = family("tokenbroker_build_info");
+        assert_eq!(build["type"], "gauge");
+        assert_eq!(
+            sample(
+                &build,
+                "tokenbroker_build_info",
+                serde_json::json!({"version": version, "commit": tokenbroker::metrics::COMMIT})
+            ),
+            Some(1.0)
+        );
+        let reloads = family("tokenbroker_config_reloads");
+        assert_eq!(
+            sample(
+                &reloads,
+                "tokenbroker_config_reloads_total",
+                serde_json::json!({"outcome": "rejected"})
+            ),
+            Some(0.0)
+        );
+        let handshakes = family("tokenbroker_tls_handshake_failures");
+        assert_eq!(
+            sample(
+                &handshakes,
+                "tokenbroker_tls_handshake_failures_total",
+                serde_json::json!({"listener": "tls", "reason": "protocol_error"})
+            ),
+            Some(1.0)
+        );
+        let calls = family("tokenbroker_identity_call_duration_seconds");
+        assert_eq!(calls["type"], "histogram");
+        let exchanges = sample(
+            &calls,
+            "tokenbroker_identity_call_duration_seconds_count",
+            serde_json::json!({"operation": "exchange", "outcome": "ok"}),
+        );
+        assert!(exchanges >= Some(1.0), "{calls}");
+        assert_eq!(family("process_cpu_seconds")["type"], "counter");
+        assert_eq!(family("process_open_fds")["type"], "gauge");
+        assert!(
+            sample(
+                &family("process_resident_memory_bytes"),
+                "process_resident_memory_bytes",
+                serde_json::json!({})
+            ) > Some(1e6)
+        );
+    }
+
+    app.shutdown().await;
+    emulator.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_waits_for_the_token_warm_up() {
     let emulator = emulator().await;
@@ -339,6 +658,17 @@ async fn sighup_reloads_a_running_process() {
         run.wait_for(|l| logged_addr(l, "admin listening (/healthz /readyz /metrics /tokens)"));
     assert!(eventually(WAIT, || async { get(admin, "/readyz").await.0 == 200 }).await);
     assert_eq!(proxied(proxy, "/added/x", SVC_KEY).await.0, 404);
+    // the request line, as JSON with its fields at the top level
+    let line = run.wait_for(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v["message"] == "request").then_some(v)
+    });
+    assert_eq!(line["target"], "tokenbroker::request", "{line}");
+    assert_eq!(line["path"], "/added/x", "{line}");
+    assert_eq!(line["listener"], "plain", "{line}");
+    assert_eq!(line["status"], 404, "{line}");
+    assert_eq!(line["error"], "no_route", "{line}");
+    assert_eq!(line["level"], "INFO", "{line}");
 
     std::fs::write(&path, config_text(&emulator, &added_route(&emulator))).unwrap();
     run.signal(libc::SIGHUP);

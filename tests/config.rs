@@ -109,6 +109,34 @@ fn the_base_config_is_valid_and_gets_defaults() {
 }
 
 #[test]
+fn telemetry_is_off_by_default_and_checked_key_by_key() {
+    let dir = folder();
+    assert_eq!(load(dir.path(), &base()).unwrap().telemetry, None);
+    let on = format!(
+        "{}\n[telemetry]\nendpoint = \"http://collector:4318\"\n",
+        base()
+    );
+    let t = load(dir.path(), &on).unwrap().telemetry.unwrap();
+    assert_eq!(t.endpoint, "http://collector:4318");
+    assert_eq!(t.service_name, config::DEFAULT_SERVICE_NAME);
+    assert_eq!(t.sampling_ratio, config::DEFAULT_SAMPLING_RATIO);
+    let all = problems(&format!(
+        "{}\n[telemetry]\nendpoint = \"collector:4318/v1/traces\"\nsampling_ratio = 1.5\nservice_name = \" \"\nexporter = \"otlp\"\n",
+        base()
+    ));
+    assert_problem(&all, "telemetry.exporter", "unknown key");
+    let all = problems(&format!(
+        "{}\n[telemetry]\nendpoint = \"collector:4318/v1/traces\"\nsampling_ratio = 1.5\nservice_name = \" \"\n",
+        base()
+    ));
+    assert_problem(&all, "telemetry.endpoint", "");
+    assert_problem(&all, "telemetry.sampling_ratio", "between 0.0 and 1.0");
+    assert_problem(&all, "telemetry.service_name", "empty");
+    let all = problems(&format!("{}\n[telemetry]\nservice_name = \"x\"\n", base()));
+    assert_problem(&all, "telemetry.endpoint", "");
+}
+
+#[test]
 fn dev_config_is_valid_and_lists_the_demo_key() {
     let c = config::load(&repo("config/dev.toml")).unwrap_or_else(|e| panic!("{e}"));
     let demo = c.callers.iter().find(|x| x.name == "demo").unwrap();

@@ -846,6 +846,91 @@ async fn no_caller_key_or_token_in_trace_logs() {
     }
 }
 
+/// The request line: path without the query, listener, peer, body bytes both ways, and
+/// tokenbroker's own 5xx at WARN (the upstream's answers and 4xx refusals at INFO).
+#[tokio::test]
+async fn the_request_line_has_path_listener_peer_and_bytes_and_own_5xx_are_warnings() {
+    let capture = support::logs::LogCapture::default();
+    let _guard = tracing::subscriber::set_default(capture.json_subscriber());
+    let f = Fixture::start().await;
+
+    // a small body, buffered for replay; the upstream answers its byte count ("11")
+    let (status, _, body) = http(
+        "POST",
+        &f.url("plain", "/fake/upload?query-secret=q1"),
+        &[BILLING],
+        "hello world",
+    )
+    .await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"11"[..]));
+    // a streamed (chunked) body of 3 x 1000 bytes; the answer is "3000"
+    let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..3)
+        .map(|_| Ok(Frame::data(Bytes::from(vec![b'x'; 1000]))))
+        .collect();
+    let request = Request::post(f.url("sidecar", "/fake/upload"))
+        .body(StreamBody::new(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let (status, _, body) = read_all(client.request(request).await.unwrap()).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"3000"[..]));
+    let (status, _, _) = http("GET", &f.url("plain", "/down/x"), &[BILLING], "").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let (status, _, _) = http("GET", &f.url("plain", "/fake/y"), &[], "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let lines = capture.json_lines("tokenbroker::request");
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    for line in &lines {
+        assert_eq!(line["message"], "request", "{line}");
+        assert!(line.get("fields").is_none(), "{line}");
+        let peer: SocketAddr = line["peer"].as_str().unwrap().parse().unwrap();
+        assert!(peer.ip().is_loopback(), "{line}");
+        assert!(line["request_id"].as_str().is_some_and(|id| !id.is_empty()));
+    }
+    let small = &lines[0];
+    assert_eq!(small["path"], "/fake/upload", "{small}");
+    assert_eq!(small["listener"], "plain");
+    assert_eq!(small["route"], "fake");
+    assert_eq!(small["caller"], "billing");
+    assert_eq!(
+        (small["bytes_in"].as_u64(), small["bytes_out"].as_u64()),
+        (Some(11), Some(2))
+    );
+    assert_eq!(small["level"], "INFO");
+    let streamed = &lines[1];
+    assert_eq!(streamed["listener"], "sidecar", "{streamed}");
+    assert_eq!(
+        (
+            streamed["bytes_in"].as_u64(),
+            streamed["bytes_out"].as_u64()
+        ),
+        (Some(3000), Some(4))
+    );
+    let down = &lines[2];
+    assert_eq!(
+        (down["status"].as_u64(), down["error"].as_str()),
+        (Some(502), Some("upstream_unavailable")),
+        "{down}"
+    );
+    assert_eq!(down["level"], "WARN", "{down}");
+    assert_eq!(down["path"], "/down/x");
+    let refused = &lines[3];
+    assert_eq!(
+        (refused["status"].as_u64(), refused["level"].as_str()),
+        (Some(401), Some("INFO")),
+        "{refused}"
+    );
+    assert_eq!(refused["bytes_in"].as_u64(), Some(0));
+    assert!(
+        refused["bytes_out"].as_u64() > Some(0),
+        "the JSON error body: {refused}"
+    );
+    assert!(
+        !capture.text().contains("query-secret"),
+        "the query is never logged"
+    );
+}
+
 #[tokio::test]
 async fn connections_over_the_limit_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

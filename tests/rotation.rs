@@ -287,12 +287,8 @@ async fn sighup_rotates_certificates_without_dropping_connections_and_refuses_br
         run.signal(libc::SIGHUP);
         let problem = run.wait_for(|l| {
             let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            (v["fields"]["message"] == "reloaded configuration refused").then(|| {
-                v["fields"]["problem"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string()
-            })
+            (v["message"] == "reloaded configuration refused")
+                .then(|| v["problem"].as_str().unwrap_or_default().to_string())
         });
         assert!(problem.contains("listener[0].tls.key: "), "{problem}");
         assert!(

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use tracing::Instrument;
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
@@ -42,11 +43,16 @@ impl<T: Clone + Send + Sync + 'static> Flight<T> {
         let done = Arc::new(AtomicBool::new(false));
         let work = start();
         let finished = Arc::clone(&done);
-        let task = tokio::spawn(async move {
-            let out = work.await;
-            finished.store(true, Ordering::Release);
-            out
-        });
+        // in the span of whoever started it (a request's, with telemetry on), so that the
+        // identity calls it makes are that span's children
+        let task = tokio::spawn(
+            async move {
+                let out = work.await;
+                finished.store(true, Ordering::Release);
+                out
+            }
+            .in_current_span(),
+        );
         let fetch: Fetch<T> = async move { task.await.unwrap_or_else(|_| lost()) }
             .boxed()
             .shared();

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::caller::{
     ApiCred, CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger,
@@ -22,7 +23,7 @@ use super::caller::{
 use super::health::{Admission, Observed};
 use super::{Broker, IdentityService, InjectToken};
 use crate::config::InjectMode;
-use crate::identity::{ApiToken, CreateRequest, ErrorClass, IdentityError};
+use crate::identity::{ApiToken, CreateRequest, ErrorClass, IdentityError, Operation};
 use crate::secret::Secret;
 
 /// Lifetime assumed for a token whose `expires_in` is -1 (unknown).
@@ -68,6 +69,14 @@ fn outcome(result: &Result<impl Sized, IdentityError>) -> &'static str {
         Ok(_) => "ok",
         Err(e) if e.class() == ErrorClass::Transient => "transient",
         Err(_) => "rejected",
+    }
+}
+
+/// The identity-service operation of a fetch kind (the admin bearer is client_credentials).
+fn operation_of(kind: &'static str) -> &'static str {
+    match kind {
+        "admin_bearer" => Operation::ClientCredentials.as_str(),
+        other => other,
     }
 }
 
@@ -339,9 +348,25 @@ impl Broker {
         })?;
         let probe = permit.probe;
         let service = Arc::clone(&self.identity_now().service);
-        let result = op(service).await;
+        let started = std::time::Instant::now();
+        let span = match crate::telemetry::is_on() {
+            true => tracing::info_span!(
+                target: "tokenbroker::trace",
+                "identity",
+                otel.name = %format_args!("identity {}", operation_of(kind)),
+                otel.kind = "client",
+                tokenbroker.operation = operation_of(kind),
+                tokenbroker.caller = c.map(|c| &*c.name),
+                tokenbroker.outcome = tracing::field::Empty,
+            ),
+            false => tracing::Span::none(),
+        };
+        let result = op(service).instrument(span.clone()).await;
         let outcome = outcome(&result);
+        span.record("tokenbroker.outcome", outcome);
         self.metrics.record_fetch(kind, outcome);
+        self.metrics
+            .record_identity_call(operation_of(kind), outcome, started.elapsed());
         if let Some(c) = c {
             c.record_fetch(kind, outcome);
         }

@@ -45,6 +45,7 @@ pub struct RawConfig {
     pub limits: Option<toml::Value>,
     pub logging: Option<toml::Value>,
     pub store: Option<toml::Value>,
+    pub telemetry: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +154,14 @@ pub struct RawLimits {
 pub struct RawLogging {
     pub level: Option<String>,
     pub json: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub sampling_ratio: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

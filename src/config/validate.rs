@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use super::raw::{
     RawAdmin, RawCaller, RawConfig, RawDuration, RawIdentity, RawLimits, RawListener, RawLogging,
-    RawRoute, RawTls, RawTokens,
+    RawRoute, RawTelemetry, RawTls, RawTokens,
 };
 use super::*;
 use crate::secret::{Secret, SecretSource};
@@ -67,6 +67,10 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let logging = cx.section::<RawLogging>(raw.logging, "logging", false);
     let logging = cx.logging(logging);
     let store = cx.store(raw.store);
+    let telemetry = raw
+        .telemetry
+        .and_then(|v| cx.read::<RawTelemetry>(v, "telemetry"))
+        .and_then(|r| cx.telemetry(r));
     tokens.state_file_seal_key = store.seal_key.clone();
 
     let config = Config {
@@ -80,6 +84,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
         limits,
         logging,
         store,
+        telemetry,
     };
     cx.cross_check(&config);
     if cx.problems.is_empty() {
@@ -766,6 +771,32 @@ impl Checker {
             level: r.level,
             json: r.json.unwrap_or(false),
         }
+    }
+
+    fn telemetry(&mut self, r: RawTelemetry) -> Option<TelemetryConfig> {
+        let endpoint = self
+            .url("telemetry.endpoint", r.endpoint, false)
+            .map(|u| u.to_string().trim_end_matches('/').to_string());
+        let ratio = r
+            .sampling_ratio
+            .unwrap_or(crate::config::DEFAULT_SAMPLING_RATIO);
+        if !(0.0..=1.0).contains(&ratio) {
+            self.add(
+                "telemetry.sampling_ratio",
+                format!("must be between 0.0 and 1.0, not {ratio}"),
+            );
+        }
+        let service_name = r
+            .service_name
+            .unwrap_or_else(|| crate::config::DEFAULT_SERVICE_NAME.to_string());
+        if service_name.trim().is_empty() {
+            self.add("telemetry.service_name", "must not be empty".to_string());
+        }
+        Some(TelemetryConfig {
+            endpoint: endpoint?,
+            service_name,
+            sampling_ratio: ratio,
+        })
     }
 
     /// Problems that involve more than one section: names, references, duplicates.

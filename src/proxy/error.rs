@@ -66,6 +66,21 @@ pub struct ErrorSpec {
 }
 
 impl ProxyError {
+    /// Every JSON code of the table, once each (the label values of `errors_total`).
+    pub const CODES: [&'static str; 11] = [
+        "unknown_caller",
+        "forbidden",
+        "no_route",
+        "token_unavailable",
+        "upstream_unavailable",
+        "upstream_timeout",
+        "body_too_large",
+        "headers_too_large",
+        "bad_request",
+        "method_not_allowed",
+        "upgrade_not_allowed",
+    ];
+
     /// The table.
     pub fn spec(&self) -> ErrorSpec {
         let (status, code, close) = match self {
@@ -242,6 +257,16 @@ mod tests {
                 (400, "upgrade_not_allowed", true),
             ]
         );
+    }
+
+    #[test]
+    fn codes_lists_every_code_of_the_table_once() {
+        let mut from_table: Vec<&str> = all().iter().map(|e| e.spec().code).collect();
+        from_table.sort_unstable();
+        from_table.dedup();
+        let mut codes = ProxyError::CODES.to_vec();
+        codes.sort_unstable();
+        assert_eq!(codes, from_table);
     }
 
     #[tokio::test]

@@ -11,6 +11,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,6 +27,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::error::ProxyError;
+use super::log::Logged;
 use crate::config::{Config, RouteConfig};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -37,9 +40,12 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// An upstream's response body.
     Stream(Incoming),
-    /// The caller's streamed request body, under `limits.max_body_bytes`; its read errors are
-    /// marked as the caller's ([`CallerBodyError`]).
-    Caller(Limited<Incoming>),
+    /// The caller's streamed request body, under `limits.max_body_bytes`, and the count of its
+    /// bytes read so far (for the log line); its read errors are marked as the caller's
+    /// ([`CallerBodyError`]).
+    Caller(Limited<Incoming>, Arc<AtomicU64>),
+    /// A response body that writes the request's log line at its end (`log`).
+    Logged(Box<Logged>),
 }
 
 impl ProxyBody {
@@ -47,10 +53,10 @@ impl ProxyBody {
         ProxyBody::Full(Some(bytes))
     }
 
-    /// The caller's request body, streamed, with an optional size limit.
-    pub fn caller(body: Incoming, limit: Option<u64>) -> ProxyBody {
+    /// The caller's request body, streamed, with an optional size limit; `read` counts its bytes.
+    pub fn caller(body: Incoming, limit: Option<u64>, read: Arc<AtomicU64>) -> ProxyBody {
         let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-        ProxyBody::Caller(Limited::new(body, limit))
+        ProxyBody::Caller(Limited::new(body, limit), read)
     }
 }
 
@@ -88,13 +94,22 @@ impl Body for ProxyBody {
                     .map(|b| Ok(Frame::data(b))),
             ),
             ProxyBody::Stream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            ProxyBody::Caller(body) => Pin::new(body).poll_frame(cx).map_err(|e| {
-                if e.is::<LengthLimitError>() {
-                    e
-                } else {
-                    Box::new(CallerBodyError(e))
+            ProxyBody::Caller(body, read) => {
+                let poll = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &poll {
+                    if let Some(data) = frame.data_ref() {
+                        read.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
                 }
-            }),
+                poll.map_err(|e| {
+                    if e.is::<LengthLimitError>() {
+                        e
+                    } else {
+                        Box::new(CallerBodyError(e))
+                    }
+                })
+            }
+            ProxyBody::Logged(logged) => logged.poll_frame(cx),
         }
     }
 
@@ -103,7 +118,8 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
             ProxyBody::Stream(body) => body.is_end_stream(),
-            ProxyBody::Caller(body) => body.is_end_stream(),
+            ProxyBody::Caller(body, _) => body.is_end_stream(),
+            ProxyBody::Logged(logged) => logged.body().is_end_stream(),
         }
     }
 
@@ -114,7 +130,8 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             ProxyBody::Stream(body) => body.size_hint(),
-            ProxyBody::Caller(body) => body.size_hint(),
+            ProxyBody::Caller(body, _) => body.size_hint(),
+            ProxyBody::Logged(logged) => logged.body().size_hint(),
         }
     }
 }

@@ -144,6 +144,9 @@ pub(crate) fn spawn_all<T: TokenSource>(
 
 async fn accept_loop<T: TokenSource>(listener: BoundListener, ctx: Ctx<T>) {
     let BoundListener { name, tcp, tls, .. } = listener;
+    if tls.is_some() {
+        ctx.shared.metrics.add_tls_listener(&name);
+    }
     loop {
         let (stream, peer) = tokio::select! {
             accepted = tcp.accept() => match accepted {
@@ -232,11 +235,18 @@ async fn connection<T: TokenSource>(
     let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::debug!(listener = %conn.identity.listener, %peer, error = %e, "TLS handshake failed");
+            let reason = handshake_failure(&e);
+            tracing::debug!(listener = %conn.identity.listener, %peer, reason, error = %e, "TLS handshake failed");
+            ctx.shared
+                .metrics
+                .record_handshake_failure(&conn.identity.listener, reason);
             return;
         }
         Err(_) => {
             tracing::debug!(listener = %conn.identity.listener, %peer, "TLS handshake timed out");
+            ctx.shared
+                .metrics
+                .record_handshake_failure(&conn.identity.listener, "timeout");
             return;
         }
     };
@@ -251,6 +261,32 @@ async fn connection<T: TokenSource>(
     }
     conn.proto = "https";
     serve(Watched::new(stream, activity), conn, &limits, ctx).await;
+}
+
+/// Why a handshake failed, as one of `metrics::HANDSHAKE_FAILURE_REASONS`.
+fn handshake_failure(e: &std::io::Error) -> &'static str {
+    use rustls::Error as E;
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe => "eof",
+            _ => "other",
+        };
+    };
+    match tls {
+        E::NoCertificatesPresented => "no_client_certificate",
+        E::InvalidCertificate(_) | E::InvalidCertRevocationList(_) => "bad_certificate",
+        E::PeerIncompatible(_) => "peer_incompatible",
+        E::AlertReceived(_) => "alert_received",
+        E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. }
+        | E::InvalidMessage(_)
+        | E::PeerMisbehaved(_)
+        | E::DecryptError => "protocol_error",
+        _ => "other",
+    }
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {

@@ -54,6 +54,11 @@ pub struct Routes {
 }
 
 impl Route {
+    /// The upstream's host and port, as configured (for the upstream span).
+    pub fn upstream_authority(&self) -> &Authority {
+        &self.authority
+    }
+
     /// `client` is the index of the upstream client this route uses.
     pub fn new(config: &RouteConfig, client: usize) -> Result<Route, String> {
         let scheme = config

@@ -5,9 +5,10 @@
 //! `Upgrade` to its tunnel.
 //!
 //! [`handle`] never fails: the inner [`proxy`] returns `Result`, and [`handle`] turns an error into
-//! its response once, then writes the one log line and the metrics of the request. A request that
-//! never gets that far (cut at the shutdown deadline, or its client went away) still gets one log
-//! line and is counted in `requests_cut`.
+//! its response once, records the metrics of the request and hands the response body the one log
+//! line (`log`), which it writes at its end. A request that never gets that far (cut at the
+//! shutdown deadline, or its client went away) still gets one log line and is counted in
+//! `requests_cut`.
 //!
 //! Must never: log a header value, contact the broker or the upstream before the caller is
 //! identified and allowed, forward `CONNECT` or `TRACE`, or replay a request whose body was
@@ -27,14 +28,18 @@ use hyper::body::Incoming;
 use super::forward::{self, ProxyBody, UpstreamClient};
 use super::io::Activity;
 use super::listener::ConnHold;
+use super::log::{BytesIn, Logged, RequestLog};
 use super::rewrite::{self, Forwarded, X_REQUEST_ID};
 use super::route::Route;
 use super::target::Target;
 use super::upgrade::{self, Tunnel};
 use super::{identify, ConnIdentity, ProxyError, Shared, State, TokenSource};
+use tracing::Instrument;
+
 use crate::broker::{InjectToken, Rejection};
 use crate::config::Limits;
 use crate::metrics::Metrics;
+use crate::telemetry;
 
 /// What a request knows about its connection.
 #[derive(Debug)]
@@ -73,6 +78,9 @@ struct Outcome<'s> {
     caller: Option<&'s Arc<str>>,
     route: Option<&'s Arc<str>>,
     upstream: Option<Duration>,
+    /// The canonical path, kept only when a request line can be written.
+    path: Option<Box<str>>,
+    bytes_in: BytesIn,
 }
 
 /// A request between its first header and its answer: if dropped unanswered (the connection was
@@ -104,15 +112,19 @@ impl Drop for Pending<'_> {
         };
         let route = self.outcome.route.map_or("-", |r| &**r);
         let caller = self.outcome.caller.map_or("-", |c| &**c);
+        let path = self.outcome.path.as_deref().unwrap_or("-");
+        let listener = &*self.conn.identity.listener;
+        let peer = self.conn.peer;
         let request_id = self.request_id.to_str().unwrap_or("-");
         let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let bytes_in = self.outcome.bytes_in.get();
         let method = self.method;
         if at_deadline {
-            tracing::warn!(target: "tokenbroker::request", %method, route, caller, request_id,
-                latency_ms, reason, "request cut at the shutdown deadline");
+            tracing::warn!(target: "tokenbroker::request", %method, path, route, caller, listener,
+                %peer, request_id, latency_ms, bytes_in, reason, "request cut at the shutdown deadline");
         } else {
-            tracing::info!(target: "tokenbroker::request", %method, route, caller, request_id,
-                latency_ms, reason, "request abandoned by its client");
+            tracing::info!(target: "tokenbroker::request", %method, path, route, caller, listener,
+                %peer, request_id, latency_ms, bytes_in, reason, "request abandoned by its client");
         }
         self.metrics.record_cut(self.outcome.route, reason);
     }
@@ -140,6 +152,10 @@ pub(crate) async fn handle<T: TokenSource>(
         started,
     };
 
+    let span = match telemetry::is_on() {
+        true => server_span(&request, conn),
+        false => tracing::Span::none(),
+    };
     let result = proxy(
         request,
         conn,
@@ -148,12 +164,14 @@ pub(crate) async fn handle<T: TokenSource>(
         &request_id,
         &mut pending.outcome,
     )
+    .instrument(span.clone())
     .await;
     pending.answered = true;
     let outcome = &pending.outcome;
     let (response, error) = match result {
         Ok(response) => (response, None),
         Err(e) => {
+            shared.metrics.record_error(e.spec().code);
             let logged = (e.spec().code, e.detail().map(str::to_owned));
             (e.into_response(&request_id, version), Some(logged))
         }
@@ -161,22 +179,6 @@ pub(crate) async fn handle<T: TokenSource>(
 
     let total = started.elapsed();
     let status = response.status().as_u16();
-    let route = outcome.route.map_or("-", |r| &**r);
-    let caller = outcome.caller.map_or("-", |c| &**c);
-    let (error, detail) = error.unzip();
-    tracing::info!(
-        target: "tokenbroker::request",
-        method = %method,
-        route,
-        caller,
-        status,
-        latency_ms = total.as_secs_f64() * 1e3,
-        upstream_ms = outcome.upstream.map(|d| d.as_secs_f64() * 1e3),
-        request_id = request_id.to_str().unwrap_or("-"),
-        error,
-        detail = detail.flatten(),
-        "request"
-    );
     shared.metrics.record_request(
         outcome.route,
         outcome.caller,
@@ -184,7 +186,93 @@ pub(crate) async fn handle<T: TokenSource>(
         total,
         outcome.upstream,
     );
-    response
+    let (error, detail) = error.unzip();
+    let own_failure = error.is_some() && status >= 500;
+    let trace_id = match span.is_none() {
+        true => None,
+        false => finish_server_span(&span, &method, outcome, status, error),
+    };
+    let logged = if own_failure {
+        tracing::enabled!(target: "tokenbroker::request", tracing::Level::WARN)
+    } else {
+        tracing::enabled!(target: "tokenbroker::request", tracing::Level::INFO)
+    };
+    if !logged {
+        return response;
+    }
+    let outcome = std::mem::take(&mut pending.outcome);
+    let log = RequestLog {
+        method: method.clone(),
+        route: outcome.route.cloned(),
+        caller: outcome.caller.cloned(),
+        path: outcome.path,
+        listener: conn.identity.listener.clone(),
+        peer: conn.peer,
+        status,
+        latency: total,
+        upstream: outcome.upstream,
+        request_id: request_id.clone(),
+        error,
+        detail: detail.flatten(),
+        bytes_in: outcome.bytes_in,
+        bytes_out: 0,
+        trace_id,
+    };
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, ProxyBody::Logged(Box::new(Logged::new(body, log))))
+}
+
+/// The server span of a request, child of the caller's span when it sent a W3C `traceparent`.
+fn server_span<B>(request: &Request<B>, conn: &ConnInfo) -> tracing::Span {
+    let method = request.method();
+    let span = tracing::info_span!(
+        target: "tokenbroker::trace",
+        "request",
+        otel.name = %method,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        url.path = tracing::field::Empty,
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        tokenbroker.caller = tracing::field::Empty,
+        tokenbroker.listener = &*conn.identity.listener,
+        tokenbroker.error = tracing::field::Empty,
+        network.peer.address = %conn.peer.ip(),
+    );
+    telemetry::set_parent_from(&span, request.headers());
+    span
+}
+
+/// Records what the request came to on its server span; its trace id for the log line.
+fn finish_server_span(
+    span: &tracing::Span,
+    method: &Method,
+    outcome: &Outcome<'_>,
+    status: u16,
+    error: Option<&'static str>,
+) -> Option<String> {
+    if let Some(route) = outcome.route {
+        span.record("http.route", &**route);
+        span.record(
+            "otel.name",
+            tracing::field::display(format_args!("{method} {route}")),
+        );
+    }
+    if let Some(caller) = outcome.caller {
+        span.record("tokenbroker.caller", &**caller);
+    }
+    if let Some(path) = outcome.path.as_deref() {
+        span.record("url.path", path);
+    }
+    span.record("http.response.status_code", status);
+    if let Some(error) = error {
+        span.record("tokenbroker.error", error);
+    }
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
+    telemetry::trace_id(span)
 }
 
 async fn proxy<'s, T: TokenSource>(
@@ -198,6 +286,9 @@ async fn proxy<'s, T: TokenSource>(
     let tokens = &*shared.tokens;
     check_head(&request, &conn.activity, &state.limits)?;
     let target = Target::of(&request, state.limits.merge_slashes)?;
+    if tracing::enabled!(target: "tokenbroker::request", tracing::Level::WARN) {
+        outcome.path = Some(Box::from(&*target.path));
+    }
     let caller = identify(&state.callers, &conn.identity, request.headers())?;
     outcome.caller = Some(caller);
     let route = find_route(state, &target, caller)?;
@@ -251,26 +342,56 @@ async fn proxy<'s, T: TokenSource>(
         _ => state.clients.get(route.client),
     };
     let body = outgoing_body(body, content_length, &state.limits).await?;
-    let upstream_started = Instant::now();
-    let result = match body {
-        Outgoing::Replayable(body) => {
-            let renew = Renew {
-                tokens,
-                caller,
-                token: &token,
-            };
-            send_replayable(client, route, parts, body, renew).await
-        }
-        Outgoing::Streaming(body) => {
-            forward::send(
-                client,
-                Request::from_parts(parts, body),
-                route.response_timeout,
-            )
-            .await
-        }
+    outcome.bytes_in = match &body {
+        Outgoing::Replayable(None) => BytesIn::None,
+        Outgoing::Replayable(Some(bytes)) => BytesIn::Known(bytes.len() as u64),
+        Outgoing::Streaming(ProxyBody::Caller(_, read)) => BytesIn::Counted(read.clone()),
+        Outgoing::Streaming(_) => BytesIn::None,
     };
+    let upstream_span = match telemetry::is_on() {
+        true => {
+            let span = upstream_span(route);
+            telemetry::inject(&span, &mut parts.headers);
+            span
+        }
+        false => tracing::Span::none(),
+    };
+    let upstream_started = Instant::now();
+    let result = async {
+        match body {
+            Outgoing::Replayable(body) => {
+                let renew = Renew {
+                    tokens,
+                    caller,
+                    token: &token,
+                };
+                send_replayable(client, route, parts, body, renew).await
+            }
+            Outgoing::Streaming(body) => {
+                forward::send(
+                    client,
+                    Request::from_parts(parts, body),
+                    route.response_timeout,
+                )
+                .await
+            }
+        }
+    }
+    .instrument(upstream_span.clone())
+    .await;
     outcome.upstream = Some(upstream_started.elapsed());
+    if !upstream_span.is_none() {
+        match &result {
+            Ok(response) => {
+                upstream_span.record("http.response.status_code", response.status().as_u16());
+            }
+            Err(e) => {
+                upstream_span.record("tokenbroker.error", e.spec().code);
+                upstream_span.record("otel.status_code", "ERROR");
+            }
+        }
+    }
+    drop(upstream_span);
 
     let mut response = result?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -306,6 +427,22 @@ async fn proxy<'s, T: TokenSource>(
     rewrite::rewrite_response(&mut parts.headers);
     parts.headers.insert(X_REQUEST_ID, request_id.clone());
     Ok(Response::from_parts(parts, ProxyBody::Stream(body)))
+}
+
+/// The client span of the upstream call (a child of the request's span).
+fn upstream_span(route: &Route) -> tracing::Span {
+    let upstream = route.upstream_authority();
+    tracing::info_span!(
+        target: "tokenbroker::trace",
+        "upstream",
+        otel.name = %format_args!("upstream {}", route.name),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.route = &*route.name,
+        server.address = %upstream,
+        http.response.status_code = tracing::field::Empty,
+        tokenbroker.error = tracing::field::Empty,
+    )
 }
 
 /// Checks that need no caller: method (`CONNECT` and `TRACE` are 405: one would open a tunnel
@@ -388,6 +525,7 @@ async fn outgoing_body(
     Ok(Outgoing::Streaming(ProxyBody::caller(
         body,
         limits.max_body_bytes,
+        Arc::default(),
     )))
 }
 

@@ -28,6 +28,30 @@ impl LogCapture {
             .finish()
     }
 
+    /// Like [`LogCapture::subscriber`], in JSON lines with each event's fields at the top level,
+    /// as `tokenbroker run --log-json` writes them.
+    pub fn json_subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        let writer = self.clone();
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish()
+    }
+
+    /// The JSON lines logged so far whose `target` is `target`.
+    pub fn json_lines(&self, target: &str) -> Vec<serde_json::Value> {
+        self.text()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+            })
+            .filter(|l| l["target"] == target)
+            .collect()
+    }
+
     /// What has been logged so far.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()

@@ -102,11 +102,12 @@ impl Drop for Process {
     }
 }
 
-/// The address in a JSON log line with this message (`run --log-json`).
+/// The address in a JSON log line with this message (`run --log-json`: the event's fields,
+/// `message` among them, are at the top level of the line).
 pub fn logged_addr(line: &str, message: &str) -> Option<SocketAddr> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    if v["fields"]["message"] != message {
+    if v["message"] != message {
         return None;
     }
-    v["fields"]["addr"].as_str()?.parse().ok()
+    v["addr"].as_str()?.parse().ok()
 }

@@ -1,0 +1,161 @@
+//! The request log line: one per request, written when the response body has been handed to
+//! hyper whole (or dropped), so that it can say how many body bytes went each way.
+//!
+//! tokenbroker's own 5xx answers (502, 503, 504 of the error table) are logged at WARN, every
+//! other line at INFO. Byte counts are the bodies' (not the heads'): the request body as read
+//! from the caller (0 when it was never read, e.g. on a refusal), the response body as handed to
+//! hyper.
+//!
+//! Must never: log a header value or the query string.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method};
+use http_body::{Body, Frame};
+
+use super::forward::{BoxError, ProxyBody};
+
+/// How many request body bytes were read from the caller.
+#[derive(Debug, Default)]
+pub enum BytesIn {
+    /// Not read (no body, or the request was refused first).
+    #[default]
+    None,
+    /// Read into memory whole.
+    Known(u64),
+    /// Streamed: counted as the upstream client reads it.
+    Counted(Arc<AtomicU64>),
+}
+
+impl BytesIn {
+    pub fn get(&self) -> u64 {
+        match self {
+            BytesIn::None => 0,
+            BytesIn::Known(n) => *n,
+            BytesIn::Counted(n) => n.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Everything the request line says.
+#[derive(Debug)]
+pub struct RequestLog {
+    pub method: Method,
+    pub route: Option<Arc<str>>,
+    pub caller: Option<Arc<str>>,
+    /// The canonical path, never the query (`None` before it was decided, or when it was refused).
+    pub path: Option<Box<str>>,
+    pub listener: Arc<str>,
+    pub peer: SocketAddr,
+    pub status: u16,
+    /// Request received to response headers.
+    pub latency: Duration,
+    pub upstream: Option<Duration>,
+    pub request_id: HeaderValue,
+    pub error: Option<&'static str>,
+    pub detail: Option<String>,
+    pub bytes_in: BytesIn,
+    pub bytes_out: u64,
+    /// The OpenTelemetry trace id (32 hex digits), with telemetry on and the trace sampled.
+    pub trace_id: Option<String>,
+}
+
+impl RequestLog {
+    /// Whether the line is a WARN: an answer of tokenbroker's own that is a 5xx.
+    pub fn is_own_failure(&self) -> bool {
+        self.error.is_some() && self.status >= 500
+    }
+
+    /// Writes the line.
+    pub fn write(&self) {
+        macro_rules! line {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "tokenbroker::request",
+                    $level,
+                    method = %self.method,
+                    path = self.path.as_deref().unwrap_or("-"),
+                    route = self.route.as_deref().unwrap_or("-"),
+                    caller = self.caller.as_deref().unwrap_or("-"),
+                    listener = &*self.listener,
+                    peer = %self.peer,
+                    status = self.status,
+                    latency_ms = self.latency.as_secs_f64() * 1e3,
+                    upstream_ms = self.upstream.map(|d| d.as_secs_f64() * 1e3),
+                    bytes_in = self.bytes_in.get(),
+                    bytes_out = self.bytes_out,
+                    request_id = self.request_id.to_str().unwrap_or("-"),
+                    trace_id = self.trace_id.as_deref(),
+                    error = self.error,
+                    detail = self.detail.as_deref(),
+                    "request"
+                )
+            };
+        }
+        if self.is_own_failure() {
+            line!(tracing::Level::WARN);
+        } else {
+            line!(tracing::Level::INFO);
+        }
+    }
+}
+
+/// A response body that counts what it hands out and writes the request line at its end.
+#[derive(Debug)]
+pub struct Logged {
+    body: ProxyBody,
+    log: Option<RequestLog>,
+}
+
+impl Logged {
+    pub fn new(body: ProxyBody, log: RequestLog) -> Logged {
+        Logged {
+            body,
+            log: Some(log),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.write();
+        }
+    }
+
+    pub(super) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let poll = Pin::new(&mut self.body).poll_frame(cx);
+        match &poll {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(log)) = (frame.data_ref(), self.log.as_mut()) {
+                    log.bytes_out += data.len() as u64;
+                }
+                // written before hyper sends the last bytes, so that a caller that has read the
+                // whole answer finds the line logged
+                if self.body.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(_) => self.finish(),
+            Poll::Pending => {}
+        }
+        poll
+    }
+
+    pub(super) fn body(&self) -> &ProxyBody {
+        &self.body
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

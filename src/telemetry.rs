@@ -1,0 +1,218 @@
+//! OpenTelemetry traces (`[telemetry]`, off by default): a server span per proxied request, a
+//! client span for its upstream call and one per identity-service call, exported by OTLP over
+//! HTTP (protobuf) to `{endpoint}/v1/traces`. W3C `traceparent` / `tracestate` from a caller make
+//! its span our server span's parent; the upstream gets a `traceparent` naming our upstream span.
+//!
+//! When telemetry is off, no OpenTelemetry layer is installed and [`is_on`] is false: the request
+//! path makes no span at all (one relaxed atomic load per request).
+//!
+//! The exporter's HTTP client is the crate's own hyper-util client over rustls with the process's
+//! ring provider (no second TLS stack); the batch processor exports from a thread of its own,
+//! so each export is spawned on the tokio runtime that started telemetry.
+//!
+//! Must never: put a token, key, secret, header value or query string in a span or attribute.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
+};
+use opentelemetry_sdk::Resource;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::config::TelemetryConfig;
+
+static ON: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are made: telemetry was started in this process.
+#[inline]
+pub fn is_on() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
+/// How long one export may take.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The running exporter. Dropping it does not flush: call [`Telemetry::shutdown`].
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Telemetry {
+    /// Starts the exporter for `config` (must be called inside a tokio runtime). Spans are made
+    /// from then on; they reach the exporter through [`Telemetry::layer`].
+    pub fn start(config: &TelemetryConfig, export_every: Duration) -> Result<Telemetry, String> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| "telemetry must start inside the tokio runtime".to_string())?;
+        let client = ExportClient::new(handle)?;
+        let endpoint = format!("{}/v1/traces", config.endpoint.trim_end_matches('/'));
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(client)
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(endpoint)
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|e| format!("telemetry exporter: {e}"))?;
+        let processor = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_scheduled_delay(export_every)
+                    .build(),
+            )
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                config.sampling_ratio,
+            ))))
+            .with_resource(
+                Resource::builder()
+                    .with_service_name(config.service_name.clone())
+                    .build(),
+            )
+            .build();
+        ON.store(true, Ordering::Relaxed);
+        Ok(Telemetry { provider })
+    }
+
+    /// The `tracing` layer that turns spans into OpenTelemetry spans for this exporter.
+    pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        tracing_opentelemetry::layer().with_tracer(self.provider.tracer("tokenbroker"))
+    }
+
+    /// Exports what is buffered now.
+    pub fn flush(&self) {
+        if let Err(e) = self.provider.force_flush() {
+            tracing::warn!(error = %e, "telemetry: flush failed");
+        }
+    }
+
+    /// Exports what is buffered and stops the exporter.
+    pub fn shutdown(&self) {
+        self.flush();
+        if let Err(e) = self.provider.shutdown() {
+            tracing::debug!(error = %e, "telemetry: shutdown");
+        }
+    }
+}
+
+/// The trace id of `span`, as 32 hex digits, when it is sampled.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// Makes the caller's W3C trace context (`traceparent`, `tracestate`) the parent of `span`.
+pub fn set_parent_from(span: &tracing::Span, headers: &HeaderMap) {
+    let parent = TraceContextPropagator::new().extract(&HeaderExtract(headers));
+    let _ = span.set_parent(parent);
+}
+
+/// Writes `span`'s context as `traceparent` (and `tracestate`) into `headers`, replacing the
+/// caller's.
+pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
+    headers.remove(TRACESTATE);
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInject(headers));
+}
+
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+struct HeaderExtract<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtract<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+struct HeaderInject<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInject<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// OTLP/HTTP export over hyper-util and rustls (ring), each request spawned on the runtime.
+#[derive(Clone)]
+struct ExportClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for ExportClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportClient").finish_non_exhaustive()
+    }
+}
+
+impl ExportClient {
+    fn new(runtime: tokio::runtime::Handle) -> Result<ExportClient, String> {
+        let tls = crate::tls::client_config(None).map_err(|e| format!("telemetry: {e}"))?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(EXPORT_TIMEOUT));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(ExportClient { client, runtime })
+    }
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for ExportClient {
+    async fn send_bytes(
+        &self,
+        request: Request<Bytes>,
+    ) -> Result<Response<Bytes>, opentelemetry_http::HttpError> {
+        let client = self.client.clone();
+        let exchange = async move {
+            let (parts, body) = request.into_parts();
+            let response = client
+                .request(Request::from_parts(parts, Full::new(body)))
+                .await?;
+            let (parts, body) = response.into_parts();
+            let body = http_body_util::Limited::new(body, 4 * 1024 * 1024)
+                .collect()
+                .await?
+                .to_bytes();
+            Ok::<_, opentelemetry_http::HttpError>(Response::from_parts(parts, body))
+        };
+        let timed = async move {
+            tokio::time::timeout(EXPORT_TIMEOUT, exchange)
+                .await
+                .map_err(|_| "telemetry export timed out".into())
+                .and_then(|r| r)
+        };
+        self.runtime.spawn(timed).await?
+    }
+}
