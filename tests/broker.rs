@@ -7,6 +7,8 @@
 
 mod support;
 
+use support::broker::caller;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,17 +19,6 @@ use tokenbroker::broker::{Broker, Rejection};
 use tokenbroker::config::{CallerConfig, Config, IdentityConfig, TokenPolicy};
 use tokenbroker::metrics::Metrics;
 use tokenbroker::secret::Secret;
-
-fn caller(name: &str) -> CallerConfig {
-    CallerConfig {
-        name: name.into(),
-        client_id: None,
-        key_hashes: vec![[0; 32]],
-        cert_identities: vec![],
-        inject: None,
-        max_count_of_uses: None,
-    }
-}
 
 fn policy() -> TokenPolicy {
     TokenPolicy {

@@ -5,6 +5,8 @@
 
 mod support;
 
+use support::broker::caller;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,17 +28,6 @@ async fn emulator(seconds_per_minute: f64) -> Emulator {
     })
     .await
     .expect("emulator starts")
-}
-
-fn caller(name: &str) -> CallerConfig {
-    CallerConfig {
-        name: name.into(),
-        client_id: None,
-        key_hashes: vec![[0; 32]],
-        cert_identities: vec![],
-        inject: None,
-        max_count_of_uses: None,
-    }
 }
 
 fn config(emu: &Emulator, callers: Vec<CallerConfig>, tokens: TokenPolicy) -> Config {

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokenbroker::broker::Broker;
+use tokenbroker::config::CallerConfig;
 
 /// `n` concurrent first requests for `caller`: the generations of the tokens they got (each must
 /// get one).
@@ -26,4 +27,16 @@ pub async fn concurrent_generations(broker: &Arc<Broker>, caller: &str, n: usize
         );
     }
     generations
+}
+
+/// A caller with a placeholder key hash and the token policy's defaults.
+pub fn caller(name: &str) -> CallerConfig {
+    CallerConfig {
+        name: name.into(),
+        client_id: None,
+        key_hashes: vec![[0; 32]],
+        cert_identities: vec![],
+        inject: None,
+        max_count_of_uses: None,
+    }
 }
