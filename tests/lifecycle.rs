@@ -93,6 +93,23 @@ async fn accepted_upstream(emu: &Emulator, result: &TokenResult) -> bool {
     status == http::StatusCode::OK
 }
 
+/// The tests' policy with a state file `state.json` in `dir`; its path.
+fn with_state_file(dir: &tempfile::TempDir) -> (TokenPolicy, std::path::PathBuf) {
+    let path = dir.path().join("state.json");
+    let mut tokens = policy(60, 30);
+    tokens.state_file = Some(path.clone());
+    (tokens, path)
+}
+
+/// The files in `dir` that a damaged state file was set aside as.
+fn set_aside(dir: &tempfile::TempDir) -> Vec<String> {
+    std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("state.json.damaged-"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_concurrent_first_requests_cause_one_fetch_of_each_kind() {
     let emu = emulator(60.0).await;
@@ -342,8 +359,7 @@ async fn api_token_inject_mode_injects_the_api_token() {
 async fn state_file_keeps_api_tokens_across_restarts() {
     let emu = emulator(60.0).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut tokens = policy(60, 30);
-    tokens.state_file = Some(dir.path().join("state.json"));
+    let (tokens, _) = with_state_file(&dir);
     let cfg = config(&emu, vec![caller("billing")], tokens);
     let first = start(&cfg).await;
     first.token("billing").await.unwrap();
@@ -364,9 +380,7 @@ async fn state_file_keeps_api_tokens_across_restarts() {
 async fn damaged_state_file_means_a_fresh_start() {
     let emu = emulator(60.0).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.json");
-    let mut tokens = policy(60, 30);
-    tokens.state_file = Some(path.clone());
+    let (tokens, path) = with_state_file(&dir);
     let cfg = config(&emu, vec![caller("billing")], tokens);
     for damage in [
         "{\"version\":1,\"api_tokens\":{\"billing\":{\"id\":",
@@ -376,15 +390,9 @@ async fn damaged_state_file_means_a_fresh_start() {
         let broker = start(&cfg).await;
         broker.token("billing").await.expect("fresh start works");
         broker.shutdown().await;
-        let names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(
-            names.iter().any(|n| n.starts_with("state.json.damaged-")),
-            "{names:?}"
-        );
-        for n in names.iter().filter(|n| n.contains("damaged")) {
+        let names = set_aside(&dir);
+        assert!(!names.is_empty(), "the damaged file was set aside");
+        for n in &names {
             std::fs::remove_file(dir.path().join(n)).unwrap();
         }
         std::fs::remove_file(&path).unwrap();
@@ -434,9 +442,7 @@ async fn a_sealed_state_file_keeps_api_tokens_and_another_key_means_a_fresh_star
     use tokenbroker::seal::SealKey;
     let emu = emulator(60.0).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.json");
-    let mut tokens = policy(60, 30);
-    tokens.state_file = Some(path.clone());
+    let (mut tokens, path) = with_state_file(&dir);
     let plain = config(&emu, vec![caller("billing")], tokens.clone());
     tokens.state_file_seal_key = Some(SealKey::generate());
     let sealed = config(&emu, vec![caller("billing")], tokens.clone());
@@ -472,13 +478,9 @@ async fn a_sealed_state_file_keeps_api_tokens_and_another_key_means_a_fresh_star
     fourth.token("billing").await.expect("fresh start works");
     fourth.shutdown().await;
     assert_eq!(emu.counters().create, 2);
-    let names: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
     assert!(
-        names.iter().any(|n| n.starts_with("state.json.damaged-")),
-        "{names:?}"
+        !set_aside(&dir).is_empty(),
+        "the file under another key was set aside"
     );
 }
 
