@@ -189,6 +189,8 @@ pub struct Metrics {
     pub token_waiters: Family<CallerLabels, Counter>,
     pub config_reloads: Family<OutcomeLabels, Counter>,
     pub connections_open: Gauge,
+    /// Of those, HTTP/1 connections idle and parked (hyper's buffers freed; see `proxy::listener`).
+    pub connections_parked: Gauge,
     pub token_renewals: Family<TriggerLabels, Counter>,
     pub token_ladder_steps: Family<StepLabels, Counter>,
     pub token_waits: Family<OutcomeLabels, Counter>,
@@ -285,6 +287,7 @@ impl Metrics {
             }
         }
         let connections_open = Gauge::default();
+        let connections_parked = Gauge::default();
         let token_renewals = Family::<TriggerLabels, Counter>::default();
         let token_ladder_steps = Family::<StepLabels, Counter>::default();
         let token_waits = Family::<OutcomeLabels, Counter>::default();
@@ -406,6 +409,11 @@ impl Metrics {
             connections_open.clone(),
         );
         registry.register(
+            "connections_parked",
+            "Open client connections idle and parked: waiting for their next request as bare sockets",
+            connections_parked.clone(),
+        );
+        registry.register(
             "store_operations",
             "Commands to the shared store (Redis) by operation and outcome",
             store_operations.clone(),
@@ -450,6 +458,7 @@ impl Metrics {
             token_waiters,
             config_reloads,
             connections_open,
+            connections_parked,
             token_renewals,
             token_ladder_steps,
             token_waits,

@@ -960,3 +960,192 @@ async fn connections_over_the_limit_are_closed() {
     );
     f.assert_nothing_forwarded();
 }
+
+// ---- idle keep-alive connections park ------------------------------------------------------
+
+/// How many connections are parked now.
+fn parked(f: &Fixture) -> f64 {
+    support::sample(&f.metrics.encode(), "tokenbroker_connections_parked").unwrap()
+}
+
+/// Longer than a connection idles before it parks (1 s), with room for the check's period.
+const PARKED_BY: Duration = Duration::from_millis(2500);
+
+/// Writes `request` and reads one answer with a `Content-Length` body: (status line, body).
+async fn exchange<S>(stream: &mut S, request: &[u8]) -> (String, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request).await.unwrap();
+    let read = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .expect("an answer with a Content-Length");
+                if got.len() >= end + 4 + length {
+                    assert_eq!(got.len(), end + 4 + length, "nothing after the answer");
+                    let body = String::from_utf8_lossy(&got[end + 4..]).into_owned();
+                    return (head.lines().next().unwrap().to_string(), body);
+                }
+            }
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "the proxy closed the connection; read so far: {got:?}"
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(LONG, read).await.expect("an answer")
+}
+
+const GET_FAKE: &[u8] =
+    b"GET /fake/a HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer billing-key\r\n\r\n";
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_parks_and_serves_its_next_requests() {
+    let f = Fixture::start().await;
+    let mut stream = tokio::net::TcpStream::connect(f.addr("plain"))
+        .await
+        .unwrap();
+    let post = b"POST /fake/upload HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer billing-key\r\nContent-Length: 5\r\n\r\nhello";
+    for (round, request) in [GET_FAKE, &post[..], GET_FAKE].into_iter().enumerate() {
+        let (status, body) = exchange(&mut stream, request).await;
+        assert_eq!(status, "HTTP/1.1 200 OK", "round {round}");
+        assert_eq!(body, if round == 1 { "5" } else { "ok" }, "round {round}");
+        assert_eq!(
+            parked(&f),
+            0.0,
+            "round {round}: a connection at work is not parked"
+        );
+        assert!(
+            support::eventually(LONG, || async { parked(&f) == 1.0 }).await,
+            "round {round}: the idle connection parks"
+        );
+    }
+    assert_eq!(f.up.requests(), 3);
+
+    // At shutdown a parked connection is closed at once, and the proxy drains.
+    f.shutdown.trigger();
+    tokio::time::timeout(Duration::from_secs(5), f.proxy.wait())
+        .await
+        .expect("drained at once, not after the grace period");
+    let mut rest = Vec::new();
+    use tokio::io::AsyncReadExt;
+    let n = tokio::time::timeout(LONG, stream.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0, "closed without a byte");
+    let metrics = f.metrics.encode();
+    assert!(
+        metrics.contains("tokenbroker_connections_open 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tokenbroker_connections_parked 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_tls_connection_parks_and_resumes() {
+    let f = Fixture::start().await;
+    let mut stream = proxy_config::tls_connect(f.addr("tls"), None).await;
+    for round in 0..2 {
+        let (status, body) = exchange(&mut stream, GET_FAKE).await;
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("HTTP/1.1 200 OK", "ok"),
+            "round {round}"
+        );
+        assert!(
+            support::eventually(LONG, || async { parked(&f) == 1.0 }).await,
+            "round {round}: the idle TLS connection parks"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_half_sent_request_keeps_its_connection_from_parking() {
+    use tokio::io::AsyncWriteExt;
+    let f = Fixture::start().await;
+    let mut stream = tokio::net::TcpStream::connect(f.addr("plain"))
+        .await
+        .unwrap();
+    exchange(&mut stream, GET_FAKE).await;
+    let (start, rest) = GET_FAKE.split_at(30);
+    stream.write_all(start).await.unwrap();
+    tokio::time::sleep(PARKED_BY).await;
+    assert_eq!(parked(&f), 0.0, "the proxy holds part of a request");
+    let (status, body) = exchange(&mut stream, rest).await;
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "ok"));
+
+    // A chunked upload cut in the middle of its body (the connection idles, the request is in
+    // flight) does not park either, and completes.
+    let head = b"POST /fake/upload HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer billing-key\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel";
+    stream.write_all(head).await.unwrap();
+    tokio::time::sleep(PARKED_BY).await;
+    assert_eq!(parked(&f), 0.0, "a request in flight");
+    let (status, body) = exchange(&mut stream, b"lo\r\n0\r\n\r\n").await;
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "5"));
+    assert!(support::eventually(LONG, || async { parked(&f) == 1.0 }).await);
+}
+
+#[tokio::test]
+async fn an_answer_still_streaming_keeps_its_connection_from_parking() {
+    let f = Fixture::start().await;
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let response = tokio::time::timeout(
+        LONG,
+        client.request(get(&f.url("plain", "/fake/stream/2"), &[BILLING])),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // The first 64 KiB are out; the upstream holds the rest back.
+    tokio::time::sleep(PARKED_BY).await;
+    assert_eq!(parked(&f), 0.0, "an answer is still being written");
+    f.up.release();
+    let (status, _, body) = read_all(response).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 2 * MIB));
+}
+
+#[tokio::test]
+async fn an_http2_connection_never_parks() {
+    let f = Fixture::start().await;
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    for round in 0..2 {
+        let response = tokio::time::timeout(
+            LONG,
+            client.request(get(&f.url("plain", "/fake/a"), &[BILLING])),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let (status, version, body) = read_all(response).await;
+        assert_eq!(
+            (status, version, &body[..]),
+            (StatusCode::OK, Version::HTTP_2, &b"ok"[..]),
+            "round {round}"
+        );
+        tokio::time::sleep(PARKED_BY).await;
+        assert_eq!(parked(&f), 0.0, "round {round}");
+    }
+    let open = support::sample(&f.metrics.encode(), "tokenbroker_connections_open").unwrap();
+    assert_eq!(open, 1.0, "one h2c connection served both requests");
+}

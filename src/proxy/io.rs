@@ -15,14 +15,26 @@
 //! lacks `x-request-id` (which every answer of the handler carries) is hyper's, and is replaced
 //! by the error table's 413 `body_too_large` JSON answer, logged as a request line.
 //!
-//! Must never: change, hold back or copy the bytes it watches, but for that one answer of hyper's.
+//! It also hands the stream back for parking (`listener::serve`): when the connection's supervisor
+//! asks ([`Park::request`]) and hyper reads with nothing to read, no request in flight, nothing
+//! left unflushed and the bytes read so far ending exactly at the end of a message (the scanner
+//! follows heads and `Content-Length` bodies for that), it moves the stream into the [`Park`] and
+//! tells hyper the client closed. hyper then ends its part of the connection gracefully, freeing
+//! its buffers, without shutting the socket, which waits in the `Park` for its next bytes.
+//!
+//! Must never: change, hold back or copy the bytes it watches, but for that one answer of hyper's;
+//! park a stream with a message half read or an answer half written.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use http::Version;
+use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 /// Shared between a connection's stream, its requests and its supervising task.
 #[derive(Debug, Default)]
@@ -32,6 +44,7 @@ pub struct Activity {
     requests: AtomicU64,
     ambiguous_framing: AtomicBool,
     oversized_length: AtomicBool,
+    http2: AtomicBool,
 }
 
 impl Activity {
@@ -52,8 +65,15 @@ impl Activity {
     pub fn saw_oversized_length(&self) -> bool {
         self.oversized_length.load(Ordering::Relaxed)
     }
-    /// Marks a request as started until the guard drops.
-    pub fn request_started(self: &Arc<Self>) -> InFlight {
+    /// A request arrived over HTTP/2 on this connection.
+    pub fn speaks_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
+    }
+    /// Marks a request as started until the guard drops (with its answer's body: [`InFlightBody`]).
+    pub fn request_started(self: &Arc<Self>, version: Version) -> InFlight {
+        if version == Version::HTTP_2 {
+            self.http2.store(true, Ordering::Relaxed);
+        }
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
@@ -68,8 +88,101 @@ impl Drop for InFlight {
     }
 }
 
+/// An answer's body that keeps its request counted in flight until hyper has written all of it
+/// (or dropped it): a request is not over when its handler returns, but when its answer is out.
+pub struct InFlightBody<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B> InFlightBody<B> {
+    pub fn new(body: B, in_flight: InFlight) -> Self {
+        InFlightBody {
+            body,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Where a parked connection's stream waits, and the supervisor's request to park it.
+pub struct Park<S> {
+    requested: AtomicBool,
+    stream: Mutex<Option<S>>,
+}
+
+impl<S> Default for Park<S> {
+    fn default() -> Self {
+        Park {
+            requested: AtomicBool::new(false),
+            stream: Mutex::new(None),
+        }
+    }
+}
+
+impl<S> Park<S> {
+    /// Asks the stream to park at hyper's next read, if it then finds the connection idle.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Relaxed);
+    }
+    /// Withdraws a request the next read did not take.
+    pub fn cancel(&self) {
+        self.requested.store(false, Ordering::Relaxed);
+    }
+    /// The parked stream, if the stream parked.
+    pub fn take(&self) -> Option<S> {
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+    pub fn holds_stream(&self) -> bool {
+        self.stream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+    fn put(&self, stream: S) {
+        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+    }
+}
+
+/// A client stream a parked connection can wait on for its next bytes.
+pub trait Readable {
+    /// Resolves once the stream has bytes (or its end) to read.
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_;
+}
+
+impl Readable for TcpStream {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_ {
+        TcpStream::readable(self)
+    }
+}
+
+/// A TLS stream parks only when rustls has no plaintext left for hyper (its read was pending),
+/// so the socket's readiness is the stream's.
+impl Readable for tokio_rustls::server::TlsStream<TcpStream> {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_ {
+        self.get_ref().0.readable()
+    }
+}
+
 /// Finds `content-length:` and `transfer-encoding:` header lines within one head.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HeadScanner {
     /// The first bytes of the current line, lower-cased.
     line: [u8; 18],
@@ -81,6 +194,31 @@ pub struct HeadScanner {
     length_value: Option<Option<u64>>,
     /// Sticky: a `Content-Length` value over `MAX_LENGTH` was seen.
     pub oversized_length: bool,
+    /// Message framing, for parking: a head has begun and not yet ended.
+    in_head: bool,
+    /// The last `Content-Length` value of the current head (`None`: none, or too large).
+    head_length: Option<u64>,
+    /// Bytes of a `Content-Length` body still to come.
+    body_left: u64,
+    /// The bytes fed so far end exactly where a message ends (or nothing was fed).
+    message_end: bool,
+}
+
+impl Default for HeadScanner {
+    fn default() -> Self {
+        HeadScanner {
+            line: [0; 18],
+            len: 0,
+            content_length: false,
+            transfer_encoding: false,
+            length_value: None,
+            oversized_length: false,
+            in_head: false,
+            head_length: None,
+            body_left: 0,
+            message_end: true,
+        }
+    }
 }
 
 const CL: &[u8] = b"content-length:";
@@ -90,7 +228,39 @@ const MAX_LENGTH: u64 = u64::MAX - 2;
 
 impl HeadScanner {
     /// Feeds bytes; true once a head with both headers has been seen.
+    ///
+    /// Every byte is scanned for header lines, body bytes too (so a body can only cause a
+    /// refusal). Framing is followed beside that: a head ends at its blank line, then a
+    /// `Content-Length` body is counted off. A chunked body is followed as lines: it ends at a
+    /// blank line, as its last chunk does; a blank line inside chunk data may end it early in
+    /// this view, but then the request is still in flight, which keeps the stream from parking.
     pub fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        let mut found = false;
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let n = usize::try_from(self.body_left).map_or(bytes.len(), |l| l.min(bytes.len()));
+                found |= self.scan(&bytes[..n], false).0;
+                self.body_left -= n as u64;
+                self.message_end = self.body_left == 0;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let (f, used) = self.scan(bytes, true);
+            found |= f;
+            bytes = &bytes[used..];
+        }
+        found
+    }
+
+    /// Whether the bytes fed so far end exactly at the end of a message.
+    pub fn at_message_end(&self) -> bool {
+        self.message_end
+    }
+
+    /// Scans `bytes` for header lines; with `framing`, stops after a head's blank line and sets
+    /// up its body. Returns (both headers seen in one head, bytes used).
+    fn scan(&mut self, mut bytes: &[u8], framing: bool) -> (bool, usize) {
+        let total = bytes.len();
         let mut found = false;
         while !bytes.is_empty() {
             if let Some(value) = &mut self.length_value {
@@ -102,25 +272,35 @@ impl HeadScanner {
                     continue;
                 }
                 self.oversized_length |= value.is_none_or(|v| v > MAX_LENGTH);
+                self.head_length = *value;
                 self.length_value = None;
             }
             if self.len >= self.line.len() {
                 // Past the interesting start of the line: skip to its end.
                 match memchr::memchr(b'\n', bytes) {
                     Some(i) => bytes = &bytes[i..],
-                    None => return found,
+                    None => return (found, total),
                 }
             }
             let b = bytes[0];
             bytes = &bytes[1..];
             if b == b'\n' {
                 let blank = self.len == 0 || (self.len == 1 && self.line[0] == b'\r');
+                self.len = 0;
                 if blank {
+                    let head = (self.content_length, self.transfer_encoding);
                     self.content_length = false;
                     self.transfer_encoding = false;
+                    if framing && self.in_head {
+                        self.end_head(head);
+                        return (found, total - bytes.len());
+                    }
                 }
-                self.len = 0;
                 continue;
+            }
+            if framing && b != b'\r' {
+                self.in_head = true;
+                self.message_end = false;
             }
             self.line[self.len] = b.to_ascii_lowercase();
             self.len += 1;
@@ -132,27 +312,53 @@ impl HeadScanner {
             self.transfer_encoding |= line == TE;
             found |= self.content_length && self.transfer_encoding;
         }
-        found
+        (found, total)
+    }
+
+    /// A head ended: what follows is its body, if it has one.
+    fn end_head(&mut self, (content_length, transfer_encoding): (bool, bool)) {
+        self.in_head = false;
+        let length = self.head_length.take();
+        if transfer_encoding {
+            self.message_end = false;
+        } else if content_length {
+            // A length too large to count never ends: such a stream never parks.
+            self.body_left = length.unwrap_or(u64::MAX);
+            self.message_end = self.body_left == 0;
+        } else {
+            self.message_end = true;
+        }
     }
 }
 
 /// A stream that reports to an [`Activity`].
 pub struct Watched<S> {
-    inner: S,
+    /// `None` once parked.
+    inner: Option<S>,
     activity: Arc<Activity>,
     scanner: HeadScanner,
     /// The error-table answer written instead of hyper's bare one, and how much of it is out.
     replacement: Option<(Vec<u8>, usize)>,
+    /// Where to park, for a stream that may (HTTP/1).
+    park: Option<Arc<Park<S>>>,
+    /// Written to since the last completed flush.
+    unflushed: bool,
 }
 
 impl<S> Watched<S> {
-    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+    pub fn new(inner: S, activity: Arc<Activity>, park: Option<Arc<Park<S>>>) -> Self {
         Watched {
-            inner,
+            inner: Some(inner),
             activity,
             scanner: HeadScanner::default(),
             replacement: None,
+            park,
+            unflushed: false,
         }
+    }
+
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 
     /// Whether `head` is hyper's own bare answer to a head with an impossible length.
@@ -174,8 +380,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Ok(())); // parked: the end, as far as hyper is concerned
+        };
+        let park = this.park.as_ref().filter(|p| {
+            p.requested.swap(false, Ordering::Relaxed)
+                && !this.unflushed
+                && this.replacement.is_none()
+                && this.scanner.at_message_end()
+        });
         let before = buf.filled().len();
-        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let poll = Pin::new(inner).poll_read(cx, buf);
+        if let (Some(park), Poll::Pending) = (park, &poll) {
+            if let Some(stream) = this.inner.take() {
+                park.put(stream);
+            }
+            return Poll::Ready(Ok(()));
+        }
         if let Poll::Ready(Ok(())) = &poll {
             this.touched();
             if this.scanner.feed(&buf.filled()[before..]) {
@@ -206,7 +427,10 @@ impl<S: AsyncWrite + Unpin> Watched<S> {
                 self.replacement = None;
                 break;
             }
-            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]) {
+            let Some(inner) = self.inner.as_mut() else {
+                return Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()));
+            };
+            match Pin::new(inner).poll_write(cx, &bytes[*written..]) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
                 }
@@ -239,13 +463,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        this.unflushed = true;
         if this.replacement.is_none() && this.is_hypers_answer(buf) {
             this.start_replacement();
         }
         if this.replacement.is_some() {
             return this.poll_replacement(cx, buf.len());
         }
-        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()));
+        };
+        let poll = Pin::new(inner).poll_write(cx, buf);
         if poll.is_ready() {
             this.touched();
         }
@@ -258,6 +486,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        this.unflushed = true;
         if this.replacement.is_none() && bufs.first().is_some_and(|b| this.is_hypers_answer(b)) {
             this.start_replacement();
         }
@@ -265,7 +494,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
             let len = bufs.iter().map(|b| b.len()).sum();
             return this.poll_replacement(cx, len);
         }
-        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()));
+        };
+        let poll = Pin::new(inner).poll_write_vectored(cx, bufs);
         if poll.is_ready() {
             this.touched();
         }
@@ -273,15 +505,27 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let poll = Pin::new(inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = poll {
+            this.unflushed = false;
+        }
+        poll
     }
 
+    /// A parked stream is not shut: it waits in its `Park`.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        match self.get_mut().inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
     }
 }
 
@@ -348,5 +592,56 @@ POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
             b"GET / HTTP/1.1\r\nX-Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
         ]));
         assert!(!scan(&[b"GET / HTTP/1.1\r\nContent-Length : 1\r\n\r\n"]));
+    }
+
+    /// Whether the scanner, fed `parts` in order, ends at the end of a message.
+    fn ends_a_message(parts: &[&[u8]]) -> bool {
+        let mut s = HeadScanner::default();
+        for p in parts {
+            s.feed(p);
+        }
+        s.at_message_end()
+    }
+
+    #[test]
+    fn follows_message_ends_for_parking() {
+        assert!(ends_a_message(&[]));
+        let get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(ends_a_message(&[get]));
+        assert!(
+            ends_a_message(&[get, b"\r\n"]),
+            "blank lines between messages"
+        );
+        for split in 1..get.len() {
+            assert!(!ends_a_message(&[&get[..split]]), "head cut at {split}");
+            assert!(
+                ends_a_message(&[&get[..split], &get[split..]]),
+                "split at {split}"
+            );
+        }
+        let post = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        assert!(ends_a_message(&[post]));
+        assert!(
+            !ends_a_message(&[&post[..post.len() - 1]]),
+            "body not all there"
+        );
+        assert!(!ends_a_message(&[post, b"G"]), "the next head begun");
+        let body_like_a_head = b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n\r\n\r\n";
+        assert!(ends_a_message(&[body_like_a_head, get]));
+        assert!(!ends_a_message(&[
+            &body_like_a_head[..body_like_a_head.len() - 2]
+        ]));
+        let chunked =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert!(ends_a_message(&[chunked]));
+        assert!(!ends_a_message(&[&chunked[..chunked.len() - 2]]));
+        assert!(!ends_a_message(&[&chunked[..chunked.len() - 12]]));
+        let huge = b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n";
+        assert!(
+            !ends_a_message(&[huge]),
+            "a length it cannot count never ends"
+        );
+        let pipelined = [&get[..], &get[..], &get[..10]].concat();
+        assert!(!ends_a_message(&[&pipelined]));
     }
 }

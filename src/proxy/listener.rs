@@ -17,8 +17,14 @@
 //! handshake.
 
 use std::convert::Infallible;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -29,7 +35,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{interval_at, sleep, timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
-use super::io::Watched;
+use super::io::{InFlightBody, Park, Readable, Watched};
 use super::service::{self, ConnInfo};
 use super::{tls, Shared, StartError, TokenSource};
 use crate::config::{Config, Limits};
@@ -224,10 +230,21 @@ async fn connection<T: TokenSource>(
         _drain: ctx.drain.clone(),
         hard_stop: ctx.hard_stop.clone(),
     }));
-    let activity = conn.activity.clone();
-    let Some(acceptor) = tls else {
-        return serve(Watched::new(stream, activity), conn, &limits, ctx).await;
-    };
+    match tls {
+        None => serve(stream, conn, &limits, ctx, true).await,
+        // Boxed: a plain connection's task does not carry room for the TLS side.
+        Some(acceptor) => Box::pin(serve_tls(stream, acceptor, conn, limits, ctx)).await,
+    }
+}
+
+async fn serve_tls<T: TokenSource>(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    mut conn: ConnInfo,
+    limits: Limits,
+    ctx: Ctx<T>,
+) {
+    let peer = conn.peer;
     let handshake = tokio::select! {
         r = timeout(limits.header_read_timeout, acceptor.accept(stream)) => r,
         _ = ctx.hard_stop.wait() => return,
@@ -260,7 +277,9 @@ async fn connection<T: TokenSource>(
         conn.identity.cert = tls::cert_identities(leaf);
     }
     conn.proto = "https";
-    serve(Watched::new(stream, activity), conn, &limits, ctx).await;
+    // An HTTP/2 connection never parks: its state lives in hyper for the connection's life.
+    let may_park = stream.get_ref().1.alpn_protocol() != Some(b"h2");
+    serve(stream, conn, &limits, ctx, may_park).await;
 }
 
 /// Why a handshake failed, as one of `metrics::HANDSHAKE_FAILURE_REASONS`.
@@ -304,27 +323,110 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn serve<S, T>(stream: Watched<S>, conn: ConnInfo, limits: &Limits, ctx: Ctx<T>)
+/// Serves a client connection until it ends, parking it while it idles.
+///
+/// An HTTP/1 connection with no I/O and no request in flight for `PARK_AFTER` is parked: hyper's
+/// part of it (its read and write buffers, the room for a request handler, the last header map)
+/// is freed and the socket waits on its own, a few hundred bytes, for its next bytes; they start a
+/// new hyper connection on the same socket. nginx does the same with its buffers on idle
+/// keep-alive connections. While parked, the connection still closes at `idle_timeout` and at
+/// shutdown (at once: nothing is in flight).
+async fn serve<S, T>(stream: S, conn: ConnInfo, limits: &Limits, ctx: Ctx<T>, may_park: bool)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Readable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
     T: TokenSource,
 {
     let activity = conn.activity.clone();
     let conn = Arc::new(conn);
     let shared = ctx.shared.clone();
-    let svc = hyper::service::service_fn(move |req| {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (conn, shared) = (conn.clone(), shared.clone());
-        async move { Ok::<_, Infallible>(service::handle(req, &conn, &shared).await) }
+        async move {
+            let in_flight = conn.activity.request_started(req.version());
+            let response = service::handle(req, &conn, &shared).await;
+            Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight)))
+        }
     });
+    let park = Arc::new(Park::default());
+    let mut stream = stream;
+    let mut resumed = false;
+    loop {
+        let watched = Watched::new(stream, activity.clone(), may_park.then(|| park.clone()));
+        drive(watched, svc.clone(), resumed, limits, &ctx, &park).await;
+        let Some(parked) = park.take() else {
+            return;
+        };
+        let _parked = ParkedConnection::new(&ctx.shared.metrics);
+        let next = tokio::select! {
+            r = parked.readable() => r,
+            _ = sleep(limits.idle_timeout.saturating_sub(PARK_AFTER)) => {
+                tracing::debug!("closing idle client connection");
+                return;
+            }
+            _ = ctx.shutdown.wait() => return,
+            _ = ctx.hard_stop.wait() => return,
+        };
+        if let Err(e) = next {
+            tracing::debug!(error = %e, "parked client connection failed");
+            return;
+        }
+        stream = parked;
+        resumed = true;
+    }
+}
+
+/// How long an HTTP/1 connection idles before it is parked (see [`serve`]).
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Counts a parked connection in the metrics while alive.
+struct ParkedConnection(Arc<Metrics>);
+
+impl ParkedConnection {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.connections_parked.inc();
+        ParkedConnection(metrics.clone())
+    }
+}
+
+impl Drop for ParkedConnection {
+    fn drop(&mut self) {
+        self.0.connections_parked.dec();
+    }
+}
+
+/// Runs hyper on the stream until the connection ends or parks (then the stream is in `park`).
+/// `resumed`: the connection was parked before (its first request has been served).
+async fn drive<S, T, Svc, B>(
+    stream: Watched<S>,
+    svc: Svc,
+    resumed: bool,
+    limits: &Limits,
+    ctx: &Ctx<T>,
+    park: &Park<S>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: TokenSource,
+    Svc: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    Svc::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let activity = stream.activity().clone();
     let builder = http_builder(limits);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(connection);
+    // Boxed: freed when the connection parks, so a parked connection's task stays small.
+    let mut connection =
+        Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
 
     let mut idle_check = interval_at(Instant::now() + limits.idle_timeout, limits.idle_timeout);
+    let mut park_check = interval_at(Instant::now() + PARK_AFTER, PARK_AFTER);
     let first_request = sleep(limits.header_read_timeout);
     tokio::pin!(first_request);
-    let mut first_request_checked = false;
+    let mut first_request_checked = resumed;
     let mut last_io = activity.io_events();
+    let mut last_park_io = last_io;
     let mut closing = false;
     loop {
         tokio::select! {
@@ -350,6 +452,27 @@ where
                     closing = true;
                 }
                 last_io = io;
+            }
+            _ = park_check.tick(), if !closing => {
+                let io = activity.io_events();
+                if io == last_park_io
+                    && activity.in_flight() == 0
+                    && activity.requests() > 0
+                    && !activity.speaks_http2()
+                {
+                    // The stream parks at hyper's next read if it finds the connection idle;
+                    // that read happens in this poll, or the request is withdrawn.
+                    park.request();
+                    let polled = poll_fn(|cx| Poll::Ready(connection.as_mut().poll(cx))).await;
+                    park.cancel();
+                    if let Poll::Ready(result) = polled {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "client connection ended with an error");
+                        }
+                        return;
+                    }
+                }
+                last_park_io = io;
             }
             _ = &mut first_request, if !closing && !first_request_checked => {
                 first_request_checked = true;

@@ -136,7 +136,6 @@ pub(crate) async fn handle<T: TokenSource>(
     conn: &ConnInfo,
     shared: &Shared<T>,
 ) -> Response<ProxyBody> {
-    let _in_flight = conn.activity.request_started();
     let started = Instant::now();
     let state = shared.state.load_full();
     let request_id = rewrite::request_id(request.headers());
