@@ -250,11 +250,17 @@ pub fn summary(c: &Config) -> String {
     )
 }
 
+/// Runs the command on tokio: on one thread when the process may use one CPU only (a container's
+/// quota of one, `taskset`), where the work-stealing scheduler would only add its cross-thread
+/// bookkeeping and a second busy thread (BENCHMARKS.md measures the difference); otherwise on a
+/// worker thread per CPU.
 fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let mut builder = match one_cpu {
+        true => tokio::runtime::Builder::new_current_thread(),
+        false => tokio::runtime::Builder::new_multi_thread(),
+    };
+    match builder.enable_all().build() {
         Ok(rt) => rt.block_on(f),
         Err(e) => {
             eprintln!("tokenbroker: cannot start the runtime: {e}");
