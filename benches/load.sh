@@ -21,7 +21,7 @@
 # Usage: benches/load.sh            (from anywhere; needs root or sudo for apt-get the first time)
 #   TB_BUILDS="new=target/release/tokenbroker base=/path/to/old/tokenbroker" benches/load.sh
 # Knobs (environment): DURATION=10s CONNS=64 ROUNDS=3 PROXY_CPU=0 LOAD_CPU=1 BASE_PORT=18080
-#   IDLE_CONNS=10000 IDLE_AFTER_SECS=60 IDLE_SETTLE_SECS=5 AMP_REQUESTS=10000 AMP_SLOW_MS=1500 BIG_MIB=1024
+#   IDLE_CONNS=10000 IDLE_AFTER_SECS=60 IDLE_SETTLE_SECS=10 AMP_REQUESTS=10000 AMP_SLOW_MS=1500 BIG_MIB=1024
 #   OHA_VERSION=1.16.0 SKIP=idle,stream,amplify (any of them)
 #   TB_BUILDS="name=path ...": the tokenbroker binaries to compare (names: letters, digits, . _ -;
 #     not "direct" or "nginx"). Unset: one build "tokenbroker" = target/release/tokenbroker, built
@@ -63,7 +63,7 @@ LOAD_CPU="${LOAD_CPU:-1}"
 BASE_PORT="${BASE_PORT:-18080}"
 IDLE_CONNS="${IDLE_CONNS:-10000}"
 IDLE_AFTER_SECS="${IDLE_AFTER_SECS:-60}"
-IDLE_SETTLE_SECS="${IDLE_SETTLE_SECS:-5}"
+IDLE_SETTLE_SECS="${IDLE_SETTLE_SECS:-10}"
 AMP_REQUESTS="${AMP_REQUESTS:-10000}"
 AMP_CALLERS=100
 AMP_SLOW_MS="${AMP_SLOW_MS:-1500}"
@@ -571,7 +571,8 @@ idle_leg() {
   grep -q '^ready' "$WORK/idle-$name.log" \
     || die "idle_conns to $name did not get ready: $(tail -n 2 "$WORK/idle-$name.log")"
   # Idle for IDLE_SETTLE_SECS before the reading: tokenbroker parks an HTTP/1 connection (frees
-  # hyper's buffers) after 1 to 2 s without I/O; nginx frees its buffers at once.
+  # hyper's buffers) after 1 to 2 s without I/O, and jemalloc returns the freed pages over the
+  # next 5 s (its dirty_decay_ms); nginx frees its buffers at once.
   sleep "$IDLE_SETTLE_SECS"
   alive "$name" "$pid"
   I_WITH[$name]="$(rss_kb "$pid")"

@@ -352,7 +352,9 @@ where
     let mut resumed = false;
     loop {
         let watched = Watched::new(stream, activity.clone(), may_park.then(|| park.clone()));
-        drive(watched, svc.clone(), resumed, limits, &ctx, &park).await;
+        // Boxed: hyper's builder, its connection and the timers of a connection at work are
+        // freed while it is parked.
+        Box::pin(drive(watched, svc.clone(), resumed, limits, &ctx, &park)).await;
         let Some(parked) = park.take() else {
             return;
         };
@@ -416,9 +418,8 @@ async fn drive<S, T, Svc, B>(
 {
     let activity = stream.activity().clone();
     let builder = http_builder(limits);
-    // Boxed: freed when the connection parks, so a parked connection's task stays small.
-    let mut connection =
-        Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(connection);
 
     let mut idle_check = interval_at(Instant::now() + limits.idle_timeout, limits.idle_timeout);
     let mut park_check = interval_at(Instant::now() + PARK_AFTER, PARK_AFTER);
