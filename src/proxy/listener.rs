@@ -19,8 +19,11 @@
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
+use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -429,32 +432,48 @@ async fn drive<S, T, Svc, B>(
     let mut last_io = activity.io_events();
     let mut last_park_io = last_io;
     let mut closing = false;
+    let woken = Arc::new(SupervisorWake::default());
     loop {
-        tokio::select! {
-            result = connection.as_mut() => {
+        let supervisor = async {
+            tokio::select! {
+                biased;
+                _ = ctx.hard_stop.wait() => Event::HardStop,
+                _ = ctx.shutdown.wait(), if !closing => Event::Shutdown,
+                _ = &mut first_request, if !closing && !first_request_checked => Event::FirstRequest,
+                _ = park_check.tick(), if !closing => Event::ParkCheck,
+                _ = idle_check.tick(), if !closing => Event::IdleCheck,
+            }
+        };
+        let event = Supervised {
+            connection: connection.as_mut(),
+            supervisor: std::pin::pin!(supervisor),
+            woken: &woken,
+        }
+        .await;
+        match event {
+            Err(result) => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "client connection ended with an error");
                 }
                 return;
             }
-            _ = ctx.shutdown.wait(), if !closing => {
-                connection.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            _ = ctx.hard_stop.wait() => {
+            Ok(Event::HardStop) => {
                 tracing::warn!("client connection closed at the shutdown deadline");
                 return;
             }
-            _ = idle_check.tick(), if !closing => {
-                let io = activity.io_events();
-                if io == last_io && activity.in_flight() == 0 {
-                    tracing::debug!("closing idle client connection");
+            Ok(Event::Shutdown) => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            Ok(Event::FirstRequest) => {
+                first_request_checked = true;
+                if activity.requests() == 0 {
+                    tracing::debug!("no request in time; closing client connection");
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                last_io = io;
             }
-            _ = park_check.tick(), if !closing => {
+            Ok(Event::ParkCheck) => {
                 let io = activity.io_events();
                 if io == last_park_io
                     && activity.in_flight() == 0
@@ -475,14 +494,77 @@ async fn drive<S, T, Svc, B>(
                 }
                 last_park_io = io;
             }
-            _ = &mut first_request, if !closing && !first_request_checked => {
-                first_request_checked = true;
-                if activity.requests() == 0 {
-                    tracing::debug!("no request in time; closing client connection");
+            Ok(Event::IdleCheck) => {
+                let io = activity.io_events();
+                if io == last_io && activity.in_flight() == 0 {
+                    tracing::debug!("closing idle client connection");
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
+                last_io = io;
             }
         }
+    }
+}
+
+/// What a connection's supervisor saw.
+enum Event {
+    HardStop,
+    Shutdown,
+    FirstRequest,
+    ParkCheck,
+    IdleCheck,
+}
+
+/// Polls a connection at every wake-up of its task, and its supervisor (timers, shutdown) only
+/// when one of the supervisor's own wakers fired: a request's wake-ups (socket readiness, the
+/// upstream's answer) do not poll five timers and watches each time.
+struct Supervised<'a, C, S> {
+    connection: Pin<&'a mut C>,
+    supervisor: Pin<&'a mut S>,
+    woken: &'a Arc<SupervisorWake>,
+}
+
+/// The supervisor's waker: notes that it fired, then wakes the task.
+#[derive(Default)]
+struct SupervisorWake {
+    /// Clear once the supervisor has been polled and has not been woken since.
+    idle: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl Wake for SupervisorWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.idle.store(false, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<C: Future, S: Future> Future for Supervised<'_, C, S> {
+    /// The supervisor's event, or the connection's end.
+    type Output = Result<S::Output, C::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(done) = this.connection.as_mut().poll(cx) {
+            return Poll::Ready(Err(done));
+        }
+        // `idle` starts false: a new supervisor is polled once, which sets up its wakers.
+        if !this.woken.idle.swap(true, Ordering::AcqRel) {
+            this.woken.task.register(cx.waker());
+            let waker = Waker::from(this.woken.clone());
+            if let Poll::Ready(event) = this
+                .supervisor
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+            {
+                this.woken.idle.store(false, Ordering::Release);
+                return Poll::Ready(Ok(event));
+            }
+        }
+        Poll::Pending
     }
 }
