@@ -155,16 +155,18 @@ pub(crate) async fn handle<T: TokenSource>(
         true => server_span(&request, conn),
         false => tracing::Span::none(),
     };
-    let result = proxy(
-        request,
-        conn,
-        &state,
-        shared,
-        &request_id,
-        &mut pending.outcome,
-    )
-    .instrument(span.clone())
-    .await;
+    let result = {
+        // Pinned where it is made: the span wraps a pointer to it, not a copy of it.
+        let proxied = std::pin::pin!(proxy(
+            request,
+            conn,
+            &state,
+            shared,
+            &request_id,
+            &mut pending.outcome,
+        ));
+        proxied.instrument(span.clone()).await
+    };
     pending.answered = true;
     let outcome = &pending.outcome;
     let (response, error) = match result {
@@ -356,7 +358,7 @@ async fn proxy<'s, T: TokenSource>(
         false => tracing::Span::none(),
     };
     let upstream_started = Instant::now();
-    let result = async {
+    let exchange = std::pin::pin!(async {
         match body {
             Outgoing::Replayable(body) => {
                 let renew = Renew {
@@ -375,9 +377,8 @@ async fn proxy<'s, T: TokenSource>(
                 .await
             }
         }
-    }
-    .instrument(upstream_span.clone())
-    .await;
+    });
+    let result = exchange.instrument(upstream_span.clone()).await;
     outcome.upstream = Some(upstream_started.elapsed());
     if !upstream_span.is_none() {
         match &result {
@@ -560,14 +561,12 @@ async fn send_replayable<T: TokenSource>(
     if response.status() != StatusCode::UNAUTHORIZED {
         return Ok(response);
     }
-    let renewed = match renew
-        .tokens
-        .rejected(renew.caller, renew.token.generation)
-        .await?
-    {
-        Rejection::Replay(token) => token,
-        Rejection::PassOn => return Ok(response),
-    };
+    // Boxed: the rare path does not widen every request's future.
+    let renewed =
+        match Box::pin(renew.tokens.rejected(renew.caller, renew.token.generation)).await? {
+            Rejection::Replay(token) => token,
+            Rejection::PassOn => return Ok(response),
+        };
     drop(response);
     tracing::debug!(caller = renew.caller, route = %route.name, "upstream refused the token; replaying once");
     parts.headers.insert(AUTHORIZATION, renewed.header.clone());
