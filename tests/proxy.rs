@@ -1149,3 +1149,24 @@ async fn an_http2_connection_never_parks() {
     let open = support::sample(&f.metrics.encode(), "tokenbroker_connections_open").unwrap();
     assert_eq!(open, 1.0, "one h2c connection served both requests");
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_outlives_the_header_read_timeout() {
+    // hyper's header timer runs while it waits for the next head, so without parking an idle
+    // keep-alive connection was closed at header_read_timeout instead of at idle_timeout.
+    let f =
+        Fixture::start_with(|c| c.limits.header_read_timeout = Duration::from_millis(1200)).await;
+    let mut stream = tokio::net::TcpStream::connect(f.addr("plain"))
+        .await
+        .unwrap();
+    for round in 0..2 {
+        let (status, body) = exchange(&mut stream, GET_FAKE).await;
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("HTTP/1.1 200 OK", "ok"),
+            "round {round}"
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    assert_eq!(parked(&f), 1.0);
+}

@@ -328,7 +328,7 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 
 /// Serves a client connection until it ends, parking it while it idles.
 ///
-/// An HTTP/1 connection with no I/O and no request in flight for `PARK_AFTER` is parked: hyper's
+/// An HTTP/1 connection with no I/O and no request in flight for [`park_after`] is parked: hyper's
 /// part of it (its read and write buffers, the room for a request handler, the last header map)
 /// is freed and the socket waits on its own, a few hundred bytes, for its next bytes; they start a
 /// new hyper connection on the same socket. nginx does the same with its buffers on idle
@@ -364,7 +364,7 @@ where
         let _parked = ParkedConnection::new(&ctx.shared.metrics);
         let next = tokio::select! {
             r = parked.readable() => r,
-            _ = sleep(limits.idle_timeout.saturating_sub(PARK_AFTER)) => {
+            _ = sleep(limits.idle_timeout.saturating_sub(park_after(limits))) => {
                 tracing::debug!("closing idle client connection");
                 return;
             }
@@ -380,8 +380,13 @@ where
     }
 }
 
-/// How long an HTTP/1 connection idles before it is parked (see [`serve`]).
-const PARK_AFTER: Duration = Duration::from_secs(1);
+/// How long an HTTP/1 connection idles before it is parked (see [`serve`]): 1 s, or less when
+/// `header_read_timeout` is short. hyper's header timer runs on an idle connection too (it
+/// starts when hyper waits for the next head), so a connection that did not park within it would
+/// be closed at `header_read_timeout` rather than at `idle_timeout`.
+fn park_after(limits: &Limits) -> Duration {
+    Duration::from_secs(1).min(limits.header_read_timeout / 4)
+}
 
 /// Counts a parked connection in the metrics while alive.
 struct ParkedConnection(Arc<Metrics>);
@@ -425,7 +430,8 @@ async fn drive<S, T, Svc, B>(
     tokio::pin!(connection);
 
     let mut idle_check = interval_at(Instant::now() + limits.idle_timeout, limits.idle_timeout);
-    let mut park_check = interval_at(Instant::now() + PARK_AFTER, PARK_AFTER);
+    let park_after = park_after(limits);
+    let mut park_check = interval_at(Instant::now() + park_after, park_after);
     let first_request = sleep(limits.header_read_timeout);
     tokio::pin!(first_request);
     let mut first_request_checked = resumed;
