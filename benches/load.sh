@@ -23,6 +23,9 @@
 # Knobs (environment): DURATION=10s CONNS=64 ROUNDS=3 PROXY_CPU=0 LOAD_CPU=1 BASE_PORT=18080
 #   IDLE_CONNS=10000 IDLE_AFTER_SECS=60 IDLE_SETTLE_SECS=10 AMP_REQUESTS=10000 AMP_SLOW_MS=1500 BIG_MIB=1024
 #   OHA_VERSION=1.16.0 SKIP=idle,stream,amplify (any of them)
+#   BUSY_PROXY_CPU=1: the open loop also runs the last build and nginx with the proxy's CPU kept
+#     from going idle (legs "<name>+busy", "nginx+busy": a SCHED_IDLE spinner beside the proxy),
+#     which tells latency added by a virtual CPU waking from idle from latency the proxy adds
 #   TB_BUILDS="name=path ...": the tokenbroker binaries to compare (names: letters, digits, . _ -;
 #     not "direct" or "nginx"). Unset: one build "tokenbroker" = target/release/tokenbroker, built
 #     by the script. Set: the script does not build tokenbroker; the first build also runs the
@@ -510,6 +513,7 @@ estimate() {
   skipped idle || total=$((total + (b + 1) * (IDLE_CONNS / 1000 + 5) + IDLE_AFTER_SECS))
   skipped stream || total=$((total + b * (BIG_MIB / 300 + 2)))
   skipped amplify || total=$((total + 15))
+  if [[ ${BUSY_PROXY_CPU:-0} == 1 ]]; then total=$((total + 4 * ROUNDS * (d + 1))); fi
   [[ -n "${PERF:-}" ]] && total=$((total + (b + 1) * 12))
   echo "$total"
 }
@@ -517,18 +521,18 @@ estimate() {
 # leg_url LEG / leg_pid LEG: the URL of a leg and the pid of its proxy ("" for direct).
 leg_url() {
   local i
-  case "$1" in
+  case "${1%+busy}" in
     direct) echo "http://127.0.0.1:$UPSTREAM_PORT/" ;;
     nginx) echo "http://127.0.0.1:$NGINX_PROXY_PORT/" ;;
-    *) for i in "${!B_NAMES[@]}"; do [[ ${B_NAMES[i]} != "$1" ]] || echo "http://127.0.0.1:${B_PORTS[i]}/"; done ;;
+    *) for i in "${!B_NAMES[@]}"; do [[ ${B_NAMES[i]} != "${1%+busy}" ]] || echo "http://127.0.0.1:${B_PORTS[i]}/"; done ;;
   esac
 }
 leg_pid() {
   local i
-  case "$1" in
+  case "${1%+busy}" in
     direct) echo "" ;;
     nginx) echo "$PX_PID" ;;
-    *) for i in "${!B_NAMES[@]}"; do [[ ${B_NAMES[i]} != "$1" ]] || echo "${B_PIDS[i]}"; done ;;
+    *) for i in "${!B_NAMES[@]}"; do [[ ${B_NAMES[i]} != "${1%+busy}" ]] || echo "${B_PIDS[i]}"; done ;;
   esac
 }
 
@@ -553,6 +557,20 @@ declare -A I_BEFORE=() I_WITH=() I_EST=() I_PER=() I_CLOSED=() I_AFTER=() I_AFTE
 declare -A S_BEFORE=() S_PEAK=() S_AFTER=() S_SPEED=()
 UP_PID="" EMU_PID="" PX_PID=""
 LEGS=()
+OPEN_LEGS=()
+BUSY_PID=""
+# busy_cpu_on / busy_cpu_off (BUSY_PROXY_CPU=1): a spinning shell at SCHED_IDLE on PROXY_CPU,
+# which yields to the proxy at once but keeps the (virtual) CPU from ever going idle, so that a
+# wake-up never waits for an idle vCPU to be scheduled again by the host.
+busy_cpu_on() {
+  taskset -c "$PROXY_CPU" chrt -i 0 sh -c 'while :; do :; done' &
+  BUSY_PID="$!"
+  PIDS+=("$BUSY_PID")
+}
+busy_cpu_off() {
+  [[ -n $BUSY_PID ]] && stop_pid "$BUSY_PID"
+  BUSY_PID=""
+}
 RATE_quarter="" RATE_half=""
 
 # idle_leg NAME PORT PID: RSS before and with IDLE_CONNS idle keep-alive connections, then closes
@@ -622,6 +640,8 @@ verdict() { if awk "BEGIN{exit !($1)}"; then echo met; else echo missed; fi; }
 main() {
   parse_builds
   LEGS=(direct "${B_NAMES[@]}" nginx)
+  OPEN_LEGS=("${LEGS[@]}")
+  if [[ ${BUSY_PROXY_CPU:-0} == 1 ]]; then OPEN_LEGS+=("${B_NAMES[-1]}+busy" nginx+busy); fi
   local est
   est="$(estimate)"
   echo "load.sh: legs ${LEGS[*]}; estimated duration about $((est / 60)) min $((est % 60)) s (without installing/building)" >&2
@@ -713,8 +733,10 @@ LUA
     log "open loop, $load load: $rate req/s ($load of ${B_NAMES[0]}'s $first_rps), oha -z $DURATION -c $CONNS -q $rate --latency-correction, $ROUNDS rounds"
     for r in $(seq 1 "$ROUNDS"); do
       line="round $r, p50/p99/p99.9 us [requests over 5 ms]:"
-      for leg in "${LEGS[@]}"; do
+      for leg in "${OPEN_LEGS[@]}"; do
+        if [[ $leg == *+busy ]]; then busy_cpu_on; fi
         out="$(oha_latency "$load-$leg-$r" "$(leg_url "$leg")" "$rate")" || die "open loop ($load load), round $r, leg $leg failed"
+        if [[ $leg == *+busy ]]; then busy_cpu_off; fi
         read -r p50 p99 p999 pmax over nreq <<<"$out"
         P50[$load/$leg/$r]="$p50" P99[$load/$leg/$r]="$p99" P999[$load/$leg/$r]="$p999"
         # shellcheck disable=SC2034 # read through by_round's nameref
@@ -804,7 +826,7 @@ summary() {
       echo "open loop, $load load: $rate req/s ($frac of ${B_NAMES[0]}'s closed-loop median), oha -z $DURATION -c $CONNS -q $rate --latency-correction;"
       echo "microseconds from each request's intended send time, exact from oha's record of every request (--db-url);"
       echo "median of $ROUNDS interleaved rounds, then each round's p50/p99/p99.9 [requests over 5 ms of requests]:"
-      for leg in "${LEGS[@]}"; do lat_line "$load" "$leg"; done
+      for leg in "${OPEN_LEGS[@]}"; do lat_line "$load" "$leg"; done
       local d50 d99 added=""
       d50="$(med P50 "$load/direct")" d99="$(med P99 "$load/direct")"
       for leg in "${B_NAMES[@]}" nginx; do
