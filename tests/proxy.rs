@@ -243,6 +243,23 @@ async fn read_all(response: http::Response<hyper::body::Incoming>) -> (StatusCod
     (parts.status, parts.version, body)
 }
 
+/// Sends `request` on `client`, failing the test if no answer head comes within `LONG`.
+async fn send<C, B>(
+    client: &Client<C, B>,
+    request: Request<B>,
+) -> http::Response<hyper::body::Incoming>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::time::timeout(LONG, client.request(request))
+        .await
+        .expect("an answer in time")
+        .expect("the request is sent")
+}
+
 // ---- no token needed -------------------------------------------------------------------------
 
 #[tokio::test]
@@ -531,13 +548,11 @@ async fn http2_over_tls_h2c_and_an_https_upstream() {
 async fn a_100_mib_response_streams_through() {
     let f = Fixture::start().await;
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let response = tokio::time::timeout(
-        LONG,
-        client.request(get(&f.url("plain", "/fake/stream/100"), &[BILLING])),
+    let response = send(
+        &client,
+        get(&f.url("plain", "/fake/stream/100"), &[BILLING]),
     )
-    .await
-    .unwrap()
-    .unwrap();
+    .await;
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
     // The upstream holds back everything after its first chunk until released: these bytes
@@ -1107,13 +1122,7 @@ async fn an_answer_still_streaming_keeps_its_connection_from_parking() {
     let f = Fixture::start().await;
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .build(hyper_util::client::legacy::connect::HttpConnector::new());
-    let response = tokio::time::timeout(
-        LONG,
-        client.request(get(&f.url("plain", "/fake/stream/2"), &[BILLING])),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let response = send(&client, get(&f.url("plain", "/fake/stream/2"), &[BILLING])).await;
     assert_eq!(response.status(), StatusCode::OK);
     // The first 64 KiB are out; the upstream holds the rest back.
     tokio::time::sleep(PARKED_BY).await;
@@ -1130,13 +1139,7 @@ async fn an_http2_connection_never_parks() {
         .http2_only(true)
         .build(hyper_util::client::legacy::connect::HttpConnector::new());
     for round in 0..2 {
-        let response = tokio::time::timeout(
-            LONG,
-            client.request(get(&f.url("plain", "/fake/a"), &[BILLING])),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let response = send(&client, get(&f.url("plain", "/fake/a"), &[BILLING])).await;
         let (status, version, body) = read_all(response).await;
         assert_eq!(
             (status, version, &body[..]),
