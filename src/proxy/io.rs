@@ -18,7 +18,7 @@
 //! It also hands the stream back for parking (`listener::serve`): when the connection's supervisor
 //! asks ([`Park::request`]) and hyper reads with nothing to read, no request in flight, nothing
 //! left unflushed and the bytes read so far ending exactly at the end of a message (the scanner
-//! follows heads and `Content-Length` bodies for that), it moves the stream into the [`Park`] and
+//! follows heads and their bodies for that), it moves the stream into the [`Park`] and
 //! tells hyper the client closed. hyper then ends its part of the connection gracefully, freeing
 //! its buffers, without shutting the socket, which waits in the `Park` for its next bytes.
 //!
@@ -148,16 +148,14 @@ impl<S> Park<S> {
     }
     /// The parked stream, if the stream parked.
     pub fn take(&self) -> Option<S> {
-        self.stream.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-    pub fn holds_stream(&self) -> bool {
-        self.stream
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.slot().take()
     }
     fn put(&self, stream: S) {
-        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+        *self.slot() = Some(stream);
+    }
+    /// The slot; nothing can leave it half-written, so a poisoned lock is taken as it is.
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<S>> {
+        self.stream.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
