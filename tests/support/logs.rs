@@ -1,7 +1,7 @@
 //! Log capture for the tests that check what reaches the logs (and that no secret does).
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Collects, in memory, everything a subscriber made by [`LogCapture::subscriber`] writes.
 #[derive(Clone, Default)]
@@ -17,9 +17,23 @@ impl Write for LogCapture {
     }
 }
 
+/// A second dispatcher, never interested and never dropped, registered before any capture's.
+///
+/// tracing caches each callsite's interest for the whole process. While only one dispatcher is
+/// registered, a callsite first reached on another thread (a test running beside this one, with
+/// no subscriber) has its interest computed from that thread's default, `NoSubscriber`: "never",
+/// and a capture installed with `set_default` on this thread would then miss those events. With
+/// two dispatchers registered, interest is the union of every live one, so the capture's own
+/// interest counts wherever the callsite is first reached.
+fn anchor() {
+    static ANCHOR: OnceLock<tracing::Dispatch> = OnceLock::new();
+    ANCHOR.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+}
+
 impl LogCapture {
     /// A subscriber of every level down to `trace`, without colours, writing into this capture.
     pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        anchor();
         let writer = self.clone();
         tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
@@ -31,6 +45,7 @@ impl LogCapture {
     /// Like [`LogCapture::subscriber`], in JSON lines with each event's fields at the top level,
     /// as `tokenbroker run --log-json` writes them.
     pub fn json_subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        anchor();
         let writer = self.clone();
         tracing_subscriber::fmt()
             .json()
