@@ -123,7 +123,19 @@ async fn the_image_built_from_the_dockerfile_runs_tokenbroker() {
     let container = run("buildah", &["from", "--quiet", &image.name]);
     image.container = Some(container.clone());
     let root = PathBuf::from(run("buildah", &["mount", &container]));
-    assert!(root.join("usr/local/bin/tokenbroker").is_file());
+    let binary = root.join("usr/local/bin/tokenbroker");
+    let sections = run(
+        "readelf",
+        &["--section-headers", "--wide", binary.to_str().unwrap()],
+    );
+    assert!(
+        !sections.contains(" .debug_info"),
+        "the image's binary is stripped of debug information"
+    );
+    assert!(
+        sections.contains(" .symtab"),
+        "its symbols stay, for backtraces: {sections}"
+    );
 
     // Config and secret where the image expects them mounted, for the emulator on loopback.
     let emulator = Emulator::start(EmulatorConfig {

@@ -6,7 +6,9 @@
 #   deploy/image/rootfs.sh BINARY OUT
 #
 # OUT gets:
-#   /usr/local/bin/tokenbroker          the binary
+#   /usr/local/bin/tokenbroker          the binary, without its debug information (strip
+#                                       --strip-debug: function names stay, for backtraces and
+#                                       profiles)
 #   the shared libraries `ldd` lists    at the paths ldd shows (glibc, libgcc_s, the loader)
 #   /etc/ssl/certs/ca-certificates.crt  the CA bundle (system roots for the identity service and
 #                                       upstreams; rustls-native-certs reads it)
@@ -29,9 +31,11 @@ ca_bundle=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 [[ -x "$binary" ]] || { echo "$0: $binary is not an executable file" >&2; exit 1; }
 [[ -f "$ca_bundle" ]] || { echo "$0: no CA bundle at $ca_bundle (install ca-certificates)" >&2; exit 1; }
 command -v ldd >/dev/null || { echo "$0: ldd is required" >&2; exit 1; }
+command -v strip >/dev/null || { echo "$0: strip is required (binutils)" >&2; exit 1; }
 
 mkdir -p "$out"/usr/local/bin "$out"/etc/ssl/certs "$out"/etc/tokenbroker "$out"/var/lib/tokenbroker "$out"/tmp
 install -m 0755 "$binary" "$out"/usr/local/bin/tokenbroker
+strip --strip-debug "$out"/usr/local/bin/tokenbroker
 
 # Every library ldd resolves ("name => /path (addr)") and the loader ("/path (addr)").
 libs=$(ldd "$binary" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u)
