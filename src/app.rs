@@ -3,7 +3,9 @@
 //! process signals onto that ([`run`]). Tests drive [`AppHandle`] directly, without signals.
 //! A reload also reads the TLS listeners' certificate, key and client CA files again (rotation
 //! without restart). A reload that fails validation, or whose TLS files do not load, changes
-//! nothing.
+//! nothing. `run` reloads on SIGHUP and when the config file or one of its secret or TLS files
+//! changes (polled), and keeps the config metrics (hash in force, last reload, certificate
+//! expiry) current.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -25,12 +27,23 @@ use crate::proxy::{tls, ProxyHandle, StartError as ProxyStartError};
 use crate::server::Shutdown;
 use crate::telemetry::Telemetry;
 
-/// How often `run` looks at the TLS listeners' files for a change (then reloads them alone).
-const TLS_FILES_POLL: Duration = Duration::from_secs(5);
+/// How often `run` looks at the config file, the secret files it names and the TLS listeners'
+/// files for a change (then reloads the config, or the certificates alone).
+const FILES_POLL: Duration = Duration::from_secs(5);
 
 /// What identifies one version of a file: size, modification time, inode (following symlinks, as
 /// Kubernetes Secret volumes swap them); `None` when it cannot be read.
 type FileStamp = Option<(u64, SystemTime, u64)>;
+
+/// The stamp of the file at `path` (following symlinks).
+fn stamp(path: &std::path::Path) -> FileStamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.len(),
+        m.modified().ok()?,
+        std::os::unix::fs::MetadataExt::ino(&m),
+    ))
+}
 
 /// Why the process could not start serving.
 #[derive(Debug, thiserror::Error)]
@@ -117,8 +130,8 @@ impl AppHandle {
                 task,
             }
         });
-        Ok(AppHandle {
-            config: Mutex::new(config),
+        let app = AppHandle {
+            config: Mutex::new(config.clone()),
             metrics,
             broker,
             proxy,
@@ -126,7 +139,26 @@ impl AppHandle {
             proxy_addrs,
             admin,
             admin_addr,
-        })
+        };
+        app.record_in_force(&config);
+        Ok(app)
+    }
+
+    /// Sets the metrics of the config now in force: its hash and its listeners' certificates.
+    fn record_in_force(&self, config: &Config) {
+        if let Some(sha256) = &config.source_sha256 {
+            self.metrics.config.in_force(sha256);
+        }
+        self.record_certificates(config);
+    }
+
+    /// Sets each TLS listener's certificate expiry from its certificate file.
+    fn record_certificates(&self, config: &Config) {
+        for l in &config.listeners {
+            if let Some(not_after) = l.tls.as_ref().and_then(|t| tls::not_after(&t.cert)) {
+                self.metrics.config.certificate(&l.name, not_after);
+            }
+        }
     }
 
     /// Where the admin listener is bound, if configured.
@@ -174,6 +206,7 @@ impl AppHandle {
         let outcome = match loaded.and_then(|new| self.apply(new)) {
             Ok(()) => {
                 tracing::info!("configuration reloaded");
+                self.record_in_force(&self.config());
                 Ok(())
             }
             Err(errors) => {
@@ -192,6 +225,7 @@ impl AppHandle {
     }
 
     fn count_reload(&self, ok: bool) {
+        self.metrics.config.reloaded(ok);
         let outcome = if ok { "ok" } else { "rejected" };
         self.metrics
             .config_reloads
@@ -210,6 +244,7 @@ impl AppHandle {
                     listener.replace(config.clone());
                 }
                 tracing::info!(listeners = loaded.len(), "TLS certificates reloaded");
+                self.record_certificates(&self.config());
             }
             Err(errors) => {
                 for e in &errors.0 {
@@ -224,21 +259,20 @@ impl AppHandle {
 
     /// The stamp of every TLS file of the config in force: when it changes, the files did.
     fn tls_files_stamp(&self) -> Vec<FileStamp> {
-        let stamp = |path: &std::path::Path| -> FileStamp {
-            let m = std::fs::metadata(path).ok()?;
-            Some((
-                m.len(),
-                m.modified().ok()?,
-                std::os::unix::fs::MetadataExt::ino(&m),
-            ))
-        };
-        self.config()
+        let config = self.config();
+        let files = config
             .listeners
             .iter()
             .filter_map(|l| l.tls.as_ref())
-            .flat_map(|t| [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()])
-            .map(|p| p.and_then(|p| stamp(p)))
-            .collect()
+            .flat_map(|t| [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()]);
+        files.map(|p| p.and_then(|p| stamp(p))).collect()
+    }
+
+    /// The stamp of the config file and of every secret file it names.
+    fn config_files_stamp(&self) -> Vec<FileStamp> {
+        let config = self.config();
+        let files = config.source.iter().chain(&config.secret_files);
+        files.map(|p| stamp(p)).collect()
     }
 
     /// Applies a validated config: the proxy first, as it can still refuse it (e.g. an upstream
@@ -407,22 +441,37 @@ impl Signals {
             .ok()
     }
 
-    /// Reloads `app`'s configuration on each SIGHUP, and its TLS certificates alone when their
-    /// files change (looked at every few seconds); returns on SIGTERM or SIGINT.
+    /// Reloads `app`'s configuration on each SIGHUP and when the config file or a secret file it
+    /// names changes (as a Kubernetes volume update does), and its TLS certificates alone when
+    /// only their files change; returns on SIGTERM or SIGINT. Files are looked at every few
+    /// seconds, and a change is acted on once two looks in a row agree, so that a file still
+    /// being written (by an editor, in place) is not read half-way.
     pub async fn serve(&mut self, app: &AppHandle) {
-        let mut poll = tokio::time::interval(TLS_FILES_POLL);
+        let mut poll = tokio::time::interval(FILES_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut files = app.tls_files_stamp();
+        let stamps = |app: &AppHandle| (app.config_files_stamp(), app.tls_files_stamp());
+        let mut files = stamps(app);
+        let mut seen = files.clone();
         loop {
             tokio::select! {
                 _ = self.hangup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration");
                     let _ = app.reload();
-                    files = app.tls_files_stamp();
+                    files = stamps(app);
+                    seen = files.clone();
                 }
                 _ = poll.tick() => {
-                    let now = app.tls_files_stamp();
-                    if now != files {
+                    let now = stamps(app);
+                    let settled = now == seen;
+                    seen = now.clone();
+                    if !settled {
+                        continue;
+                    }
+                    if now.0 != files.0 {
+                        tracing::info!("the config file or a secret file changed: reloading the configuration");
+                        let _ = app.reload();
+                        files = stamps(app);
+                    } else if now.1 != files.1 {
                         files = now;
                         tracing::info!("TLS files changed: reloading the certificates");
                         let _ = app.reload_certificates();

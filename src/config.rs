@@ -124,6 +124,8 @@ pub fn parse_key_hash(text: &str) -> Option<[u8; 32]> {
 pub struct Config {
     /// The file it was read from, for reload and messages.
     pub source: Option<PathBuf>,
+    /// The SHA-256 of that file's text (`config_info`): which config a replica runs.
+    pub source_sha256: Option<[u8; 32]>,
     pub listeners: Vec<ListenerConfig>,
     pub admin: Option<AdminConfig>,
     pub identity: IdentityConfig,
@@ -135,6 +137,9 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[telemetry]`: OpenTelemetry traces, off when absent.
     pub telemetry: Option<TelemetryConfig>,
+    /// The files the secrets were read from (`{ file = ... }`): `run` watches them, with the
+    /// config file, and reloads when one changes.
+    pub secret_files: Vec<PathBuf>,
 }
 
 impl Config {
@@ -143,6 +148,7 @@ impl Config {
     pub fn minimal(identity: IdentityConfig) -> Config {
         Config {
             source: None,
+            source_sha256: None,
             listeners: vec![],
             admin: None,
             identity,
@@ -153,6 +159,7 @@ impl Config {
             logging: LoggingConfig::default(),
             store: StoreConfig::default(),
             telemetry: None,
+            secret_files: vec![],
         }
     }
 }

@@ -11,7 +11,7 @@
 //! Every family whose label values are known in advance has all its series from the start, at 0.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -135,6 +135,93 @@ pub struct HandshakeLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    /// The first 16 hex digits of the SHA-256 of the config file's text (never of a secret).
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+/// The config in force and how its last reload went, and when each TLS listener's certificate
+/// ends: what an operator checks after changing files, and what the certificate alert reads.
+pub struct ConfigMetrics {
+    info: Family<ConfigLabels, Gauge>,
+    last_reload_successful: Gauge,
+    last_reload_timestamp: Gauge,
+    certificate_expiry: Family<ListenerLabels, Gauge>,
+}
+
+impl ConfigMetrics {
+    fn register(registry: &mut Registry) -> ConfigMetrics {
+        let metrics = ConfigMetrics {
+            info: Family::default(),
+            last_reload_successful: Gauge::default(),
+            last_reload_timestamp: Gauge::default(),
+            certificate_expiry: Family::default(),
+        };
+        metrics.last_reload_successful.set(1);
+        metrics
+            .last_reload_timestamp
+            .set(unix_seconds(SystemTime::now()));
+        registry.register(
+            "config_info",
+            "The config file in force, by the SHA-256 of its text (first 16 hex digits); always 1",
+            metrics.info.clone(),
+        );
+        registry.register(
+            "config_last_reload_successful",
+            "1 if the last config or certificate reload was applied (or none was tried), 0 if refused",
+            metrics.last_reload_successful.clone(),
+        );
+        registry.register(
+            "config_last_reload_timestamp_seconds",
+            "When the config was loaded or a reload last tried, Unix seconds",
+            metrics.last_reload_timestamp.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the certificate a TLS listener serves ends (its notAfter), Unix seconds",
+            metrics.certificate_expiry.clone(),
+        );
+        metrics
+    }
+
+    /// The config file whose text hashes to `sha256` is in force (at start or after a reload).
+    pub fn in_force(&self, sha256: &[u8; 32]) {
+        self.info.clear();
+        let sha256 = hex::encode(&sha256[..8]);
+        self.info.get_or_create(&ConfigLabels { sha256 }).set(1);
+    }
+
+    /// A reload (of the config, or of the certificates alone) was applied or refused, now.
+    pub fn reloaded(&self, applied: bool) {
+        self.last_reload_successful.set(i64::from(applied));
+        self.last_reload_timestamp
+            .set(unix_seconds(SystemTime::now()));
+    }
+
+    /// The certificate `listener` serves from now on ends at `not_after`.
+    pub fn certificate(&self, listener: &str, not_after: SystemTime) {
+        let labels = ListenerLabels {
+            listener: listener.to_string(),
+        };
+        self.certificate_expiry
+            .get_or_create(&labels)
+            .set(unix_seconds(not_after));
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
 /// Why a TLS handshake on a proxy listener failed: a bounded set of label values.
 pub const HANDSHAKE_FAILURE_REASONS: [&str; 8] = [
     "timeout",
@@ -212,6 +299,8 @@ pub struct Metrics {
     /// tokenbroker's own refusals and failures, by the error table's code.
     pub errors: Family<ErrorLabels, Counter>,
     pub tls_handshake_failures: Family<HandshakeLabels, Counter>,
+    /// The config in force, its last reload, and the listeners' certificates.
+    pub config: ConfigMetrics,
     /// The label value of a request that has no route or caller (yet).
     none: Name,
 }
@@ -265,6 +354,7 @@ impl Metrics {
             "Failed TLS handshakes on proxy listeners, by listener and reason",
             tls_handshake_failures.clone(),
         );
+        let config = ConfigMetrics::register(registry);
         let requests = Family::<RequestLabels, Counter>::default();
         let request_duration =
             Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -477,6 +567,7 @@ impl Metrics {
             identity_call_duration,
             errors,
             tls_handshake_failures,
+            config,
             none: Name(Arc::from("-")),
         })
     }

@@ -3,7 +3,8 @@
 //! handshakes present the new certificate and need a client certificate from the new CA, while a
 //! connection opened before keeps working; broken files are refused, counted as a rejected
 //! reload, and the previous certificate is still served; and valid new files are picked up
-//! without SIGHUP when they change.
+//! without SIGHUP when they change. Likewise the config file and its secret files, watched
+//! without any signal, with the metrics that show what is in force.
 
 mod support;
 
@@ -62,8 +63,14 @@ fn ca(name: &str) -> Ca {
 
 /// A leaf for `localhost` and 127.0.0.1 (server and client use), named `cn`, issued by `ca`.
 fn leaf(ca: &Ca, cn: &str) -> Issued {
+    leaf_until(ca, cn, 4096)
+}
+
+/// [`leaf`], valid until the first second of `year` (UTC).
+fn leaf_until(ca: &Ca, cn: &str, year: i32) -> Issued {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(year, 1, 1);
     params
         .subject_alt_names
         .push(SanType::IpAddress([127, 0, 0, 1].into()));
@@ -329,6 +336,146 @@ async fn sighup_rotates_certificates_without_dropping_connections_and_refuses_br
     assert_eq!(get(&mut after, "/echo/last").await, Ok(200));
 
     drop((before, after));
+    assert_eq!(run.stop(), Some(0));
+    emulator.shutdown().await;
+}
+
+/// The metric of `series` (labels included) on the admin listener, if exported.
+async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let (_, _, body) = http("GET", &format!("http://{admin}/metrics"), &[], "").await;
+    sample(&String::from_utf8_lossy(&body), series)
+}
+
+/// Writes `text` to `path` by a rename, as a ConfigMap or Secret volume update replaces files.
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// `tokenbroker_config_info`'s label for a config file's text.
+fn config_sha256(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
+}
+
+/// Without any signal: a changed config file is applied (a new route served) and shown in
+/// `config_info`; a broken one is refused (`config_last_reload_successful` 0) and the config in
+/// force keeps serving; a changed secret file reloads too; a rotated certificate's end is in
+/// `tls_certificate_expiry_timestamp_seconds`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_config_and_secret_files_are_applied_without_a_signal() {
+    let emulator = Emulator::start(EmulatorConfig {
+        clients: vec![("admin".to_string(), Secret::new(CLIENT_SECRET))],
+        echo_upstream: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..EmulatorConfig::default()
+    })
+    .await
+    .unwrap();
+    let server_ca = ca("watch server CA");
+    let (server_a, server_b) = (
+        leaf_until(&server_ca, "server A", 2031),
+        leaf_until(&server_ca, "server B", 2033),
+    );
+    let clients = ca("watch clients CA");
+    let client = leaf(&clients, "svc");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, CLIENT_SECRET).unwrap();
+    install(
+        dir.path(),
+        &server_a.cert_pem,
+        &server_a.key_pem,
+        &clients.issued.cert_pem,
+    );
+    let path = dir.path().join("tokenbroker.toml");
+    let first = config_text(&emulator);
+    std::fs::write(&path, &first).unwrap();
+
+    let run = Process::spawn(&["run", "--log-json", "--config", path.to_str().unwrap()]);
+    let proxy = run.wait_for(|l| logged_addr(l, "proxy listening"));
+    let admin =
+        run.wait_for(|l| logged_addr(l, "admin listening (/healthz /readyz /metrics /tokens)"));
+    let info = |text: &str| {
+        format!(
+            r#"tokenbroker_config_info{{sha256="{}"}}"#,
+            config_sha256(text)
+        )
+    };
+    let expiry = r#"tokenbroker_tls_certificate_expiry_timestamp_seconds{listener="mtls"}"#;
+    let successful = "tokenbroker_config_last_reload_successful";
+    assert_eq!(metric(admin, &info(&first)).await, Some(1.0));
+    assert_eq!(
+        metric(admin, expiry).await,
+        Some(1_924_992_000.0),
+        "2031-01-01"
+    );
+    assert_eq!(metric(admin, successful).await, Some(1.0));
+    let (server_ca, client) = (&server_ca.issued, &client);
+    let route = |path: &'static str| async move {
+        let (_, mut sender) = connect(proxy, server_ca, client).await?;
+        get(&mut sender, path).await
+    };
+    assert!(eventually(WAIT, || async { route("/echo/a").await == Ok(200) }).await);
+    assert_eq!(route("/more/a").await, Ok(404), "no such route yet");
+
+    // A new route, by a changed file alone.
+    let second = first.replace(
+        "[limits]",
+        &format!(
+            "[[route]]\nname = \"more\"\npath_prefix = \"/more\"\nupstream = \"{}\"\nallow = [\"svc\"]\n\n[limits]",
+            emulator.echo_url().unwrap()
+        ),
+    );
+    replace(&path, &second);
+    assert!(
+        eventually(WAIT, || async { route("/more/b").await == Ok(200) }).await,
+        "the changed config file was not applied"
+    );
+    assert_eq!(metric(admin, &info(&second)).await, Some(1.0));
+    assert_eq!(
+        metric(admin, &info(&first)).await,
+        None,
+        "one config in force"
+    );
+    let ok = reloads(admin, "ok").await;
+    assert!(ok >= 1.0);
+
+    // A secret file replaced, with new certificate files: one reload, and the new certificate's
+    // end exported.
+    replace(&secret, CLIENT_SECRET);
+    install(
+        dir.path(),
+        &server_b.cert_pem,
+        &server_b.key_pem,
+        &clients.issued.cert_pem,
+    );
+    assert!(
+        eventually(WAIT, || async { reloads(admin, "ok").await > ok }).await,
+        "a changed secret file was not reloaded"
+    );
+    assert!(
+        eventually(WAIT, || async {
+            metric(admin, expiry).await == Some(1_988_150_400.0)
+        })
+        .await,
+        "2033-01-01"
+    );
+    assert_eq!(route("/echo/d").await, Ok(200));
+
+    // A broken file: refused, shown, and the config in force keeps serving.
+    replace(&path, "[[route]\nthis is not TOML");
+    assert!(
+        eventually(WAIT, || async {
+            metric(admin, successful).await == Some(0.0)
+        })
+        .await,
+        "the broken file was not refused"
+    );
+    assert!(reloads(admin, "rejected").await >= 1.0);
+    assert_eq!(route("/more/c").await, Ok(200));
+    assert_eq!(metric(admin, &info(&second)).await, Some(1.0));
+
     assert_eq!(run.stop(), Some(0));
     emulator.shutdown().await;
 }

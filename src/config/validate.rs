@@ -26,6 +26,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
         base: path.parent().unwrap_or(Path::new("")).to_path_buf(),
         file: path.to_path_buf(),
         problems: Vec::new(),
+        secret_files: Vec::new(),
     };
     let doc = match text.parse::<toml::Table>() {
         Ok(table) => toml::Value::Table(table),
@@ -75,6 +76,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
 
     let config = Config {
         source: Some(path.to_path_buf()),
+        source_sha256: Some(Sha256::digest(text).into()),
         listeners,
         admin,
         identity,
@@ -85,6 +87,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
         logging,
         store,
         telemetry,
+        secret_files: std::mem::take(&mut cx.secret_files),
     };
     cx.cross_check(&config);
     if cx.problems.is_empty() {
@@ -156,6 +159,8 @@ struct Checker {
     /// Relative paths in the file are relative to this folder.
     base: PathBuf,
     problems: Vec<ConfigError>,
+    /// The secret files read so far.
+    secret_files: Vec<PathBuf>,
 }
 
 impl Checker {
@@ -326,7 +331,11 @@ impl Checker {
                 return Secret::new("");
             }
             Some(v) => match v.try_into::<SecretSource>() {
-                Ok(SecretSource::File(p)) => SecretSource::File(self.base.join(p)),
+                Ok(SecretSource::File(p)) => {
+                    let path = self.base.join(p);
+                    self.secret_files.push(path.clone());
+                    SecretSource::File(path)
+                }
                 Ok(source) => source,
                 Err(_) => {
                     self.add(key, HOW);

@@ -212,6 +212,15 @@ impl ListenerTls {
     }
 }
 
+/// When the first certificate of the PEM file `cert` ends (its notAfter); `None` if it cannot
+/// be read or parsed.
+pub fn not_after(cert: &Path) -> Option<std::time::SystemTime> {
+    let der = crate::tls::read_certs(cert).ok()?.into_iter().next()?;
+    let (_, cert) = X509Certificate::from_der(&der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 /// The identities of a (verified) client certificate: URI SANs, then DNS SANs, then the subject
 /// CN. Empty if it cannot be parsed.
 pub fn cert_identities(der: &[u8]) -> Vec<CertIdentity> {
@@ -276,6 +285,13 @@ mod tests {
         );
         tls.client_ca = Some(dir.join("ca.pem"));
         server_config(&tls).unwrap();
+        let ends = not_after(&tls.cert).expect("the demo certificate's notAfter");
+        assert!(ends > std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000));
+        assert_eq!(
+            not_after(&dir.join("server.key")),
+            None,
+            "not a certificate"
+        );
         tls.key = dir.join("missing.key");
         let err = server_config(&tls).unwrap_err();
         assert_eq!(err.file, TlsFile::Key);
