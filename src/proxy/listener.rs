@@ -10,8 +10,9 @@
 //! I/O and no request in flight for that long: the connection is closed gracefully), `drain`,
 //! `shutdown_grace`. A request followed by the client's half-close is still answered.
 //!
-//! The drain, from the shutdown signal on: an HTTP/2 connection gets GOAWAY at once and serves the
-//! streams it has; an HTTP/1 connection stays open, parked or not, and each answer it writes
+//! The drain, from the shutdown signal on: an HTTP/2 connection gets GOAWAY at once (one that has
+//! not sent a request yet, at the end of the drain) and serves the streams it has; an HTTP/1
+//! connection stays open, parked or not, and each answer it writes
 //! carries `Connection: close` (hyper then closes it), so that a client sending on it in the next
 //! moments gets an answer rather than a closed connection. Connections still open after `drain`
 //! are closed gracefully (idle ones at once, in-flight ones after their answer), and any left at
@@ -623,5 +624,41 @@ impl<C: Future, S: Future> Future for Supervised<'_, C, S> {
             }
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: http::StatusCode) -> Response<()> {
+        let mut r = Response::new(());
+        *r.status_mut() = status;
+        r
+    }
+
+    #[test]
+    fn only_http1_answers_during_the_drain_close_their_connection() {
+        use http::{StatusCode, Version};
+        let shutdown = Shutdown::new();
+        let closes = |status, version, shutdown: &Shutdown| {
+            let mut r = answer(status);
+            close_when_draining(&mut r, version, shutdown);
+            r.headers().get(http::header::CONNECTION).cloned()
+        };
+        assert_eq!(closes(StatusCode::OK, Version::HTTP_11, &shutdown), None);
+        shutdown.trigger();
+        for version in [Version::HTTP_10, Version::HTTP_11] {
+            assert_eq!(
+                closes(StatusCode::BAD_GATEWAY, version, &shutdown).unwrap(),
+                "close"
+            );
+        }
+        assert_eq!(closes(StatusCode::OK, Version::HTTP_2, &shutdown), None);
+        assert_eq!(
+            closes(StatusCode::SWITCHING_PROTOCOLS, Version::HTTP_11, &shutdown),
+            None,
+            "a 101 becomes a tunnel"
+        );
     }
 }
