@@ -219,6 +219,7 @@ fn run(callers: usize) {
         let server = tokio::spawn(admin::serve(
             listener,
             state,
+            tokenbroker::server::ConnLimits::default(),
             shutdown.clone(),
             Duration::from_secs(1),
         ));

@@ -1,7 +1,9 @@
 //! Admin listener: `GET /healthz` (the process answers), `/readyz` (proxy listeners up and tokens
 //! warmed when so configured), `/metrics` (Prometheus text 0.0.4, or OpenMetrics when `Accept`
 //! asks for `application/openmetrics-text`) and `/tokens` (per-caller token
-//! status). It runs on its own port through [`server::serve`] and never shows a secret: `/tokens`
+//! status). It runs on its own port through [`server::serve`], with its own small connection limit
+//! and header timeout (`[admin] max_connections`, `header_read_timeout`), so that connections that
+//! say nothing cannot hold the process's file descriptors. It never shows a secret: `/tokens`
 //! carries ids, suffixes and expiry times only.
 
 use std::net::SocketAddr;
@@ -17,7 +19,7 @@ use tokio::net::TcpListener;
 
 use crate::broker::Broker;
 use crate::metrics::{self, CallerKindLabels, Metrics};
-use crate::server::{self, Shutdown};
+use crate::server::{self, ConnLimits, Shutdown};
 
 /// What the admin endpoints look at.
 pub struct AdminState {
@@ -42,10 +44,11 @@ impl AdminState {
     }
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown`.
+/// Serves the admin endpoints on `listener` within `limits` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
+    limits: ConnLimits,
     shutdown: Shutdown,
     grace: Duration,
 ) {
@@ -59,7 +62,7 @@ pub async fn serve(
             respond(&state, req.method(), req.uri().path(), accept)
         }
     };
-    server::serve(listener, handler, shutdown, grace).await;
+    server::serve(listener, handler, limits, shutdown, grace).await;
 }
 
 /// The answer to one admin request (`accept`: the request's `Accept` header).

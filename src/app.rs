@@ -24,7 +24,7 @@ use crate::config::{self, Config, ConfigError, ConfigErrors, LoggingConfig};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proxy::{tls, ProxyHandle, StartError as ProxyStartError};
-use crate::server::Shutdown;
+use crate::server::{ConnLimits, Shutdown};
 use crate::telemetry::Telemetry;
 
 /// How often `run` looks at the config file, the secret files it names and the TLS listeners'
@@ -113,23 +113,30 @@ impl AppHandle {
         };
         let proxy_addrs = proxy.local_addrs();
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
-        let admin = admin_listener.map(|listener| {
-            let state = AdminState::new(broker.clone(), metrics.clone());
-            state.listening.store(true, Ordering::Release);
-            let shutdown = Shutdown::new();
-            let grace = config.limits.shutdown_grace;
-            let task = tokio::spawn(admin::serve(
-                listener,
-                state.clone(),
-                shutdown.clone(),
-                grace,
-            ));
-            AdminTask {
-                state,
-                shutdown,
-                task,
-            }
-        });
+        let admin = admin_listener
+            .zip(config.admin.as_ref())
+            .map(|(listener, a)| {
+                let state = AdminState::new(broker.clone(), metrics.clone());
+                state.listening.store(true, Ordering::Release);
+                let shutdown = Shutdown::new();
+                let limits = ConnLimits {
+                    max_connections: a.max_connections,
+                    header_read_timeout: a.header_read_timeout,
+                };
+                let grace = config.limits.shutdown_grace;
+                let task = tokio::spawn(admin::serve(
+                    listener,
+                    state.clone(),
+                    limits,
+                    shutdown.clone(),
+                    grace,
+                ));
+                AdminTask {
+                    state,
+                    shutdown,
+                    task,
+                }
+            });
         let app = AppHandle {
             config: Mutex::new(config.clone()),
             metrics,

@@ -37,6 +37,9 @@ pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+pub const DEFAULT_ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MERGE_SLASHES: bool = true;
 pub const DEFAULT_TENANT: &str = "CUSTOMER";
 pub const DEFAULT_DISPLAY_NAME_PREFIX: &str = "tokenbroker";
@@ -184,6 +187,10 @@ pub struct ServerTls {
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
     pub addr: SocketAddr,
+    /// Open admin connections at most; over it a new one is closed at once.
+    pub max_connections: usize,
+    /// Time an admin connection has to send a request head (its first and each next one).
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -321,6 +328,9 @@ pub struct Limits {
     pub replay_buffer_bytes: usize,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// From SIGTERM on, idle HTTP/1 connections stay open this long (their next request is
+    /// answered with `Connection: close`) before they are closed; at most `shutdown_grace`.
+    pub drain: Duration,
     /// Repeated slashes in a request path are merged (`//a` is `/a`); off: refused with 400.
     pub merge_slashes: bool,
 }
@@ -335,6 +345,7 @@ impl Default for Limits {
             replay_buffer_bytes: DEFAULT_REPLAY_BUFFER_BYTES,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            drain: DEFAULT_DRAIN,
             merge_slashes: DEFAULT_MERGE_SLASHES,
         }
     }

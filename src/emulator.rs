@@ -51,7 +51,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::IdentityConfig;
 use crate::secret::Secret;
-use crate::server::{serve, Shutdown};
+use crate::server::{serve, ConnLimits, Shutdown};
 
 #[derive(Clone, Debug)]
 pub struct EmulatorConfig {
@@ -225,7 +225,13 @@ impl Emulator {
         let echo_task = echo_listener.map(|listener| {
             let handler_shared = shared.clone();
             let handler = move |req, _peer| echo::handle(handler_shared.clone(), req);
-            tokio::spawn(serve(listener, handler, shutdown.clone(), SHUTDOWN_GRACE))
+            tokio::spawn(serve(
+                listener,
+                handler,
+                ConnLimits::default(),
+                shutdown.clone(),
+                SHUTDOWN_GRACE,
+            ))
         });
         tracing::info!(addr = %shared.gate.addr(), echo = ?echo_addr, tenant = %config.tenant, "emulator started");
         Ok(Emulator {

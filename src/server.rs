@@ -1,10 +1,17 @@
 //! The one accept loop: serves a hyper service on a TCP listener (HTTP/1.1 and HTTP/2 by
 //! detection) until shut down, then drains in-flight connections. Used by the admin listener,
 //! the emulator and the echo upstream; the proxy builds its own listeners on the same pieces.
+//!
+//! [`ConnLimits`] bound what connections can hold: how many are open at once (over it a new one
+//! is closed at once) and how long each has to send a request head; a connection that sends no
+//! byte, or no complete head, in that time is closed. A request followed by the client's
+//! half-close (it shut its write side) is still answered.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -13,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 /// A shutdown signal shared by every task of one server or process. Cloning shares it.
 #[derive(Clone)]
@@ -50,9 +57,34 @@ impl Shutdown {
     }
 }
 
-/// Serves `handler` on `listener` until `shutdown`, then waits up to `grace` for open connections.
-pub async fn serve<H, F, B>(listener: TcpListener, handler: H, shutdown: Shutdown, grace: Duration)
-where
+/// What [`serve`] lets its connections hold.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    /// Open connections at most; over it a new connection is closed at once.
+    pub max_connections: usize,
+    /// Time a connection has to send its first request head (and each next one, kept alive).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ConnLimits {
+    /// No connection limit, 10 s for a head: for the emulator and the echo upstream.
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: Semaphore::MAX_PERMITS,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves `handler` on `listener` within `limits` until `shutdown`, then waits up to `grace` for
+/// open connections.
+pub async fn serve<H, F, B>(
+    listener: TcpListener,
+    handler: H,
+    limits: ConnLimits,
+    shutdown: Shutdown,
+    grace: Duration,
+) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: Body + Send + 'static,
@@ -60,6 +92,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (stream, peer) = tokio::select! {
             // Shutdown first: once triggered, nothing more is accepted.
@@ -74,21 +107,45 @@ where
                 }
             },
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; connection closed");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let fut = handler(req, peer);
-            async move { Ok::<_, Infallible>(fut.await) }
+        let asked = Arc::new(AtomicBool::new(false));
+        let service = hyper::service::service_fn({
+            let asked = asked.clone();
+            move |req| {
+                asked.store(true, Ordering::Relaxed);
+                let fut = handler(req, peer);
+                async move { Ok::<_, Infallible>(fut.await) }
+            }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10));
+            .header_read_timeout(limits.header_read_timeout)
+            .half_close(true);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let _permit = permit;
+            tokio::pin!(conn);
+            // hyper times the heads of HTTP/1 only, once it knows the protocol: a connection
+            // that sends nothing at all is closed here.
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = tokio::time::sleep(limits.header_read_timeout) => {
+                    if !asked.load(Ordering::Relaxed) {
+                        tracing::debug!(%peer, "no request in time; connection closed");
+                        return;
+                    }
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });

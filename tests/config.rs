@@ -988,3 +988,58 @@ fn upgrades_merge_slashes_and_canonical_prefixes() {
     assert_problem(&all, "route[0].upgrades[1]", "not an Upgrade protocol");
     assert_problem(&all, "route[1].path_prefix", "can never match");
 }
+
+#[test]
+fn drain_and_the_admin_listeners_limits() {
+    let dir = folder();
+    let c = load(dir.path(), &base()).unwrap();
+    assert_eq!(c.limits.drain, config::DEFAULT_DRAIN);
+    // A short shutdown_grace alone shortens the default drain with it.
+    let text = format!("{}\n[limits]\nshutdown_grace = \"2s\"\n", base());
+    let c = load(dir.path(), &text).unwrap();
+    assert_eq!(c.limits.drain, std::time::Duration::from_secs(2));
+    let text = format!(
+        "{}\n[limits]\ndrain = \"0s\"\n\n[admin]\naddress = \"127.0.0.1:0\"\nmax_connections = 8\nheader_read_timeout = \"2s\"\n",
+        base()
+    );
+    let c = load(dir.path(), &text).unwrap();
+    assert!(
+        c.limits.drain.is_zero(),
+        "a zero drain closes idle connections at once"
+    );
+    let admin = c.admin.unwrap();
+    assert_eq!(
+        (admin.max_connections, admin.header_read_timeout),
+        (8, std::time::Duration::from_secs(2))
+    );
+    let c = load(
+        dir.path(),
+        &format!("{}\n[admin]\naddress = \"127.0.0.1:0\"\n", base()),
+    )
+    .unwrap();
+    let admin = c.admin.unwrap();
+    assert_eq!(
+        (admin.max_connections, admin.header_read_timeout),
+        (
+            config::DEFAULT_ADMIN_MAX_CONNECTIONS,
+            config::DEFAULT_ADMIN_HEADER_READ_TIMEOUT
+        )
+    );
+
+    let text = format!(
+        "{}\n[limits]\ndrain = \"40s\"\nshutdown_grace = \"30s\"\n\n[admin]\naddress = \"127.0.0.1:0\"\nmax_connections = 0\nheader_read_timeout = \"0s\"\n",
+        base()
+    );
+    let all = problems(&text);
+    assert_problem(
+        &all,
+        "limits.drain",
+        "40s is longer than limits.shutdown_grace (30s)",
+    );
+    assert_problem(&all, "admin.max_connections", "0 is out of range 1..=10000");
+    assert_problem(
+        &all,
+        "admin.header_read_timeout",
+        "must be longer than zero",
+    );
+}

@@ -1029,7 +1029,8 @@ const GET_FAKE: &[u8] =
 
 #[tokio::test]
 async fn an_idle_keep_alive_connection_parks_and_serves_its_next_requests() {
-    let f = Fixture::start().await;
+    // Without a drain period, idle connections are closed as soon as shutdown starts.
+    let f = Fixture::start_with(|c| c.limits.drain = Duration::ZERO).await;
     let mut stream = tokio::net::TcpStream::connect(f.addr("plain"))
         .await
         .unwrap();

@@ -69,6 +69,8 @@ pub struct RawTls {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub address: Option<String>,
+    pub max_connections: Option<i64>,
+    pub header_read_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +148,7 @@ pub struct RawLimits {
     pub replay_buffer_bytes: Option<i64>,
     pub idle_timeout: Option<RawDuration>,
     pub shutdown_grace: Option<RawDuration>,
+    pub drain: Option<RawDuration>,
     pub merge_slashes: Option<bool>,
 }
 

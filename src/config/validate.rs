@@ -50,9 +50,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let admin = raw
         .admin
         .and_then(|v| cx.read::<RawAdmin>(v, "admin"))
-        .map(|r| AdminConfig {
-            addr: cx.addr("admin.address", r.address),
-        });
+        .map(|r| cx.admin(r));
     let identity = cx.section::<RawIdentity>(raw.identity, "identity", true);
     let identity = cx.identity(identity);
     let tokens = cx.section::<RawTokens>(raw.tokens, "tokens", false);
@@ -718,6 +716,25 @@ impl Checker {
         }
     }
 
+    fn admin(&mut self, r: RawAdmin) -> AdminConfig {
+        let max_connections = self.int(
+            "admin.max_connections",
+            r.max_connections,
+            DEFAULT_ADMIN_MAX_CONNECTIONS as i64,
+            1,
+            10_000,
+        ) as usize;
+        AdminConfig {
+            addr: self.addr("admin.address", r.address),
+            max_connections,
+            header_read_timeout: self.duration(
+                "admin.header_read_timeout",
+                r.header_read_timeout,
+                DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
+            ),
+        }
+    }
+
     fn limits(&mut self, r: RawLimits) -> Limits {
         let d = Limits::default();
         let mut size = |key: &str, value: Option<i64>, default: usize, min: i64, max: i64| {
@@ -747,6 +764,25 @@ impl Checker {
         let max_body_bytes = r
             .max_body_bytes
             .map(|v| self.int("limits.max_body_bytes", Some(v), 1, 1, i64::MAX) as u64);
+        let shutdown_grace =
+            self.any_duration("limits.shutdown_grace", r.shutdown_grace, d.shutdown_grace);
+        let drain_set = r.drain.is_some();
+        let mut drain = self.any_duration("limits.drain", r.drain, d.drain);
+        if drain > shutdown_grace {
+            if drain_set {
+                self.add(
+                    "limits.drain",
+                    format!(
+                        "{} is longer than limits.shutdown_grace ({}): the drain must end before \
+                         the shutdown deadline cuts every connection",
+                        humantime::format_duration(drain),
+                        humantime::format_duration(shutdown_grace)
+                    ),
+                );
+            }
+            // A short shutdown_grace alone shortens the default drain with it.
+            drain = shutdown_grace;
+        }
         Limits {
             header_read_timeout: self.duration(
                 "limits.header_read_timeout",
@@ -758,11 +794,8 @@ impl Checker {
             max_connections,
             replay_buffer_bytes,
             idle_timeout: self.duration("limits.idle_timeout", r.idle_timeout, d.idle_timeout),
-            shutdown_grace: self.any_duration(
-                "limits.shutdown_grace",
-                r.shutdown_grace,
-                d.shutdown_grace,
-            ),
+            shutdown_grace,
+            drain,
             merge_slashes: r.merge_slashes.unwrap_or(d.merge_slashes),
         }
     }

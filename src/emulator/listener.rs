@@ -18,7 +18,7 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use super::{lock, SHUTDOWN_GRACE};
-use crate::server::{serve, Shutdown};
+use crate::server::{serve, ConnLimits, Shutdown};
 
 pub(crate) struct Gate {
     addr: SocketAddr,
@@ -79,9 +79,13 @@ impl Gate {
             tokio::net::TcpListener::from_std(listener)?
         };
         let epoch = Shutdown::new();
-        let task = self
-            .runtime
-            .spawn(serve(listener, handler, epoch.clone(), SHUTDOWN_GRACE));
+        let task = self.runtime.spawn(serve(
+            listener,
+            handler,
+            ConnLimits::default(),
+            epoch.clone(),
+            SHUTDOWN_GRACE,
+        ));
         state.tasks.retain(|t| !t.is_finished());
         state.tasks.push(task);
         state.serving = Some((handle, epoch));

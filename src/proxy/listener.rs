@@ -1,12 +1,22 @@
 //! Listeners and client connections: binding, accepting under the connection limit, TLS
 //! handshakes, serving HTTP/1.1 and HTTP/2 (h2 by ALPN, h2c by prior knowledge) on each
-//! connection, closing idle ones, and the two-step shutdown (stop accepting and drain; close what
-//! is left at the deadline).
+//! connection, closing idle ones, and the shutdown in steps: stop accepting; drain; close what is
+//! left at the deadline.
 //!
 //! Limits applied here: `max_connections` (over it a new connection is closed at once),
-//! `header_read_timeout` (TLS handshake, HTTP/1 head, and the first request of any connection),
-//! `max_header_bytes` (hyper's HTTP/1 buffer and HTTP/2 header list), `idle_timeout` (no I/O and
-//! no request in flight for that long: the connection is closed gracefully), `shutdown_grace`.
+//! `header_read_timeout` (TLS handshake, HTTP/1 head, and the first request of a connection or of
+//! a parked one that woke up: a connection that sends nothing, or only blank lines, is closed
+//! then), `max_header_bytes` (hyper's HTTP/1 buffer and HTTP/2 header list), `idle_timeout` (no
+//! I/O and no request in flight for that long: the connection is closed gracefully), `drain`,
+//! `shutdown_grace`. A request followed by the client's half-close is still answered.
+//!
+//! The drain, from the shutdown signal on: an HTTP/2 connection gets GOAWAY at once (one that has
+//! not sent a request yet, at the end of the drain) and serves the streams it has; an HTTP/1
+//! connection stays open, parked or not, and each answer it writes
+//! carries `Connection: close` (hyper then closes it), so that a client sending on it in the next
+//! moments gets an answer rather than a closed connection. Connections still open after `drain`
+//! are closed gracefully (idle ones at once, in-flight ones after their answer), and any left at
+//! `shutdown_grace` are cut.
 //!
 //! A connection's slot under `max_connections` is a `ConnHold`, shared with a tunnel that
 //! outlives hyper's part of the connection (an `Upgrade`), so that a tunnel is counted, limited and
@@ -105,6 +115,8 @@ struct Ctx<T> {
     shared: Arc<Shared<T>>,
     permits: Arc<Semaphore>,
     shutdown: Shutdown,
+    /// Triggered when the drain period after `shutdown` is over.
+    drain_end: Shutdown,
     hard_stop: Shutdown,
     /// Held by every connection task; the receiver sees the channel close when all have ended.
     drain: mpsc::Sender<()>,
@@ -116,13 +128,15 @@ impl<T> Clone for Ctx<T> {
             shared: self.shared.clone(),
             permits: self.permits.clone(),
             shutdown: self.shutdown.clone(),
+            drain_end: self.drain_end.clone(),
             hard_stop: self.hard_stop.clone(),
             drain: self.drain.clone(),
         }
     }
 }
 
-/// Starts an accept loop per listener, plus the task that enforces the shutdown deadline.
+/// Starts an accept loop per listener, plus the task that ends the drain and enforces the
+/// shutdown deadline.
 pub(crate) fn spawn_all<T: TokenSource>(
     listeners: Vec<BoundListener>,
     limits: &Limits,
@@ -132,16 +146,23 @@ pub(crate) fn spawn_all<T: TokenSource>(
     drain: mpsc::Sender<()>,
 ) -> Vec<JoinHandle<()>> {
     let state = shared.state.clone();
-    let (deadline_shutdown, deadline_hard) = (shutdown.clone(), hard_stop.clone());
+    let drain_end = Shutdown::new();
+    let steps = (shutdown.clone(), drain_end.clone(), hard_stop.clone());
     tokio::spawn(async move {
-        deadline_shutdown.wait().await;
-        sleep(state.load().limits.shutdown_grace).await;
-        deadline_hard.trigger();
+        let (shutdown, drain_end, hard_stop) = steps;
+        shutdown.wait().await;
+        let limits = state.load().limits.clone();
+        let drain = limits.drain.min(limits.shutdown_grace);
+        sleep(drain).await;
+        drain_end.trigger();
+        sleep(limits.shutdown_grace - drain).await;
+        hard_stop.trigger();
     });
     let ctx = Ctx {
         shared,
         permits: Arc::new(Semaphore::new(limits.max_connections)),
         shutdown,
+        drain_end,
         hard_stop,
         drain,
     };
@@ -318,7 +339,10 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(MIN_H1_BUF))
-        .keep_alive(true);
+        .keep_alive(true)
+        // A client that shuts its write side after its request still gets the answer (else
+        // hyper drops the request unanswered, its handler not even started, when it sees EOF).
+        .half_close(true);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -333,7 +357,7 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// is freed and the socket waits on its own, a few hundred bytes, for its next bytes; they start a
 /// new hyper connection on the same socket. nginx does the same with its buffers on idle
 /// keep-alive connections. While parked, the connection still closes at `idle_timeout` and at
-/// shutdown (at once: nothing is in flight).
+/// the end of the drain; bytes during the drain resume it and its answer closes it.
 async fn serve<S, T>(stream: S, conn: ConnInfo, limits: &Limits, ctx: Ctx<T>, may_park: bool)
 where
     S: Readable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -342,22 +366,24 @@ where
     let activity = conn.activity.clone();
     let conn = Arc::new(conn);
     let shared = ctx.shared.clone();
+    let draining = ctx.shutdown.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (conn, shared) = (conn.clone(), shared.clone());
+        let (conn, shared, draining) = (conn.clone(), shared.clone(), draining.clone());
         async move {
-            let in_flight = conn.activity.request_started(req.version());
-            let response = service::handle(req, &conn, &shared).await;
+            let version = req.version();
+            let in_flight = conn.activity.request_started(version);
+            let mut response = service::handle(req, &conn, &shared).await;
+            close_when_draining(&mut response, version, &draining);
             Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight)))
         }
     });
     let park = Arc::new(Park::default());
     let mut stream = stream;
-    let mut resumed = false;
     loop {
         let watched = Watched::new(stream, activity.clone(), may_park.then(|| park.clone()));
         // Boxed: hyper's builder, its connection and the timers of a connection at work are
         // freed while it is parked.
-        Box::pin(drive(watched, svc.clone(), resumed, limits, &ctx, &park)).await;
+        Box::pin(drive(watched, svc.clone(), limits, &ctx, &park)).await;
         let Some(parked) = park.take() else {
             return;
         };
@@ -368,7 +394,7 @@ where
                 tracing::debug!("closing idle client connection");
                 return;
             }
-            _ = ctx.shutdown.wait() => return,
+            _ = ctx.drain_end.wait() => return,
             _ = ctx.hard_stop.wait() => return,
         };
         if let Err(e) = next {
@@ -376,7 +402,20 @@ where
             return;
         }
         stream = parked;
-        resumed = true;
+    }
+}
+
+/// During the drain, an HTTP/1 answer closes its connection (`Connection: close`, which hyper
+/// honours by closing after it); a `101` is left alone, as its connection becomes a tunnel.
+fn close_when_draining<B>(response: &mut Response<B>, version: http::Version, draining: &Shutdown) {
+    if version < http::Version::HTTP_2
+        && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+        && draining.is_triggered()
+    {
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
     }
 }
 
@@ -405,11 +444,12 @@ impl Drop for ParkedConnection {
 }
 
 /// Runs hyper on the stream until the connection ends or parks (then the stream is in `park`).
-/// `resumed`: the connection was parked before (its first request has been served).
+/// A request must start within `header_read_timeout`, on a new connection as on a parked one that
+/// woke up, and a woken connection that served none does not park again: blank lines alone keep
+/// no connection alive.
 async fn drive<S, T, Svc, B>(
     stream: Watched<S>,
     svc: Svc,
-    resumed: bool,
     limits: &Limits,
     ctx: &Ctx<T>,
     park: &Park<S>,
@@ -434,9 +474,11 @@ async fn drive<S, T, Svc, B>(
     let mut park_check = interval_at(Instant::now() + park_after, park_after);
     let first_request = sleep(limits.header_read_timeout);
     tokio::pin!(first_request);
-    let mut first_request_checked = resumed;
+    let mut first_request_checked = false;
+    let served_before = activity.requests();
     let mut last_io = activity.io_events();
     let mut last_park_io = last_io;
+    let mut draining = false;
     let mut closing = false;
     let woken = Arc::new(SupervisorWake::default());
     loop {
@@ -444,7 +486,8 @@ async fn drive<S, T, Svc, B>(
             tokio::select! {
                 biased;
                 _ = ctx.hard_stop.wait() => Event::HardStop,
-                _ = ctx.shutdown.wait(), if !closing => Event::Shutdown,
+                _ = ctx.shutdown.wait(), if !closing && !draining => Event::Shutdown,
+                _ = ctx.drain_end.wait(), if !closing => Event::DrainEnd,
                 _ = &mut first_request, if !closing && !first_request_checked => Event::FirstRequest,
                 _ = park_check.tick(), if !closing => Event::ParkCheck,
                 _ = idle_check.tick(), if !closing => Event::IdleCheck,
@@ -468,22 +511,30 @@ async fn drive<S, T, Svc, B>(
                 return;
             }
             Ok(Event::Shutdown) => {
+                // HTTP/1 answers now carry `Connection: close` (see `serve`); HTTP/2 has GOAWAY.
+                draining = true;
+                if activity.speaks_http2() {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            Ok(Event::DrainEnd) => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
             Ok(Event::FirstRequest) => {
                 first_request_checked = true;
-                if activity.requests() == 0 {
+                if activity.requests() == served_before {
+                    // Nothing was in flight: closed at once, whatever hyper was reading.
                     tracing::debug!("no request in time; closing client connection");
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
+                    return;
                 }
             }
             Ok(Event::ParkCheck) => {
                 let io = activity.io_events();
                 if io == last_park_io
                     && activity.in_flight() == 0
-                    && activity.requests() > 0
+                    && activity.requests() > served_before
                     && !activity.speaks_http2()
                 {
                     // The stream parks at hyper's next read if it finds the connection idle;
@@ -517,6 +568,7 @@ async fn drive<S, T, Svc, B>(
 enum Event {
     HardStop,
     Shutdown,
+    DrainEnd,
     FirstRequest,
     ParkCheck,
     IdleCheck,
@@ -572,5 +624,41 @@ impl<C: Future, S: Future> Future for Supervised<'_, C, S> {
             }
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: http::StatusCode) -> Response<()> {
+        let mut r = Response::new(());
+        *r.status_mut() = status;
+        r
+    }
+
+    #[test]
+    fn only_http1_answers_during_the_drain_close_their_connection() {
+        use http::{StatusCode, Version};
+        let shutdown = Shutdown::new();
+        let closes = |status, version, shutdown: &Shutdown| {
+            let mut r = answer(status);
+            close_when_draining(&mut r, version, shutdown);
+            r.headers().get(http::header::CONNECTION).cloned()
+        };
+        assert_eq!(closes(StatusCode::OK, Version::HTTP_11, &shutdown), None);
+        shutdown.trigger();
+        for version in [Version::HTTP_10, Version::HTTP_11] {
+            assert_eq!(
+                closes(StatusCode::BAD_GATEWAY, version, &shutdown).unwrap(),
+                "close"
+            );
+        }
+        assert_eq!(closes(StatusCode::OK, Version::HTTP_2, &shutdown), None);
+        assert_eq!(
+            closes(StatusCode::SWITCHING_PROTOCOLS, Version::HTTP_11, &shutdown),
+            None,
+            "a 101 becomes a tunnel"
+        );
     }
 }

@@ -275,7 +275,7 @@ lease = "{lease}"
 }
 
 /// Starts `tokenbroker run` on `config` and waits for its listeners and `/readyz`.
-async fn spawn(config: PathBuf) -> Replica {
+pub async fn spawn(config: PathBuf) -> Replica {
     let process = Process::spawn(&["run", "--log-json", "--config", config.to_str().unwrap()]);
     let proxy = process.wait_for(|l| logged_addr(l, "proxy listening"));
     let admin =
