@@ -4,17 +4,22 @@
 //! status). It runs on its own port through [`server::serve`], with its own small connection limit
 //! and header timeout (`[admin] max_connections`, `header_read_timeout`), so that connections that
 //! say nothing cannot hold the process's file descriptors. It never shows a secret: `/tokens`
-//! carries ids, suffixes and expiry times only.
+//! carries ids, suffixes and expiry times only, and answers only a peer on loopback, or one
+//! presenting an admin key (`Authorization: Bearer <key>`, `[admin] key_hashes`; once keys are
+//! configured, every peer needs one). `/healthz`, `/readyz` and `/metrics` are open to whoever
+//! reaches the port (probes and scrapers).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::broker::Broker;
@@ -28,6 +33,8 @@ pub struct AdminState {
     /// True while the proxy listeners are bound and accepting (false before start and while
     /// draining at shutdown).
     pub listening: AtomicBool,
+    /// SHA-256 digests of the admin keys (`[admin] key_hashes`), replaced on reload.
+    keys: ArcSwap<Vec<[u8; 32]>>,
 }
 
 impl AdminState {
@@ -36,11 +43,47 @@ impl AdminState {
             broker,
             metrics,
             listening: AtomicBool::new(false),
+            keys: ArcSwap::from_pointee(Vec::new()),
         })
+    }
+
+    /// The admin keys in force from now on.
+    pub fn set_keys(&self, keys: Vec<[u8; 32]>) {
+        self.keys.store(Arc::new(keys));
     }
 
     pub fn is_ready(&self) -> bool {
         self.listening.load(Ordering::Acquire) && self.broker.is_ready()
+    }
+
+    /// Whether a request from `peer` with this `Authorization` may read `/tokens`.
+    fn may_read_tokens(&self, peer: SocketAddr, authorization: Option<&[u8]>) -> Access {
+        access(&self.keys.load(), peer, authorization)
+    }
+}
+
+/// Who may read `/tokens`: with no admin key configured, a peer on loopback; with keys, whoever
+/// presents one (`Bearer <key>`), from anywhere.
+fn access(keys: &[[u8; 32]], peer: SocketAddr, authorization: Option<&[u8]>) -> Access {
+    if keys.is_empty() {
+        return if peer.ip().is_loopback() {
+            Access::Granted
+        } else {
+            Access::LoopbackOnly
+        };
+    }
+    let Some(key) = authorization.and_then(|a| a.strip_prefix(b"Bearer ")) else {
+        return Access::NeedsKey;
+    };
+    let digest = crate::config::key_hash(key);
+    // Every stored digest is compared, in constant time, whichever matches.
+    let matched = keys
+        .iter()
+        .fold(subtle::Choice::from(0), |m, k| m | k.ct_eq(&digest));
+    if bool::from(matched) {
+        Access::Granted
+    } else {
+        Access::NeedsKey
     }
 }
 
@@ -52,20 +95,50 @@ pub async fn serve(
     shutdown: Shutdown,
     grace: Duration,
 ) {
-    let handler = move |req: Request<Incoming>, _peer: SocketAddr| {
+    let handler = move |req: Request<Incoming>, peer: SocketAddr| {
         let state = state.clone();
         async move {
             let accept = req
                 .headers()
                 .get(header::ACCEPT)
                 .and_then(|v| v.to_str().ok());
+            if req.uri().path() == "/tokens" {
+                let authorization = req.headers().get(header::AUTHORIZATION);
+                match state.may_read_tokens(peer, authorization.map(|v| v.as_bytes())) {
+                    Access::Granted => {}
+                    Access::NeedsKey => {
+                        let mut r = text(StatusCode::UNAUTHORIZED, "an admin key is needed: Authorization: Bearer <key>\n");
+                        r.headers_mut().insert(
+                            header::WWW_AUTHENTICATE,
+                            http::HeaderValue::from_static("Bearer"),
+                        );
+                        return r;
+                    }
+                    Access::LoopbackOnly => {
+                        return text(
+                            StatusCode::FORBIDDEN,
+                            "/tokens answers loopback only while no [admin] key_hashes are configured\n",
+                        )
+                    }
+                }
+            }
             respond(&state, req.method(), req.uri().path(), accept)
         }
     };
     server::serve(listener, handler, limits, shutdown, grace).await;
 }
 
-/// The answer to one admin request (`accept`: the request's `Accept` header).
+/// Who may read `/tokens`.
+#[derive(Debug, PartialEq, Eq)]
+enum Access {
+    Granted,
+    /// Keys are configured and the request presented none that matches.
+    NeedsKey,
+    /// No key is configured and the peer is not on loopback.
+    LoopbackOnly,
+}
+
+/// The answer to one admin request (`accept`: the request's `Accept` header), once allowed.
 pub fn respond(
     state: &AdminState,
     method: &Method,
@@ -163,4 +236,36 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_answer_loopback_without_keys_and_a_key_holder_with_them() {
+        let local: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let local6: SocketAddr = "[::1]:4000".parse().unwrap();
+        let remote: SocketAddr = "10.1.2.3:4000".parse().unwrap();
+        assert_eq!(access(&[], local, None), Access::Granted);
+        assert_eq!(access(&[], local6, None), Access::Granted);
+        assert_eq!(access(&[], remote, None), Access::LoopbackOnly);
+        assert_eq!(
+            access(&[], remote, Some(b"Bearer anything")),
+            Access::LoopbackOnly,
+            "no key can be right while none is configured"
+        );
+        let keys = [
+            crate::config::key_hash(b"other"),
+            crate::config::key_hash(b"k3y"),
+        ];
+        for peer in [local, remote] {
+            assert_eq!(access(&keys, peer, Some(b"Bearer k3y")), Access::Granted);
+            assert_eq!(access(&keys, peer, Some(b"Bearer other")), Access::Granted);
+            assert_eq!(access(&keys, peer, None), Access::NeedsKey, "loopback too");
+            assert_eq!(access(&keys, peer, Some(b"Bearer k3")), Access::NeedsKey);
+            assert_eq!(access(&keys, peer, Some(b"Basic k3y")), Access::NeedsKey);
+            assert_eq!(access(&keys, peer, Some(b"k3y")), Access::NeedsKey);
+        }
+    }
 }

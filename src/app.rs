@@ -117,6 +117,7 @@ impl AppHandle {
             .zip(config.admin.as_ref())
             .map(|(listener, a)| {
                 let state = AdminState::new(broker.clone(), metrics.clone());
+                state.set_keys(a.key_hashes.clone());
                 state.listening.store(true, Ordering::Release);
                 let shutdown = Shutdown::new();
                 let limits = ConnLimits {
@@ -313,6 +314,10 @@ impl AppHandle {
             listener.replace(config);
         }
         self.broker.reconfigure(&new);
+        if let Some(admin) = &self.admin {
+            let keys = new.admin.as_ref().map(|a| a.key_hashes.clone());
+            admin.state.set_keys(keys.unwrap_or_default());
+        }
         *self.config.lock().expect("config lock") = new;
         Ok(())
     }

@@ -38,6 +38,9 @@ pub const DEFAULT_UPSTREAM_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
+/// `[admin] address` when not given: loopback only, so that `/tokens` is not on the network by
+/// default.
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9090";
 pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 pub const DEFAULT_ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MERGE_SLASHES: bool = true;
@@ -191,6 +194,9 @@ pub struct AdminConfig {
     pub max_connections: usize,
     /// Time an admin connection has to send a request head (its first and each next one).
     pub header_read_timeout: Duration,
+    /// SHA-256 digests of the keys that may read `/tokens` (`Authorization: Bearer <key>`).
+    /// Without any, only a peer on loopback may.
+    pub key_hashes: Vec<[u8; 32]>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

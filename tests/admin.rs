@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::process::{logged_addr, Process};
-use support::{eventually, http, json, sample};
+use support::{eventually, header, http, json, sample};
 use tokenbroker::app::AppHandle;
 use tokenbroker::config;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultKind, Operation};
@@ -711,4 +711,58 @@ async fn dev_demo_answers_the_printed_curl_line() {
     assert_eq!(echo["caller"]["token_display_name"], "tokenbroker-dev-demo");
     assert_eq!(echo["bearer_suffix"].as_str().map(str::len), Some(5));
     assert_eq!(dev.stop(), Some(0));
+}
+
+/// With `[admin] key_hashes`, `/tokens` needs one of the keys, from loopback too (401 with
+/// `WWW-Authenticate: Bearer` otherwise); probes and metrics stay open; a reload that drops the
+/// keys opens `/tokens` to loopback again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_need_an_admin_key_once_keys_are_configured() {
+    const ADMIN_KEY: &str = "admin-key-for-tokens-0123456789";
+    let emulator = emulator().await;
+    let plain = config_text(&emulator, "");
+    let keyed = plain.replace(
+        "[admin]\naddress = \"127.0.0.1:0\"\n",
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:0\"\nkey_hashes = [\"{}\"]\n",
+            hash(ADMIN_KEY)
+        ),
+    );
+    assert_ne!(keyed, plain);
+    let (_dir, path) = folder(&keyed);
+    let app = start(&path).await;
+    let admin = app.admin_addr().unwrap();
+    let tokens = |auth: Option<String>| async move {
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("authorization", a)])
+            .unwrap_or_default();
+        let (status, headers, body) =
+            http("GET", &format!("http://{admin}/tokens"), &headers, "").await;
+        let challenge = header(&headers, "www-authenticate").to_string();
+        (
+            status.as_u16(),
+            challenge,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    };
+
+    let (status, challenge, body) = tokens(None).await;
+    assert_eq!((status, challenge.as_str()), (401, "Bearer"), "{body}");
+    assert!(!body.contains("svc"), "no caller is named: {body}");
+    let wrong = tokens(Some("Bearer not-the-key".into())).await;
+    assert_eq!(wrong.0, 401);
+    let (status, _, body) = tokens(Some(format!("Bearer {ADMIN_KEY}"))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"caller\": \"svc\""), "{body}");
+    for open in ["/healthz", "/metrics"] {
+        assert_eq!(get(admin, open).await.0, 200, "{open}");
+    }
+
+    std::fs::write(&path, &plain).unwrap();
+    app.reload().unwrap();
+    assert_eq!(tokens(None).await.0, 200, "loopback, no key configured");
+
+    app.shutdown().await;
+    emulator.shutdown().await;
 }

@@ -61,6 +61,7 @@ impl Fixture {
                 addr: "127.0.0.1:0".parse().unwrap(),
                 max_connections: config::DEFAULT_ADMIN_MAX_CONNECTIONS,
                 header_read_timeout: config::DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
+                key_hashes: vec![],
             }),
             callers: vec![caller("alice", "alice-key", vec![])],
             routes: vec![route(

@@ -71,6 +71,8 @@ pub struct RawAdmin {
     pub address: Option<String>,
     pub max_connections: Option<i64>,
     pub header_read_timeout: Option<RawDuration>,
+    #[serde(default)]
+    pub key_hashes: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -475,22 +475,7 @@ impl Checker {
                 );
             }
         }
-        let key_hashes = r
-            .key_hashes
-            .iter()
-            .enumerate()
-            .filter_map(|(i, h)| {
-                let parsed = parse_key_hash(h);
-                if parsed.is_none() {
-                    // The value is not echoed: it could be the key itself, pasted by mistake.
-                    self.add(
-                        format!("{key}.key_hashes[{i}]"),
-                        "must be \"sha256:<64 hex digits>\" (see `tokenbroker hash-key`)",
-                    );
-                }
-                parsed
-            })
-            .collect();
+        let key_hashes = self.key_hashes(key, &r.key_hashes);
         let cert_identities = r
             .cert_identities
             .iter()
@@ -724,8 +709,12 @@ impl Checker {
             1,
             10_000,
         ) as usize;
+        let address = r
+            .address
+            .or_else(|| Some(DEFAULT_ADMIN_ADDRESS.to_string()));
         AdminConfig {
-            addr: self.addr("admin.address", r.address),
+            addr: self.addr("admin.address", address),
+            key_hashes: self.key_hashes("admin", &r.key_hashes),
             max_connections,
             header_read_timeout: self.duration(
                 "admin.header_read_timeout",
@@ -733,6 +722,25 @@ impl Checker {
                 DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
             ),
         }
+    }
+
+    /// `<key>.key_hashes`: each `sha256:<64 hex digits>`.
+    fn key_hashes(&mut self, key: &str, hashes: &[String]) -> Vec<[u8; 32]> {
+        hashes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| {
+                let parsed = parse_key_hash(h);
+                if parsed.is_none() {
+                    // The value is not echoed: it could be the key itself, pasted by mistake.
+                    self.add(
+                        format!("{key}.key_hashes[{i}]"),
+                        "must be \"sha256:<64 hex digits>\" (see `tokenbroker hash-key`)",
+                    );
+                }
+                parsed
+            })
+            .collect()
     }
 
     fn limits(&mut self, r: RawLimits) -> Limits {
