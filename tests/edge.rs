@@ -625,3 +625,122 @@ async fn http2_authority_and_host_must_agree() {
     );
     f.still_serves().await;
 }
+
+/// Authorities that are no `host[:port]`: the README promises 400 for each.
+const NO_HOST_PORT: [&str; 5] = [
+    "a.example:abc",
+    "a.example:99999",
+    "a.example:80:80",
+    "[a.example]",
+    "a.example,other",
+];
+
+#[tokio::test]
+async fn authorities_that_are_no_host_and_port_are_400_over_http1_and_h2() {
+    use http_body_util::{BodyExt, Empty};
+    let f = Edge::start(|_| {}).await;
+    for host in NO_HOST_PORT {
+        let header = format!("Host: {host}");
+        check_variant(&f, "GET /h/x HTTP/1.1", &[&header], Expect::Refused).await;
+    }
+
+    // HTTP/2 (h2c, prior knowledge): the same values as `:authority`.
+    let tcp = tokio::net::TcpStream::connect(f.addr("plain"))
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut sent = 0;
+    // `a.example:80:80` is no URI authority at all: hyper's HTTP/2 layer refuses it as a
+    // malformed request (a stream reset) before the proxy sees it, and no client can send it.
+    for authority in NO_HOST_PORT
+        .into_iter()
+        .filter(|a| a.parse::<http::uri::Authority>().is_ok())
+    {
+        for key in ["Bearer alice-key", "Bearer bob-key"] {
+            let before = f.up.requests();
+            let request = http::Request::get(format!("http://{authority}/h/x"))
+                .header("proxy-authorization", key)
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let response = tokio::time::timeout(LONG, h2.send_request(request))
+                .await
+                .unwrap()
+                .unwrap();
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(status, 400, "{authority}: {body:?}");
+            assert_eq!(support::json(&body)["error"], "bad_request", "{authority}");
+            assert_eq!(f.up.requests(), before, "{authority} was forwarded");
+        }
+        sent += 1;
+    }
+    assert_eq!(sent, NO_HOST_PORT.len() - 1);
+    // Sent as raw frames, `a.example:80:80` gets a stream reset and reaches nothing.
+    let before = f.up.requests();
+    let frame = raw_h2_request(f.addr("plain"), "a.example:80:80", "/h/x").await;
+    assert_eq!(frame, H2_RST_STREAM, "frame type {frame}");
+    // (The same frames with a valid URI authority get our answer.)
+    let frame = raw_h2_request(f.addr("plain"), "a.example:abc", "/h/x").await;
+    assert_eq!(frame, H2_HEADERS, "frame type {frame}");
+    assert_eq!(f.up.requests(), before);
+    f.still_serves().await;
+}
+
+const H2_HEADERS: u8 = 1;
+const H2_RST_STREAM: u8 = 3;
+
+/// Sends one bodiless h2c GET (prior knowledge) with `authority` written as is, as bob, and
+/// returns the type of the first frame the server sends on its stream (HEADERS or RST_STREAM).
+async fn raw_h2_request(addr: SocketAddr, authority: &str, path: &str) -> u8 {
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+    // HPACK literals without indexing, new names, no Huffman: 0x00, name, value.
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", authority),
+        (":path", path),
+        ("proxy-authorization", "Bearer bob-key"),
+    ] {
+        block.push(0);
+        for text in [name, value] {
+            assert!(text.len() < 127);
+            block.push(text.len() as u8);
+            block.extend_from_slice(text.as_bytes());
+        }
+    }
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    // END_STREAM | END_HEADERS
+    out.extend(frame(H2_HEADERS, 0x5, 1, &block));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&out).await.unwrap();
+    let read = async {
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if stream == 1 && matches!(head[3], H2_HEADERS | H2_RST_STREAM) {
+                return head[3];
+            }
+        }
+    };
+    tokio::time::timeout(LONG, read)
+        .await
+        .expect("an answer on stream 1")
+}
