@@ -988,3 +988,36 @@ fn upgrades_merge_slashes_and_canonical_prefixes() {
     assert_problem(&all, "route[0].upgrades[1]", "not an Upgrade protocol");
     assert_problem(&all, "route[1].path_prefix", "can never match");
 }
+
+#[test]
+fn pass_caller_headers_names_only_headers_the_proxy_drops() {
+    let dir = folder();
+    let c = load(dir.path(), &base()).unwrap();
+    assert!(c.routes[0].pass_caller_headers.is_empty());
+    let text = format!(
+        "{}pass_caller_headers = [\"X-HTTP-Method-Override\", \"x-ssl-client-*\"]\n",
+        base()
+    );
+    let c = load(dir.path(), &text).unwrap();
+    assert_eq!(
+        c.routes[0].pass_caller_headers,
+        ["x-http-method-override", "x-ssl-client-*"]
+    );
+    let text = format!(
+        "{}pass_caller_headers = [\"true-client-ip\", \"authorization\", \"x-ssl-client-verify\"]\n",
+        base()
+    );
+    let all = problems(&text);
+    assert_eq!(all.len(), 2, "{all:?}");
+    for key in [
+        "route[0].pass_caller_headers[1]",
+        "route[0].pass_caller_headers[2]",
+    ] {
+        assert_problem(
+            &all,
+            key,
+            "is not a header the proxy drops; expected one of `x-original-url`",
+        );
+    }
+    assert_problem(&all, "route[0].pass_caller_headers[1]", "`authorization`");
+}

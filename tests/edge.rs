@@ -626,6 +626,13 @@ async fn http2_authority_and_host_must_agree() {
     f.still_serves().await;
 }
 
+/// The route `name` on `prefix` to the fixture's upstream (`adjust` closures run before it is
+/// known to them), unstripped.
+fn extra_route(config: &Config, name: &str, prefix: &str, allow: &[&str]) -> RouteConfig {
+    let up = config.routes[0].upstream.authority().unwrap().to_string();
+    unstripped(name, prefix, format!("http://{up}/"), allow)
+}
+
 /// Authorities that are no `host[:port]`: the README promises 400 for each.
 const NO_HOST_PORT: [&str; 5] = [
     "a.example:abc",
@@ -743,4 +750,63 @@ async fn raw_h2_request(addr: SocketAddr, authority: &str, path: &str) -> u8 {
     tokio::time::timeout(LONG, read)
         .await
         .expect("an answer on stream 1")
+}
+
+/// Caller-sent headers that upstreams take as the proxy's word (README, "Security model").
+const CLAIMS: [&str; 11] = [
+    "X-Original-URL: /admin",
+    "X-Rewrite-URL: /admin",
+    "X-Forwarded-Prefix: /admin",
+    "X-HTTP-Method-Override: DELETE",
+    "X-Forwarded-Client-Cert: Hash=forged;Subject=\"CN=admin\"",
+    "X-SSL-Client-Verify: SUCCESS",
+    "X-SSL-Client-S-DN: CN=admin",
+    "X-Forwarded-User: admin",
+    "True-Client-IP: 6.6.6.6",
+    "X-Client-IP: 6.6.6.6",
+    "CF-Connecting-IP: 6.6.6.6",
+];
+
+#[tokio::test]
+async fn caller_sent_claims_are_dropped_unless_the_route_passes_them() {
+    let f = Edge::start(|c| {
+        let mut keeps = extra_route(c, "keeps", "/keeps", &["bob"]);
+        keeps.pass_caller_headers = vec!["x-http-method-override".into(), "x-ssl-client-*".into()];
+        c.routes.push(keeps);
+    })
+    .await;
+    let names = |seen: &upstream::Seen| -> Vec<String> {
+        CLAIMS
+            .iter()
+            .map(|h| h.split_once(':').unwrap().0.to_ascii_lowercase())
+            .filter(|name| seen.headers.contains_key(name.as_str()))
+            .collect()
+    };
+    let mut headers = vec!["Host: tb.test", BOB, "X-Kept: 1"];
+    headers.extend(CLAIMS);
+    let a = f.send("GET /x HTTP/1.1", &headers).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let seen = f.last_seen();
+    assert_eq!(
+        names(&seen),
+        Vec::<String>::new(),
+        "{:?}",
+        seen.headers.keys()
+    );
+    assert_eq!(seen.headers["x-kept"], "1");
+
+    let a = f.send("GET /keeps/x HTTP/1.1", &headers).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let seen = f.last_seen();
+    assert_eq!(seen.target, "/keeps/x");
+    assert_eq!(
+        names(&seen),
+        [
+            "x-http-method-override",
+            "x-ssl-client-verify",
+            "x-ssl-client-s-dn"
+        ]
+    );
+    assert_eq!(seen.headers["x-http-method-override"], "DELETE");
+    f.still_serves().await;
 }

@@ -18,6 +18,7 @@ use super::raw::{
     RawRoute, RawTelemetry, RawTls, RawTokens,
 };
 use super::*;
+use crate::proxy::rewrite::{PassedClaims, CALLER_CLAIMS};
 use crate::secret::{Secret, SecretSource};
 
 /// Checks `text` (the contents of `path`) and builds the [`Config`], or reports every problem.
@@ -560,6 +561,22 @@ impl Checker {
             }
             upgrades.push(protocol.to_ascii_lowercase());
         }
+        for (i, name) in r.pass_caller_headers.iter().enumerate() {
+            if PassedClaims::of([name.as_str()]).is_err() {
+                self.add(
+                    format!("{}[{i}]", join(key, "pass_caller_headers")),
+                    format!(
+                        "`{name}` is not a header the proxy drops; expected one of {}",
+                        CALLER_CLAIMS.map(|c| format!("`{c}`")).join(", ")
+                    ),
+                );
+            }
+        }
+        let pass_caller_headers = r
+            .pass_caller_headers
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
         let upstream = self.url(&join(key, "upstream"), r.upstream, true);
         RouteConfig {
             name,
@@ -570,6 +587,7 @@ impl Checker {
             upstream_ca_file: self.ca_file(&join(key, "upstream_ca_file"), r.upstream_ca_file),
             allow: r.allow,
             upgrades,
+            pass_caller_headers,
             connect_timeout: self.duration(
                 &join(key, "connect_timeout"),
                 r.connect_timeout,

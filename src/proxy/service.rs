@@ -323,6 +323,7 @@ async fn proxy<'s, T: TokenSource>(
             host: forwarded_host.as_ref(),
             request_id,
         },
+        route.passed_claims,
     );
     if upgrading {
         // Hop-by-hop, so removed above: the handshake asks the upstream for the same upgrade.

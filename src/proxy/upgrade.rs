@@ -238,6 +238,7 @@ mod tests {
             upstream_ca_file: None,
             allow: vec![],
             upgrades: upgrades.iter().map(|s| s.to_string()).collect(),
+            pass_caller_headers: vec![],
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
         };
