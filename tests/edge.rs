@@ -810,3 +810,75 @@ async fn caller_sent_claims_are_dropped_unless_the_route_passes_them() {
     assert_eq!(seen.headers["x-http-method-override"], "DELETE");
     f.still_serves().await;
 }
+
+#[tokio::test]
+async fn an_upstream_that_breaks_its_framing_mid_answer_is_an_upstream_failure() {
+    let capture = support::logs::LogCapture::default();
+    let _guard = tracing::subscriber::set_default(capture.json_subscriber());
+    // Chunked, then bytes that are no chunk: the head goes out, the body cannot.
+    let (broken, heads) = support::raw_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nthis is not a chunk\r\n\r\n",
+    )
+    .await;
+    let f = Edge::start(|c| {
+        c.routes.push(route(
+            "broken",
+            "/broken",
+            format!("http://{broken}/"),
+            &["bob"],
+        ));
+    })
+    .await;
+    // Keep-alive: the proxy, not the client, closes the connection it cannot end cleanly.
+    let mut s = tokio::net::TcpStream::connect(f.addr("plain"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /broken/x HTTP/1.1\r\nHost: tb.test\r\nProxy-Authorization: Bearer bob-key\r\nX-Request-Id: broken-framing-1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(LONG, s.read_to_end(&mut answer))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    // hyper writes the head with the first body bytes: here nothing, or a head and a cut body.
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 200 "),
+        "{answer:?}"
+    );
+    assert!(
+        !answer.ends_with("0\r\n\r\n"),
+        "the answer was ended: {answer:?}"
+    );
+    assert_eq!(heads.lock().unwrap().len(), 1);
+
+    let line = || {
+        capture
+            .json_lines("tokenbroker::request")
+            .into_iter()
+            .find(|l| l["request_id"] == "broken-framing-1")
+    };
+    assert!(eventually(LONG, || async { line().is_some() }).await);
+    let line = line().unwrap();
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["error"], "upstream_unavailable", "{line}");
+    assert_eq!(line["broke_off"], true, "{line}");
+    assert!(
+        line["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("the upstream's body broke off")),
+        "{line}"
+    );
+    assert_eq!(
+        count(
+            &f.metrics,
+            r#"tokenbroker_errors_total{error="upstream_unavailable"}"#
+        ),
+        1,
+        "{}",
+        f.metrics.encode()
+    );
+    f.still_serves().await;
+}

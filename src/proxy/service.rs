@@ -193,7 +193,8 @@ pub(crate) async fn handle<T: TokenSource>(
         true => None,
         false => finish_server_span(&span, &method, outcome, status, error),
     };
-    let logged = if own_failure {
+    // A streamed answer may yet break off, which is a WARN line.
+    let logged = if own_failure || matches!(response.body(), ProxyBody::Stream(..)) {
         tracing::enabled!(target: "tokenbroker::request", tracing::Level::WARN)
     } else {
         tracing::enabled!(target: "tokenbroker::request", tracing::Level::INFO)
@@ -217,6 +218,7 @@ pub(crate) async fn handle<T: TokenSource>(
         detail: detail.flatten(),
         bytes_in: outcome.bytes_in,
         bytes_out: 0,
+        broke_off: false,
         trace_id,
     };
     let (parts, body) = response.into_parts();
@@ -427,7 +429,10 @@ async fn proxy<'s, T: TokenSource>(
     let (mut parts, body) = response.into_parts();
     rewrite::rewrite_response(&mut parts.headers);
     parts.headers.insert(X_REQUEST_ID, request_id.clone());
-    Ok(Response::from_parts(parts, ProxyBody::Stream(body)))
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::Stream(body, shared.metrics.clone()),
+    ))
 }
 
 /// The client span of the upstream call (a child of the request's span).
