@@ -882,3 +882,66 @@ async fn an_upstream_that_breaks_its_framing_mid_answer_is_an_upstream_failure()
     );
     f.still_serves().await;
 }
+
+/// Edge with a route `ws` (`/ws`, bob, `upgrades = ["websocket"]`) to the recording upstream.
+async fn with_websocket_route() -> Edge {
+    Edge::start(|c| {
+        let mut ws = extra_route(c, "ws", "/ws", &["bob"]);
+        ws.upgrades = vec!["websocket".into()];
+        c.routes.push(ws);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn upgrade_without_connection_upgrade_is_a_plain_request() {
+    let f = with_websocket_route().await;
+    // On a route with and one without `upgrades`: no `upgrade` option in Connection, no upgrade.
+    for (path, target) in [("/ws/x", "/ws/x"), ("/x", "/r/x")] {
+        let a = f
+            .send(
+                &format!("GET {path} HTTP/1.1"),
+                &["Host: tb.test", BOB, "Upgrade: websocket"],
+            )
+            .await;
+        assert_eq!(a.status, 200, "{path}: {a:?}");
+        let seen = f.last_seen();
+        assert_eq!(seen.target, target);
+        assert!(
+            !seen.headers.contains_key("upgrade"),
+            "{path}: {:?}",
+            seen.headers.keys()
+        );
+        assert!(
+            !seen.headers.contains_key("connection"),
+            "{path}: {:?}",
+            seen.headers.keys()
+        );
+    }
+    f.still_serves().await;
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_that_is_no_get_is_400() {
+    let f = with_websocket_route().await;
+    for (line, path_route) in [("POST /ws/x HTTP/1.1", "ws"), ("PUT /x HTTP/1.1", "root")] {
+        let before = f.up.requests();
+        let a = f
+            .send(
+                line,
+                &[
+                    "Host: tb.test",
+                    BOB,
+                    "Connection: Upgrade",
+                    "Upgrade: websocket",
+                    "Sec-WebSocket-Version: 13",
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                    "Content-Length: 0",
+                ],
+            )
+            .await;
+        a.refused(400, "bad_request");
+        assert_eq!(f.up.requests(), before, "{path_route}: forwarded");
+    }
+    f.still_serves().await;
+}

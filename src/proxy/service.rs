@@ -298,7 +298,7 @@ async fn proxy<'s, T: TokenSource>(
     outcome.route = Some(&route.name);
     let upgrading = upgrade::requested(&request);
     if upgrading {
-        upgrade::check(route, request.headers())?;
+        upgrade::check(route, &request)?;
     }
     let content_length = content_length(request.headers());
     if let (Some(max), Some(len)) = (state.limits.max_body_bytes, content_length) {
@@ -332,8 +332,8 @@ async fn proxy<'s, T: TokenSource>(
         parts
             .headers
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        for value in offered {
-            parts.headers.append(UPGRADE, value);
+        for value in &offered {
+            parts.headers.append(UPGRADE, value.clone());
         }
     }
     parts.uri = uri;
@@ -403,6 +403,7 @@ async fn proxy<'s, T: TokenSource>(
                 "the upstream switched protocols on a request that asked for no upgrade".into(),
             ));
         };
+        upgrade::check_switch(route, &offered, response.headers())?;
         let upstream_side = hyper::upgrade::on(&mut response);
         let (mut parts, _) = response.into_parts();
         let accepted: Vec<HeaderValue> = parts.headers.get_all(UPGRADE).iter().cloned().collect();
