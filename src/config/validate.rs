@@ -514,10 +514,7 @@ impl Checker {
         let name = self.name(&join(key, "name"), r.name);
         let host = r.host.map(|h| h.to_ascii_lowercase());
         if let Some(h) = &host {
-            let ok = !h.is_empty()
-                && h.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-            if !ok {
+            if !crate::proxy::target::is_host_name(h) {
                 self.add(
                     join(key, "host"),
                     format!("`{h}` is not a host name (no port)"),

@@ -121,6 +121,15 @@ fn authority<'r>(
     }
 }
 
+/// Whether `text` is a host name as an authority may hold one: letters, digits, `-`, `.` and `_`
+/// (so an IPv4 address too), at least one. A route's `host` must be one.
+pub fn is_host_name(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
 /// The host part of `authority` when it is a `host[:port]` as the module doc says, else `None`.
 /// Not `http::uri::Authority`: it accepts `a,b`, `[a.example]` and ports that are no number, and
 /// building one from a `Host` header copies it into a new buffer, once per request.
@@ -133,10 +142,7 @@ fn host_of(authority: &str) -> Option<&str> {
         }
         None => {
             let (host, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
-            let name = host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-            if host.is_empty() || !name {
+            if !is_host_name(host) {
                 return None;
             }
             (host, port)
