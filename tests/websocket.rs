@@ -1,7 +1,8 @@
 //! WebSocket through the proxy with a real client and a real server (tokio-tungstenite), over a
 //! plain and a TLS listener: the handshake reaches the upstream with the injected token, messages
 //! flow both ways, the close is clean and the tunnel is counted; a route without `upgrades`
-//! refuses the handshake and forwards nothing.
+//! refuses the handshake and forwards nothing; an upstream `101` to a protocol that was not
+//! offered (a raw TCP upstream) is a 502, not a tunnel.
 
 #[path = "support/proxy_config.rs"]
 mod proxy_config;
