@@ -880,6 +880,35 @@ async fn an_upstream_that_breaks_its_framing_mid_answer_is_an_upstream_failure()
         "{}",
         f.metrics.encode()
     );
+
+    // Over HTTP/2: the stream is reset (before or after the head, as hyper gets to it).
+    use http_body_util::{BodyExt, Empty};
+    let h2c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<bytes::Bytes>>();
+    let request = http::Request::get(format!("http://{}/broken/y", f.addr("plain")))
+        .header("proxy-authorization", "Bearer bob-key")
+        .body(Empty::new())
+        .unwrap();
+    match tokio::time::timeout(LONG, h2c.request(request))
+        .await
+        .unwrap()
+    {
+        Err(e) => assert!(format!("{e:?}").contains("Reset"), "{e:?}"),
+        Ok(response) => {
+            assert_eq!(response.status(), 200);
+            let body = tokio::time::timeout(LONG, response.into_body().collect()).await;
+            assert!(matches!(body, Ok(Err(_))), "the body was ended: {body:?}");
+        }
+    }
+    let counted = || async {
+        count(
+            &f.metrics,
+            r#"tokenbroker_errors_total{error="upstream_unavailable"}"#,
+        ) == 2
+    };
+    assert!(eventually(LONG, counted).await, "{}", f.metrics.encode());
+    assert_eq!(heads.lock().unwrap().len(), 2);
     f.still_serves().await;
 }
 
