@@ -56,6 +56,7 @@ fn route(name: &str, host: Option<&str>, prefix: &str, allow: Vec<String>) -> Ro
         upstream_ca_file: None,
         allow,
         upgrades: vec![],
+        pass_caller_headers: vec![],
         connect_timeout: Duration::from_secs(2),
         response_timeout: Duration::from_secs(20),
     }
@@ -181,6 +182,7 @@ fn rewrite(
             host,
             request_id,
         },
+        tokenbroker::proxy::rewrite::PassedClaims::NONE,
     )
 }
 

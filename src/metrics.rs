@@ -305,6 +305,13 @@ pub struct Metrics {
     none: Name,
 }
 
+/// Only its name: the registry is what `/metrics` shows.
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut root = Registry::default();

@@ -1,7 +1,9 @@
 //! OpenTelemetry traces (`[telemetry]`, off by default): a server span per proxied request, a
 //! client span for its upstream call and one per identity-service call, exported by OTLP over
-//! HTTP (protobuf) to `{endpoint}/v1/traces`. W3C `traceparent` / `tracestate` from a caller make
-//! its span our server span's parent; the upstream gets a `traceparent` naming our upstream span.
+//! HTTP (protobuf) to `{endpoint}/v1/traces`. A caller's W3C `traceparent` makes its span our
+//! server span's parent; the upstream gets a `traceparent` naming our upstream span. A caller's
+//! `tracestate` is passed on to the upstream as sent (W3C asks that of every hop) but never read
+//! into a span, so it is not exported; the proxy adds none of its own.
 //!
 //! When telemetry is off, no OpenTelemetry layer is installed and [`is_on`] is false: the request
 //! path makes no span at all (one relaxed atomic load per request).
@@ -120,29 +122,37 @@ pub fn trace_id(span: &tracing::Span) -> Option<String> {
     sc.is_valid().then(|| sc.trace_id().to_string())
 }
 
-/// Makes the caller's W3C trace context (`traceparent`, `tracestate`) the parent of `span`.
+/// Makes the caller's W3C `traceparent` the parent of `span` (its `tracestate` is not read).
 pub fn set_parent_from(span: &tracing::Span, headers: &HeaderMap) {
     let parent = TraceContextPropagator::new().extract(&HeaderExtract(headers));
     let _ = span.set_parent(parent);
 }
 
-/// Writes `span`'s context as `traceparent` (and `tracestate`) into `headers`, replacing the
-/// caller's.
+/// Writes `span`'s context as `traceparent` into `headers`, replacing the caller's; the caller's
+/// `tracestate`, if any, stays as it was.
 pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
-    headers.remove(TRACESTATE);
     TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderInject(headers));
 }
 
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
+/// The caller's headers as the propagator reads them, without `tracestate`: a span keeps its
+/// parent's trace state and the exporter sends it, and a caller's is no value of ours to export.
 struct HeaderExtract<'a>(&'a HeaderMap);
 
 impl Extractor for HeaderExtract<'_> {
     fn get(&self, key: &str) -> Option<&str> {
+        if key.eq_ignore_ascii_case(TRACESTATE.as_str()) {
+            return None;
+        }
         self.0.get(key).and_then(|v| v.to_str().ok())
     }
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(HeaderName::as_str).collect()
+        self.0
+            .keys()
+            .filter(|k| **k != TRACESTATE)
+            .map(HeaderName::as_str)
+            .collect()
     }
 }
 
@@ -150,6 +160,10 @@ struct HeaderInject<'a>(&'a mut HeaderMap);
 
 impl Injector for HeaderInject<'_> {
     fn set(&mut self, key: &str, value: String) {
+        // An empty `tracestate` says nothing: none is sent.
+        if value.is_empty() {
+            return;
+        }
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(key.as_bytes()),
             HeaderValue::from_str(&value),

@@ -1043,3 +1043,36 @@ fn drain_and_the_admin_listeners_limits() {
         "must be longer than zero",
     );
 }
+
+#[test]
+fn pass_caller_headers_names_only_headers_the_proxy_drops() {
+    let dir = folder();
+    let c = load(dir.path(), &base()).unwrap();
+    assert!(c.routes[0].pass_caller_headers.is_empty());
+    let text = format!(
+        "{}pass_caller_headers = [\"X-HTTP-Method-Override\", \"x-ssl-client-*\"]\n",
+        base()
+    );
+    let c = load(dir.path(), &text).unwrap();
+    assert_eq!(
+        c.routes[0].pass_caller_headers,
+        ["x-http-method-override", "x-ssl-client-*"]
+    );
+    let text = format!(
+        "{}pass_caller_headers = [\"true-client-ip\", \"authorization\", \"x-ssl-client-verify\"]\n",
+        base()
+    );
+    let all = problems(&text);
+    assert_eq!(all.len(), 2, "{all:?}");
+    for key in [
+        "route[0].pass_caller_headers[1]",
+        "route[0].pass_caller_headers[2]",
+    ] {
+        assert_problem(
+            &all,
+            key,
+            "is not a header the proxy drops; expected one of `x-original-url`",
+        );
+    }
+    assert_problem(&all, "route[0].pass_caller_headers[1]", "`authorization`");
+}

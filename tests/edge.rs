@@ -625,3 +625,352 @@ async fn http2_authority_and_host_must_agree() {
     );
     f.still_serves().await;
 }
+
+/// The route `name` on `prefix` to the fixture's upstream (`adjust` closures run before it is
+/// known to them), unstripped.
+fn extra_route(config: &Config, name: &str, prefix: &str, allow: &[&str]) -> RouteConfig {
+    let up = config.routes[0].upstream.authority().unwrap().to_string();
+    unstripped(name, prefix, format!("http://{up}/"), allow)
+}
+
+/// Authorities that are no `host[:port]`: the README promises 400 for each.
+const NO_HOST_PORT: [&str; 5] = [
+    "a.example:abc",
+    "a.example:99999",
+    "a.example:80:80",
+    "[a.example]",
+    "a.example,other",
+];
+
+#[tokio::test]
+async fn authorities_that_are_no_host_and_port_are_400_over_http1_and_h2() {
+    use http_body_util::{BodyExt, Empty};
+    let f = Edge::start(|_| {}).await;
+    for host in NO_HOST_PORT {
+        let header = format!("Host: {host}");
+        check_variant(&f, "GET /h/x HTTP/1.1", &[&header], Expect::Refused).await;
+    }
+
+    // HTTP/2 (h2c, prior knowledge): the same values as `:authority`.
+    let tcp = tokio::net::TcpStream::connect(f.addr("plain"))
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut sent = 0;
+    // `a.example:80:80` is no URI authority at all: hyper's HTTP/2 layer refuses it as a
+    // malformed request (a stream reset) before the proxy sees it, and no client can send it.
+    for authority in NO_HOST_PORT
+        .into_iter()
+        .filter(|a| a.parse::<http::uri::Authority>().is_ok())
+    {
+        for key in ["Bearer alice-key", "Bearer bob-key"] {
+            let before = f.up.requests();
+            let request = http::Request::get(format!("http://{authority}/h/x"))
+                .header("proxy-authorization", key)
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let response = tokio::time::timeout(LONG, h2.send_request(request))
+                .await
+                .unwrap()
+                .unwrap();
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(status, 400, "{authority}: {body:?}");
+            assert_eq!(support::json(&body)["error"], "bad_request", "{authority}");
+            assert_eq!(f.up.requests(), before, "{authority} was forwarded");
+        }
+        sent += 1;
+    }
+    assert_eq!(sent, NO_HOST_PORT.len() - 1);
+    // Sent as raw frames, `a.example:80:80` gets a stream reset and reaches nothing.
+    let before = f.up.requests();
+    let frame = raw_h2_request(f.addr("plain"), "a.example:80:80", "/h/x").await;
+    assert_eq!(frame, H2_RST_STREAM, "frame type {frame}");
+    // (The same frames with a valid URI authority get our answer.)
+    let frame = raw_h2_request(f.addr("plain"), "a.example:abc", "/h/x").await;
+    assert_eq!(frame, H2_HEADERS, "frame type {frame}");
+    assert_eq!(f.up.requests(), before);
+    f.still_serves().await;
+}
+
+const H2_HEADERS: u8 = 1;
+const H2_RST_STREAM: u8 = 3;
+
+/// Sends one bodiless h2c GET (prior knowledge) with `authority` written as is, as bob, and
+/// returns the type of the first frame the server sends on its stream (HEADERS or RST_STREAM).
+async fn raw_h2_request(addr: SocketAddr, authority: &str, path: &str) -> u8 {
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+    // HPACK literals without indexing, new names, no Huffman: 0x00, name, value.
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", authority),
+        (":path", path),
+        ("proxy-authorization", "Bearer bob-key"),
+    ] {
+        block.push(0);
+        for text in [name, value] {
+            assert!(text.len() < 127);
+            block.push(text.len() as u8);
+            block.extend_from_slice(text.as_bytes());
+        }
+    }
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    // END_STREAM | END_HEADERS
+    out.extend(frame(H2_HEADERS, 0x5, 1, &block));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&out).await.unwrap();
+    let read = async {
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if stream == 1 && matches!(head[3], H2_HEADERS | H2_RST_STREAM) {
+                return head[3];
+            }
+        }
+    };
+    tokio::time::timeout(LONG, read)
+        .await
+        .expect("an answer on stream 1")
+}
+
+/// Caller-sent headers that upstreams take as the proxy's word (README, "Security model").
+const CLAIMS: [&str; 11] = [
+    "X-Original-URL: /admin",
+    "X-Rewrite-URL: /admin",
+    "X-Forwarded-Prefix: /admin",
+    "X-HTTP-Method-Override: DELETE",
+    "X-Forwarded-Client-Cert: Hash=forged;Subject=\"CN=admin\"",
+    "X-SSL-Client-Verify: SUCCESS",
+    "X-SSL-Client-S-DN: CN=admin",
+    "X-Forwarded-User: admin",
+    "True-Client-IP: 6.6.6.6",
+    "X-Client-IP: 6.6.6.6",
+    "CF-Connecting-IP: 6.6.6.6",
+];
+
+#[tokio::test]
+async fn caller_sent_claims_are_dropped_unless_the_route_passes_them() {
+    let f = Edge::start(|c| {
+        let mut keeps = extra_route(c, "keeps", "/keeps", &["bob"]);
+        keeps.pass_caller_headers = vec!["x-http-method-override".into(), "x-ssl-client-*".into()];
+        c.routes.push(keeps);
+    })
+    .await;
+    let names = |seen: &upstream::Seen| -> Vec<String> {
+        CLAIMS
+            .iter()
+            .map(|h| h.split_once(':').unwrap().0.to_ascii_lowercase())
+            .filter(|name| seen.headers.contains_key(name.as_str()))
+            .collect()
+    };
+    let mut headers = vec!["Host: tb.test", BOB, "X-Kept: 1"];
+    headers.extend(CLAIMS);
+    let a = f.send("GET /x HTTP/1.1", &headers).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let seen = f.last_seen();
+    assert_eq!(
+        names(&seen),
+        Vec::<String>::new(),
+        "{:?}",
+        seen.headers.keys()
+    );
+    assert_eq!(seen.headers["x-kept"], "1");
+
+    let a = f.send("GET /keeps/x HTTP/1.1", &headers).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let seen = f.last_seen();
+    assert_eq!(seen.target, "/keeps/x");
+    assert_eq!(
+        names(&seen),
+        [
+            "x-http-method-override",
+            "x-ssl-client-verify",
+            "x-ssl-client-s-dn"
+        ]
+    );
+    assert_eq!(seen.headers["x-http-method-override"], "DELETE");
+    f.still_serves().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_breaks_its_framing_mid_answer_is_an_upstream_failure() {
+    let capture = support::logs::LogCapture::default();
+    let _guard = tracing::subscriber::set_default(capture.json_subscriber());
+    // Chunked, then bytes that are no chunk: the head goes out, the body cannot.
+    let (broken, heads) = support::raw_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nthis is not a chunk\r\n\r\n",
+    )
+    .await;
+    let f = Edge::start(|c| {
+        c.routes.push(route(
+            "broken",
+            "/broken",
+            format!("http://{broken}/"),
+            &["bob"],
+        ));
+    })
+    .await;
+    // Keep-alive: the proxy, not the client, closes the connection it cannot end cleanly.
+    let mut s = tokio::net::TcpStream::connect(f.addr("plain"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /broken/x HTTP/1.1\r\nHost: tb.test\r\nProxy-Authorization: Bearer bob-key\r\nX-Request-Id: broken-framing-1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(LONG, s.read_to_end(&mut answer))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    // hyper writes the head with the first body bytes: here nothing, or a head and a cut body.
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 200 "),
+        "{answer:?}"
+    );
+    assert!(
+        !answer.ends_with("0\r\n\r\n"),
+        "the answer was ended: {answer:?}"
+    );
+    assert_eq!(heads.lock().unwrap().len(), 1);
+
+    let line = || {
+        capture
+            .json_lines("tokenbroker::request")
+            .into_iter()
+            .find(|l| l["request_id"] == "broken-framing-1")
+    };
+    assert!(eventually(LONG, || async { line().is_some() }).await);
+    let line = line().unwrap();
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["error"], "upstream_unavailable", "{line}");
+    assert_eq!(line["broke_off"], true, "{line}");
+    assert!(
+        line["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("the upstream's body broke off")),
+        "{line}"
+    );
+    assert_eq!(
+        count(
+            &f.metrics,
+            r#"tokenbroker_errors_total{error="upstream_unavailable"}"#
+        ),
+        1,
+        "{}",
+        f.metrics.encode()
+    );
+
+    // Over HTTP/2: the stream is reset (before or after the head, as hyper gets to it).
+    use http_body_util::{BodyExt, Empty};
+    let h2c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<bytes::Bytes>>();
+    let request = http::Request::get(format!("http://{}/broken/y", f.addr("plain")))
+        .header("proxy-authorization", "Bearer bob-key")
+        .body(Empty::new())
+        .unwrap();
+    match tokio::time::timeout(LONG, h2c.request(request))
+        .await
+        .unwrap()
+    {
+        Err(e) => assert!(format!("{e:?}").contains("Reset"), "{e:?}"),
+        Ok(response) => {
+            assert_eq!(response.status(), 200);
+            let body = tokio::time::timeout(LONG, response.into_body().collect()).await;
+            assert!(matches!(body, Ok(Err(_))), "the body was ended: {body:?}");
+        }
+    }
+    let counted = || async {
+        count(
+            &f.metrics,
+            r#"tokenbroker_errors_total{error="upstream_unavailable"}"#,
+        ) == 2
+    };
+    assert!(eventually(LONG, counted).await, "{}", f.metrics.encode());
+    assert_eq!(heads.lock().unwrap().len(), 2);
+    f.still_serves().await;
+}
+
+/// Edge with a route `ws` (`/ws`, bob, `upgrades = ["websocket"]`) to the recording upstream.
+async fn with_websocket_route() -> Edge {
+    Edge::start(|c| {
+        let mut ws = extra_route(c, "ws", "/ws", &["bob"]);
+        ws.upgrades = vec!["websocket".into()];
+        c.routes.push(ws);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn upgrade_without_connection_upgrade_is_a_plain_request() {
+    let f = with_websocket_route().await;
+    // On a route with and one without `upgrades`: no `upgrade` option in Connection, no upgrade.
+    for (path, target) in [("/ws/x", "/ws/x"), ("/x", "/r/x")] {
+        let a = f
+            .send(
+                &format!("GET {path} HTTP/1.1"),
+                &["Host: tb.test", BOB, "Upgrade: websocket"],
+            )
+            .await;
+        assert_eq!(a.status, 200, "{path}: {a:?}");
+        let seen = f.last_seen();
+        assert_eq!(seen.target, target);
+        assert!(
+            !seen.headers.contains_key("upgrade"),
+            "{path}: {:?}",
+            seen.headers.keys()
+        );
+        assert!(
+            !seen.headers.contains_key("connection"),
+            "{path}: {:?}",
+            seen.headers.keys()
+        );
+    }
+    f.still_serves().await;
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_that_is_no_get_is_400() {
+    let f = with_websocket_route().await;
+    for (line, path_route) in [("POST /ws/x HTTP/1.1", "ws"), ("PUT /x HTTP/1.1", "root")] {
+        let before = f.up.requests();
+        let a = f
+            .send(
+                line,
+                &[
+                    "Host: tb.test",
+                    BOB,
+                    "Connection: Upgrade",
+                    "Upgrade: websocket",
+                    "Sec-WebSocket-Version: 13",
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                    "Content-Length: 0",
+                ],
+            )
+            .await;
+        a.refused(400, "bad_request");
+        assert_eq!(f.up.requests(), before, "{path_route}: forwarded");
+    }
+    f.still_serves().await;
+}

@@ -308,7 +308,14 @@ async fn requests_make_linked_spans_exported_over_otlp_http() {
         let (tp_trace, tp_parent) = traceparent(header(&got.headers, "traceparent"));
         assert_eq!(tp_trace, trace);
         assert_eq!(tp_parent, hex(&upstream[0].span_id));
-        if !first {
+        // The caller's tracestate is passed on as sent, and none is made up.
+        if first {
+            assert!(
+                !got.headers.contains_key("tracestate"),
+                "{:?}",
+                got.headers.keys()
+            );
+        } else {
             assert_eq!(header(&got.headers, "tracestate"), "vendor=opaque");
         }
         let identity: Vec<String> = in_trace
@@ -349,6 +356,11 @@ async fn requests_make_linked_spans_exported_over_otlp_http() {
         .trim_start_matches("Bearer ")
         .to_string();
     for (_, span) in &spans {
+        assert_eq!(
+            span.trace_state, "",
+            "the caller's tracestate in {}",
+            span.name
+        );
         let mut texts = vec![span.name.clone()];
         texts.extend(
             span.attributes

@@ -1,7 +1,8 @@
 //! WebSocket through the proxy with a real client and a real server (tokio-tungstenite), over a
 //! plain and a TLS listener: the handshake reaches the upstream with the injected token, messages
 //! flow both ways, the close is clean and the tunnel is counted; a route without `upgrades`
-//! refuses the handshake and forwards nothing.
+//! refuses the handshake and forwards nothing; an upstream `101` to a protocol that was not
+//! offered (a raw TCP upstream) is a 502, not a tunnel.
 
 #[path = "support/proxy_config.rs"]
 mod proxy_config;
@@ -284,4 +285,61 @@ async fn a_tunnel_keeps_its_connection_slot_until_it_closes() {
         .await
         .unwrap();
     talk(handshake(plain, "/ws/next").await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn an_upstream_101_to_a_protocol_not_offered_is_a_502_not_a_tunnel() {
+    let (other, other_heads) = support::raw_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: other\r\n\r\n",
+    )
+    .await;
+    let (unnamed, unnamed_heads) =
+        support::raw_upstream(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n")
+            .await;
+    let f = Fixture::start_with(|c| {
+        for (name, addr) in [("other", other), ("unnamed", unnamed)] {
+            let mut r = route(
+                name,
+                &format!("/{name}"),
+                format!("http://{addr}/"),
+                &["alice"],
+            );
+            r.upgrades = vec!["websocket".into(), "other".into()];
+            c.routes.push(r);
+        }
+    })
+    .await;
+    for path in ["/other/chat", "/unnamed/chat"] {
+        let plain = tokio::net::TcpStream::connect(f.addr("plain"))
+            .await
+            .unwrap();
+        match handshake(plain, path).await {
+            Err(WsError::Http(response)) => {
+                assert_eq!(response.status(), 502, "{path}");
+                let body = response.body().as_deref().unwrap_or_default();
+                assert_eq!(support::json(body)["error"], "upstream_unavailable");
+            }
+            Err(e) => panic!("{path}: unexpected error: {e}"),
+            Ok(_) => panic!("{path}: the handshake went through"),
+        }
+    }
+    // Each upstream saw the handshake (it offered websocket only); no tunnel was opened.
+    for heads in [other_heads, unnamed_heads] {
+        let heads = heads.lock().unwrap();
+        assert_eq!(heads.len(), 1);
+        assert!(heads[0].to_ascii_lowercase().contains("upgrade: websocket"));
+    }
+    for route in ["other", "unnamed"] {
+        let series = format!(r#"tokenbroker_upgrades_total{{route="{route}"}}"#);
+        assert_eq!(f.count(&series), 0, "{}", f.metrics.encode());
+    }
+    assert_eq!(f.count("tokenbroker_tunnels_open"), 0);
+    assert_eq!(
+        f.count(r#"tokenbroker_errors_total{error="upstream_unavailable"}"#),
+        2
+    );
+    let plain = tokio::net::TcpStream::connect(f.addr("plain"))
+        .await
+        .unwrap();
+    talk(handshake(plain, "/ws/still").await.unwrap()).await;
 }

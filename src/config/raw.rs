@@ -136,6 +136,8 @@ pub struct RawRoute {
     pub allow: Vec<String>,
     #[serde(default)]
     pub upgrades: Vec<String>,
+    #[serde(default)]
+    pub pass_caller_headers: Vec<String>,
     pub connect_timeout: Option<RawDuration>,
     pub response_timeout: Option<RawDuration>,
 }

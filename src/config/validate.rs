@@ -18,6 +18,7 @@ use super::raw::{
     RawRoute, RawTelemetry, RawTls, RawTokens,
 };
 use super::*;
+use crate::proxy::rewrite::{PassedClaims, CALLER_CLAIMS};
 use crate::secret::{Secret, SecretSource};
 
 /// Checks `text` (the contents of `path`) and builds the [`Config`], or reports every problem.
@@ -505,10 +506,7 @@ impl Checker {
         let name = self.name(&join(key, "name"), r.name);
         let host = r.host.map(|h| h.to_ascii_lowercase());
         if let Some(h) = &host {
-            let ok = !h.is_empty()
-                && h.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-            if !ok {
+            if !crate::proxy::target::is_host_name(h) {
                 self.add(
                     join(key, "host"),
                     format!("`{h}` is not a host name (no port)"),
@@ -552,6 +550,22 @@ impl Checker {
             }
             upgrades.push(protocol.to_ascii_lowercase());
         }
+        for (i, name) in r.pass_caller_headers.iter().enumerate() {
+            if PassedClaims::of([name.as_str()]).is_err() {
+                self.add(
+                    format!("{}[{i}]", join(key, "pass_caller_headers")),
+                    format!(
+                        "`{name}` is not a header the proxy drops; expected one of {}",
+                        CALLER_CLAIMS.map(|c| format!("`{c}`")).join(", ")
+                    ),
+                );
+            }
+        }
+        let pass_caller_headers = r
+            .pass_caller_headers
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
         let upstream = self.url(&join(key, "upstream"), r.upstream, true);
         RouteConfig {
             name,
@@ -562,6 +576,7 @@ impl Checker {
             upstream_ca_file: self.ca_file(&join(key, "upstream_ca_file"), r.upstream_ca_file),
             allow: r.allow,
             upgrades,
+            pass_caller_headers,
             connect_timeout: self.duration(
                 &join(key, "connect_timeout"),
                 r.connect_timeout,

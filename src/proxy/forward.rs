@@ -29,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::error::ProxyError;
 use super::log::Logged;
 use crate::config::{Config, RouteConfig};
+use crate::metrics::Metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -38,8 +39,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
-    /// An upstream's response body.
-    Stream(Incoming),
+    /// An upstream's response body; a failure while it streams (broken framing, a reset, a cut)
+    /// is counted in these metrics as [`upstream_body_failed`].
+    Stream(Incoming, Arc<Metrics>),
     /// The caller's streamed request body, under `limits.max_body_bytes`, and the count of its
     /// bytes read so far (for the log line); its read errors are marked as the caller's
     /// ([`CallerBodyError`]).
@@ -93,7 +95,10 @@ impl Body for ProxyBody {
                     .filter(|b| !b.is_empty())
                     .map(|b| Ok(Frame::data(b))),
             ),
-            ProxyBody::Stream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Stream(body, metrics) => Pin::new(body).poll_frame(cx).map_err(|e| {
+                metrics.record_error(upstream_body_failed(&e).spec().code);
+                e.into()
+            }),
             ProxyBody::Caller(body, read) => {
                 let poll = Pin::new(body).poll_frame(cx);
                 if let Poll::Ready(Some(Ok(frame))) = &poll {
@@ -117,7 +122,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
-            ProxyBody::Stream(body) => body.is_end_stream(),
+            ProxyBody::Stream(body, _) => body.is_end_stream(),
             ProxyBody::Caller(body, _) => body.is_end_stream(),
             ProxyBody::Logged(logged) => logged.body().is_end_stream(),
         }
@@ -129,7 +134,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            ProxyBody::Stream(body) => body.size_hint(),
+            ProxyBody::Stream(body, _) => body.size_hint(),
             ProxyBody::Caller(body, _) => body.size_hint(),
             ProxyBody::Logged(logged) => logged.body().size_hint(),
         }
@@ -263,6 +268,12 @@ fn classify(e: &hyper_util::client::legacy::Error) -> ProxyError {
         "exchange"
     };
     ProxyError::UpstreamUnavailable(format!("upstream {what} failed: {}", error_chain(e)))
+}
+
+/// What an upstream's response body that failed after its head went out to the caller is logged
+/// and counted as (the caller's connection is cut: hyper cannot end the answer cleanly).
+pub fn upstream_body_failed(e: &dyn std::error::Error) -> ProxyError {
+    ProxyError::UpstreamUnavailable(format!("the upstream's body broke off: {}", error_chain(e)))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -4,7 +4,8 @@
 //! tokenbroker's own 5xx answers (502, 503, 504 of the error table) are logged at WARN, every
 //! other line at INFO. Byte counts are the bodies' (not the heads'): the request body as read
 //! from the caller (0 when it was never read, e.g. on a refusal), the response body as handed to
-//! hyper.
+//! hyper. An upstream body that fails after the head went out is logged at WARN with the error
+//! (`upstream_unavailable`) and `broke_off`, beside the status that was sent.
 //!
 //! Must never: log a header value or the query string.
 
@@ -19,7 +20,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method};
 use http_body::{Body, Frame};
 
-use super::forward::{BoxError, ProxyBody};
+use super::forward::{upstream_body_failed, BoxError, ProxyBody};
 
 /// How many request body bytes were read from the caller.
 #[derive(Debug, Default)]
@@ -62,14 +63,17 @@ pub struct RequestLog {
     pub detail: Option<String>,
     pub bytes_in: BytesIn,
     pub bytes_out: u64,
+    /// The answer broke off after its head went out: its body failed (`error` says why).
+    pub broke_off: bool,
     /// The OpenTelemetry trace id (32 hex digits), with telemetry on and the trace sampled.
     pub trace_id: Option<String>,
 }
 
 impl RequestLog {
-    /// Whether the line is a WARN: an answer of tokenbroker's own that is a 5xx.
+    /// Whether the line is a WARN: an answer of tokenbroker's own that is a 5xx, or one that
+    /// broke off.
     pub fn is_own_failure(&self) -> bool {
-        self.error.is_some() && self.status >= 500
+        self.error.is_some() && (self.status >= 500 || self.broke_off)
     }
 
     /// Writes the line.
@@ -90,6 +94,7 @@ impl RequestLog {
                     upstream_ms = self.upstream.map(|d| d.as_secs_f64() * 1e3),
                     bytes_in = self.bytes_in.get(),
                     bytes_out = self.bytes_out,
+                    broke_off = self.broke_off.then_some(true),
                     request_id = self.request_id.to_str().unwrap_or("-"),
                     trace_id = self.trace_id.as_deref(),
                     error = self.error,
@@ -143,7 +148,16 @@ impl Logged {
                     self.finish();
                 }
             }
-            Poll::Ready(_) => self.finish(),
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(log) = self.log.as_mut() {
+                    let failed = upstream_body_failed(&**e);
+                    log.error = Some(failed.spec().code);
+                    log.detail = failed.detail().map(str::to_owned);
+                    log.broke_off = true;
+                }
+                self.finish();
+            }
+            Poll::Ready(None) => self.finish(),
             Poll::Pending => {}
         }
         poll

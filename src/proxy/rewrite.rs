@@ -2,10 +2,11 @@
 //! upstream, and what goes back to the caller.
 //!
 //! Request: headers named by `Connection` go first, then the hop-by-hop headers (RFC 9110 7.6.1),
-//! the caller's `Authorization`, `Proxy-Authorization` and `Host`, and the caller's own
-//! `Forwarded` and `X-Real-IP` (client-address claims the proxy cannot vouch for); then the
-//! broker's token and the `X-Forwarded-*` / `X-Request-Id` headers are inserted, after every
-//! removal, so that no header the caller sent can remove or replace them. The caller's
+//! the caller's `Authorization`, `Proxy-Authorization` and `Host`, the caller's own `Forwarded`
+//! and `X-Real-IP` (client-address claims the proxy cannot vouch for), and the [`CALLER_CLAIMS`]
+//! (headers upstreams take as a proxy's word) the route does not pass on; then the broker's token
+//! and the `X-Forwarded-*` / `X-Request-Id` headers are inserted, after every removal, so that no
+//! header the caller sent can remove or replace them. The caller's
 //! `X-Forwarded-For` elements are kept in front of the peer address the proxy appends: an upstream
 //! may trust only the last element. Response: the hop-by-hop headers are removed.
 //!
@@ -68,6 +69,64 @@ const NOT_FROM_CALLER: [HeaderName; 7] = [
     X_REAL_IP,
 ];
 
+/// Headers a caller may send that upstreams take as a proxy's word: a rewritten or original URL
+/// (`X-Original-URL`, `X-Rewrite-URL`, `X-Forwarded-Prefix`), another method
+/// (`X-HTTP-Method-Override`), a verified client certificate (`X-Forwarded-Client-Cert`,
+/// `X-SSL-Client-*`: every header with that prefix), an authenticated user (`X-Forwarded-User`)
+/// or a client address (`True-Client-IP`, `X-Client-IP`, `CF-Connecting-IP`). Dropped unless the
+/// route names them in `pass_caller_headers` (a [`PassedClaims`]).
+pub const CALLER_CLAIMS: [&str; 10] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-prefix",
+    "x-http-method-override",
+    "x-forwarded-client-cert",
+    SSL_CLIENT,
+    "x-forwarded-user",
+    "true-client-ip",
+    "x-client-ip",
+    "cf-connecting-ip",
+];
+
+/// The entry of [`CALLER_CLAIMS`] that stands for every header starting with `x-ssl-client-`.
+const SSL_CLIENT: &str = "x-ssl-client-*";
+
+/// The index in [`CALLER_CLAIMS`] of the claim header `name` (lower case, as `HeaderName`s are).
+fn claim(name: &str) -> Option<usize> {
+    if name.starts_with(SSL_CLIENT.trim_end_matches('*')) {
+        return CALLER_CLAIMS.iter().position(|c| *c == SSL_CLIENT);
+    }
+    CALLER_CLAIMS.iter().position(|c| *c == name)
+}
+
+/// Which [`CALLER_CLAIMS`] a route passes on to its upstream as the caller sent them: one bit each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassedClaims(u16);
+
+impl PassedClaims {
+    /// None: every claim is dropped (the default).
+    pub const NONE: PassedClaims = PassedClaims(0);
+    /// Every claim (for responses, where none is dropped).
+    const ALL: PassedClaims = PassedClaims(u16::MAX);
+
+    /// The set naming `names` (entries of [`CALLER_CLAIMS`], any case), or the first name that
+    /// is none of them.
+    pub fn of<'n>(names: impl IntoIterator<Item = &'n str>) -> Result<PassedClaims, &'n str> {
+        let mut set = PassedClaims::NONE;
+        for name in names {
+            let lower = name.to_ascii_lowercase();
+            let i = CALLER_CLAIMS.iter().position(|c| *c == lower).ok_or(name)?;
+            set.0 |= 1 << i;
+        }
+        Ok(set)
+    }
+
+    /// Whether the header `name` is a claim this set does not pass on.
+    fn drops(self, name: &HeaderName) -> bool {
+        self != PassedClaims::ALL && claim(name.as_str()).is_some_and(|i| self.0 & (1 << i) == 0)
+    }
+}
+
 /// How many headers `rewrite_request` may add.
 const SET_BY_PROXY: usize = 5;
 
@@ -77,9 +136,14 @@ pub fn peer_ip_value(ip: IpAddr) -> HeaderValue {
 }
 
 /// Rewrites the headers of a request about to be forwarded. `token` is the broker's ready
-/// `Authorization` value.
-pub fn rewrite_request(headers: &mut HeaderMap, token: &HeaderValue, fwd: &Forwarded<'_>) {
-    keep_forwardable(headers, &NOT_FROM_CALLER, SET_BY_PROXY);
+/// `Authorization` value; `passed` are the caller claims the route keeps.
+pub fn rewrite_request(
+    headers: &mut HeaderMap,
+    token: &HeaderValue,
+    fwd: &Forwarded<'_>,
+    passed: PassedClaims,
+) {
+    keep_forwardable(headers, &NOT_FROM_CALLER, passed, SET_BY_PROXY);
     let forwarded_for = forwarded_for(headers, fwd.peer_ip);
     headers.insert(AUTHORIZATION, token.clone());
     headers.insert(X_FORWARDED_FOR, forwarded_for);
@@ -92,15 +156,21 @@ pub fn rewrite_request(headers: &mut HeaderMap, token: &HeaderValue, fwd: &Forwa
 
 /// Rewrites the headers of an upstream response before it goes back to the caller.
 pub fn rewrite_response(headers: &mut HeaderMap) {
-    keep_forwardable(headers, &[], 1);
+    keep_forwardable(headers, &[], PassedClaims::ALL, 1);
 }
 
 /// Keeps only the headers that may cross the proxy: drops every header named in `Connection`,
-/// every hop-by-hop header and the headers in `also_drop`, leaving room for `room` more.
+/// every hop-by-hop header, the headers in `also_drop` and the caller claims not `passed`,
+/// leaving room for `room` more.
 ///
 /// One pass that moves the kept headers into a map of the right size: cheaper than a `remove` per
 /// listed name (a hash and a probe each, present or not) followed by inserts that grow the map.
-fn keep_forwardable(headers: &mut HeaderMap, also_drop: &[HeaderName], room: usize) {
+fn keep_forwardable(
+    headers: &mut HeaderMap,
+    also_drop: &[HeaderName],
+    passed: PassedClaims,
+    room: usize,
+) {
     let named = connection_named(headers);
     let old = std::mem::take(headers);
     let mut kept = HeaderMap::with_capacity(old.keys_len() + room);
@@ -108,8 +178,10 @@ fn keep_forwardable(headers: &mut HeaderMap, also_drop: &[HeaderName], room: usi
     for (name, value) in old {
         // `None` is another value of the previous name.
         if let Some(name) = name {
-            let dropped =
-                HOP_BY_HOP.contains(&name) || also_drop.contains(&name) || named.contains(&name);
+            let dropped = HOP_BY_HOP.contains(&name)
+                || also_drop.contains(&name)
+                || named.contains(&name)
+                || passed.drops(&name);
             current = (!dropped).then_some(name);
         }
         if let Some(name) = &current {
@@ -224,6 +296,7 @@ mod tests {
                 host: Some(&host),
                 request_id: &id,
             },
+            PassedClaims::NONE,
         );
         h
     }
@@ -372,6 +445,7 @@ mod tests {
                 host: None,
                 request_id: &id,
             },
+            PassedClaims::NONE,
         );
         assert!(!h.contains_key(X_FORWARDED_HOST));
         assert_eq!(h[X_FORWARDED_FOR], "::1");
@@ -392,5 +466,69 @@ mod tests {
         let b = request_id(&HeaderMap::new());
         assert_ne!(a, b);
         assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
+    }
+
+    #[test]
+    fn caller_claims_are_dropped_unless_passed() {
+        let sent = [
+            ("x-original-url", "/admin"),
+            ("X-Rewrite-URL", "/admin"),
+            ("x-forwarded-prefix", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("x-forwarded-client-cert", "Hash=1"),
+            ("x-ssl-client-verify", "SUCCESS"),
+            ("x-ssl-client-s-dn", "CN=admin"),
+            ("x-forwarded-user", "admin"),
+            ("true-client-ip", "1.1.1.1"),
+            ("x-client-ip", "1.1.1.1"),
+            ("cf-connecting-ip", "1.1.1.1"),
+            ("x-ssl-client", "kept: no dash after the prefix"),
+            ("x-original", "kept"),
+        ];
+        let h = rewrite(headers(&sent));
+        for (name, _) in &sent[..11] {
+            assert!(!h.contains_key(*name), "{name} survived: {h:?}");
+        }
+        assert_eq!(h["x-ssl-client"], "kept: no dash after the prefix");
+        assert_eq!(h["x-original"], "kept");
+
+        let passed = PassedClaims::of(["X-HTTP-Method-Override", "x-ssl-client-*"]).unwrap();
+        let mut h = headers(&sent);
+        let id = HeaderValue::from_static("id");
+        let fwd = Forwarded {
+            peer_ip: &peer_ip_value("::1".parse().unwrap()),
+            proto: "http",
+            host: None,
+            request_id: &id,
+        };
+        rewrite_request(&mut h, &token(), &fwd, passed);
+        assert_eq!(h["x-http-method-override"], "DELETE");
+        assert_eq!(h["x-ssl-client-verify"], "SUCCESS");
+        assert_eq!(h["x-ssl-client-s-dn"], "CN=admin");
+        assert!(!h.contains_key("x-original-url"));
+        assert!(!h.contains_key("cf-connecting-ip"));
+
+        // A response keeps them all.
+        let mut h = headers(&sent);
+        rewrite_response(&mut h);
+        assert_eq!(h.len(), sent.len());
+    }
+
+    #[test]
+    fn only_caller_claims_can_be_passed() {
+        assert_eq!(PassedClaims::of([]), Ok(PassedClaims::NONE));
+        assert!(PassedClaims::of(CALLER_CLAIMS).is_ok());
+        assert_eq!(
+            PassedClaims::of(["true-client-ip", "authorization"]),
+            Err("authorization")
+        );
+        assert_eq!(
+            PassedClaims::of(["x-ssl-client-verify"]),
+            Err("x-ssl-client-verify")
+        );
+        assert_eq!(
+            PassedClaims::of(["x-forwarded-for"]),
+            Err("x-forwarded-for")
+        );
     }
 }

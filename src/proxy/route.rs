@@ -21,6 +21,7 @@ use http::uri::{Authority, Scheme};
 use http::Uri;
 
 use super::error::ProxyError;
+use super::rewrite::PassedClaims;
 use super::target::Target;
 use crate::config::RouteConfig;
 
@@ -40,6 +41,8 @@ pub struct Route {
     allow: HashSet<Arc<str>>,
     /// `Upgrade` protocols tunnelled, lower case.
     upgrades: Box<[Box<str>]>,
+    /// The caller claims passed on to the upstream (`pass_caller_headers`).
+    pub passed_claims: PassedClaims,
     /// Index of the upstream client (see `forward::Clients`).
     pub(crate) client: usize,
     /// Index of the HTTP/1.1-only client used for upgrades, when `upgrades` is not empty.
@@ -85,6 +88,8 @@ impl Route {
             base_path: config.upstream.path().trim_end_matches('/').to_string(),
             allow: config.allow.iter().map(|c| Arc::from(c.as_str())).collect(),
             upgrades: config.upgrades.iter().map(|p| p.as_str().into()).collect(),
+            passed_claims: PassedClaims::of(config.pass_caller_headers.iter().map(String::as_str))
+                .map_err(|h| format!("route {}: {h} is not a caller claim", config.name))?,
             client,
             upgrade_client: None,
             response_timeout: config.response_timeout,
@@ -173,6 +178,7 @@ mod tests {
                 upstream_ca_file: None,
                 allow: vec!["billing".into()],
                 upgrades: vec![],
+                pass_caller_headers: vec![],
                 connect_timeout: Duration::from_secs(1),
                 response_timeout: Duration::from_secs(1),
             },

@@ -193,7 +193,8 @@ pub(crate) async fn handle<T: TokenSource>(
         true => None,
         false => finish_server_span(&span, &method, outcome, status, error),
     };
-    let logged = if own_failure {
+    // A streamed answer may yet break off, which is a WARN line.
+    let logged = if own_failure || matches!(response.body(), ProxyBody::Stream(..)) {
         tracing::enabled!(target: "tokenbroker::request", tracing::Level::WARN)
     } else {
         tracing::enabled!(target: "tokenbroker::request", tracing::Level::INFO)
@@ -217,6 +218,7 @@ pub(crate) async fn handle<T: TokenSource>(
         detail: detail.flatten(),
         bytes_in: outcome.bytes_in,
         bytes_out: 0,
+        broke_off: false,
         trace_id,
     };
     let (parts, body) = response.into_parts();
@@ -296,7 +298,7 @@ async fn proxy<'s, T: TokenSource>(
     outcome.route = Some(&route.name);
     let upgrading = upgrade::requested(&request);
     if upgrading {
-        upgrade::check(route, request.headers())?;
+        upgrade::check(route, &request)?;
     }
     let content_length = content_length(request.headers());
     if let (Some(max), Some(len)) = (state.limits.max_body_bytes, content_length) {
@@ -323,14 +325,15 @@ async fn proxy<'s, T: TokenSource>(
             host: forwarded_host.as_ref(),
             request_id,
         },
+        route.passed_claims,
     );
     if upgrading {
         // Hop-by-hop, so removed above: the handshake asks the upstream for the same upgrade.
         parts
             .headers
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        for value in offered {
-            parts.headers.append(UPGRADE, value);
+        for value in &offered {
+            parts.headers.append(UPGRADE, value.clone());
         }
     }
     parts.uri = uri;
@@ -400,6 +403,7 @@ async fn proxy<'s, T: TokenSource>(
                 "the upstream switched protocols on a request that asked for no upgrade".into(),
             ));
         };
+        upgrade::check_switch(route, &offered, response.headers())?;
         let upstream_side = hyper::upgrade::on(&mut response);
         let (mut parts, _) = response.into_parts();
         let accepted: Vec<HeaderValue> = parts.headers.get_all(UPGRADE).iter().cloned().collect();
@@ -426,7 +430,10 @@ async fn proxy<'s, T: TokenSource>(
     let (mut parts, body) = response.into_parts();
     rewrite::rewrite_response(&mut parts.headers);
     parts.headers.insert(X_REQUEST_ID, request_id.clone());
-    Ok(Response::from_parts(parts, ProxyBody::Stream(body)))
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::Stream(body, shared.metrics.clone()),
+    ))
 }
 
 /// The client span of the upstream call (a child of the request's span).

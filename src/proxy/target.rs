@@ -11,7 +11,11 @@
 //! - repeated slashes are merged (`//admin` is `/admin`), or refused when `merge_slashes` is off.
 //!
 //! Authority: the absolute-form target's (or HTTP/2 `:authority`), else `Host`. Two that differ,
-//! more than one `Host`, none on HTTP/1.1, userinfo, or a value that is no authority: 400.
+//! more than one `Host`, none on HTTP/1.1, or a value that is no `host[:port]`: 400. A host is a
+//! name of letters, digits, `-`, `.` and `_` (so an IPv4 address too), or an IPv6 address in
+//! brackets; a port is 1 to 5 digits up to 65535. Refused with it: userinfo, a second port
+//! (`a:80:80`), a bracketed name (`[a.example]`), lists and other sub-delimiters (`a,b`),
+//! percent-escapes.
 //!
 //! A path that needs no change is borrowed, never copied.
 //!
@@ -19,6 +23,7 @@
 //! that an upstream could read as a different one than the route matched.
 
 use std::borrow::Cow;
+use std::net::Ipv6Addr;
 
 use http::header::HOST;
 use http::{HeaderMap, HeaderValue, Request, Version};
@@ -58,7 +63,7 @@ impl<'r> Target<'r> {
 
     /// The host without port or trailing dot, for host routing.
     pub fn host(&self) -> Option<&'r str> {
-        let host = strip_port(self.authority?);
+        let host = host_of(self.authority?)?;
         let host = host.strip_suffix('.').unwrap_or(host);
         (!host.is_empty()).then_some(host)
     }
@@ -94,12 +99,12 @@ fn authority<'r>(
     let host_text = match host {
         None => None,
         Some(v) => {
-            let text = v.to_str().ok().filter(|t| is_authority(t));
+            let text = v.to_str().ok().filter(|t| host_of(t).is_some());
             Some(text.ok_or(bad("the Host header is not a valid host[:port]"))?)
         }
     };
     if let Some(t) = target {
-        if !is_authority(t) {
+        if host_of(t).is_none() {
             return Err(bad(
                 "the request target's authority is not a valid host[:port]",
             ));
@@ -116,27 +121,42 @@ fn authority<'r>(
     }
 }
 
-/// `host[:port]`: a reg-name, IPv4 or bracketed IP literal, no userinfo, path or space.
-fn is_authority(text: &str) -> bool {
+/// Whether `text` is a host name as an authority may hold one: letters, digits, `-`, `.` and `_`
+/// (so an IPv4 address too), at least one. A route's `host` must be one.
+pub fn is_host_name(text: &str) -> bool {
     !text.is_empty()
         && text
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
-/// The host part of an authority that [`is_authority`] accepted (no userinfo). Not
-/// `http::uri::Authority::host()`: building an `Authority` from a `Host` header copies it into a
-/// new buffer, once per request, to find a prefix of a string we already hold.
-fn strip_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        // [v6]:port
-        return authority
-            .find(']')
-            .map_or(authority, |end| &authority[..=end]);
-    }
-    authority
-        .rsplit_once(':')
-        .map_or(authority, |(host, _port)| host)
+/// The host part of `authority` when it is a `host[:port]` as the module doc says, else `None`.
+/// Not `http::uri::Authority`: it accepts `a,b`, `[a.example]` and ports that are no number, and
+/// building one from a `Host` header copies it into a new buffer, once per request.
+fn host_of(authority: &str) -> Option<&str> {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(rest) => {
+            let end = rest.find(']')?;
+            rest[..end].parse::<Ipv6Addr>().ok()?;
+            authority.split_at(end + 2)
+        }
+        None => {
+            let (host, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
+            if !is_host_name(host) {
+                return None;
+            }
+            (host, port)
+        }
+    };
+    let port_ok = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(digits) => {
+            (1..=5).contains(&digits.len())
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && digits.parse::<u16>().is_ok()
+        }
+    };
+    port_ok.then_some(host)
 }
 
 /// The output of [`canonical_path`]: borrows the input until the first byte that differs.
@@ -507,6 +527,47 @@ mod tests {
             req("https://b.example/x", &["c.example"], Version::HTTP_2),
         ] {
             assert!(target(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_host_and_port_are_authorities() {
+        for good in [
+            "a.example",
+            "A-b_c.example.",
+            "a.example:0",
+            "a.example:65535",
+            "10.0.0.1:8080",
+            "[::1]",
+            "[2001:db8::7]:443",
+        ] {
+            assert!(host_of(good).is_some(), "{good}");
+        }
+        assert_eq!(host_of("[::1]:80"), Some("[::1]"));
+        assert_eq!(host_of("a.example:80"), Some("a.example"));
+        for bad in [
+            "a.example:abc",
+            "a.example:99999",
+            "a.example:65536",
+            "a.example:+80",
+            "a.example:",
+            "a.example:123456",
+            "a.example:80:80",
+            "[a.example]",
+            "[a.example]:80",
+            "[::1",
+            "[::1]x",
+            "[::1]:",
+            "[fe80::1%25eth0]",
+            "a.example,other",
+            "a.example;x",
+            "a%2eexample",
+            "u@a.example",
+            ":80",
+            "",
+            "a example",
+        ] {
+            assert_eq!(host_of(bad), None, "{bad}");
         }
     }
 }

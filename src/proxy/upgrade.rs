@@ -2,11 +2,16 @@
 //! it (`route.upgrades`), and the tunnel that carries bytes both ways once the upstream has
 //! answered `101 Switching Protocols`.
 //!
-//! An upgrade request is an HTTP/1.1 request with an `Upgrade` header; one that offers only `h2c`
-//! is served as plain HTTP/1.1 (RFC 9113 lets a server ignore that offer). Every protocol offered
-//! must be in the route's `upgrades`, or the request is refused (400 `upgrade_not_allowed`) rather
-//! than silently downgraded. The handshake goes to the upstream like any request (the caller's
-//! identity checked, the broker's token injected) over an HTTP/1.1-only client.
+//! An upgrade request is an HTTP/1.1 request with an `Upgrade` header and the `upgrade` option in
+//! `Connection` (RFC 9110 7.8: a sender of `Upgrade` must list it there). Without that option the
+//! request is no upgrade and is served as a plain request, its `Upgrade` header dropped as
+//! hop-by-hop (as a server may ignore an offer, RFC 9110 7.8); one that offers only `h2c` is
+//! served as plain HTTP/1.1 too (RFC 9113 lets a server ignore that offer). A WebSocket upgrade
+//! must be a `GET` (RFC 6455 4.1), or it is 400 `bad_request`. Every protocol offered must be in
+//! the route's `upgrades`, or the request is refused (400 `upgrade_not_allowed`) rather than
+//! silently downgraded. The handshake goes to the upstream like any request (the caller's identity
+//! checked, the broker's token injected) over an HTTP/1.1-only client, and a `101` whose `Upgrade`
+//! names no protocol, or one that was not offered, is 502 `upstream_unavailable`, not a tunnel.
 //!
 //! A tunnel counts as its client connection: it keeps the connection's slot under
 //! `max_connections`, ends at the shutdown deadline and after `idle_timeout` without I/O, and
@@ -20,8 +25,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::UPGRADE;
-use http::{HeaderMap, Request, Version};
+use http::header::{CONNECTION, UPGRADE};
+use http::{HeaderMap, HeaderValue, Method, Request, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
@@ -35,8 +40,8 @@ use super::route::Route;
 use crate::metrics::{Metrics, Name, RouteLabels, TunnelBytesLabels};
 
 /// The protocol names (without `/version`) in `Upgrade` header values.
-fn protocols(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    headers.get_all(UPGRADE).iter().flat_map(|v| {
+fn protocols<'h>(values: impl Iterator<Item = &'h HeaderValue>) -> impl Iterator<Item = &'h [u8]> {
+    values.flat_map(|v| {
         v.as_bytes().split(|b| *b == b',').map(|p| {
             let p = p.trim_ascii();
             p.split(|b| *b == b'/').next().unwrap_or(p).trim_ascii()
@@ -44,21 +49,66 @@ fn protocols(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// Whether `Connection` lists the `upgrade` option.
+fn connection_upgrade(headers: &HeaderMap) -> bool {
+    headers.get_all(CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    })
+}
+
 /// Whether `request` asks for an upgrade the proxy has to decide on.
 pub fn requested<B>(request: &Request<B>) -> bool {
     request.version() == Version::HTTP_11
         && request.headers().contains_key(UPGRADE)
-        && !protocols(request.headers()).all(|p| p.eq_ignore_ascii_case(b"h2c") || p.is_empty())
+        && connection_upgrade(request.headers())
+        && !protocols(request.headers().get_all(UPGRADE).iter())
+            .all(|p| p.eq_ignore_ascii_case(b"h2c") || p.is_empty())
 }
 
-/// Refuses an upgrade request unless `route` accepts every protocol it offers.
-pub fn check(route: &Route, headers: &HeaderMap) -> Result<(), ProxyError> {
-    let accepted = protocols(headers).all(|p| {
+/// Refuses an upgrade request that is a WebSocket upgrade but no `GET`, or that offers a protocol
+/// `route` does not accept.
+pub fn check<B>(route: &Route, request: &Request<B>) -> Result<(), ProxyError> {
+    let offered = || request.headers().get_all(UPGRADE).iter();
+    if request.method() != Method::GET
+        && protocols(offered()).any(|p| p.eq_ignore_ascii_case(b"websocket"))
+    {
+        return Err(ProxyError::BadRequest(
+            "a WebSocket upgrade must be a GET request",
+        ));
+    }
+    let accepted = protocols(offered()).all(|p| {
         p.is_empty() || std::str::from_utf8(p).is_ok_and(|name| route.accepts_upgrade(name))
     });
     match accepted {
         true => Ok(()),
         false => Err(ProxyError::UpgradeNotAllowed),
+    }
+}
+
+/// Checks the upstream's `101`: its `Upgrade` (`switched`) must name at least one protocol, and
+/// only protocols that were `offered` (and so that `route` accepts).
+pub fn check_switch(
+    route: &Route,
+    offered: &[HeaderValue],
+    switched: &HeaderMap,
+) -> Result<(), ProxyError> {
+    let mut named = false;
+    for p in protocols(switched.get_all(UPGRADE).iter()).filter(|p| !p.is_empty()) {
+        named = true;
+        let was_offered = protocols(offered.iter()).any(|o| o.eq_ignore_ascii_case(p));
+        if !was_offered || !std::str::from_utf8(p).is_ok_and(|name| route.accepts_upgrade(name)) {
+            return Err(ProxyError::UpstreamUnavailable(
+                "the upstream switched to a protocol that was not offered".into(),
+            ));
+        }
+    }
+    match named {
+        true => Ok(()),
+        false => Err(ProxyError::UpstreamUnavailable(
+            "the upstream switched protocols without naming one".into(),
+        )),
     }
 }
 
@@ -209,7 +259,9 @@ mod tests {
     use crate::config::RouteConfig;
 
     fn request(upgrade: &[&str]) -> Request<()> {
-        let mut b = Request::builder().uri("/");
+        let mut b = Request::builder()
+            .uri("/")
+            .header(CONNECTION, "keep-alive, Upgrade");
         for u in upgrade {
             b = b.header(UPGRADE, *u);
         }
@@ -217,7 +269,7 @@ mod tests {
     }
 
     #[test]
-    fn only_http11_requests_with_a_real_offer_are_upgrades() {
+    fn only_http11_requests_with_a_real_offer_and_connection_upgrade_are_upgrades() {
         assert!(requested(&request(&["websocket"])));
         assert!(requested(&request(&["h2c, websocket"])));
         assert!(!requested(&request(&["h2c"])));
@@ -225,11 +277,17 @@ mod tests {
         let mut h2 = request(&["websocket"]);
         *h2.version_mut() = Version::HTTP_2;
         assert!(!requested(&h2));
+        let mut no_option = request(&["websocket"]);
+        no_option.headers_mut().remove(CONNECTION);
+        assert!(!requested(&no_option));
+        no_option
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("upgraded, close"));
+        assert!(!requested(&no_option));
     }
 
-    #[test]
-    fn every_offered_protocol_must_be_accepted() {
-        let config = |upgrades: &[&str]| RouteConfig {
+    fn route(upgrades: &[&str]) -> Route {
+        let config = RouteConfig {
             name: "r".into(),
             host: None,
             path_prefix: "/".into(),
@@ -238,16 +296,49 @@ mod tests {
             upstream_ca_file: None,
             allow: vec![],
             upgrades: upgrades.iter().map(|s| s.to_string()).collect(),
+            pass_caller_headers: vec![],
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
         };
-        let ws = Route::new(&config(&["websocket"]), 0).unwrap();
-        let none = Route::new(&config(&[]), 0).unwrap();
-        let h = |u: &[&str]| request(u).headers().clone();
-        assert_eq!(check(&ws, &h(&["WebSocket"])), Ok(()));
-        assert_eq!(check(&ws, &h(&["websocket/13"])), Ok(()));
-        assert!(check(&ws, &h(&["websocket, foo"])).is_err());
-        assert!(check(&ws, &h(&["websocket", "foo"])).is_err());
-        assert!(check(&none, &h(&["websocket"])).is_err());
+        Route::new(&config, 0).unwrap()
+    }
+
+    #[test]
+    fn every_offered_protocol_must_be_accepted() {
+        let (ws, none) = (route(&["websocket"]), route(&[]));
+        assert_eq!(check(&ws, &request(&["WebSocket"])), Ok(()));
+        assert_eq!(check(&ws, &request(&["websocket/13"])), Ok(()));
+        assert!(check(&ws, &request(&["websocket, foo"])).is_err());
+        assert!(check(&ws, &request(&["websocket", "foo"])).is_err());
+        assert!(check(&none, &request(&["websocket"])).is_err());
+    }
+
+    #[test]
+    fn a_websocket_upgrade_is_a_get() {
+        let (ws, other) = (route(&["websocket"]), route(&["other"]));
+        for method in [Method::POST, Method::PUT, Method::HEAD, Method::OPTIONS] {
+            let mut r = request(&["websocket"]);
+            *r.method_mut() = method;
+            assert_eq!(check(&ws, &r).unwrap_err().spec().code, "bad_request");
+            // Other protocols may come with other methods.
+            let mut r = request(&["other"]);
+            *r.method_mut() = Method::POST;
+            assert_eq!(check(&other, &r), Ok(()));
+        }
+    }
+
+    #[test]
+    fn the_upstream_may_switch_only_to_an_offered_protocol() {
+        let ws = route(&["websocket", "other"]);
+        let offered = [HeaderValue::from_static("websocket")];
+        let switched = |u: &[&str]| request(u).headers().clone();
+        assert_eq!(
+            check_switch(&ws, &offered, &switched(&["WebSocket"])),
+            Ok(())
+        );
+        for bad in [&["other"][..], &["websocket, other"], &[], &[""]] {
+            let e = check_switch(&ws, &offered, &switched(bad)).unwrap_err();
+            assert_eq!(e.spec().code, "upstream_unavailable", "{bad:?}");
+        }
     }
 }

@@ -34,6 +34,7 @@ pub fn route(name: &str, prefix: &str, upstream: String, allow: &[&str]) -> Rout
         upstream_ca_file: None,
         allow: allow.iter().map(|s| s.to_string()).collect(),
         upgrades: vec![],
+        pass_caller_headers: vec![],
         connect_timeout: Duration::from_secs(2),
         response_timeout: Duration::from_secs(20),
     }
