@@ -393,6 +393,14 @@ pub async fn run(config: Config, log_json: bool) -> ExitCode {
         },
     };
     init_tracing_with(&config.logging, log_json, telemetry.as_ref());
+    if let Some(t) = &config.telemetry {
+        tracing::info!(
+            endpoint = %format_args!("{}/v1/traces", crate::telemetry::loggable_endpoint(&t.endpoint)),
+            service_name = %t.service_name,
+            sampling_ratio = t.sampling_ratio,
+            "telemetry: exporting spans over OTLP/HTTP"
+        );
+    }
     let code = serve_until_stopped(config).await;
     if let Some(telemetry) = telemetry {
         // blocks until the last spans are exported, which needs the runtime's other thread

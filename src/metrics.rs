@@ -362,6 +362,11 @@ impl Metrics {
             tls_handshake_failures.clone(),
         );
         let config = ConfigMetrics::register(registry);
+        registry.register(
+            "telemetry_export_failures",
+            "Span exports that failed (collector unreachable or answering an error): their spans are dropped",
+            crate::telemetry::export_failures(),
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         let request_duration =
             Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(

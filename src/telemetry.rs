@@ -12,9 +12,15 @@
 //! ring provider (no second TLS stack); the batch processor exports from a thread of its own,
 //! so each export is spawned on the tokio runtime that started telemetry.
 //!
+//! The resource names the service (`service.name`, `service.version`) and this process
+//! (`service.instance.id`, new at every start). Exports that fail (the collector unreachable,
+//! or answering an error) are counted (`telemetry_export_failures_total`) and warned about once
+//! until one succeeds again; the spans of a failed export are dropped.
+//!
 //! Must never: put a token, key, secret, header value or query string in a span or attribute.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,6 +52,58 @@ pub fn is_on() -> bool {
 
 /// How long one export may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Exports that failed, for `telemetry_export_failures_total` (one counter for the process: the
+/// exporter starts before the metrics registry, and there is one exporter).
+static EXPORT_FAILURES: LazyLock<prometheus_client::metrics::counter::Counter> =
+    LazyLock::new(Default::default);
+/// The last export failed: the warning was logged, and is not again until one succeeds.
+static FAILING: AtomicBool = AtomicBool::new(false);
+
+/// The counter of failed exports, to register in a metrics registry.
+pub fn export_failures() -> prometheus_client::metrics::counter::Counter {
+    EXPORT_FAILURES.clone()
+}
+
+/// Counts an export's outcome; warns at the first failure after a success (or the start).
+fn exported(result: Result<http::StatusCode, &dyn std::fmt::Display>) {
+    let failure = match result {
+        Ok(status) if status.is_success() => None,
+        Ok(status) => Some(format!("the collector answered {status}")),
+        Err(e) => Some(e.to_string()),
+    };
+    match failure {
+        None => {
+            if FAILING.swap(false, Ordering::Relaxed) {
+                tracing::info!("telemetry: the collector accepts spans again");
+            }
+        }
+        Some(error) => {
+            EXPORT_FAILURES.inc();
+            if !FAILING.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    %error,
+                    "telemetry: spans cannot be exported; they are dropped until the collector answers (telemetry_export_failures_total counts the failed exports)"
+                );
+            }
+        }
+    }
+}
+
+/// `endpoint` without any user or password, as it may be logged.
+pub fn loggable_endpoint(endpoint: &str) -> String {
+    match endpoint.parse::<http::Uri>() {
+        Ok(uri) => {
+            format!(
+                "{}://{}{}",
+                uri.scheme_str().unwrap_or("http"),
+                uri.host().unwrap_or(""),
+                uri.port().map(|p| format!(":{p}")).unwrap_or_default()
+            ) + uri.path().trim_end_matches('/')
+        }
+        Err(_) => "(unparsable endpoint)".to_string(),
+    }
+}
 
 /// The running exporter. Dropping it does not flush: call [`Telemetry::shutdown`].
 pub struct Telemetry {
@@ -83,6 +141,13 @@ impl Telemetry {
             .with_resource(
                 Resource::builder()
                     .with_service_name(config.service_name.clone())
+                    .with_attributes([
+                        opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+                        opentelemetry::KeyValue::new(
+                            "service.instance.id",
+                            uuid::Uuid::new_v4().to_string(),
+                        ),
+                    ])
                     .build(),
             )
             .build();
@@ -100,8 +165,9 @@ impl Telemetry {
 
     /// Exports what is buffered now.
     pub fn flush(&self) {
+        // A failed export was counted and warned about where it failed.
         if let Err(e) = self.provider.force_flush() {
-            tracing::warn!(error = %e, "telemetry: flush failed");
+            tracing::debug!(error = %e, "telemetry: flush failed");
         }
     }
 
@@ -112,6 +178,13 @@ impl Telemetry {
             tracing::debug!(error = %e, "telemetry: shutdown");
         }
     }
+}
+
+/// Names `span` anew (recording `otel.name` no longer renames a span once its OpenTelemetry
+/// context exists, as it does from the first child span or trace-id lookup on).
+pub fn rename(span: &tracing::Span, name: String) {
+    use opentelemetry::trace::TraceContextExt;
+    span.context().span().update_name(name);
 }
 
 /// The trace id of `span`, as 32 hex digits, when it is sampled.
@@ -222,10 +295,15 @@ impl opentelemetry_http::HttpClient for ExportClient {
             Ok::<_, opentelemetry_http::HttpError>(Response::from_parts(parts, body))
         };
         let timed = async move {
-            tokio::time::timeout(EXPORT_TIMEOUT, exchange)
+            let result = tokio::time::timeout(EXPORT_TIMEOUT, exchange)
                 .await
                 .map_err(|_| "telemetry export timed out".into())
-                .and_then(|r| r)
+                .and_then(|r| r);
+            match &result {
+                Ok(response) => exported(Ok(response.status())),
+                Err(e) => exported(Err(e)),
+            }
+            result
         };
         self.runtime.spawn(timed).await?
     }

@@ -12,6 +12,7 @@ mod upstream;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,10 +28,10 @@ use prost::Message;
 use tracing_subscriber::layer::SubscriberExt;
 
 use proxy_config::{caller, listener, route};
-use support::{header, http};
+use support::{header, http, sample};
 use tokenbroker::broker::Broker;
 use tokenbroker::config::{Config, TelemetryConfig};
-use tokenbroker::emulator::{Emulator, EmulatorConfig};
+use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultKind, Operation};
 use tokenbroker::metrics::Metrics;
 use tokenbroker::proxy::ProxyHandle;
 use tokenbroker::secret::Secret;
@@ -40,16 +41,30 @@ use upstream::FakeUpstream;
 
 const ADMIN_SECRET: &str = "admin-secret-for-telemetry-test";
 const KEY: &str = "billing-key-for-telemetry-test";
+const SECOND_KEY: &str = "second-key-for-telemetry-test";
+/// `Status.code` of a span that failed (OTLP's STATUS_CODE_ERROR).
+const ERROR: i32 = 2;
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 
-/// Every span received, with the `service.name` of its resource.
+/// Every span received, with the `service.name` of its resource; the resources' other
+/// attributes; and whether the receiver answers 503 (a collector failing).
 #[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<(String, Span)>>>);
+struct Received(
+    Arc<Mutex<Vec<(String, Span)>>>,
+    Arc<Mutex<Vec<HashMap<String, String>>>>,
+    Arc<AtomicBool>,
+);
 
 impl Received {
     fn spans(&self) -> Vec<(String, Span)> {
         self.0.lock().unwrap().clone()
+    }
+    fn resources(&self) -> Vec<HashMap<String, String>> {
+        self.1.lock().unwrap().clone()
+    }
+    fn fail(&self, failing: bool) {
+        self.2.store(failing, Ordering::Relaxed);
     }
 }
 
@@ -74,9 +89,20 @@ async fn receiver() -> (SocketAddr, Received) {
                             && header(req.headers(), "content-type") == "application/x-protobuf";
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let status = match ExportTraceServiceRequest::decode(body) {
+                            _ if store.2.load(Ordering::Relaxed) => StatusCode::SERVICE_UNAVAILABLE,
                             Ok(export) if ok => {
                                 let mut spans = store.0.lock().unwrap();
                                 for rs in export.resource_spans {
+                                    store.1.lock().unwrap().push(
+                                        rs.resource
+                                            .iter()
+                                            .flat_map(|r| &r.attributes)
+                                            .filter_map(|a| {
+                                                let v = string(a.value.as_ref()?.value.as_ref()?)?;
+                                                Some((a.key.clone(), v))
+                                            })
+                                            .collect(),
+                                    );
                                     let service = rs
                                         .resource
                                         .iter()
@@ -127,6 +153,16 @@ fn attr(span: &Span, key: &str) -> Option<String> {
     })
 }
 
+/// An attribute that must be an integer.
+fn int_attr(span: &Span, key: &str) -> Option<i64> {
+    span.attributes.iter().find(|a| a.key == key).and_then(|a| {
+        match a.value.as_ref()?.value.as_ref()? {
+            Value::IntValue(i) => Some(*i),
+            other => panic!("{key} is not an integer: {other:?}"),
+        }
+    })
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -170,21 +206,29 @@ async fn requests_make_linked_spans_exported_over_otlp_http() {
     let up = FakeUpstream::start().await;
     let config = Config {
         listeners: vec![listener("plain", None, None)],
-        callers: vec![caller("billing", KEY, vec![])],
+        callers: vec![
+            caller("billing", KEY, vec![]),
+            caller("second", SECOND_KEY, vec![]),
+        ],
         routes: vec![route(
             "fake",
             "/fake",
             format!("http://{}/", up.addr()),
-            &["billing"],
+            &["billing", "second"],
         )],
         ..Config::minimal(emu.identity_config("admin", &Secret::new(ADMIN_SECRET)))
     };
     let metrics = Metrics::new();
     let broker = Broker::start(&config, metrics.clone()).await.unwrap();
     let shutdown = Shutdown::new();
-    let proxy = ProxyHandle::start(Arc::new(config), broker.clone(), metrics, shutdown.clone())
-        .await
-        .unwrap();
+    let proxy = ProxyHandle::start(
+        Arc::new(config),
+        broker.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
     let addr = proxy.local_addrs()[0].1;
     let auth = format!("Bearer {KEY}");
 
@@ -235,6 +279,20 @@ async fn requests_make_linked_spans_exported_over_otlp_http() {
     assert!(spans
         .iter()
         .all(|(service, _)| service == "tokenbroker-under-test"));
+    // The resource names the version and this process (one id for every export).
+    let resources = received.resources();
+    let instances: std::collections::HashSet<_> = resources
+        .iter()
+        .map(|r| r.get("service.instance.id").cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(instances.len(), 1, "{resources:?}");
+    assert!(
+        uuid::Uuid::parse_str(instances.iter().next().unwrap()).is_ok(),
+        "{resources:?}"
+    );
+    assert!(resources
+        .iter()
+        .all(|r| r.get("service.version").map(String::as_str) == Some(env!("CARGO_PKG_VERSION"))));
     let servers: Vec<&Span> = spans
         .iter()
         .map(|(_, s)| s)
@@ -259,10 +317,8 @@ async fn requests_make_linked_spans_exported_over_otlp_http() {
             attr(server, "tokenbroker.caller").as_deref(),
             Some("billing")
         );
-        assert_eq!(
-            attr(server, "http.response.status_code").as_deref(),
-            Some("200")
-        );
+        assert_eq!(int_attr(server, "http.response.status_code"), Some(200));
+        assert_eq!(server.name, "GET fake");
         assert_eq!(attr(server, "http.request.method").as_deref(), Some("GET"));
         if first {
             assert!(server.parent_span_id.is_empty(), "request 1 starts a trace");
@@ -294,8 +350,8 @@ async fn requests_make_linked_spans_exported_over_otlp_http() {
         assert_eq!(upstream.len(), 1, "request {n}: {in_trace:#?}");
         assert_eq!(upstream[0].parent_span_id, server.span_id);
         assert_eq!(
-            attr(upstream[0], "http.response.status_code").as_deref(),
-            Some("200")
+            int_attr(upstream[0], "http.response.status_code"),
+            Some(200)
         );
         // the upstream got our upstream span as its parent
         let got = seen
@@ -377,6 +433,107 @@ async fn requests_make_linked_spans_exported_over_otlp_http() {
             }
         }
     }
+
+    // A failed identity call is an ERROR span: a cold caller whose create fails (the breaker
+    // opens, the request gets 503).
+    emu.inject_fault(Fault {
+        kind: FaultKind::ServerError,
+        operations: vec![Operation::Create],
+        requests: Some(1),
+        seconds: None,
+    });
+    let second = format!("Bearer {SECOND_KEY}");
+    let (status, _, _) = http(
+        "GET",
+        &format!("http://{addr}/fake/third"),
+        &[("proxy-authorization", &second)],
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let flush = |t: Arc<Telemetry>| async move {
+        tokio::task::spawn_blocking(move || t.flush())
+            .await
+            .unwrap()
+    };
+    flush(flushing.clone()).await;
+    let failed_create = |spans: &[(String, Span)]| {
+        spans
+            .iter()
+            .find(|(_, s)| {
+                s.name == "identity create"
+                    && attr(s, "tokenbroker.outcome").as_deref() == Some("transient")
+            })
+            .map(|(_, s)| s.clone())
+    };
+    assert!(
+        support::eventually(Duration::from_secs(20), || {
+            let found = failed_create(&received.spans()).is_some();
+            async move { found }
+        })
+        .await
+    );
+    let failed = failed_create(&received.spans()).unwrap();
+    assert_eq!(
+        failed.status.as_ref().map(|s| s.code),
+        Some(ERROR),
+        "{failed:?}"
+    );
+    for (_, s) in received.spans() {
+        if attr(&s, "tokenbroker.outcome").as_deref() == Some("ok") {
+            assert_ne!(s.status.map(|s| s.code), Some(ERROR), "{}", s.name);
+        }
+    }
+
+    // A collector that fails: counted for every export, warned about once, and once more when it
+    // accepts spans again.
+    let failures = || {
+        sample(
+            &metrics.encode_prometheus(),
+            "tokenbroker_telemetry_export_failures_total",
+        )
+        .unwrap_or(-1.0)
+    };
+    assert_eq!(failures(), 0.0);
+    received.fail(true);
+    for n in 1..=2 {
+        let (status, _, _) = http(
+            "GET",
+            &format!("http://{addr}/fake/lost-{n}"),
+            &[("proxy-authorization", &auth)],
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        flush(flushing.clone()).await;
+        assert!(
+            support::eventually(Duration::from_secs(20), || async { failures() >= n as f64 }).await,
+            "export {n} failed and was counted"
+        );
+    }
+    let warned = |message: &str| logs.text().lines().filter(|l| l.contains(message)).count();
+    assert_eq!(
+        warned("telemetry: spans cannot be exported"),
+        1,
+        "{}",
+        logs.text()
+    );
+    received.fail(false);
+    let (status, _, _) = http(
+        "GET",
+        &format!("http://{addr}/fake/again"),
+        &[("proxy-authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    flush(flushing.clone()).await;
+    assert!(
+        support::eventually(Duration::from_secs(20), || async {
+            warned("telemetry: the collector accepts spans again") == 1
+        })
+        .await
+    );
 
     shutdown.trigger();
     proxy.wait().await;

@@ -358,12 +358,16 @@ impl Broker {
                 tokenbroker.operation = operation_of(kind),
                 tokenbroker.caller = c.map(|c| &*c.name),
                 tokenbroker.outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
             ),
             false => tracing::Span::none(),
         };
         let result = op(service).instrument(span.clone()).await;
         let outcome = outcome(&result);
         span.record("tokenbroker.outcome", outcome);
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
         self.metrics.record_fetch(kind, outcome);
         self.metrics
             .record_identity_call(operation_of(kind), outcome, started.elapsed());

@@ -257,10 +257,7 @@ fn finish_server_span(
 ) -> Option<String> {
     if let Some(route) = outcome.route {
         span.record("http.route", &**route);
-        span.record(
-            "otel.name",
-            tracing::field::display(format_args!("{method} {route}")),
-        );
+        telemetry::rename(span, format!("{method} {route}"));
     }
     if let Some(caller) = outcome.caller {
         span.record("tokenbroker.caller", &**caller);
@@ -268,7 +265,8 @@ fn finish_server_span(
     if let Some(path) = outcome.path.as_deref() {
         span.record("url.path", path);
     }
-    span.record("http.response.status_code", status);
+    // as i64: the OpenTelemetry layer exports u64 fields as text
+    span.record("http.response.status_code", i64::from(status));
     if let Some(error) = error {
         span.record("tokenbroker.error", error);
     }
@@ -386,7 +384,10 @@ async fn proxy<'s, T: TokenSource>(
     if !upstream_span.is_none() {
         match &result {
             Ok(response) => {
-                upstream_span.record("http.response.status_code", response.status().as_u16());
+                upstream_span.record(
+                    "http.response.status_code",
+                    i64::from(response.status().as_u16()),
+                );
             }
             Err(e) => {
                 upstream_span.record("tokenbroker.error", e.spec().code);
