@@ -26,7 +26,8 @@ use std::task::Poll;
 use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
-use http::{Request, Response};
+use futures_util::future::Either;
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -311,14 +312,21 @@ fn handshake_failure(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// hyper's HTTP/1 settings, on the builder of a new connection and on the HTTP/1 builder of a
+/// resumed one ([`drive`]): the two have the same methods but no trait in common.
+macro_rules! http1_settings {
+    ($builder:expr, $limits:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .header_read_timeout($limits.header_read_timeout)
+            .max_buf_size($limits.max_header_bytes.max(MIN_H1_BUF))
+            .keep_alive(true)
+    };
+}
+
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(MIN_H1_BUF))
-        .keep_alive(true);
+    http1_settings!(builder.http1(), limits);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -333,20 +341,23 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// is freed and the socket waits on its own, a few hundred bytes, for its next bytes; they start a
 /// new hyper connection on the same socket. nginx does the same with its buffers on idle
 /// keep-alive connections. While parked, the connection still closes at `idle_timeout` and at
-/// shutdown (at once: nothing is in flight).
+/// shutdown (at once: nothing is in flight). A connection that parked speaks HTTP/1 to its end:
+/// its next bytes are never taken for an HTTP/2 preface.
 async fn serve<S, T>(stream: S, conn: ConnInfo, limits: &Limits, ctx: Ctx<T>, may_park: bool)
 where
     S: Readable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
     T: TokenSource,
 {
-    let activity = conn.activity.clone();
     let conn = Arc::new(conn);
-    let shared = ctx.shared.clone();
+    let (svc_conn, shared) = (conn.clone(), ctx.shared.clone());
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (conn, shared) = (conn.clone(), shared.clone());
+        let (conn, shared) = (svc_conn.clone(), shared.clone());
         async move {
             let in_flight = conn.activity.request_started(req.version());
             let response = service::handle(req, &conn, &shared).await;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                conn.activity.mark_upgraded();
+            }
             Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight)))
         }
     });
@@ -354,7 +365,12 @@ where
     let mut stream = stream;
     let mut resumed = false;
     loop {
-        let watched = Watched::new(stream, activity.clone(), may_park.then(|| park.clone()));
+        let watched = Watched::new(
+            stream,
+            conn.clone(),
+            ctx.shared.metrics.clone(),
+            may_park.then(|| park.clone()),
+        );
         // Boxed: hyper's builder, its connection and the timers of a connection at work are
         // freed while it is parked.
         Box::pin(drive(watched, svc.clone(), resumed, limits, &ctx, &park)).await;
@@ -426,7 +442,18 @@ async fn drive<S, T, Svc, B>(
 {
     let activity = stream.activity().clone();
     let builder = http_builder(limits);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let io = TokioIo::new(stream);
+    // A parked HTTP/1 connection stays HTTP/1: a resumed one is not sniffed for an h2 preface.
+    let connection = match resumed {
+        false => Either::Left(builder.serve_connection_with_upgrades(io, svc)),
+        true => {
+            let mut http1 = hyper::server::conn::http1::Builder::new();
+            http1_settings!(http1, limits);
+            Either::Right(Http1Connection(Box::pin(
+                http1.serve_connection(io, svc).with_upgrades(),
+            )))
+        }
+    };
     tokio::pin!(connection);
 
     let mut idle_check = interval_at(Instant::now() + limits.idle_timeout, limits.idle_timeout);
@@ -509,6 +536,49 @@ async fn drive<S, T, Svc, B>(
                 }
                 last_io = io;
             }
+        }
+    }
+}
+
+/// hyper's HTTP/1-only side of a resumed connection, with the error type of the auto builder's.
+struct Http1Connection<I, S>(Pin<Box<hyper::server::conn::http1::UpgradeableConnection<I, S>>>)
+where
+    S: hyper::service::HttpService<Incoming>;
+
+impl<I, S, B> Future for Http1Connection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().0.as_mut().poll(cx).map_err(Into::into)
+    }
+}
+
+/// Ends hyper's side of a connection once its requests in flight are answered.
+trait GracefulShutdown {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulShutdown
+    for Either<auto::UpgradeableConnection<'_, I, S, TokioExecutor>, Http1Connection<I, S>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: auto::HttpServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        match self.as_pin_mut() {
+            Either::Left(auto) => auto.graceful_shutdown(),
+            Either::Right(http1) => http1.get_mut().0.as_mut().graceful_shutdown(),
         }
     }
 }
