@@ -195,6 +195,26 @@ async fn a_pause_inside_a_chunk_never_parks_and_its_rest_is_never_a_request() {
 }
 
 #[tokio::test]
+async fn a_body_the_proxy_refused_before_reading_is_never_a_request() {
+    let f = Parking::start().await;
+    let mut stream = f.connect().await;
+    assert_eq!(exchange(&mut stream, WARM).await.status, "http/1.1 200 ok");
+    // No route: answered 404 before the body is read, which hyper then drains or gives up on.
+    let refused =
+        b"POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n40\r\nx\r\n\r\n";
+    assert_eq!(
+        exchange(&mut stream, refused).await.status,
+        "http/1.1 404 not found"
+    );
+    let parked = eventually(PARKED_BY, || async { f.parked() == 1.0 }).await;
+    let _ = stream.write_all(SMUGGLED).await;
+    let rest = rest_of(&mut stream).await;
+    assert!(!parked, "the connection parked in the middle of a chunk");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert_eq!(f.targets(), ["/a/warm"]);
+}
+
+#[tokio::test]
 async fn a_connection_parks_after_a_whole_chunked_body_and_serves_the_next_request() {
     let f = Parking::start().await;
     let mut stream = f.connect().await;
