@@ -265,3 +265,24 @@ async fn a_parked_http1_connection_does_not_switch_to_http2() {
     assert_eq!(parked, unparked);
     assert_eq!(f.targets(), ["/a/warm", "/a/warm"]);
 }
+
+#[tokio::test]
+async fn a_head_hyper_refuses_after_parking_gets_the_error_table() {
+    let f = Parking::start().await;
+    let mut stream = f.connect().await;
+    assert_eq!(exchange(&mut stream, WARM).await.status, "http/1.1 200 ok");
+    assert!(eventually(LONG, || async { f.parked() == 1.0 }).await);
+    let folded = b"GET /admin/x HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n";
+    let answer = exchange(&mut stream, folded).await;
+    assert_eq!(answer.status, "http/1.1 400 bad request");
+    assert!(
+        answer.head.contains("\r\nx-request-id: "),
+        "{}",
+        answer.head
+    );
+    assert_eq!(
+        support::json(answer.body.as_bytes())["error"],
+        "bad_request"
+    );
+    assert_eq!(f.targets(), ["/a/warm"]);
+}

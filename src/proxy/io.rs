@@ -72,6 +72,8 @@ impl<S> Watched<S> {
         metrics: Arc<Metrics>,
         park: Option<Arc<Park<S>>>,
     ) -> Self {
+        // A new stream or one that parked: every answer that ended so far is out.
+        let ended_at_flush = conn.activity.ended();
         Watched {
             inner: Some(inner),
             conn,
@@ -80,7 +82,7 @@ impl<S> Watched<S> {
             replacement: None,
             park,
             unflushed: false,
-            ended_at_flush: 0,
+            ended_at_flush,
         }
     }
 
