@@ -716,3 +716,18 @@ async fn heads_hyper_refuses_get_the_error_table_a_request_line_and_a_count() {
     assert_eq!(f.up.requests(), 0);
     f.still_serves().await;
 }
+
+#[tokio::test]
+async fn a_head_hyper_refuses_after_a_served_request_gets_the_error_table() {
+    let f = Edge::start(|_| {}).await;
+    let served = "GET /ok HTTP/1.1\r\nHost: tb.test\r\nProxy-Authorization: Bearer bob-key\r\n\r\n";
+    let folded = request(
+        "GET /ok HTTP/1.1",
+        &["Host: tb.test", BOB, "X-Folded: a", " b"],
+    );
+    let text = raw(f.addr("plain"), format!("{served}{folded}").as_bytes()).await;
+    let at = text.find("\r\n\r\nok").expect("the first answer") + 6;
+    assert_eq!(Answer::parse(&text[..at]).status, 200, "{text}");
+    Answer::parse(&text[at..]).refused(400, "bad_request");
+    assert_eq!(f.up.requests(), 1);
+}
