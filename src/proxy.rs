@@ -2,7 +2,7 @@
 //! rewrite, forwarding, error responses.
 //!
 //! - [`listener`]: accept loops, connection limits, idle timeout, graceful drain
-//! - [`io`]: the watched client stream (activity, ambiguous framing)
+//! - [`io`]: the watched client stream (activity, HTTP/1 framing, parking, hyper's refusals)
 //! - [`tls`]: server and client TLS configs, client-certificate identities
 //! - [`target`]: the canonical path and authority, the one view of the request target
 //! - [`identify`]: who is calling

@@ -974,3 +974,109 @@ async fn a_websocket_upgrade_that_is_no_get_is_400() {
     }
     f.still_serves().await;
 }
+
+#[tokio::test]
+async fn heads_hyper_refuses_get_the_error_table_a_request_line_and_a_count() {
+    let capture = support::logs::LogCapture::default();
+    let _guard = tracing::subscriber::set_default(capture.subscriber());
+    // hyper's buffer is 8 KiB: a head over it is refused by hyper, not by the handler.
+    let f = Edge::start(|c| c.limits.max_header_bytes = 4096).await;
+    let get = |first_line: &str, extra: &[&str]| {
+        let mut headers = vec!["Host: tb.test", BOB];
+        headers.extend_from_slice(extra);
+        request(first_line, &headers)
+    };
+    let many: Vec<String> = (0..120).map(|i| format!("X-Header-{i}: v")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let big = format!("X-Big: {}", "a".repeat(9000));
+    let cases = [
+        (
+            "obs-fold",
+            get("GET /ok HTTP/1.1", &["X-Folded: a", " b"]),
+            400,
+            "bad_request",
+        ),
+        (
+            "bad header name",
+            get("GET /ok HTTP/1.1", &["Bad Name: x"]),
+            400,
+            "bad_request",
+        ),
+        (
+            "too many headers",
+            get("GET /ok HTTP/1.1", &many),
+            431,
+            "headers_too_large",
+        ),
+        ("HTTP/1.2", get("GET /ok HTTP/1.2", &[]), 400, "bad_request"),
+        (
+            "a list as length",
+            get("POST /upload HTTP/1.1", &["Content-Length: 5, 5"]) + "hello",
+            400,
+            "bad_request",
+        ),
+        (
+            "head over hyper's buffer",
+            get("GET /ok HTTP/1.1", &[&big]),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "a length hyper reserves",
+            get(
+                "POST /upload HTTP/1.1",
+                &["Content-Length: 18446744073709551615"],
+            ),
+            413,
+            "body_too_large",
+        ),
+    ];
+    for (case, bytes, status, code) in cases {
+        let errors = format!("tokenbroker_errors_total{{error=\"{code}\"}}");
+        let before = count(&f.metrics, &errors);
+        let a = Answer::parse(&raw(f.addr("plain"), bytes.as_bytes()).await);
+        a.refused(status, code);
+        assert!(a.head.contains("\r\nconnection: close"), "{case}: {a:?}");
+        let id = support::json(a.body.as_bytes())["request_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            a.head.contains(&format!("\r\nx-request-id: {id}")),
+            "{case}: {a:?}"
+        );
+        assert_eq!(
+            count(&f.metrics, &errors),
+            before + 1,
+            "{case}: errors_total"
+        );
+        let logs = capture.text();
+        let lines: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("tokenbroker::request") && l.contains(&id))
+            .collect();
+        assert_eq!(lines.len(), 1, "{case}: one request line\n{logs}");
+        assert!(
+            lines[0].contains(&format!("status={status}")) && lines[0].contains(code),
+            "{case}: {}",
+            lines[0]
+        );
+    }
+    assert_eq!(f.up.requests(), 0);
+    f.still_serves().await;
+}
+
+#[tokio::test]
+async fn a_head_hyper_refuses_after_a_served_request_gets_the_error_table() {
+    let f = Edge::start(|_| {}).await;
+    let served = "GET /ok HTTP/1.1\r\nHost: tb.test\r\nProxy-Authorization: Bearer bob-key\r\n\r\n";
+    let folded = request(
+        "GET /ok HTTP/1.1",
+        &["Host: tb.test", BOB, "X-Folded: a", " b"],
+    );
+    let text = raw(f.addr("plain"), format!("{served}{folded}").as_bytes()).await;
+    let at = text.find("\r\n\r\nok").expect("the first answer") + 6;
+    assert_eq!(Answer::parse(&text[..at]).status, 200, "{text}");
+    Answer::parse(&text[at..]).refused(400, "bad_request");
+    assert_eq!(f.up.requests(), 1);
+}

@@ -1,373 +1,112 @@
-//! The client connection's byte stream, watched: counts I/O for the idle timeout, and scans the
-//! bytes read for an HTTP/1 head that carries both `Content-Length` and `Transfer-Encoding`.
+//! The client connection's byte stream, watched ([`Watched`]): it counts I/O for the idle
+//! timeout, follows the HTTP/1 bytes read, parks the stream when the connection idles, and puts
+//! the error table's answer in place of hyper's own bare refusals.
 //!
-//! Why the scan: on such a request hyper (1.x) drops the Content-Length, reads the body as chunked
-//! and closes the connection afterwards (RFC 9112 6.3 allows that), so the handler cannot see that
-//! the request was ambiguous. We refuse it instead. The scanner looks at every line of what is
-//! read; a run of lines without a blank line between them (a head) that holds both header names
-//! marks the connection, and the handler answers 400 to a request with `Transfer-Encoding` on a
-//! marked connection. A body that happens to look like such a head can only cause a refusal, never
-//! let an ambiguous request through.
+//! - [`activity`]: what the stream, the requests and the connection's supervisor tell each other
+//!   (I/O events, requests started, in flight and ended).
+//! - [`scan`]: the bytes read, followed as hyper reads them: exact message framing (chunk sizes
+//!   counted), and heads that carry both `Content-Length` and `Transfer-Encoding`. On such a
+//!   request hyper (1.x) drops the Content-Length, reads the body as chunked and closes the
+//!   connection afterwards (RFC 9112 6.3 allows that), so the handler cannot see that it was
+//!   ambiguous; the scan marks the connection and the handler refuses it (`service::check_head`).
+//! - [`park`]: parking. When the connection's supervisor asks ([`Park::request`]) and hyper reads
+//!   with nothing to read, no request in flight, nothing left unflushed and the framing scan sure
+//!   that the bytes read so far end exactly at the end of a message, the stream moves into the
+//!   [`Park`] and tells hyper the client closed. hyper then ends its part of the connection
+//!   gracefully, freeing its buffers, without shutting the socket, which waits in the `Park` for
+//!   its next bytes (`listener::serve`). Where the scan is not sure (a body still coming, even
+//!   after its answer went out; bytes it cannot parse), the stream does not park: hyper reads the
+//!   rest of that body, or drops it and closes the connection, and never reads it as a request.
+//! - [`refusal`]: hyper answers a head it cannot take (obs-fold, a bad header name, `HTTP/1.2`,
+//!   too many or too large headers, an impossible `Content-Length`) with a bare 400 or 431 of its
+//!   own. A write is hyper's own when no request is in flight, every answer that ended was
+//!   flushed before it, the connection is neither HTTP/2 nor upgraded, and it starts with an
+//!   error status line without `x-request-id` (which every answer of the handler carries); the
+//!   stream writes the error table's answer in its place, logged and counted like every refusal.
+//!   (Were hyper to queue its refusal behind the unflushed end of an earlier answer, its bare
+//!   answer would go out as it is.)
 //!
-//! The scanner also reads `Content-Length` values: hyper refuses one it cannot represent
-//! (18446744073709551615, or more digits than a u64 holds) itself, with a bare 431 or 400 and no
-//! body, before any handler runs. On a connection where such a head was read, a response that
-//! lacks `x-request-id` (which every answer of the handler carries) is hyper's, and is replaced
-//! by the error table's 413 `body_too_large` JSON answer, logged as a request line.
-//!
-//! It also hands the stream back for parking (`listener::serve`): when the connection's supervisor
-//! asks ([`Park::request`]) and hyper reads with nothing to read, no request in flight, nothing
-//! left unflushed and the bytes read so far ending exactly at the end of a message (the scanner
-//! follows heads and their bodies for that), it moves the stream into the [`Park`] and
-//! tells hyper the client closed. hyper then ends its part of the connection gracefully, freeing
-//! its buffers, without shutting the socket, which waits in the `Park` for its next bytes.
-//!
-//! Must never: change, hold back or copy the bytes it watches, but for that one answer of hyper's;
+//! Must never: change, hold back or copy the bytes it watches, but for hyper's bare refusals;
 //! park a stream with a message half read or an answer half written.
 
-use std::future::Future;
+mod activity;
+mod park;
+mod refusal;
+mod scan;
+
+pub use activity::{Activity, InFlight, InFlightBody};
+pub use park::{Park, Readable};
+pub use scan::Scanner;
+
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::Version;
-use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
-/// Shared between a connection's stream, its requests and its supervising task.
-#[derive(Debug, Default)]
-pub struct Activity {
-    io_events: AtomicU64,
-    in_flight: AtomicUsize,
-    requests: AtomicU64,
-    ambiguous_framing: AtomicBool,
-    oversized_length: AtomicBool,
-    http2: AtomicBool,
-}
+use super::service::ConnInfo;
+use crate::metrics::Metrics;
 
-impl Activity {
-    pub fn io_events(&self) -> u64 {
-        self.io_events.load(Ordering::Relaxed)
-    }
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
-    }
-    /// An HTTP/1 head with both Content-Length and Transfer-Encoding was read on this connection.
-    pub fn saw_ambiguous_framing(&self) -> bool {
-        self.ambiguous_framing.load(Ordering::Relaxed)
-    }
-    /// An HTTP/1 head with a `Content-Length` hyper cannot represent was read on this connection.
-    pub fn saw_oversized_length(&self) -> bool {
-        self.oversized_length.load(Ordering::Relaxed)
-    }
-    /// A request arrived over HTTP/2 on this connection.
-    pub fn speaks_http2(&self) -> bool {
-        self.http2.load(Ordering::Relaxed)
-    }
-    /// Marks a request as started until the guard drops (with its answer's body: [`InFlightBody`]).
-    pub fn request_started(self: &Arc<Self>, version: Version) -> InFlight {
-        if version == Version::HTTP_2 {
-            self.http2.store(true, Ordering::Relaxed);
-        }
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-}
-
-pub struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// An answer's body that keeps its request counted in flight until hyper has written all of it
-/// (or dropped it): a request is not over when its handler returns, but when its answer is out.
-pub struct InFlightBody<B> {
-    body: B,
-    _in_flight: InFlight,
-}
-
-impl<B> InFlightBody<B> {
-    pub fn new(body: B, in_flight: InFlight) -> Self {
-        InFlightBody {
-            body,
-            _in_flight: in_flight,
-        }
-    }
-}
-
-impl<B: Body + Unpin> Body for InFlightBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// Where a parked connection's stream waits, and the supervisor's request to park it.
-pub struct Park<S> {
-    requested: AtomicBool,
-    stream: Mutex<Option<S>>,
-}
-
-impl<S> Default for Park<S> {
-    fn default() -> Self {
-        Park {
-            requested: AtomicBool::new(false),
-            stream: Mutex::new(None),
-        }
-    }
-}
-
-impl<S> Park<S> {
-    /// Asks the stream to park at hyper's next read, if it then finds the connection idle.
-    pub fn request(&self) {
-        self.requested.store(true, Ordering::Relaxed);
-    }
-    /// Withdraws a request the next read did not take.
-    pub fn cancel(&self) {
-        self.requested.store(false, Ordering::Relaxed);
-    }
-    /// The parked stream, if the stream parked.
-    pub fn take(&self) -> Option<S> {
-        self.slot().take()
-    }
-    fn put(&self, stream: S) {
-        *self.slot() = Some(stream);
-    }
-    /// The slot; nothing can leave it half-written, so a poisoned lock is taken as it is.
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<S>> {
-        self.stream.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A client stream a parked connection can wait on for its next bytes.
-pub trait Readable {
-    /// Resolves once the stream has bytes (or its end) to read.
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_;
-}
-
-impl Readable for TcpStream {
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_ {
-        TcpStream::readable(self)
-    }
-}
-
-/// A TLS stream parks only when rustls has no plaintext left for hyper (its read was pending),
-/// so the socket's readiness is the stream's.
-impl Readable for tokio_rustls::server::TlsStream<TcpStream> {
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_ {
-        self.get_ref().0.readable()
-    }
-}
-
-/// Finds `content-length:` and `transfer-encoding:` header lines within one head.
-#[derive(Debug)]
-pub struct HeadScanner {
-    /// The first bytes of the current line, lower-cased.
-    line: [u8; 18],
-    /// Length of the current line so far (saturating past `line.len()`).
-    len: usize,
-    content_length: bool,
-    transfer_encoding: bool,
-    /// Inside a `Content-Length` value: its digits so far (`None` once it overflowed).
-    length_value: Option<Option<u64>>,
-    /// Sticky: a `Content-Length` value over `MAX_LENGTH` was seen.
-    pub oversized_length: bool,
-    /// Message framing, for parking: a head has begun and not yet ended.
-    in_head: bool,
-    /// The last `Content-Length` value of the current head (`None`: none, or too large).
-    head_length: Option<u64>,
-    /// Bytes of a `Content-Length` body still to come.
-    body_left: u64,
-    /// The bytes fed so far end exactly where a message ends (or nothing was fed).
-    message_end: bool,
-}
-
-impl Default for HeadScanner {
-    fn default() -> Self {
-        HeadScanner {
-            line: [0; 18],
-            len: 0,
-            content_length: false,
-            transfer_encoding: false,
-            length_value: None,
-            oversized_length: false,
-            in_head: false,
-            head_length: None,
-            body_left: 0,
-            message_end: true,
-        }
-    }
-}
-
-const CL: &[u8] = b"content-length:";
-const TE: &[u8] = b"transfer-encoding:";
-/// The largest body length hyper accepts (it keeps the top two values for itself).
-const MAX_LENGTH: u64 = u64::MAX - 2;
-
-impl HeadScanner {
-    /// Feeds bytes; true once a head with both headers has been seen.
-    ///
-    /// Every byte is scanned for header lines, body bytes too (so a body can only cause a
-    /// refusal). Framing is followed beside that: a head ends at its blank line, then a
-    /// `Content-Length` body is counted off. A chunked body is followed as lines: it ends at a
-    /// blank line, as its last chunk does; a blank line inside chunk data may end it early in
-    /// this view, but then the request is still in flight, which keeps the stream from parking.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> bool {
-        let mut found = false;
-        while !bytes.is_empty() {
-            if self.body_left > 0 {
-                let n = usize::try_from(self.body_left).map_or(bytes.len(), |l| l.min(bytes.len()));
-                found |= self.scan(&bytes[..n], false).0;
-                self.body_left -= n as u64;
-                self.message_end = self.body_left == 0;
-                bytes = &bytes[n..];
-                continue;
-            }
-            let (f, used) = self.scan(bytes, true);
-            found |= f;
-            bytes = &bytes[used..];
-        }
-        found
-    }
-
-    /// Whether the bytes fed so far end exactly at the end of a message.
-    pub fn at_message_end(&self) -> bool {
-        self.message_end
-    }
-
-    /// Scans `bytes` for header lines; with `framing`, stops after a head's blank line and sets
-    /// up its body. Returns (both headers seen in one head, bytes used).
-    fn scan(&mut self, mut bytes: &[u8], framing: bool) -> (bool, usize) {
-        let total = bytes.len();
-        let mut found = false;
-        while !bytes.is_empty() {
-            if let Some(value) = &mut self.length_value {
-                if bytes[0] != b'\n' {
-                    if let Some(digit) = (bytes[0] as char).to_digit(10) {
-                        *value = value.and_then(|v| v.checked_mul(10)?.checked_add(digit.into()));
-                    }
-                    bytes = &bytes[1..];
-                    continue;
-                }
-                self.oversized_length |= value.is_none_or(|v| v > MAX_LENGTH);
-                self.head_length = *value;
-                self.length_value = None;
-            }
-            if self.len >= self.line.len() {
-                // Past the interesting start of the line: skip to its end.
-                match memchr::memchr(b'\n', bytes) {
-                    Some(i) => bytes = &bytes[i..],
-                    None => return (found, total),
-                }
-            }
-            let b = bytes[0];
-            bytes = &bytes[1..];
-            if b == b'\n' {
-                let blank = self.len == 0 || (self.len == 1 && self.line[0] == b'\r');
-                self.len = 0;
-                if blank {
-                    let head = (self.content_length, self.transfer_encoding);
-                    self.content_length = false;
-                    self.transfer_encoding = false;
-                    if framing && self.in_head {
-                        self.end_head(head);
-                        return (found, total - bytes.len());
-                    }
-                }
-                continue;
-            }
-            if framing && b != b'\r' {
-                self.in_head = true;
-                self.message_end = false;
-            }
-            self.line[self.len] = b.to_ascii_lowercase();
-            self.len += 1;
-            let line = &self.line[..self.len];
-            if line == CL {
-                self.content_length = true;
-                self.length_value = Some(Some(0));
-            }
-            self.transfer_encoding |= line == TE;
-            found |= self.content_length && self.transfer_encoding;
-        }
-        (found, total)
-    }
-
-    /// A head ended: what follows is its body, if it has one.
-    fn end_head(&mut self, (content_length, transfer_encoding): (bool, bool)) {
-        self.in_head = false;
-        let length = self.head_length.take();
-        if transfer_encoding {
-            self.message_end = false;
-        } else if content_length {
-            // A length too large to count never ends: such a stream never parks.
-            self.body_left = length.unwrap_or(u64::MAX);
-            self.message_end = self.body_left == 0;
-        } else {
-            self.message_end = true;
-        }
-    }
-}
-
-/// A stream that reports to an [`Activity`].
+/// A stream that reports to its connection's [`Activity`].
 pub struct Watched<S> {
     /// `None` once parked.
     inner: Option<S>,
-    activity: Arc<Activity>,
-    scanner: HeadScanner,
+    conn: Arc<ConnInfo>,
+    metrics: Arc<Metrics>,
+    scanner: Scanner,
     /// The error-table answer written instead of hyper's bare one, and how much of it is out.
     replacement: Option<(Vec<u8>, usize)>,
     /// Where to park, for a stream that may (HTTP/1).
     park: Option<Arc<Park<S>>>,
     /// Written to since the last completed flush.
     unflushed: bool,
+    /// `Activity::ended` at the last completed flush: what had ended then is all out.
+    ended_at_flush: u64,
 }
 
 impl<S> Watched<S> {
-    pub fn new(inner: S, activity: Arc<Activity>, park: Option<Arc<Park<S>>>) -> Self {
+    pub fn new(
+        inner: S,
+        conn: Arc<ConnInfo>,
+        metrics: Arc<Metrics>,
+        park: Option<Arc<Park<S>>>,
+    ) -> Self {
+        // A new stream or one that parked: every answer that ended so far is out.
+        let ended_at_flush = conn.activity.ended();
         Watched {
             inner: Some(inner),
-            activity,
-            scanner: HeadScanner::default(),
+            conn,
+            metrics,
+            scanner: Scanner::default(),
             replacement: None,
             park,
             unflushed: false,
+            ended_at_flush,
         }
     }
 
     pub fn activity(&self) -> &Arc<Activity> {
-        &self.activity
+        &self.conn.activity
     }
 
-    /// Whether `head` is hyper's own bare answer to a head with an impossible length.
-    fn is_hypers_answer(&self, head: &[u8]) -> bool {
-        self.activity.saw_oversized_length()
-            && head.starts_with(b"HTTP/1.1 4")
-            && memchr::memmem::find(head, b"\r\nx-request-id:").is_none()
+    /// The status of hyper's own bare refusal, if `bytes` (the start of a write) are one.
+    ///
+    /// A handler's answer is in hyper's write buffer from when its handler returns until after
+    /// its body has ended (when its request stops being in flight) and the bytes were flushed;
+    /// hyper flushes the stream only once its buffer is empty. So a write made with no request
+    /// in flight and no answer ended since the last flush holds no byte of a handler's answer.
+    fn hypers_status(&self, bytes: &[u8]) -> Option<u16> {
+        let activity = self.activity();
+        let quiet = activity.in_flight() == 0
+            && activity.ended() == self.ended_at_flush
+            && !activity.speaks_http2()
+            && !activity.upgraded();
+        quiet.then(|| refusal::bare_error_status(bytes)).flatten()
     }
 
     fn touched(&self) {
-        self.activity.io_events.fetch_add(1, Ordering::Relaxed);
+        self.activity().io_events.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -382,7 +121,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
             return Poll::Ready(Ok(())); // parked: the end, as far as hyper is concerned
         };
         let park = this.park.as_ref().filter(|p| {
-            p.requested.swap(false, Ordering::Relaxed)
+            p.take_request()
                 && !this.unflushed
                 && this.replacement.is_none()
                 && this.scanner.at_message_end()
@@ -398,13 +137,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         if let Poll::Ready(Ok(())) = &poll {
             this.touched();
             if this.scanner.feed(&buf.filled()[before..]) {
-                this.activity
+                this.activity()
                     .ambiguous_framing
-                    .store(true, Ordering::Relaxed);
-            }
-            if this.scanner.oversized_length {
-                this.activity
-                    .oversized_length
                     .store(true, Ordering::Relaxed);
             }
         }
@@ -440,17 +174,17 @@ impl<S: AsyncWrite + Unpin> Watched<S> {
         Poll::Ready(Ok(len))
     }
 
-    fn start_replacement(&mut self) {
-        let id = super::rewrite::request_id(&http::HeaderMap::new());
-        let error = super::ProxyError::BodyTooLarge;
-        tracing::info!(
-            target: "tokenbroker::request",
-            status = error.spec().status.as_u16(),
-            request_id = id.to_str().unwrap_or("-"),
-            error = error.spec().code,
-            "request"
-        );
-        self.replacement = Some((error.http1_bytes(&id), 0));
+    /// Starts replacing hyper's answer if `first` (the start of a write) is one.
+    fn replace_if_hypers(&mut self, first: Option<&[u8]>) {
+        if self.replacement.is_some() {
+            return;
+        }
+        let Some(status) = first.and_then(|b| self.hypers_status(b)) else {
+            return;
+        };
+        let error = refusal::error_for(status, self.scanner.length_too_large());
+        let bytes = refusal::answer(error, status, &self.conn, &self.metrics);
+        self.replacement = Some((bytes, 0));
     }
 }
 
@@ -461,10 +195,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        this.replace_if_hypers(Some(buf));
         this.unflushed = true;
-        if this.replacement.is_none() && this.is_hypers_answer(buf) {
-            this.start_replacement();
-        }
         if this.replacement.is_some() {
             return this.poll_replacement(cx, buf.len());
         }
@@ -484,10 +216,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        this.replace_if_hypers(bufs.first().map(|b| &b[..]));
         this.unflushed = true;
-        if this.replacement.is_none() && bufs.first().is_some_and(|b| this.is_hypers_answer(b)) {
-            this.start_replacement();
-        }
         if this.replacement.is_some() {
             let len = bufs.iter().map(|b| b.len()).sum();
             return this.poll_replacement(cx, len);
@@ -514,6 +244,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         let poll = Pin::new(inner).poll_flush(cx);
         if let Poll::Ready(Ok(())) = poll {
             this.unflushed = false;
+            this.ended_at_flush = this.conn.activity.ended();
         }
         poll
     }
@@ -530,116 +261,66 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::poll_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-    fn scan(parts: &[&[u8]]) -> bool {
-        let mut s = HeadScanner::default();
-        parts.iter().fold(false, |found, p| s.feed(p) | found)
+    /// A watched stream that may park, and the client's end of it.
+    fn watched() -> (Watched<DuplexStream>, DuplexStream, Arc<Park<DuplexStream>>) {
+        let (client, server) = tokio::io::duplex(4096);
+        let conn = Arc::new(ConnInfo::new("test", "127.0.0.1:9".parse().unwrap()));
+        let park = Arc::new(Park::default());
+        let stream = Watched::new(server, conn, Metrics::new(), Some(park.clone()));
+        (stream, client, park)
     }
 
-    #[test]
-    fn finds_both_headers_in_one_head() {
-        let head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert!(scan(&[head]));
-        let reversed =
-            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nCONTENT-LENGTH: 5\r\n\r\n";
-        assert!(scan(&[reversed]));
-        let bare_lf = b"POST / HTTP/1.1\nContent-Length: 5\nTransfer-Encoding: chunked\n\n";
-        assert!(scan(&[bare_lf]));
-    }
-
-    #[test]
-    fn finds_them_across_read_boundaries() {
-        let head: &[u8] =
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\nTransfer-Encoding: chunked\r\n\r\n";
-        for split in 0..head.len() {
-            assert!(scan(&[&head[..split], &head[split..]]), "split at {split}");
-        }
-        let bytewise: Vec<&[u8]> = head.chunks(1).collect();
-        assert!(scan(&bytewise));
-    }
-
-    #[test]
-    fn lengths_hyper_cannot_represent_are_noticed() {
-        let oversized = |value: &str| {
-            let mut s = HeadScanner::default();
-            let head = format!("POST / HTTP/1.1\r\nContent-Length: {value}\r\n\r\n");
-            for b in head.as_bytes().chunks(3) {
-                s.feed(b);
-            }
-            s.oversized_length
-        };
-        for fine in ["0", "5", "18446744073709551613", " 12 "] {
-            assert!(!oversized(fine), "{fine}");
-        }
-        for absurd in [
-            "18446744073709551614",
-            "18446744073709551615",
-            "18446744073709551616",
-            "99999999999999999999999999",
-        ] {
-            assert!(oversized(absurd), "{absurd}");
+    /// hyper's next read with a park requested: whether the stream parked.
+    async fn parks_at_next_read(
+        stream: &mut Watched<DuplexStream>,
+        park: &Park<DuplexStream>,
+    ) -> bool {
+        park.request();
+        let mut buf = [0u8; 64];
+        let polled = poll_fn(|cx| {
+            let mut buf = ReadBuf::new(&mut buf);
+            Poll::Ready(
+                Pin::new(&mut *stream)
+                    .poll_read(cx, &mut buf)
+                    .map_ok(|()| buf.filled().len()),
+            )
+        })
+        .await;
+        park.cancel();
+        match polled {
+            Poll::Ready(Ok(0)) => park.take().is_some(),
+            Poll::Pending => false,
+            other => panic!("{other:?}"),
         }
     }
 
-    #[test]
-    fn one_header_per_head_is_fine() {
-        let two = b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi\
-POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
-        assert!(!scan(&[two]));
-        assert!(!scan(&[
-            b"GET / HTTP/1.1\r\nX-Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
-        ]));
-        assert!(!scan(&[b"GET / HTTP/1.1\r\nContent-Length : 1\r\n\r\n"]));
-    }
-
-    /// Whether the scanner, fed `parts` in order, ends at the end of a message.
-    fn ends_a_message(parts: &[&[u8]]) -> bool {
-        let mut s = HeadScanner::default();
-        for p in parts {
-            s.feed(p);
+    #[tokio::test]
+    async fn an_early_answer_does_not_park_a_body_still_coming() {
+        let (mut stream, mut client, park) = watched();
+        let head = b"POST /early HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        client.write_all(b"40\r\nx\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 4096];
+        let mut read = 0;
+        while read < head.len() + 9 {
+            read += stream.read(&mut buf).await.unwrap();
         }
-        s.at_message_end()
-    }
+        // Answered before its body came: the request is no longer in flight.
+        drop(stream.activity().request_started(http::Version::HTTP_11));
+        assert!(!parks_at_next_read(&mut stream, &park).await, "mid-chunk");
 
-    #[test]
-    fn follows_message_ends_for_parking() {
-        assert!(ends_a_message(&[]));
-        let get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-        assert!(ends_a_message(&[get]));
+        client.write_all(&[b'y'; 0x40 - 5]).await.unwrap();
+        client.write_all(b"\r\n0\r\n\r\n").await.unwrap();
+        let mut read = 0;
+        while read < 0x40 - 5 + 7 {
+            read += stream.read(&mut buf).await.unwrap();
+        }
         assert!(
-            ends_a_message(&[get, b"\r\n"]),
-            "blank lines between messages"
+            parks_at_next_read(&mut stream, &park).await,
+            "the body ended"
         );
-        for split in 1..get.len() {
-            assert!(!ends_a_message(&[&get[..split]]), "head cut at {split}");
-            assert!(
-                ends_a_message(&[&get[..split], &get[split..]]),
-                "split at {split}"
-            );
-        }
-        let post = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
-        assert!(ends_a_message(&[post]));
-        assert!(
-            !ends_a_message(&[&post[..post.len() - 1]]),
-            "body not all there"
-        );
-        assert!(!ends_a_message(&[post, b"G"]), "the next head begun");
-        let body_like_a_head = b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n\r\n\r\n";
-        assert!(ends_a_message(&[body_like_a_head, get]));
-        assert!(!ends_a_message(&[
-            &body_like_a_head[..body_like_a_head.len() - 2]
-        ]));
-        let chunked =
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-        assert!(ends_a_message(&[chunked]));
-        assert!(!ends_a_message(&[&chunked[..chunked.len() - 2]]));
-        assert!(!ends_a_message(&[&chunked[..chunked.len() - 12]]));
-        let huge = b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n";
-        assert!(
-            !ends_a_message(&[huge]),
-            "a length it cannot count never ends"
-        );
-        let pipelined = [&get[..], &get[..], &get[..10]].concat();
-        assert!(!ends_a_message(&[&pipelined]));
     }
 }

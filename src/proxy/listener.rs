@@ -36,7 +36,8 @@ use std::task::Poll;
 use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
-use http::{Request, Response};
+use futures_util::future::Either;
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -332,17 +333,24 @@ fn handshake_failure(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// hyper's HTTP/1 settings, on the builder of a new connection and on the HTTP/1 builder of a
+/// resumed one ([`drive`]): the two have the same methods but no trait in common.
+macro_rules! http1_settings {
+    ($builder:expr, $limits:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .header_read_timeout($limits.header_read_timeout)
+            .max_buf_size($limits.max_header_bytes.max(MIN_H1_BUF))
+            .keep_alive(true)
+            // A client that shuts its write side after its request still gets the answer (else
+            // hyper drops the request unanswered, its handler not even started, when it sees EOF).
+            .half_close(true)
+    };
+}
+
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(MIN_H1_BUF))
-        .keep_alive(true)
-        // A client that shuts its write side after its request still gets the answer (else
-        // hyper drops the request unanswered, its handler not even started, when it sees EOF).
-        .half_close(true);
+    http1_settings!(builder.http1(), limits);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -357,33 +365,42 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// is freed and the socket waits on its own, a few hundred bytes, for its next bytes; they start a
 /// new hyper connection on the same socket. nginx does the same with its buffers on idle
 /// keep-alive connections. While parked, the connection still closes at `idle_timeout` and at
-/// the end of the drain; bytes during the drain resume it and its answer closes it.
+/// the end of the drain; bytes during the drain resume it and its answer closes it. A connection
+/// that parked speaks HTTP/1 to its end: its next bytes are never taken for an HTTP/2 preface.
 async fn serve<S, T>(stream: S, conn: ConnInfo, limits: &Limits, ctx: Ctx<T>, may_park: bool)
 where
     S: Readable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
     T: TokenSource,
 {
-    let activity = conn.activity.clone();
     let conn = Arc::new(conn);
-    let shared = ctx.shared.clone();
+    let (svc_conn, shared) = (conn.clone(), ctx.shared.clone());
     let draining = ctx.shutdown.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (conn, shared, draining) = (conn.clone(), shared.clone(), draining.clone());
+        let (conn, shared, draining) = (svc_conn.clone(), shared.clone(), draining.clone());
         async move {
             let version = req.version();
             let in_flight = conn.activity.request_started(version);
             let mut response = service::handle(req, &conn, &shared).await;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                conn.activity.mark_upgraded();
+            }
             close_when_draining(&mut response, version, &draining);
             Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight)))
         }
     });
     let park = Arc::new(Park::default());
     let mut stream = stream;
+    let mut resumed = false;
     loop {
-        let watched = Watched::new(stream, activity.clone(), may_park.then(|| park.clone()));
+        let watched = Watched::new(
+            stream,
+            conn.clone(),
+            ctx.shared.metrics.clone(),
+            may_park.then(|| park.clone()),
+        );
         // Boxed: hyper's builder, its connection and the timers of a connection at work are
         // freed while it is parked.
-        Box::pin(drive(watched, svc.clone(), limits, &ctx, &park)).await;
+        Box::pin(drive(watched, svc.clone(), resumed, limits, &ctx, &park)).await;
         let Some(parked) = park.take() else {
             return;
         };
@@ -402,6 +419,7 @@ where
             return;
         }
         stream = parked;
+        resumed = true;
     }
 }
 
@@ -446,10 +464,11 @@ impl Drop for ParkedConnection {
 /// Runs hyper on the stream until the connection ends or parks (then the stream is in `park`).
 /// A request must start within `header_read_timeout`, on a new connection as on a parked one that
 /// woke up, and a woken connection that served none does not park again: blank lines alone keep
-/// no connection alive.
+/// no connection alive. `resumed`: the connection was parked before (it stays HTTP/1).
 async fn drive<S, T, Svc, B>(
     stream: Watched<S>,
     svc: Svc,
+    resumed: bool,
     limits: &Limits,
     ctx: &Ctx<T>,
     park: &Park<S>,
@@ -466,7 +485,18 @@ async fn drive<S, T, Svc, B>(
 {
     let activity = stream.activity().clone();
     let builder = http_builder(limits);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let io = TokioIo::new(stream);
+    // A parked HTTP/1 connection stays HTTP/1: a resumed one is not sniffed for an h2 preface.
+    let connection = match resumed {
+        false => Either::Left(builder.serve_connection_with_upgrades(io, svc)),
+        true => {
+            let mut http1 = hyper::server::conn::http1::Builder::new();
+            http1_settings!(http1, limits);
+            Either::Right(Http1Connection(Box::pin(
+                http1.serve_connection(io, svc).with_upgrades(),
+            )))
+        }
+    };
     tokio::pin!(connection);
 
     let mut idle_check = interval_at(Instant::now() + limits.idle_timeout, limits.idle_timeout);
@@ -560,6 +590,49 @@ async fn drive<S, T, Svc, B>(
                 }
                 last_io = io;
             }
+        }
+    }
+}
+
+/// hyper's HTTP/1-only side of a resumed connection, with the error type of the auto builder's.
+struct Http1Connection<I, S>(Pin<Box<hyper::server::conn::http1::UpgradeableConnection<I, S>>>)
+where
+    S: hyper::service::HttpService<Incoming>;
+
+impl<I, S, B> Future for Http1Connection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().0.as_mut().poll(cx).map_err(Into::into)
+    }
+}
+
+/// Ends hyper's side of a connection once its requests in flight are answered.
+trait GracefulShutdown {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulShutdown
+    for Either<auto::UpgradeableConnection<'_, I, S, TokioExecutor>, Http1Connection<I, S>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: auto::HttpServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        match self.as_pin_mut() {
+            Either::Left(auto) => auto.graceful_shutdown(),
+            Either::Right(http1) => http1.get_mut().0.as_mut().graceful_shutdown(),
         }
     }
 }

@@ -47,7 +47,8 @@ impl BytesIn {
 /// Everything the request line says.
 #[derive(Debug)]
 pub struct RequestLog {
-    pub method: Method,
+    /// `None` for a head hyper refused before it became a request.
+    pub method: Option<Method>,
     pub route: Option<Arc<str>>,
     pub caller: Option<Arc<str>>,
     /// The canonical path, never the query (`None` before it was decided, or when it was refused).
@@ -83,7 +84,7 @@ impl RequestLog {
                 tracing::event!(
                     target: "tokenbroker::request",
                     $level,
-                    method = %self.method,
+                    method = self.method.as_ref().map_or("-", Method::as_str),
                     path = self.path.as_deref().unwrap_or("-"),
                     route = self.route.as_deref().unwrap_or("-"),
                     caller = self.caller.as_deref().unwrap_or("-"),

@@ -204,7 +204,7 @@ pub(crate) async fn handle<T: TokenSource>(
     }
     let outcome = std::mem::take(&mut pending.outcome);
     let log = RequestLog {
-        method: method.clone(),
+        method: Some(method.clone()),
         route: outcome.route.cloned(),
         caller: outcome.caller.cloned(),
         path: outcome.path,

@@ -7,6 +7,7 @@
 //!   [`FakeUpstream::release`]
 //! - `/upload`: reads the request body as a stream, signals [`FakeUpstream::first_bytes`] at the
 //!   first data, answers the byte count
+//! - `/early`: answers `ok` at once and reads the request body afterwards, on its own
 //! - `/unauthorized-once`: 401 the first time, then `ok`
 //! - `/unauthorized`: always 401
 //! - anything else: `ok`
@@ -197,6 +198,13 @@ async fn serve(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 }
             }
             text(StatusCode::OK, total.to_string())
+        }
+        "early" => {
+            let body = req.into_body();
+            tokio::spawn(async move {
+                let _ = body.collect().await;
+            });
+            text(StatusCode::OK, "ok")
         }
         "unauthorized-once" => {
             if state.unauthorized_sent.swap(true, Ordering::SeqCst) {
