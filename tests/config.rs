@@ -750,10 +750,13 @@ fn the_kubernetes_configmap_is_a_valid_config_with_the_mounted_files() {
     // and /var/lib/tokenbroker.
     let dir = tempfile::tempdir().unwrap();
     let etc = dir.path().join("etc");
-    for sub in ["config", "secrets", "tls"] {
+    for sub in ["config", "secrets", "tls", "store"] {
         std::fs::create_dir_all(etc.join(sub)).unwrap();
     }
     std::fs::write(etc.join("secrets/client-secret"), "from-a-secret\n").unwrap();
+    let seal_key = Command::new(BIN).arg("gen-seal-key").output().unwrap();
+    assert!(seal_key.status.success());
+    std::fs::write(etc.join("store/seal-key"), &seal_key.stdout).unwrap();
     for (to, from) in [
         ("tls/tls.crt", "certs/server.pem"),
         ("tls/tls.key", "certs/server.key"),
@@ -764,19 +767,30 @@ fn the_kubernetes_configmap_is_a_valid_config_with_the_mounted_files() {
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     let text = configmap_toml();
-    assert!(text.contains("[store]"), "the optional store is shown");
     let text = text
         .replace("/etc/tokenbroker/", &format!("{}/", etc.display()))
         .replace("/var/lib/tokenbroker/", &format!("{}/", state.display()));
     let path = etc.join("config/tokenbroker.toml");
     std::fs::write(&path, text).unwrap();
-    let out = check(&path, &[]);
+    let password = [("TOKENBROKER_REDIS_PASSWORD", "from-a-secret")];
+    let out = check(&path, &password);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    // (In this process, the password from a file rather than the environment.)
+    std::fs::write(etc.join("store/password"), "from-a-secret").unwrap();
+    let in_process = std::fs::read_to_string(&path).unwrap().replace(
+        "{ env = \"TOKENBROKER_REDIS_PASSWORD\" }",
+        &format!("{{ file = \"{}\" }}", etc.join("store/password").display()),
+    );
+    std::fs::write(&path, in_process).unwrap();
     let c = config::load(&path).unwrap();
     assert_eq!(
         c.limits.shutdown_grace.as_secs(),
         30,
         "deployment.yaml's grace period assumes it"
+    );
+    assert!(
+        matches!(c.store.kind, config::StoreKind::Redis(_)),
+        "replicas share one token per caller, and their display_name_prefix with it"
     );
     assert_eq!(c.admin.unwrap().addr.port(), 9090, "the probes' port");
 }
