@@ -15,8 +15,9 @@
 //! - One health view of the identity service (`health.rs`): transient failures open a circuit
 //!   breaker shared by every caller; one probe per backoff step, `Retry-After` honoured; when it
 //!   answers again every caller that needs a token renews at once (bounded concurrency).
-//! - Callers cannot drive the identity service: an upstream 401 renews a token once per
-//!   generation, and only a token older than `tokens.min_renew_interval`.
+//! - Callers cannot drive the identity service: the first upstream 401 for a token renews it
+//!   once (whatever its age) and replays; a caller renews on 401s at most once per
+//!   `tokens.min_renew_interval`, so a token a 401 just produced, refused again, is passed on.
 //! - Persistence (`state_file.rs`): API tokens survive restarts.
 //! - Each caller's state and counters live in `caller.rs`; the identity service is reached
 //!   through a trait (`identity_service.rs`), so tests run on paused time against a fake.
@@ -54,7 +55,9 @@ use crate::metrics::{CallerLabels, Metrics};
 use crate::secret::Secret;
 use crate::server::Shutdown;
 pub use caller::SharedCopy;
-use caller::{CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger};
+use caller::{
+    CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger, UpstreamClaim,
+};
 use flight::Flight;
 use gate::Gate;
 use health::Health;
@@ -86,8 +89,8 @@ pub type TokenResult = Result<Arc<InjectToken>, TokenUnavailable>;
 pub enum Rejection {
     /// Send the request again with this (renewed) token.
     Replay(Arc<InjectToken>),
-    /// Pass the 401 on: the token was renewed for this generation already, or is too young to be
-    /// renewed (`tokens.min_renew_interval`).
+    /// Pass the 401 on: the renewal for this generation gave no newer token, or the caller
+    /// renewed on a 401 less than `tokens.min_renew_interval` ago.
     PassOn,
 }
 
@@ -458,9 +461,11 @@ impl Broker {
         )
     }
 
-    /// The upstream refused `generation` with 401. Renews once per generation, and only a token
-    /// older than `tokens.min_renew_interval`; concurrent 401s for one generation share one
-    /// renewal. Otherwise the 401 is to be passed on.
+    /// The upstream refused `generation` with 401. The first 401 for the current token renews it
+    /// (through the whole ladder) whatever its age, and concurrent 401s for it share that one
+    /// renewal; but a caller renews on 401s at most once per `tokens.min_renew_interval`, so a
+    /// 401 within that interval of the last 401-driven renewal (a token a 401 just produced,
+    /// refused again) is to be passed on.
     pub async fn rejected(
         &self,
         caller: &str,
@@ -476,23 +481,24 @@ impl Broker {
             // renewed since that request went out: replay with the newer one
             return Ok(Rejection::Replay(Arc::clone(&held.value.inject)));
         }
-        if !held.value.rejected.load(Ordering::Acquire) {
-            let floor = self.policy_now().min_renew_interval;
-            if held.received.elapsed() < floor {
-                self.metrics.record_rejection("too_young");
+        let floor = self.policy_now().min_renew_interval;
+        match c.claim_upstream_renewal(&held, Instant::now(), floor) {
+            UpstreamClaim::Limited => {
+                self.metrics.record_rejection("rate_limited");
                 tracing::info!(
                     caller,
                     generation,
-                    "upstream refused a token younger than min_renew_interval; passing the 401 on"
+                    "upstream refused a token within min_renew_interval of the last 401-driven \
+                     renewal; passing the 401 on"
                 );
                 return Ok(Rejection::PassOn);
             }
-            if !held.value.rejected.swap(true, Ordering::AcqRel) {
+            UpstreamClaim::Renew => {
                 self.metrics.record_rejection("renewed");
                 tracing::info!(caller, generation, "upstream refused the token; renewing");
-                c.mark_refused(generation);
                 self.inject.invalidate(caller).await;
             }
+            UpstreamClaim::Join => {}
         }
         let renewed = self.wait_for_renewal(&c, Trigger::Upstream401).await?;
         if renewed.generation == generation {

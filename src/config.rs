@@ -222,9 +222,9 @@ pub struct TokenPolicy {
     pub backoff_max: Duration,
     /// How long a request without a valid token waits for the renewal in flight before 503.
     pub max_wait: Duration,
-    /// An upstream 401 renews a token only once it is at least this old (and once per
-    /// generation); a younger token's 401 is passed on, so callers cannot drive the identity
-    /// service.
+    /// A caller renews on upstream 401s at most once per this interval (the first 401 for a
+    /// token renews it whatever its age, once per generation); a 401 sooner after the last
+    /// 401-driven renewal is passed on, so callers cannot drive the identity service.
     pub min_renew_interval: Duration,
     /// Fetch every caller's tokens at start; readiness waits for it.
     pub warm_up: bool,

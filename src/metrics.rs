@@ -304,7 +304,7 @@ impl Metrics {
         for outcome in ["ok", "failed", "timeout"] {
             let _ = token_waits.get_or_create(&OutcomeLabels { outcome });
         }
-        for outcome in ["renewed", "too_young"] {
+        for outcome in ["renewed", "rate_limited"] {
             let _ = upstream_rejections.get_or_create(&OutcomeLabels { outcome });
         }
         for outcome in ["ok", "failed"] {
@@ -330,7 +330,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_rejections",
-            "Upstream 401s for a current token: renewed, or passed on because the token was younger than tokens.min_renew_interval",
+            "Upstream 401s for a current token: renewed, or passed on because the caller renewed on a 401 less than tokens.min_renew_interval ago",
             upstream_rejections.clone(),
         );
         registry.register(

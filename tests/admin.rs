@@ -172,7 +172,7 @@ async fn admin_endpoints_report_health_metrics_and_tokens_without_secrets() {
         ),
         (r#"tokenbroker_token_waits_total{outcome="timeout"}"#, 0.0),
         (
-            r#"tokenbroker_upstream_rejections_total{outcome="too_young"}"#,
+            r#"tokenbroker_upstream_rejections_total{outcome="rate_limited"}"#,
             0.0,
         ),
         (

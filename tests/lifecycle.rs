@@ -1,7 +1,7 @@
 //! The token lifecycle against the real emulator over real sockets, with TTLs shortened by
 //! `seconds_per_minute`: the broker speaks the real protocol and its tokens are accepted by the
 //! emulator's echo upstream. Checks behaviour and call counts, never speed. The timing rules
-//! themselves (breaker, waits, 401 floor) are tested on paused time in `broker.rs`.
+//! themselves (breaker, waits, 401 rate limit) are tested on paused time in `broker.rs`.
 
 mod support;
 
@@ -55,7 +55,7 @@ fn policy(api_minutes: i64, access_minutes: i64) -> TokenPolicy {
     }
 }
 
-/// The tests' `tokens.min_renew_interval`: a 401 renews a token at least this old.
+/// The tests' `tokens.min_renew_interval`: a caller renews on 401s at most once per this.
 const MIN_RENEW: Duration = Duration::from_millis(5);
 
 /// The first caller's status.
@@ -63,7 +63,8 @@ fn first(broker: &Broker) -> CallerStatus {
     broker.status().callers[0].clone()
 }
 
-/// Reports an upstream 401 for `token` once it is old enough to be renewed; the token to replay.
+/// Reports an upstream 401 for `token` once the caller may renew on a 401 again; the token to
+/// replay.
 async fn refuse(broker: &Broker, token: &InjectToken) -> Arc<InjectToken> {
     tokio::time::sleep(MIN_RENEW * 2).await;
     match broker.rejected("billing", token.generation).await {

@@ -93,6 +93,18 @@ pub(super) struct InjectCred {
     pub rejected: AtomicBool,
 }
 
+/// What an upstream 401 for the current inject token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum UpstreamClaim {
+    /// Renew: the first 401 for this token, and the caller's last 401-driven renewal is at least
+    /// `min_renew_interval` ago.
+    Renew,
+    /// Another 401 for this token started its renewal already: wait for that one.
+    Join,
+    /// The caller renewed on a 401 less than `min_renew_interval` ago: pass the 401 on.
+    Limited,
+}
+
 /// Why a renewal failed, as handed to waiting requests.
 #[derive(Debug, Clone)]
 pub(super) struct Failure {
@@ -190,6 +202,9 @@ pub(super) struct CallerState {
     gate: Mutex<Gate>,
     /// The last inject generation an upstream refused (api_token mode regenerates on it).
     rejected_generation: AtomicU64,
+    /// When the caller's last 401-driven renewal was claimed or produced a token: the next may
+    /// come `min_renew_interval` later.
+    upstream_renewed: Mutex<Option<Instant>>,
     /// Has asked for a token at least once: the refresh task keeps it fresh from then on.
     active: AtomicBool,
     removed: AtomicBool,
@@ -226,6 +241,7 @@ impl CallerState {
             latest: Mutex::default(),
             gate: Mutex::default(),
             rejected_generation: AtomicU64::new(0),
+            upstream_renewed: Mutex::default(),
             active: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
@@ -298,9 +314,27 @@ impl CallerState {
         *lock(&self.latest) = None;
     }
 
-    pub fn mark_refused(&self, generation: u64) {
+    /// An upstream refused `held` with 401: renew once for it, join the renewal another 401
+    /// started, or pass the 401 on when the caller renewed on a 401 less than `floor` ago. The
+    /// first 401 for a token claims its renewal whatever the token's age.
+    pub fn claim_upstream_renewal(
+        &self,
+        held: &Held<InjectCred>,
+        now: Instant,
+        floor: Duration,
+    ) -> UpstreamClaim {
+        let mut last = lock(&self.upstream_renewed);
+        if held.value.rejected.load(Ordering::Acquire) {
+            return UpstreamClaim::Join;
+        }
+        if last.is_some_and(|at| now.saturating_duration_since(at) < floor) {
+            return UpstreamClaim::Limited;
+        }
+        *last = Some(now);
+        held.value.rejected.store(true, Ordering::Release);
         self.rejected_generation
-            .store(generation, Ordering::Release);
+            .store(held.generation, Ordering::Release);
+        UpstreamClaim::Renew
     }
 
     pub fn refused_generation(&self) -> u64 {
@@ -323,6 +357,10 @@ impl CallerState {
 
     pub fn renewed(&self, trigger: Trigger) {
         lock(&self.gate).succeeded();
+        if trigger == Trigger::Upstream401 {
+            // a token a 401 just produced: its own 401s wait out the interval
+            *lock(&self.upstream_renewed) = Some(Instant::now());
+        }
         let mut stats = lock(&self.stats);
         stats.last_renewal = Some(SystemTime::now());
         stats.failing = false;
