@@ -391,3 +391,47 @@ async fn upstream_401s_on_three_replicas_cause_one_renewal() {
     );
     assert!(c.echo_rejected >= 3, "each replica saw a 401: {c:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_without_a_ttl_is_taken_over_and_renewals_go_on() {
+    // access tokens live 2 s: renewed every ~1.5 s
+    let cluster = Cluster::start(ClusterOptions {
+        callers: 1,
+        ..short(60, 2)
+    })
+    .await;
+    // an operator's mistake: the caller's lease set by hand, without a TTL, before any renewal
+    let mut conn = cluster.redis.connection().await;
+    let lease_key = format!("{KEY_PREFIX}lease:{}", caller_name(0));
+    let _: () = redis::cmd("SET")
+        .arg(&lease_key)
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    while started.elapsed() < Duration::from_secs(5) {
+        for i in cluster.running() {
+            let status = cluster.request(i, 0).await;
+            if status != 200 {
+                failed.push((started.elapsed(), i, status));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed.is_empty(), "{failed:?}");
+    let c = cluster.counters();
+    assert_eq!(c.create, 1, "{c:?}");
+    assert!(c.exchange >= 3, "the access token was renewed: {c:?}");
+    assert_ne!(cluster.redis.get(&lease_key).await.as_deref(), Some("x"));
+    let mut taken_over = 0.0;
+    for i in cluster.running() {
+        taken_over += sample(
+            &cluster.metrics(i).await,
+            r#"tokenbroker_store_lease_acquisitions_total{outcome="taken_over"}"#,
+        )
+        .unwrap_or(0.0);
+    }
+    assert!(taken_over >= 1.0, "the take-over is counted");
+}

@@ -221,6 +221,93 @@ async fn the_fenced_write_refuses_a_stale_generation_and_a_lost_lease() {
     }
 }
 
+#[tokio::test]
+async fn an_abandoned_lease_is_taken_over_and_counted() {
+    let server = RedisServer::start();
+    let key = SealKey::generate();
+    let (a, metrics) = store(&config(&server, &key));
+    let (b, _) = store(&config(&server, &key));
+    let mut conn = server.connection().await;
+    let lease_key = |caller: &str| format!("{PREFIX}lease:{caller}");
+    let reader = conn.clone();
+    let pttl = |key: String| {
+        let mut conn = reader.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    // an operator's `SET <prefix>lease:<caller> x`, without a TTL
+    let _: () = redis::cmd("SET")
+        .arg(lease_key("billing"))
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // and a TTL no replica gives: an hour, with a 10 s lease
+    let _: () = redis::cmd("SET")
+        .arg(lease_key("orders"))
+        .arg("y")
+        .arg("PX")
+        .arg(3_600_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for caller in ["billing", "orders"] {
+        let lease = a
+            .try_lease(caller, LEASE)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{caller}: the abandoned lease is taken over"));
+        assert!(a.lease_holder(caller).await.unwrap().unwrap().this_replica);
+        let ttl = pttl(lease_key(caller)).await;
+        assert!(
+            ttl > 0 && ttl <= LEASE.as_millis() as i64,
+            "{caller}: {ttl}"
+        );
+        assert!(a.release(lease).await.unwrap());
+    }
+
+    // a live holder is not taken over, unless named as the one seen holding it too long
+    let held = b.try_lease("billing", LEASE).await.unwrap().unwrap();
+    let holder = a
+        .take_lease("billing", LEASE, None)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(holder.starts_with(b.replica()), "{holder}");
+    assert!(a
+        .take_lease("billing", LEASE, Some("someone else"))
+        .await
+        .unwrap()
+        .is_err());
+    let lease = a
+        .take_lease("billing", LEASE, Some(&holder))
+        .await
+        .unwrap()
+        .expect("the holder seen too long is taken over");
+    assert!(!b.renew(&held).await.unwrap(), "b knows it lost the lease");
+    assert_eq!(
+        a.write("billing", &lease, 0, &tokens(1)).await.unwrap(),
+        WriteOutcome::Written(1)
+    );
+    assert_eq!(
+        b.write("billing", &held, 0, &tokens(2)).await.unwrap(),
+        WriteOutcome::LeaseLost
+    );
+    let m = metrics.encode();
+    for line in [
+        "tokenbroker_store_lease_acquisitions_total{outcome=\"taken_over\"} 3",
+        "tokenbroker_store_lease_acquisitions_total{outcome=\"busy\"} 2",
+        "tokenbroker_store_lease_acquisitions_total{outcome=\"acquired\"} 0",
+    ] {
+        assert!(m.contains(line), "{line} in\n{m}");
+    }
+}
+
 /// The next event, within a generous bound.
 async fn next(events: &mut tokio::sync::mpsc::Receiver<StoreEvent>) -> StoreEvent {
     tokio::time::timeout(Duration::from_secs(15), events.recv())

@@ -109,19 +109,27 @@ impl Broker {
 
     /// Takes the caller's lease; while another replica holds it, waits for its write (polling the
     /// store) at most twice the lease, which is also enough for a dead holder's lease to lapse.
+    /// A holder still there after that is taken over (the script checks it is the same one).
     async fn take_lease(&self, store: &RedisStore, c: &CallerState) -> Result<Taken, CallError> {
         let ttl = store.lease_ttl();
         let deadline = Instant::now() + ttl * 2;
+        // the holder seen at the first busy attempt
+        let mut first_holder: Option<String> = None;
         loop {
-            match store.try_lease(&c.name, ttl).await {
-                Ok(Some(lease)) => {
+            let overdue = Instant::now() >= deadline;
+            let held_too_long = first_holder.as_deref().filter(|_| overdue);
+            match store.take_lease(&c.name, ttl, held_too_long).await {
+                Ok(Ok(lease)) => {
                     c.update_shared(|s| s.lease = Some("this_replica"));
                     return Ok(Taken::Lease(lease));
                 }
-                Ok(None) => c.update_shared(|s| s.lease = Some("other")),
+                Ok(Err(holder)) => {
+                    c.update_shared(|s| s.lease = Some("other"));
+                    first_holder.get_or_insert(holder);
+                }
                 Err(e) => return Ok(Taken::Unreachable(e)),
             }
-            if Instant::now() >= deadline {
+            if overdue {
                 return Err(CallError::Paused {
                     wait: Duration::from_secs(1),
                     reason: format!(

@@ -1,6 +1,6 @@
 //! The store on Redis (redis-rs): a reconnecting `ConnectionManager` for commands, one pub/sub
-//! connection per subscription, and three Lua scripts that make lease renewal, lease release and
-//! the fenced write atomic on the server.
+//! connection per subscription, and four Lua scripts that make taking (or taking over) a lease,
+//! renewing it, releasing it and the fenced write atomic on the server.
 //!
 //! Must never: wait on Redis without a bound (every command is cut off after
 //! [`COMMAND_TIMEOUT`]), put a token or password into an error or a log line, or block start
@@ -33,6 +33,31 @@ const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
 const SUBSCRIPTION_PING: Duration = Duration::from_secs(3);
 /// Events waiting for the broker; a full queue holds the subscription back (Redis buffers).
 const EVENT_QUEUE: usize = 256;
+
+/// Takes a lease. KEYS[1] lease; ARGV[1] owner, ARGV[2] ms, ARGV[3] the holder the caller has
+/// seen hold it past twice the lease ('' for none). Free: taken. Held without a TTL, with a TTL
+/// no replica gives (over twice the lease), or still by that holder: abandoned, taken over.
+/// Returns {1, ''} taken, {2, holder} taken over (no or overlong TTL), {3, holder} taken over
+/// (held too long), {0, holder} busy.
+const TAKE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, ''}
+end
+local holder = redis.pcall('GET', KEYS[1])
+if type(holder) ~= 'string' then
+  holder = ''
+end
+local ttl = redis.call('PTTL', KEYS[1])
+local abandoned = 0
+if ttl == -1 or ttl > 2 * tonumber(ARGV[2]) then
+  abandoned = 2
+elseif ARGV[3] ~= '' and holder == ARGV[3] then
+  abandoned = 3
+end
+if abandoned > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return {abandoned, holder}";
 
 /// Renews a lease only if this owner still holds it. KEYS[1] lease; ARGV[1] owner, ARGV[2] ms.
 const RENEW: &str = r"
@@ -93,6 +118,7 @@ struct Inner {
     lease_ttl: Duration,
     metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
+    take: Script,
     renew: Script,
     release: Script,
     write: Script,
@@ -141,7 +167,7 @@ impl RedisStore {
                     .get_or_create(&crate::metrics::StoreOpLabels { op, outcome });
             }
         }
-        for outcome in ["acquired", "busy"] {
+        for outcome in ["acquired", "busy", "taken_over"] {
             let _ = metrics
                 .store_lease_acquisitions
                 .get_or_create(&crate::metrics::OutcomeLabels { outcome });
@@ -161,6 +187,7 @@ impl RedisStore {
                 lease_ttl: config.lease,
                 metrics,
                 shutdown,
+                take: Script::new(TAKE),
                 renew: Script::new(RENEW),
                 release: Script::new(RELEASE),
                 write: Script::new(WRITE),
@@ -240,32 +267,66 @@ impl RedisStore {
         Ok(Some((generation, tokens)))
     }
 
-    /// Takes a caller's lease for `ttl` if nobody holds it (`SET NX PX`). `None`: another
-    /// replica (or an earlier lease of this one) holds it.
+    /// Takes a caller's lease for `ttl` if nobody holds it, or takes over an abandoned one
+    /// (without a TTL, or with one over twice `ttl`). `None`: another replica (or an earlier
+    /// lease of this one) holds it.
     pub async fn try_lease(
         &self,
         caller: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
+        Ok(self.take_lease(caller, ttl, None).await?.ok())
+    }
+
+    /// Like [`RedisStore::try_lease`]; `held_too_long`: the holder the caller has seen hold the
+    /// lease for over twice `ttl`, taken over if it still holds it. `Err(holder)`: busy, held by
+    /// `holder` (the lease key's value).
+    pub async fn take_lease(
+        &self,
+        caller: &str,
+        ttl: Duration,
+        held_too_long: Option<&str>,
+    ) -> Result<Result<Lease, String>, StoreError> {
         let key = lease_key(&self.inner.prefix, caller);
-        let ms = ttl.as_millis().max(1) as u64;
-        let mut cmd = ::redis::cmd("SET");
-        cmd.arg(&key)
+        let mut invocation = self.inner.take.key(&key);
+        invocation
             .arg(&self.inner.owner)
-            .arg("NX")
-            .arg("PX")
-            .arg(ms);
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg(held_too_long.unwrap_or(""));
         let sent = Instant::now();
-        let answer = self.command::<Option<String>>("try_lease", &cmd).await;
-        let acquired = answer?.is_some();
+        let (code, holder) = self
+            .timed("try_lease", || async {
+                let mut conn = self.inner.conn.clone();
+                invocation.invoke_async::<(i64, String)>(&mut conn).await
+            })
+            .await?;
         self.inner.metrics.record_store("try_lease", "ok");
-        let outcome = if acquired { "acquired" } else { "busy" };
+        let outcome = match code {
+            0 => "busy",
+            1 => "acquired",
+            _ => "taken_over",
+        };
         self.inner
             .metrics
             .store_lease_acquisitions
             .get_or_create(&crate::metrics::OutcomeLabels { outcome })
             .inc();
-        Ok(acquired.then(|| Lease {
+        if code == 0 {
+            return Ok(Err(holder));
+        }
+        if code > 1 {
+            let why = if code == 2 {
+                "it had no TTL, or a TTL over twice the lease"
+            } else {
+                "its holder kept it for over twice the lease"
+            };
+            tracing::warn!(
+                caller,
+                lease = %key,
+                "took over an abandoned renewal lease: {why}"
+            );
+        }
+        Ok(Ok(Lease {
             caller: caller.to_string(),
             key,
             owner: self.inner.owner.clone(),
