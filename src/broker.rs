@@ -34,6 +34,7 @@ pub mod identity_service;
 mod ladder;
 pub mod policy;
 mod refresh;
+mod repeats;
 mod shared;
 mod state_file;
 pub mod store;
@@ -190,6 +191,8 @@ pub struct Broker {
     stop: Shutdown,
     /// `[store] kind = "redis"`: tokens shared with every replica.
     store: Option<store::RedisStore>,
+    /// Warnings of lasting conditions, by kind, let through once per interval.
+    repeats: Mutex<HashMap<&'static str, repeats::Repeats>>,
 }
 
 /// Expires cache entries when their credential stops being usable.
@@ -284,6 +287,7 @@ impl Broker {
             ready: AtomicBool::new(!policy.warm_up),
             stop: Shutdown::new(),
             store,
+            repeats: Mutex::default(),
         });
         broker
             .metrics
@@ -339,6 +343,17 @@ impl Broker {
 
     fn policy_now(&self) -> Arc<TokenPolicy> {
         read(&self.policy)
+    }
+
+    /// `Some(n)` when a warning of `kind` may be logged now (`n`: how many were held back since
+    /// the last); once per [`repeats::REPEAT_INTERVAL`].
+    fn repeated_warning(&self, kind: &'static str) -> Option<u64> {
+        self.repeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind)
+            .or_default()
+            .admit(Instant::now())
     }
 
     fn next_generation(&self) -> u64 {

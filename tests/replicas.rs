@@ -435,3 +435,137 @@ async fn a_lease_without_a_ttl_is_taken_over_and_renewals_go_on() {
     }
     assert!(taken_over >= 1.0, "the take-over is counted");
 }
+
+/// Replica `i`'s WARN lines (and worse) logged since the last call.
+fn warnings(cluster: &Cluster, i: usize) -> Vec<String> {
+    cluster
+        .logs(i)
+        .into_iter()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            matches!(v["level"].as_str(), Some("WARN" | "ERROR"))
+        })
+        .collect()
+}
+
+/// Caller 0's record: its generation and sealed value.
+async fn record(cluster: &Cluster) -> (u64, String) {
+    let mut conn = cluster.redis.connection().await;
+    let (generation, sealed): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+        .arg(format!("{KEY_PREFIX}caller:{}", caller_name(0)))
+        .arg("generation")
+        .arg("sealed")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    (generation.unwrap_or(0), sealed.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_does_not_open_is_replaced_at_the_next_renewal_without_a_busy_loop() {
+    // API tokens live 4 s: their refresh point comes ~3 s after they are made
+    let cluster = Cluster::start(ClusterOptions {
+        callers: 1,
+        ..short(4, 60)
+    })
+    .await;
+    assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
+    let (generation, _) = record(&cluster).await;
+    assert!(generation >= 1);
+    for i in cluster.running() {
+        cluster.logs(i);
+    }
+    let before = cluster.counters();
+    // the record's sealed value replaced by garbage, as by another program
+    let mut conn = cluster.redis.connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{KEY_PREFIX}caller:{}", caller_name(0)))
+        .arg("sealed")
+        .arg("garbage, not a sealed value")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // past the API token's refresh point, under requests
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    while started.elapsed() < Duration::from_secs(5) {
+        for i in cluster.running() {
+            let status = cluster.request(i, 0).await;
+            if status != 200 {
+                failed.push((started.elapsed(), i, status));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed.is_empty(), "{failed:?}");
+    let mut warned = Vec::new();
+    for i in cluster.running() {
+        warned.extend(warnings(&cluster, i));
+    }
+    assert!(
+        warned.len() <= 6,
+        "{} warnings in 5 s: {:?}",
+        warned.len(),
+        &warned[..warned.len().min(10)]
+    );
+    let c = cluster.counters();
+    assert_eq!(c.create, before.create, "{c:?}");
+    assert!(
+        c.regenerate - before.regenerate <= 3 && c.exchange - before.exchange <= 3,
+        "identity calls stay those of the schedule: {before:?} -> {c:?}"
+    );
+    // a good record replaced it: every replica opened and adopted it
+    let replaced = support::eventually(Duration::from_secs(10), || async {
+        let (now, sealed) = record(&cluster).await;
+        let mut adopted = now > generation && sealed.starts_with("v1.");
+        for i in cluster.running() {
+            let store = &cluster.tokens(i).await["callers"][0]["store"];
+            adopted &= store["generation"] == now && store["record_error"].is_null();
+        }
+        adopted
+    })
+    .await;
+    assert!(replaced, "{:?}", record(&cluster).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_stopped_the_store_is_retried_with_backoff() {
+    // API tokens live 8 s and are due after ~1.6 s: from then on only the store may regenerate
+    // them, and without it each renewal keeps the one held until it stops being usable (7.5 s)
+    let mut options = ClusterOptions {
+        callers: 1,
+        backoff_max: "4s".into(),
+        ..short(8, 60)
+    };
+    options.tokens_extra.push_str("refresh_fraction = 0.2\n");
+    let mut cluster = Cluster::start(options).await;
+    assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
+    cluster.redis.stop();
+    for i in cluster.running() {
+        cluster.logs(i);
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        for i in cluster.running() {
+            assert_eq!(cluster.request(i, 0).await, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in cluster.running() {
+        // backoff from 50 ms doubling to 4 s: at most 8 attempts in 6 s
+        let fallbacks = sample(
+            &cluster.metrics(i).await,
+            r#"tokenbroker_store_fallbacks_total{kind="renewal"}"#,
+        )
+        .unwrap_or(0.0);
+        assert!(
+            (1.0..=10.0).contains(&fallbacks),
+            "replica {i}: {fallbacks} renewals without the store in 6 s"
+        );
+        let warned: Vec<String> = warnings(&cluster, i)
+            .into_iter()
+            .filter(|l| l.contains("renewing this replica's copy without it"))
+            .collect();
+        assert_eq!(warned.len(), 1, "once per interval: {warned:?}");
+    }
+}

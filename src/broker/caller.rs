@@ -200,6 +200,9 @@ pub(super) struct CallerState {
     latest: Mutex<Option<Arc<Held<InjectCred>>>>,
     /// Backoff after definitive refusals (a configuration problem of this caller).
     gate: Mutex<Gate>,
+    /// Backoff of the refresh task after a renewal that could not go through the shared store
+    /// (unreachable, or a record it cannot replace).
+    store_gate: Mutex<Gate>,
     /// The last inject generation an upstream refused (api_token mode regenerates on it).
     rejected_generation: AtomicU64,
     /// When the caller's last 401-driven renewal was claimed or produced a token: the next may
@@ -229,6 +232,10 @@ pub struct SharedCopy {
     /// The API token in memory is this replica's own, created while the store was unreachable;
     /// it is replaced by the shared one when the store is back.
     pub local_api_token: bool,
+    /// Why the stored record did not open at this replica's last read (it is replaced by the
+    /// next renewal); `None` once a read or write succeeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record_error: Option<String>,
 }
 
 impl CallerState {
@@ -240,6 +247,7 @@ impl CallerState {
             api: Mutex::default(),
             latest: Mutex::default(),
             gate: Mutex::default(),
+            store_gate: Mutex::default(),
             rejected_generation: AtomicU64::new(0),
             upstream_renewed: Mutex::default(),
             active: AtomicBool::new(false),
@@ -355,6 +363,17 @@ impl CallerState {
         lock(&self.gate).failed(now, error.to_string(), None, timing)
     }
 
+    /// A renewal went without the shared store; returns how long the refresh task waits before
+    /// it tries the store again (the breaker's backoff steps, jittered).
+    pub fn store_failed(&self, now: Instant, error: &str, timing: &Timing) -> Duration {
+        lock(&self.store_gate).failed(now, error.to_string(), None, timing)
+    }
+
+    /// The shared store answered for this caller.
+    pub fn store_answered(&self) {
+        lock(&self.store_gate).succeeded();
+    }
+
     pub fn renewed(&self, trigger: Trigger) {
         lock(&self.gate).succeeded();
         if trigger == Trigger::Upstream401 {
@@ -410,7 +429,8 @@ impl CallerState {
         self.removed.load(Ordering::Acquire)
     }
 
-    /// The earliest refresh point of its tokens, past any refusal backoff; `None` while unused.
+    /// The earliest refresh point of its tokens, past any refusal or store backoff; `None` while
+    /// unused.
     pub fn next_refresh(&self) -> Option<Instant> {
         if !self.is_active() {
             return None;
@@ -422,7 +442,13 @@ impl CallerState {
                 at = at.min(api.refresh_at);
             }
         }
-        Some(self.refusal_ends().map_or(at, |b| at.max(b)))
+        let store_ends = lock(&self.store_gate).next_attempt();
+        Some(
+            [self.refusal_ends(), store_ends]
+                .into_iter()
+                .flatten()
+                .fold(at, Instant::max),
+        )
     }
 
     pub fn status(&self) -> CallerStatus {
@@ -459,11 +485,14 @@ impl CallerState {
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
-            store: (shared.latest_seen > 0 || shared.generation > 0 || shared.local_api_token)
-                .then_some(StoreView {
-                    current: shared.generation == shared.latest_seen && !shared.local_api_token,
-                    copy: shared,
-                }),
+            store: (shared.latest_seen > 0
+                || shared.generation > 0
+                || shared.local_api_token
+                || shared.record_error.is_some())
+            .then_some(StoreView {
+                current: shared.generation == shared.latest_seen && !shared.local_api_token,
+                copy: shared,
+            }),
         }
     }
 }

@@ -61,12 +61,21 @@ pub enum StoreError {
     /// The key holds something this build did not write (another type, other fields).
     #[error("{key} is not a tokenbroker record: {what}")]
     Foreign { key: String, what: String },
-    /// The sealed payload does not open with the configured key for this key and generation.
+    /// The sealed payload of the record at `generation` does not open with the configured key
+    /// for this key and generation.
     #[error("{key} does not open: {source}")]
-    Sealed { key: String, source: SealError },
-    /// The payload opened but is not a valid token record.
+    Sealed {
+        key: String,
+        generation: u64,
+        source: SealError,
+    },
+    /// The payload of the record at `generation` opened but is not a valid token record.
     #[error("{key} holds an invalid token record: {what}")]
-    Payload { key: String, what: String },
+    Payload {
+        key: String,
+        generation: u64,
+        what: String,
+    },
     /// `keep_alive` found the lease gone: expired and taken, or deleted.
     #[error("the lease of caller {0} was lost to another owner")]
     LeaseLost(String),
@@ -89,6 +98,17 @@ impl StoreError {
     /// Whether the error says Redis cannot be reached (rather than a bad record or settings).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_) | StoreError::Timeout(_))
+    }
+
+    /// The generation of a record that is there but does not open (or is no token record): the
+    /// next renewal may replace it with a fenced write expecting this generation.
+    pub fn unopened(&self) -> Option<u64> {
+        match self {
+            StoreError::Sealed { generation, .. } | StoreError::Payload { generation, .. } => {
+                Some(*generation)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -300,12 +320,14 @@ pub(crate) fn open_record(
         seal::open(key, &record_aad(prefix, caller, generation), sealed).map_err(|source| {
             StoreError::Sealed {
                 key: key_name(),
+                generation,
                 source,
             }
         })?;
     // The error of a failed parse names a line and column, never the content.
     let payload: PayloadIn = serde_json::from_slice(&json).map_err(|e| StoreError::Payload {
         key: key_name(),
+        generation,
         what: format!(
             "not a token record (line {}, column {})",
             e.line(),
@@ -315,12 +337,14 @@ pub(crate) fn open_record(
     if payload.v != PAYLOAD_VERSION {
         return Err(StoreError::Payload {
             key: key_name(),
+            generation,
             what: format!("unsupported payload version {}", payload.v),
         });
     }
     if payload.api.token.is_empty() {
         return Err(StoreError::Payload {
             key: key_name(),
+            generation,
             what: "empty API token".to_string(),
         });
     }

@@ -35,6 +35,8 @@ pub struct ClusterOptions {
     pub redis: bool,
     /// Appended to every replica's `[tokens]` section.
     pub tokens_extra: String,
+    /// `[tokens] backoff_max`.
+    pub backoff_max: String,
 }
 
 impl Default for ClusterOptions {
@@ -48,6 +50,7 @@ impl Default for ClusterOptions {
             lease: "3s".to_string(),
             redis: true,
             tokens_extra: String::new(),
+            backoff_max: "500ms".to_string(),
         }
     }
 }
@@ -133,7 +136,7 @@ client_secret = {{ file = "client-secret" }}
 api_token_ttl_minutes = {api}
 access_token_ttl_minutes = {access}
 backoff_initial = "50ms"
-backoff_max = "500ms"
+backoff_max = "{backoff_max}"
 {tokens_extra}
 
 [limits]
@@ -143,6 +146,7 @@ shutdown_grace = "2s"
             api = o.api_token_ttl_minutes,
             access = o.access_token_ttl_minutes,
             tokens_extra = o.tokens_extra,
+            backoff_max = o.backoff_max,
         );
         if o.redis {
             text.push_str(&format!(
