@@ -576,6 +576,17 @@ impl Broker {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// While the identity service refuses this client its admin bearer (wrong client id or
+    /// secret), why, for `/readyz`: `identity service refused the client: <its answer>`.
+    pub fn client_refused(&self) -> Option<String> {
+        let gate = self.admin_gate.lock().unwrap_or_else(|e| e.into_inner());
+        gate.next_attempt()?;
+        Some(format!(
+            "identity service refused the client: {}",
+            gate.last_error()?
+        ))
+    }
+
     async fn warm_up(self: Arc<Self>) {
         let names: Vec<Arc<str>> = self
             .all_callers()

@@ -150,11 +150,8 @@ pub const HANDSHAKE_FAILURE_REASONS: [&str; 8] = [
 /// The outcomes of an identity call.
 const CALL_OUTCOMES: [&str; 3] = ["ok", "transient", "rejected"];
 
-/// The commit this binary was built from: `TOKENBROKER_COMMIT` at build time, when set.
-pub const COMMIT: &str = match option_env!("TOKENBROKER_COMMIT") {
-    Some(commit) => commit,
-    None => "unknown",
-};
+/// The commit this binary was built from, as `--version` names it (both from `build.rs`).
+pub const COMMIT: &str = env!("TOKENBROKER_COMMIT");
 
 /// The states of the identity service's breaker, each a series of `identity_service_state`.
 const IDENTITY_STATES: [&str; 3] = ["closed", "open", "half_open"];
@@ -849,6 +846,18 @@ impl Collector for ProcessCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_info_names_the_commit_of_the_version() {
+        let version = env!("TOKENBROKER_VERSION");
+        assert_eq!(
+            version,
+            format!("{} ({COMMIT})", env!("CARGO_PKG_VERSION")),
+            "--version and build_info from one source"
+        );
+        let text = Metrics::new().encode();
+        assert!(text.contains(&format!("commit=\"{COMMIT}\"")), "{text}");
+    }
 
     #[test]
     fn the_text_format_names_counter_families_after_their_samples() {

@@ -419,6 +419,41 @@ async fn warm_up_fetches_every_caller_before_ready() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_why_when_the_identity_service_refuses_the_client() {
+    let emu = emulator(60.0).await;
+    let mut tokens = policy(60, 30);
+    tokens.warm_up = true;
+    let mut cfg = config(&emu, vec![caller("a1"), caller("b2")], tokens);
+    cfg.identity.client_secret = Secret::new("not-the-admin-secret");
+    let metrics = Metrics::new();
+    let broker = Broker::start(&cfg, Arc::clone(&metrics))
+        .await
+        .expect("broker starts");
+    let admin = tokenbroker::admin::AdminState::new(Arc::clone(&broker), metrics);
+    admin
+        .listening
+        .store(true, std::sync::atomic::Ordering::Release);
+    let readyz = || async {
+        let r = tokenbroker::admin::respond(&admin, &http::Method::GET, "/readyz", None);
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    let said = support::eventually(Duration::from_secs(10), || async {
+        readyz().await.contains("refused the client")
+    })
+    .await;
+    let body = readyz().await;
+    assert!(said, "{body}");
+    assert!(body.starts_with("not ready: tokens warming up; "), "{body}");
+    assert!(body.contains("401 invalid_client"), "{body}");
+    assert!(!body.contains("not-the-admin-secret"), "{body}");
+    assert!(!broker.is_ready());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_bearer_refused_is_renewed_once() {
     let emu = emulator(60.0).await;
     let broker = start(&config(
