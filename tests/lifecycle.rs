@@ -480,7 +480,7 @@ async fn a_sealed_state_file_keeps_api_tokens_and_another_key_means_a_fresh_star
     let dir = tempfile::tempdir().unwrap();
     let (mut tokens, path) = with_state_file(&dir);
     let plain = config(&emu, vec![caller("billing")], tokens.clone());
-    tokens.state_file_seal_key = Some(SealKey::generate());
+    tokens.state_file_seal_keys = Some(SealKey::generate().into());
     let sealed = config(&emu, vec![caller("billing")], tokens.clone());
 
     // A plain file from before the key was configured is read, and sealed on the next write.
@@ -508,7 +508,7 @@ async fn a_sealed_state_file_keeps_api_tokens_and_another_key_means_a_fresh_star
     assert_eq!(emu.counters().create, 1, "restarts created nothing");
 
     // Another key: the file is set aside and the broker starts fresh.
-    tokens.state_file_seal_key = Some(SealKey::generate());
+    tokens.state_file_seal_keys = Some(SealKey::generate().into());
     let other = config(&emu, vec![caller("billing")], tokens);
     let fourth = start(&other).await;
     fourth.token("billing").await.expect("fresh start works");

@@ -569,3 +569,93 @@ async fn with_redis_stopped_the_store_is_retried_with_backoff() {
         assert_eq!(warned.len(), 1, "once per interval: {warned:?}");
     }
 }
+
+/// Requests round-robin over `proxies` and the callers until `stop`: the statuses (0: a
+/// transport failure).
+async fn load(
+    proxies: Vec<std::net::SocketAddr>,
+    callers: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    let mut n = 0;
+    while !*stop.borrow() {
+        let auth = format!("Bearer {}", support::cluster::caller_key(n % callers));
+        let url = format!("http://{}/echo/x", proxies[n % proxies.len()]);
+        let status =
+            match support::try_http("GET", &url, &[("proxy-authorization", &auth)], "").await {
+                Ok((status, _, _)) => status.as_u16(),
+                Err(_) => 0,
+            };
+        statuses.push(status);
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    statuses
+}
+
+/// The key id each caller's record is sealed with.
+async fn sealed_with(cluster: &Cluster) -> Vec<String> {
+    let dump = cluster.redis.dump(KEY_PREFIX).await;
+    dump.lines()
+        .filter(|l| l.starts_with(&format!("{KEY_PREFIX}caller:")))
+        .map(|l| {
+            let sealed = l.split(' ').skip_while(|f| *f != "sealed").nth(1).unwrap();
+            sealed.split('.').nth(1).unwrap().to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_seal_key_rolled_through_the_replicas_under_load_fails_nothing_and_creates_nothing() {
+    // access tokens live 2 s: every record is written again every ~1.5 s
+    let mut cluster = Cluster::start(short(60, 2)).await;
+    let callers = cluster.options.callers;
+    assert!(cluster.spread(30).await.iter().all(|&s| s == 200));
+    let old = sealed_with(&cluster).await;
+    assert_eq!(old.len(), callers);
+    let new = cluster.new_seal_key("new.key");
+    let roll = |proxies, stop| load(proxies, callers, stop);
+    let mut statuses = Vec::new();
+    // the new key second: every replica opens it, none seals with it yet
+    cluster.seal_keys = vec!["seal.key".into(), "new.key".into()];
+    statuses.extend(cluster.roll(roll).await);
+    // then first: replicas seal with it, the others open it
+    cluster.seal_keys = vec!["new.key".into(), "seal.key".into()];
+    statuses.extend(cluster.roll(roll).await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sealed_with(&cluster).await.iter().all(|id| *id == new) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            sealed_with(&cluster).await
+        );
+        statuses.extend(cluster.spread(6).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // then the old key dropped
+    cluster.seal_keys = vec!["new.key".into()];
+    statuses.extend(cluster.roll(roll).await);
+    statuses.extend(cluster.spread(30).await);
+
+    let failed = statuses.iter().filter(|&&s| s != 200).count();
+    assert_eq!(failed, 0, "{failed} of {} requests failed", statuses.len());
+    assert!(
+        statuses.len() > 100,
+        "under load: {} requests",
+        statuses.len()
+    );
+    let c = cluster.counters();
+    assert_eq!(c.create, callers as u64, "no extra create: {c:?}");
+    let ids = sealed_with(&cluster).await;
+    assert!(
+        ids.len() == callers && ids.iter().all(|id| *id == new),
+        "every record sealed with the new key {new}: {ids:?}"
+    );
+    for i in cluster.running() {
+        let tokens = cluster.tokens(i).await;
+        for caller in tokens["callers"].as_array().unwrap() {
+            assert!(caller["store"]["record_error"].is_null(), "{caller}");
+        }
+    }
+}

@@ -16,7 +16,7 @@ use tokenbroker::broker::store::{
 };
 use tokenbroker::config::RedisConfig;
 use tokenbroker::metrics::Metrics;
-use tokenbroker::seal::{SealError, SealKey};
+use tokenbroker::seal::{SealError, SealKey, SealKeys};
 use tokenbroker::secret::Secret;
 
 const PREFIX: &str = "tokenbroker:test:";
@@ -34,7 +34,7 @@ fn config(server: &RedisServer, key: &SealKey) -> RedisConfig {
         key_prefix: PREFIX.to_string(),
         lease: LEASE,
         ca_file: None,
-        seal_key: key.clone(),
+        seal_keys: key.clone().into(),
     }
 }
 
@@ -671,6 +671,13 @@ async fn damaged_or_foreign_records_are_precise_errors() {
         .unwrap();
     let err = other.read("billing").await.unwrap_err();
     assert!(err.to_string().contains("another seal key"), "{err}");
+    assert_eq!(err.unopened(), Some(1), "the next renewal replaces it");
+    // A ring holding the key opens it, whichever place the key has.
+    let ring = SealKeys::new(vec![SealKey::generate(), key.clone()]).unwrap();
+    let mut rotated = config(&server, &key);
+    rotated.seal_keys = ring;
+    let (rotated, _) = store(&rotated);
+    assert_eq!(rotated.read("billing").await.unwrap(), Some((1, tokens(1))));
 
     // The fenced write refuses to overwrite what it did not write.
     for caller in ["string", "generation"] {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 pub use self::redis::RedisStore;
-use crate::seal::{self, SealError, SealKey};
+use crate::seal::{self, SealError, SealKey, SealKeys};
 use crate::secret::Secret;
 
 /// What the store holds for one caller, opened. Tokens are [`Secret`]s.
@@ -61,7 +61,7 @@ pub enum StoreError {
     /// The key holds something this build did not write (another type, other fields).
     #[error("{key} is not a tokenbroker record: {what}")]
     Foreign { key: String, what: String },
-    /// The sealed payload of the record at `generation` does not open with the configured key
+    /// The sealed payload of the record at `generation` does not open with the configured keys
     /// for this key and generation.
     #[error("{key} does not open: {source}")]
     Sealed {
@@ -307,9 +307,9 @@ pub(crate) fn seal_record(
     seal::seal(key, &record_aad(prefix, caller, generation), &json)
 }
 
-/// Opens `caller`'s record at `generation`. `key_name` is the Redis key, for messages.
+/// Opens `caller`'s record at `generation` with the key of `keys` it names.
 pub(crate) fn open_record(
-    key: &SealKey,
+    keys: &SealKeys,
     prefix: &str,
     caller: &str,
     generation: u64,
@@ -317,7 +317,7 @@ pub(crate) fn open_record(
 ) -> Result<StoredTokens, StoreError> {
     let key_name = || record_key(prefix, caller);
     let json =
-        seal::open(key, &record_aad(prefix, caller, generation), sealed).map_err(|source| {
+        seal::open(keys, &record_aad(prefix, caller, generation), sealed).map_err(|source| {
             StoreError::Sealed {
                 key: key_name(),
                 generation,
@@ -391,7 +391,14 @@ mod tests {
         let sealed = seal_record(&key, "tb:", "billing", 3, &sample());
         assert!(!sealed.contains("secret"), "{sealed}");
         assert_eq!(
-            open_record(&key, "tb:", "billing", 3, sealed.as_bytes()).unwrap(),
+            open_record(
+                &SealKeys::from(key.clone()),
+                "tb:",
+                "billing",
+                3,
+                sealed.as_bytes()
+            )
+            .unwrap(),
             sample()
         );
         for (prefix, caller, generation) in [
@@ -399,7 +406,14 @@ mod tests {
             ("tb:", "other", 3),
             ("x:", "billing", 3),
         ] {
-            let err = open_record(&key, prefix, caller, generation, sealed.as_bytes()).unwrap_err();
+            let err = open_record(
+                &SealKeys::from(key.clone()),
+                prefix,
+                caller,
+                generation,
+                sealed.as_bytes(),
+            )
+            .unwrap_err();
             assert!(
                 matches!(
                     err,
@@ -412,7 +426,14 @@ mod tests {
             );
         }
         let other = SealKey::generate();
-        let err = open_record(&other, "tb:", "billing", 3, sealed.as_bytes()).unwrap_err();
+        let err = open_record(
+            &SealKeys::from(other.clone()),
+            "tb:",
+            "billing",
+            3,
+            sealed.as_bytes(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("another seal key"), "{err}");
         assert!(err.to_string().contains("tb:caller:billing"), "{err}");
         let without_access = StoredTokens {
@@ -421,7 +442,14 @@ mod tests {
         };
         let sealed = seal_record(&key, "tb:", "billing", 1, &without_access);
         assert_eq!(
-            open_record(&key, "tb:", "billing", 1, sealed.as_bytes()).unwrap(),
+            open_record(
+                &SealKeys::from(key.clone()),
+                "tb:",
+                "billing",
+                1,
+                sealed.as_bytes()
+            )
+            .unwrap(),
             without_access
         );
     }
@@ -436,7 +464,7 @@ mod tests {
             (b"{\"v\":1,\"api\":{\"id\":\"i\",\"token\":\"\",\"suffix\":\"\",\"client_id\":null,\"expires_ms\":1}}", "empty API token"),
         ] {
             let sealed = seal::seal(&key, &aad, json);
-            let err = open_record(&key, "tb:", "billing", 1, sealed.as_bytes()).unwrap_err();
+            let err = open_record(&SealKeys::from(key.clone()), "tb:", "billing", 1, sealed.as_bytes()).unwrap_err();
             assert!(matches!(err, StoreError::Payload { .. }), "{err}");
             assert!(err.to_string().contains(says), "{err}");
         }

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
-use crate::seal::SealKey;
+use crate::seal::SealKeys;
 
 /// Every command, including the wait for a (re)connection, ends within this.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -111,7 +111,8 @@ struct Inner {
     client: Client,
     conn: ConnectionManager,
     prefix: String,
-    seal_key: SealKey,
+    /// The first seals; every one opens.
+    seal_keys: SealKeys,
     /// The lease owner value: `<replica>/<random>`, unique to this store.
     owner: String,
     replica: String,
@@ -181,7 +182,7 @@ impl RedisStore {
                 client,
                 conn,
                 prefix: config.key_prefix.clone(),
-                seal_key: config.seal_key.clone(),
+                seal_keys: config.seal_keys.clone(),
                 owner,
                 replica,
                 lease_ttl: config.lease,
@@ -258,12 +259,22 @@ impl RedisStore {
             .ok_or_else(|| foreign("its generation is not a positive integer"))?;
         let sealed = sealed.ok_or_else(|| foreign("it has no sealed payload"))?;
         let tokens = open_record(
-            &self.inner.seal_key,
+            &self.inner.seal_keys,
             &self.inner.prefix,
             caller,
             generation,
             &sealed,
         )?;
+        let first = self.inner.seal_keys.first().id();
+        if let Some(older) = crate::seal::key_id_of(&sealed).filter(|id| *id != first) {
+            tracing::info!(
+                key,
+                generation,
+                sealed_with = older,
+                seal_key = first,
+                "record sealed with an older seal key; its next write seals it with the first"
+            );
+        }
         Ok(Some((generation, tokens)))
     }
 
@@ -423,7 +434,7 @@ impl RedisStore {
         }
         let key = record_key(&self.inner.prefix, caller);
         let sealed = seal_record(
-            &self.inner.seal_key,
+            self.inner.seal_keys.first(),
             &self.inner.prefix,
             caller,
             expected + 1,
