@@ -656,6 +656,7 @@ async fn a_new_seal_key_rolled_through_the_replicas_under_load_fails_nothing_and
         let tokens = cluster.tokens(i).await;
         for caller in tokens["callers"].as_array().unwrap() {
             assert!(caller["store"]["record_error"].is_null(), "{caller}");
+            assert_eq!(caller["store"]["sealed_with"], new.as_str(), "{caller}");
         }
     }
 }

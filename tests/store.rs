@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use support::eventually;
 use support::redis_server::{RedisOptions, RedisServer};
 use tokenbroker::broker::store::{
-    LeaseHolder, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken,
+    LeaseHolder, Record, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken,
     StoredTokens, WriteOutcome,
 };
 use tokenbroker::config::RedisConfig;
@@ -59,6 +59,11 @@ fn tokens(n: u64) -> StoredTokens {
             generation: n,
         }),
     }
+}
+
+/// A read record's generation and tokens.
+fn opened(record: Option<Record>) -> Option<(u64, StoredTokens)> {
+    record.map(|r| (r.generation, r.tokens))
 }
 
 fn sample(metrics: &Metrics, series: &str) -> Option<f64> {
@@ -161,7 +166,10 @@ async fn the_fenced_write_refuses_a_stale_generation_and_a_lost_lease() {
         a.write("billing", &lease, 1, &tokens(2)).await.unwrap(),
         WriteOutcome::Written(2)
     );
-    assert_eq!(b.read("billing").await.unwrap(), Some((2, tokens(2))));
+    assert_eq!(
+        opened(b.read("billing").await.unwrap()),
+        Some((2, tokens(2)))
+    );
     assert_eq!(
         b.write("billing", &lease_of(&b, "orders").await, 0, &tokens(9))
             .await
@@ -207,7 +215,10 @@ async fn the_fenced_write_refuses_a_stale_generation_and_a_lost_lease() {
             .unwrap()
             .this_replica
     );
-    assert_eq!(a.read("billing").await.unwrap(), Some((3, tokens(3))));
+    assert_eq!(
+        opened(a.read("billing").await.unwrap()),
+        Some((3, tokens(3)))
+    );
 
     let m = metrics.encode();
     for line in [
@@ -459,7 +470,10 @@ async fn a_password_and_an_acl_user_work_and_a_wrong_password_is_a_clear_error()
     acl.username = Some("tb".into());
     acl.password = Some(Secret::new("tb-user-pw"));
     let (b, _) = store(&acl);
-    assert_eq!(b.read("billing").await.unwrap(), Some((1, tokens(1))));
+    assert_eq!(
+        opened(b.read("billing").await.unwrap()),
+        Some((1, tokens(1)))
+    );
     let mut events = b.subscribe();
     assert_eq!(
         tokio::time::timeout(Duration::from_secs(10), events.recv())
@@ -507,7 +521,7 @@ async fn a_dump_of_every_key_and_monitor_show_no_token_and_no_key() {
             a.write(caller, &lease, 0, &tokens(n)).await.unwrap(),
             WriteOutcome::Written(1)
         );
-        assert_eq!(a.read(caller).await.unwrap(), Some((1, tokens(n))));
+        assert_eq!(opened(a.read(caller).await.unwrap()), Some((1, tokens(n))));
     }
     let _ = a.lease_holder("billing").await.unwrap();
 
@@ -677,7 +691,9 @@ async fn damaged_or_foreign_records_are_precise_errors() {
     let mut rotated = config(&server, &key);
     rotated.seal_keys = ring;
     let (rotated, _) = store(&rotated);
-    assert_eq!(rotated.read("billing").await.unwrap(), Some((1, tokens(1))));
+    let read = rotated.read("billing").await.unwrap().unwrap();
+    assert_eq!((read.generation, &read.tokens), (1, &tokens(1)));
+    assert_eq!(read.sealed_with, key.id(), "the key it was sealed with");
 
     // The fenced write refuses to overwrite what it did not write.
     for caller in ["string", "generation"] {
@@ -755,7 +771,7 @@ async fn a_paused_or_stopped_redis_fails_every_call_within_a_bound_and_the_store
     );
     // The write that timed out was still in the socket when Redis went on: it may have been
     // applied (an unknown outcome is what a timeout means; the fence keeps it safe).
-    let (generation, stored) = a.read("billing").await.unwrap().unwrap();
+    let (generation, stored) = opened(a.read("billing").await.unwrap()).unwrap();
     assert!(generation == 1 || generation == 2, "{generation}");
     assert_eq!(stored, tokens(generation));
     assert_eq!(sample(&metrics, "tokenbroker_store_up"), Some(1.0));
@@ -833,7 +849,10 @@ async fn rediss_works_with_the_configured_ca_and_refuses_an_unknown_one() {
         a.write("billing", &lease, 0, &tokens(1)).await.unwrap(),
         WriteOutcome::Written(1)
     );
-    assert_eq!(a.read("billing").await.unwrap(), Some((1, tokens(1))));
+    assert_eq!(
+        opened(a.read("billing").await.unwrap()),
+        Some((1, tokens(1)))
+    );
     let mut events = a.subscribe();
     assert_eq!(
         tokio::time::timeout(Duration::from_secs(10), events.recv())

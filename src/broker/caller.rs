@@ -232,6 +232,9 @@ pub struct SharedCopy {
     /// The API token in memory is this replica's own, created while the store was unreachable;
     /// it is replaced by the shared one when the store is back.
     pub local_api_token: bool,
+    /// The id of the seal key the newest record this replica read or wrote was sealed with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed_with: Option<String>,
     /// Why the stored record did not open at this replica's last read (it is replaced by the
     /// next renewal); `None` once a read or write succeeds.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -29,8 +29,8 @@ use tokio::time::Instant;
 use super::caller::{ApiCred, CallerState, Held, InjectCred};
 use super::ladder::CallError;
 use super::store::{
-    Lease, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken, StoredTokens,
-    WriteOutcome,
+    Lease, Record, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken,
+    StoredTokens, WriteOutcome,
 };
 use super::Broker;
 use crate::config::InjectMode;
@@ -76,7 +76,7 @@ impl Broker {
         // a write may have landed between our read and the lease
         let (expected, replace) = match self.read_for_renewal(store, c).await {
             Ok(Stored::Record(record)) => {
-                let generation = record.as_ref().map_or(0, |(g, _)| *g);
+                let generation = record.as_ref().map_or(0, |r| r.generation);
                 if let Some(done) = self.adopt_if_enough(c, record) {
                     release(store, lease).await;
                     return Ok(done);
@@ -212,6 +212,7 @@ impl Broker {
                     s.latest_seen = s.latest_seen.max(generation);
                     s.local_api_token = false;
                     s.record_error = None;
+                    s.sealed_with = Some(store.seal_key_id().to_string());
                 });
                 self.metrics.record_store_sharing("written");
                 tracing::debug!(caller = &*c.name, generation, "tokens shared");
@@ -286,10 +287,10 @@ impl Broker {
     fn adopt_if_enough(
         &self,
         c: &CallerState,
-        record: Option<(u64, StoredTokens)>,
+        record: Option<Record>,
     ) -> Option<(Arc<Held<InjectCred>>, bool)> {
         let adopted = match record {
-            Some((generation, tokens)) => self.adopt(c, generation, &tokens),
+            Some(record) => self.adopt(c, &record),
             None => false,
         };
         let now = Instant::now();
@@ -302,9 +303,15 @@ impl Broker {
 
     /// Takes a record's tokens into memory when it is newer than this replica's copy. True when
     /// the inject token changed.
-    fn adopt(&self, c: &CallerState, generation: u64, tokens: &StoredTokens) -> bool {
+    fn adopt(&self, c: &CallerState, record: &Record) -> bool {
+        let (generation, tokens) = (record.generation, &record.tokens);
         let copy = c.shared();
-        c.update_shared(|s| s.latest_seen = s.latest_seen.max(generation));
+        c.update_shared(|s| {
+            if generation >= s.latest_seen {
+                s.sealed_with = Some(record.sealed_with.clone());
+            }
+            s.latest_seen = s.latest_seen.max(generation);
+        });
         if generation <= copy.generation && !copy.local_api_token {
             return false;
         }
@@ -381,8 +388,8 @@ impl Broker {
     /// Reads the caller's record and adopts it if newer.
     async fn adopt_stored(&self, store: &RedisStore, c: &CallerState) {
         match store.read(&c.name).await {
-            Ok(Some((generation, tokens))) => {
-                self.adopt(c, generation, &tokens);
+            Ok(Some(record)) => {
+                self.adopt(c, &record);
             }
             Ok(None) => {}
             Err(e) => {
@@ -395,8 +402,8 @@ impl Broker {
     /// store has none (e.g. they were obtained while it was unreachable).
     async fn adopt_newer(&self, store: &RedisStore, c: &CallerState) {
         match store.read(&c.name).await {
-            Ok(Some((generation, tokens))) => {
-                self.adopt(c, generation, &tokens);
+            Ok(Some(record)) => {
+                self.adopt(c, &record);
             }
             Ok(None) => {
                 if c.api().is_some() && !c.flight.in_flight() {
@@ -425,8 +432,8 @@ impl Broker {
         let mut adopted = 0;
         for (c, result) in reads {
             match result {
-                Ok(Some((generation, tokens))) => {
-                    if self.adopt(c, generation, &tokens) {
+                Ok(Some(record)) => {
+                    if self.adopt(c, &record) {
                         adopted += 1;
                     }
                 }
@@ -446,7 +453,7 @@ impl Broker {
 
 /// What a renewal's read found.
 enum Stored {
-    Record(Option<(u64, StoredTokens)>),
+    Record(Option<Record>),
     /// A record of this generation that does not open.
     Unopened(u64),
 }

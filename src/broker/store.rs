@@ -20,6 +20,15 @@ pub use self::redis::RedisStore;
 use crate::seal::{self, SealError, SealKey, SealKeys};
 use crate::secret::Secret;
 
+/// A caller's record as read: its generation, its tokens, and the id of the seal key it was
+/// sealed with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub generation: u64,
+    pub tokens: StoredTokens,
+    pub sealed_with: String,
+}
+
 /// What the store holds for one caller, opened. Tokens are [`Secret`]s.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredTokens {

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{
     events_channel, lease_key, open_record, parse_event, record_key, seal_record, Lease,
-    LeaseHolder, StoreError, StoreEvent, StoredTokens, WriteOutcome,
+    LeaseHolder, Record, StoreError, StoreEvent, StoredTokens, WriteOutcome,
 };
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
@@ -211,8 +211,14 @@ impl RedisStore {
         &self.inner.prefix
     }
 
-    /// Reads a caller's record: `None` if there is none, else its generation and tokens.
-    pub async fn read(&self, caller: &str) -> Result<Option<(u64, StoredTokens)>, StoreError> {
+    /// The id of the seal key this store seals with (the first of `seal_keys`).
+    pub fn seal_key_id(&self) -> &str {
+        self.inner.seal_keys.first().id()
+    }
+
+    /// Reads a caller's record: `None` if there is none, else its generation, tokens and the key
+    /// it was sealed with.
+    pub async fn read(&self, caller: &str) -> Result<Option<Record>, StoreError> {
         let key = record_key(&self.inner.prefix, caller);
         let mut cmd = ::redis::cmd("HGETALL");
         cmd.arg(&key);
@@ -236,7 +242,7 @@ impl RedisStore {
         caller: &str,
         key: &str,
         fields: Vec<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<Option<(u64, StoredTokens)>, StoreError> {
+    ) -> Result<Option<Record>, StoreError> {
         if fields.is_empty() {
             return Ok(None);
         }
@@ -265,17 +271,24 @@ impl RedisStore {
             generation,
             &sealed,
         )?;
-        let first = self.inner.seal_keys.first().id();
-        if let Some(older) = crate::seal::key_id_of(&sealed).filter(|id| *id != first) {
+        let sealed_with = crate::seal::key_id_of(&sealed)
+            .unwrap_or_default()
+            .to_string();
+        let first = self.seal_key_id();
+        if sealed_with != first {
             tracing::info!(
                 key,
                 generation,
-                sealed_with = older,
+                sealed_with,
                 seal_key = first,
                 "record sealed with an older seal key; its next write seals it with the first"
             );
         }
-        Ok(Some((generation, tokens)))
+        Ok(Some(Record {
+            generation,
+            tokens,
+            sealed_with,
+        }))
     }
 
     /// Takes a caller's lease for `ttl` if nobody holds it, or takes over an abandoned one
