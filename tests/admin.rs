@@ -388,7 +388,10 @@ async fn metrics_parse_as_prometheus_text_and_as_openmetrics() {
     for (name, labels, expected) in [
         (
             "tokenbroker_build_info",
-            vec![("version", version), ("commit", "unknown")],
+            vec![
+                ("version", version),
+                ("commit", tokenbroker::metrics::COMMIT),
+            ],
             Some(1.0),
         ),
         (
