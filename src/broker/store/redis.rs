@@ -14,6 +14,7 @@ use ::redis::{Client, IntoConnectionInfo, RedisError, Script, Value};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
+use super::super::repeats::Repeats;
 use super::{
     events_channel, lease_key, open_record, parse_event, record_key, seal_record, Lease,
     LeaseHolder, Record, StoreError, StoreEvent, StoredTokens, WriteOutcome,
@@ -674,6 +675,8 @@ struct Subscriber {
 impl Subscriber {
     async fn run(mut self) {
         let mut backoff = RESUBSCRIBE_MIN;
+        // while Redis stays away, its warning once per interval
+        let mut failures = Repeats::default();
         loop {
             if *self.shutdown.borrow() {
                 return;
@@ -703,7 +706,10 @@ impl Subscriber {
                 Err(e) => {
                     self.metrics.record_store("subscribe", e.outcome());
                     self.metrics.store_up.set(0);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot subscribe to store changes");
+                    if let Some(repeated) = failures.admit(tokio::time::Instant::now()) {
+                        tracing::warn!(error = %e, retry_in = ?backoff, repeated,
+                            "cannot subscribe to store changes");
+                    }
                     let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
                     tokio::select! {
                         _ = tokio::time::sleep(jittered) => {}
