@@ -18,7 +18,10 @@
 //! - Callers cannot drive the identity service: the first upstream 401 for a token renews it
 //!   once (whatever its age) and replays; a caller renews on 401s at most once per
 //!   `tokens.min_renew_interval`, so a token a 401 just produced, refused again, is passed on.
-//! - Persistence (`state_file.rs`): API tokens survive restarts.
+//! - Persistence (`state_file.rs`): API tokens survive restarts. With the shared store
+//!   (`shared.rs`, `store.rs`), one API token and one access token per caller for every replica.
+//! - Lasting conditions (the store away, a record that does not open) are warned about once per
+//!   interval, with a count (`repeats.rs`).
 //! - Each caller's state and counters live in `caller.rs`; the identity service is reached
 //!   through a trait (`identity_service.rs`), so tests run on paused time against a fake.
 //!

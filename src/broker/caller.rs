@@ -1,5 +1,6 @@
 //! One caller's credentials and bookkeeping: its settings, its API token, its latest inject
-//! token, its renewal flight, its refusal backoff and its counters. Everything else in the broker
+//! token, its renewal flight, its refusal and store backoffs, its 401 renewal bound and its
+//! counters. Everything else in the broker
 //! goes through these methods; no other file touches the fields.
 
 use std::collections::BTreeMap;
