@@ -660,3 +660,59 @@ async fn a_new_seal_key_rolled_through_the_replicas_under_load_fails_nothing_and
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_held_past_twice_its_ttl_is_taken_over() {
+    // access tokens live 2 s: renewed every ~1.5 s; the lease is 3 s
+    let cluster = Cluster::start(ClusterOptions {
+        callers: 1,
+        ..short(60, 2)
+    })
+    .await;
+    assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
+    // another program takes the caller's lease and keeps renewing it, for ever
+    let squatter = tokenbroker::broker::store::RedisStore::connect(
+        &tokenbroker::config::RedisConfig {
+            url: cluster.redis.url(),
+            username: None,
+            password: None,
+            key_prefix: KEY_PREFIX.to_string(),
+            lease: Duration::from_secs(3),
+            ca_file: None,
+            seal_keys: tokenbroker::seal::SealKey::generate().into(),
+        },
+        tokenbroker::metrics::Metrics::new(),
+    )
+    .unwrap();
+    let lease = squatter
+        .try_lease(&caller_name(0), Duration::from_secs(3))
+        .await
+        .unwrap()
+        .expect("free between renewals");
+    let held = tokio::spawn(async move { squatter.keep_alive(&lease).await });
+    let before = cluster.counters().exchange;
+    // a replica waits twice the lease for the holder's write, then takes the lease over
+    let renewed = support::eventually(Duration::from_secs(15), || async {
+        let _ = cluster.request(0, 0).await;
+        cluster.counters().exchange > before
+    })
+    .await;
+    assert!(renewed, "{:?}", cluster.counters());
+    let lost = tokio::time::timeout(Duration::from_secs(5), held).await;
+    assert!(
+        matches!(
+            lost,
+            Ok(Ok(tokenbroker::broker::store::StoreError::LeaseLost(_)))
+        ),
+        "the squatter hears it lost the lease: {lost:?}"
+    );
+    let mut taken_over = 0.0;
+    for i in cluster.running() {
+        taken_over += sample(
+            &cluster.metrics(i).await,
+            r#"tokenbroker_store_lease_acquisitions_total{outcome="taken_over"}"#,
+        )
+        .unwrap_or(0.0);
+    }
+    assert!(taken_over >= 1.0, "the take-over is counted");
+}
