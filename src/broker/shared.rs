@@ -186,6 +186,8 @@ impl Broker {
                         return Ok(Taken::Adopted(done));
                     }
                 }
+                // the holder's write will replace it
+                Err(e) if e.unopened().is_some() => {}
                 Err(e) => return Ok(Taken::Unreachable(e)),
             }
         }
