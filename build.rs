@@ -1,4 +1,5 @@
-//! Build script: puts the commit into `--version` (`0.1.0 (abc1234)`).
+//! Build script: puts the commit into `--version` (`0.1.0 (abc1234)`) and, from the same value,
+//! into `TOKENBROKER_COMMIT` for `/metrics` `build_info`.
 //!
 //! The commit is `TOKENBROKER_COMMIT` when set (e.g. a container build without `.git`), else
 //! `git rev-parse --short HEAD` when git and a repository are there, else "unknown". It never
@@ -53,5 +54,6 @@ fn main() {
     });
     let commit = commit.unwrap_or_else(|| "unknown".to_string());
     let version = std::env::var("CARGO_PKG_VERSION").unwrap_or_default();
+    println!("cargo:rustc-env=TOKENBROKER_COMMIT={commit}");
     println!("cargo:rustc-env=TOKENBROKER_VERSION={version} ({commit})");
 }

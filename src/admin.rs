@@ -1,5 +1,5 @@
 //! Admin listener: `GET /healthz` (the process answers), `/readyz` (proxy listeners up and tokens
-//! warmed when so configured), `/metrics` (Prometheus text 0.0.4, or OpenMetrics when `Accept`
+//! warmed when so configured; why not, when the identity service refuses the client), `/metrics` (Prometheus text 0.0.4, or OpenMetrics when `Accept`
 //! asks for `application/openmetrics-text`) and `/tokens` (per-caller token
 //! status). It runs on its own port through [`server::serve`], with its own small connection limit
 //! and header timeout (`[admin] max_connections`, `header_read_timeout`), so that connections that
@@ -162,10 +162,16 @@ pub fn respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: listeners not up\n",
         ),
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: tokens warming up\n",
-        ),
+        "/readyz" => match state.broker.client_refused() {
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: tokens warming up; {why}\n"),
+            ),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: tokens warming up\n",
+            ),
+        },
         "/metrics" => {
             update_expiry_gauges(state);
             let (body, content_type) = if metrics::wants_openmetrics(accept) {
@@ -228,8 +234,8 @@ fn update_expiry_gauges(state: &AdminState) {
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -15,9 +15,13 @@
 //! - One health view of the identity service (`health.rs`): transient failures open a circuit
 //!   breaker shared by every caller; one probe per backoff step, `Retry-After` honoured; when it
 //!   answers again every caller that needs a token renews at once (bounded concurrency).
-//! - Callers cannot drive the identity service: an upstream 401 renews a token once per
-//!   generation, and only a token older than `tokens.min_renew_interval`.
-//! - Persistence (`state_file.rs`): API tokens survive restarts.
+//! - Callers cannot drive the identity service: the first upstream 401 for a token renews it
+//!   once (whatever its age) and replays; a caller renews on 401s at most once per
+//!   `tokens.min_renew_interval`, so a token a 401 just produced, refused again, is passed on.
+//! - Persistence (`state_file.rs`): API tokens survive restarts. With the shared store
+//!   (`shared.rs`, `store.rs`), one API token and one access token per caller for every replica.
+//! - Lasting conditions (the store away, a record that does not open) are warned about once per
+//!   interval, with a count (`repeats.rs`).
 //! - Each caller's state and counters live in `caller.rs`; the identity service is reached
 //!   through a trait (`identity_service.rs`), so tests run on paused time against a fake.
 //!
@@ -33,6 +37,7 @@ pub mod identity_service;
 mod ladder;
 pub mod policy;
 mod refresh;
+mod repeats;
 mod shared;
 mod state_file;
 pub mod store;
@@ -54,7 +59,9 @@ use crate::metrics::{CallerLabels, Metrics};
 use crate::secret::Secret;
 use crate::server::Shutdown;
 pub use caller::SharedCopy;
-use caller::{CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger};
+use caller::{
+    CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger, UpstreamClaim,
+};
 use flight::Flight;
 use gate::Gate;
 use health::Health;
@@ -86,8 +93,8 @@ pub type TokenResult = Result<Arc<InjectToken>, TokenUnavailable>;
 pub enum Rejection {
     /// Send the request again with this (renewed) token.
     Replay(Arc<InjectToken>),
-    /// Pass the 401 on: the token was renewed for this generation already, or is too young to be
-    /// renewed (`tokens.min_renew_interval`).
+    /// Pass the 401 on: the renewal for this generation gave no newer token, or the caller
+    /// renewed on a 401 less than `tokens.min_renew_interval` ago.
     PassOn,
 }
 
@@ -187,6 +194,8 @@ pub struct Broker {
     stop: Shutdown,
     /// `[store] kind = "redis"`: tokens shared with every replica.
     store: Option<store::RedisStore>,
+    /// Warnings of lasting conditions, by kind, let through once per interval.
+    repeats: Mutex<HashMap<&'static str, repeats::Repeats>>,
 }
 
 /// Expires cache entries when their credential stops being usable.
@@ -281,6 +290,7 @@ impl Broker {
             ready: AtomicBool::new(!policy.warm_up),
             stop: Shutdown::new(),
             store,
+            repeats: Mutex::default(),
         });
         broker
             .metrics
@@ -336,6 +346,17 @@ impl Broker {
 
     fn policy_now(&self) -> Arc<TokenPolicy> {
         read(&self.policy)
+    }
+
+    /// `Some(n)` when a warning of `kind` may be logged now (`n`: how many were held back since
+    /// the last); once per [`repeats::REPEAT_INTERVAL`].
+    fn repeated_warning(&self, kind: &'static str) -> Option<u64> {
+        self.repeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind)
+            .or_default()
+            .admit(Instant::now())
     }
 
     fn next_generation(&self) -> u64 {
@@ -458,9 +479,11 @@ impl Broker {
         )
     }
 
-    /// The upstream refused `generation` with 401. Renews once per generation, and only a token
-    /// older than `tokens.min_renew_interval`; concurrent 401s for one generation share one
-    /// renewal. Otherwise the 401 is to be passed on.
+    /// The upstream refused `generation` with 401. The first 401 for the current token renews it
+    /// (through the whole ladder) whatever its age, and concurrent 401s for it share that one
+    /// renewal; but a caller renews on 401s at most once per `tokens.min_renew_interval`, so a
+    /// 401 within that interval of the last 401-driven renewal (a token a 401 just produced,
+    /// refused again) is to be passed on.
     pub async fn rejected(
         &self,
         caller: &str,
@@ -476,23 +499,24 @@ impl Broker {
             // renewed since that request went out: replay with the newer one
             return Ok(Rejection::Replay(Arc::clone(&held.value.inject)));
         }
-        if !held.value.rejected.load(Ordering::Acquire) {
-            let floor = self.policy_now().min_renew_interval;
-            if held.received.elapsed() < floor {
-                self.metrics.record_rejection("too_young");
+        let floor = self.policy_now().min_renew_interval;
+        match c.claim_upstream_renewal(&held, Instant::now(), floor) {
+            UpstreamClaim::Limited => {
+                self.metrics.record_rejection("rate_limited");
                 tracing::info!(
                     caller,
                     generation,
-                    "upstream refused a token younger than min_renew_interval; passing the 401 on"
+                    "upstream refused a token within min_renew_interval of the last 401-driven \
+                     renewal; passing the 401 on"
                 );
                 return Ok(Rejection::PassOn);
             }
-            if !held.value.rejected.swap(true, Ordering::AcqRel) {
+            UpstreamClaim::Renew => {
                 self.metrics.record_rejection("renewed");
                 tracing::info!(caller, generation, "upstream refused the token; renewing");
-                c.mark_refused(generation);
                 self.inject.invalidate(caller).await;
             }
+            UpstreamClaim::Join => {}
         }
         let renewed = self.wait_for_renewal(&c, Trigger::Upstream401).await?;
         if renewed.generation == generation {
@@ -553,6 +577,17 @@ impl Broker {
     /// True once warm-up (if configured) has given every caller a token.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// While the identity service refuses this client its admin bearer (wrong client id or
+    /// secret), why, for `/readyz`: `identity service refused the client: <its answer>`.
+    pub fn client_refused(&self) -> Option<String> {
+        let gate = self.admin_gate.lock().unwrap_or_else(|e| e.into_inner());
+        gate.next_attempt()?;
+        Some(format!(
+            "identity service refused the client: {}",
+            gate.last_error()?
+        ))
     }
 
     async fn warm_up(self: Arc<Self>) {

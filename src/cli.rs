@@ -65,7 +65,8 @@ pub enum Command {
     /// Print a new random seal key for `[store] seal_key` (32 bytes, base64) on standard output.
     ///
     /// Example: `tokenbroker gen-seal-key > seal.key && chmod 600 seal.key`, then
-    /// `seal_key = { file = "seal.key" }`. Every replica needs the same key.
+    /// `seal_key = { file = "seal.key" }`. Every replica needs the same key. To rotate, list
+    /// the new one in `seal_keys` (docs/shared-store.md, "Rotating the seal key").
     GenSealKey,
     /// Run a local demo: the identity-service emulator, its echo upstream and the proxy.
     ///
@@ -234,7 +235,7 @@ pub fn summary(c: &Config) -> String {
         .map_or("no admin listener".to_string(), |a| {
             format!("admin on {}", a.addr)
         });
-    let store = match (c.store.redis(), &c.store.seal_key) {
+    let store = match (c.store.redis(), &c.store.seal_keys) {
         (Some(r), _) => format!("store redis (prefix {}, lease {:?})", r.key_prefix, r.lease),
         (None, Some(_)) => "store local (sealed)".to_string(),
         (None, None) => "store local".to_string(),

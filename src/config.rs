@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::seal::SealKey;
+use crate::seal::SealKeys;
 use crate::secret::Secret;
 
 pub const DEFAULT_REFRESH_FRACTION: f64 = 0.75;
@@ -242,9 +242,9 @@ pub struct TokenPolicy {
     pub backoff_max: Duration,
     /// How long a request without a valid token waits for the renewal in flight before 503.
     pub max_wait: Duration,
-    /// An upstream 401 renews a token only once it is at least this old (and once per
-    /// generation); a younger token's 401 is passed on, so callers cannot drive the identity
-    /// service.
+    /// A caller renews on upstream 401s at most once per this interval (the first 401 for a
+    /// token renews it whatever its age, once per generation); a 401 sooner after the last
+    /// 401-driven renewal is passed on, so callers cannot drive the identity service.
     pub min_renew_interval: Duration,
     /// Fetch every caller's tokens at start; readiness waits for it.
     pub warm_up: bool,
@@ -252,8 +252,8 @@ pub struct TokenPolicy {
     pub state_file: Option<PathBuf>,
     /// Prefix of the API tokens' display names (`<prefix>-<caller>`).
     pub display_name_prefix: String,
-    /// Seals the state file when set: the key of `[store] seal_key`.
-    pub state_file_seal_key: Option<SealKey>,
+    /// Seals the state file when set: the keys of `[store] seal_keys` (or `seal_key`).
+    pub state_file_seal_keys: Option<SealKeys>,
 }
 
 impl Default for TokenPolicy {
@@ -274,7 +274,7 @@ impl Default for TokenPolicy {
             warm_up: false,
             state_file: None,
             display_name_prefix: DEFAULT_DISPLAY_NAME_PREFIX.to_string(),
-            state_file_seal_key: None,
+            state_file_seal_keys: None,
         }
     }
 }
@@ -386,8 +386,9 @@ pub struct LoggingConfig {
 pub struct StoreConfig {
     pub kind: StoreKind,
     /// Seals what leaves the process: the Redis records (required there) and, when set, the
-    /// state file.
-    pub seal_key: Option<SealKey>,
+    /// state file. `seal_keys` (the first seals, every one opens), or `seal_key` as a ring of
+    /// one.
+    pub seal_keys: Option<SealKeys>,
 }
 
 impl StoreConfig {
@@ -423,8 +424,8 @@ pub struct RedisConfig {
     pub lease: Duration,
     /// For `rediss://`: trust this CA (PEM) instead of the system roots.
     pub ca_file: Option<PathBuf>,
-    /// The same key as [`StoreConfig::seal_key`]: required with Redis.
-    pub seal_key: SealKey,
+    /// The same keys as [`StoreConfig::seal_keys`]: required with Redis.
+    pub seal_keys: SealKeys,
 }
 #[cfg(test)]
 mod tests {

@@ -237,11 +237,8 @@ pub const HANDSHAKE_FAILURE_REASONS: [&str; 8] = [
 /// The outcomes of an identity call.
 const CALL_OUTCOMES: [&str; 3] = ["ok", "transient", "rejected"];
 
-/// The commit this binary was built from: `TOKENBROKER_COMMIT` at build time, when set.
-pub const COMMIT: &str = match option_env!("TOKENBROKER_COMMIT") {
-    Some(commit) => commit,
-    None => "unknown",
-};
+/// The commit this binary was built from, as `--version` names it (both from `build.rs`).
+pub const COMMIT: &str = env!("TOKENBROKER_COMMIT");
 
 /// The states of the identity service's breaker, each a series of `identity_service_state`.
 const IDENTITY_STATES: [&str; 3] = ["closed", "open", "half_open"];
@@ -406,7 +403,7 @@ impl Metrics {
         for outcome in ["ok", "failed", "timeout"] {
             let _ = token_waits.get_or_create(&OutcomeLabels { outcome });
         }
-        for outcome in ["renewed", "too_young"] {
+        for outcome in ["renewed", "rate_limited"] {
             let _ = upstream_rejections.get_or_create(&OutcomeLabels { outcome });
         }
         for outcome in ["ok", "failed"] {
@@ -432,7 +429,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_rejections",
-            "Upstream 401s for a current token: renewed, or passed on because the token was younger than tokens.min_renew_interval",
+            "Upstream 401s for a current token: renewed, or passed on because the caller renewed on a 401 less than tokens.min_renew_interval ago",
             upstream_rejections.clone(),
         );
         registry.register(
@@ -952,6 +949,18 @@ impl Collector for ProcessCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_info_names_the_commit_of_the_version() {
+        let version = env!("TOKENBROKER_VERSION");
+        assert_eq!(
+            version,
+            format!("{} ({COMMIT})", env!("CARGO_PKG_VERSION")),
+            "--version and build_info from one source"
+        );
+        let text = Metrics::new().encode();
+        assert!(text.contains(&format!("commit=\"{COMMIT}\"")), "{text}");
+    }
 
     #[test]
     fn the_text_format_names_counter_families_after_their_samples() {

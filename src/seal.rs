@@ -3,10 +3,11 @@
 //! state file), so that a value copied to another place or generation does not open.
 //!
 //! Format (text, self-describing): `v1.<key id>.<base64url(nonce || ciphertext || tag)>`, with a
-//! fresh random 96-bit nonce per seal. The key id (8 hex digits of a SHA-256 of the key) tells a
-//! value sealed under another key apart from a tampered one; it reveals nothing usable about the
-//! key. Must never: print a key or a plaintext, reuse a nonce, or open a value without checking
-//! its tag.
+//! fresh random 96-bit nonce per seal. The key id (8 hex digits of a SHA-256 of the key) says
+//! which key of a [`SealKeys`] ring opens a value (the ring's first key seals, every key opens, so
+//! keys can be rotated), and tells a value sealed under a key not in the ring apart from a
+//! tampered one; it reveals nothing usable about the key. Must never: print a key or a
+//! plaintext, reuse a nonce, or open a value without checking its tag.
 
 use std::fmt;
 
@@ -30,6 +31,46 @@ const TAG_LEN: usize = 16;
 pub struct SealKey {
     bytes: Zeroizing<[u8; KEY_LEN]>,
     id: String,
+}
+
+/// A keyring: the first key seals, every key opens what was sealed with it (found by key id).
+/// Never empty; `Debug` prints the key ids only.
+#[derive(Clone)]
+pub struct SealKeys {
+    keys: Vec<SealKey>,
+}
+
+impl SealKeys {
+    /// The ring of `keys`, the first sealing; `None` when there is none.
+    pub fn new(keys: Vec<SealKey>) -> Option<SealKeys> {
+        (!keys.is_empty()).then_some(SealKeys { keys })
+    }
+
+    /// The key that seals.
+    pub fn first(&self) -> &SealKey {
+        &self.keys[0]
+    }
+
+    /// Every key's id, the sealing one first.
+    pub fn ids(&self) -> Vec<&str> {
+        self.keys.iter().map(SealKey::id).collect()
+    }
+
+    fn by_id(&self, id: &str) -> Option<&SealKey> {
+        self.keys.iter().find(|k| k.id == id)
+    }
+}
+
+impl From<SealKey> for SealKeys {
+    fn from(key: SealKey) -> Self {
+        SealKeys { keys: vec![key] }
+    }
+}
+
+impl fmt::Debug for SealKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SealKeys").field(&self.ids()).finish()
+    }
 }
 
 /// Why a text is not a seal key. Never carries the text.
@@ -115,8 +156,11 @@ pub enum SealError {
     NotSealed,
     #[error("sealed in format {0}, this build reads v1")]
     UnsupportedVersion(String),
-    #[error("sealed with another seal key (key id {found}, the configured key is {expected})")]
-    WrongKey { found: String, expected: String },
+    #[error(
+        "sealed with another seal key (key id {found}), not one of the configured seal keys \
+         (key ids {configured})"
+    )]
+    WrongKey { found: String, configured: String },
     #[error("the sealed part is not base64url")]
     BadEncoding,
     #[error("truncated: {0} sealed bytes, at least 28 (nonce and tag) needed")]
@@ -149,8 +193,16 @@ pub fn seal(key: &SealKey, aad: &[u8], plaintext: &[u8]) -> String {
     format!("{VERSION}.{}.{}", key.id, URL_SAFE_NO_PAD.encode(&buf[..]))
 }
 
-/// Opens a value made by [`seal`] with the same key and associated data.
-pub fn open(key: &SealKey, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, SealError> {
+/// The key id a sealed value names, if it looks sealed (unverified: [`open`] checks it).
+pub fn key_id_of(sealed: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(sealed).ok()?;
+    let id = text.split('.').nth(1)?;
+    (id.len() == 8 && id.chars().all(|c| c.is_ascii_hexdigit())).then_some(id)
+}
+
+/// Opens a value made by [`seal`] with the key of the ring it names and the same associated
+/// data.
+pub fn open(keys: &SealKeys, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, SealError> {
     let text = std::str::from_utf8(sealed).map_err(|_| SealError::NotSealed)?;
     let mut parts = text.splitn(3, '.');
     let (Some(version), Some(id), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
@@ -169,12 +221,12 @@ pub fn open(key: &SealKey, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8
     if id.len() != 8 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(SealError::NotSealed);
     }
-    if id != key.id {
+    let Some(key) = keys.by_id(id) else {
         return Err(SealError::WrongKey {
             found: id.to_string(),
-            expected: key.id.clone(),
+            configured: keys.ids().join(", "),
         });
-    }
+    };
     let mut buf = Zeroizing::new(
         URL_SAFE_NO_PAD
             .decode(body)
@@ -211,6 +263,10 @@ mod tests {
         SealKey::generate()
     }
 
+    fn ring(k: &SealKey) -> SealKeys {
+        SealKeys::from(k.clone())
+    }
+
     #[test]
     fn round_trip_with_fresh_nonces() {
         let k = key();
@@ -219,9 +275,12 @@ mod tests {
         assert_ne!(a, b, "a fresh nonce each time");
         assert!(a.starts_with(&format!("v1.{}.", k.id())), "{a}");
         assert!(!a.contains("the token"));
-        assert_eq!(&open(&k, b"aad", a.as_bytes()).unwrap()[..], b"the token");
         assert_eq!(
-            &open(&k, b"", seal(&k, b"", b"").as_bytes()).unwrap()[..],
+            &open(&ring(&k), b"aad", a.as_bytes()).unwrap()[..],
+            b"the token"
+        );
+        assert_eq!(
+            &open(&ring(&k), b"", seal(&k, b"", b"").as_bytes()).unwrap()[..],
             b""
         );
     }
@@ -232,11 +291,11 @@ mod tests {
         let sealed = seal(&k, b"caller:billing:7", b"secret");
         let other = key();
         assert!(matches!(
-            open(&other, b"caller:billing:7", sealed.as_bytes()),
+            open(&ring(&other), b"caller:billing:7", sealed.as_bytes()),
             Err(SealError::WrongKey { .. })
         ));
         assert_eq!(
-            open(&k, b"caller:billing:8", sealed.as_bytes()),
+            open(&ring(&k), b"caller:billing:8", sealed.as_bytes()),
             Err(SealError::Tampered)
         );
         // Flip one bit of every byte position of the binary part in turn.
@@ -247,19 +306,19 @@ mod tests {
             bad[i] ^= 0x01;
             let text = format!("{head}.{}", URL_SAFE_NO_PAD.encode(&bad));
             assert_eq!(
-                open(&k, b"caller:billing:7", text.as_bytes()),
+                open(&ring(&k), b"caller:billing:7", text.as_bytes()),
                 Err(SealError::Tampered),
                 "byte {i}"
             );
         }
         let short = format!("{head}.{}", URL_SAFE_NO_PAD.encode(&raw[..27]));
         assert_eq!(
-            open(&k, b"caller:billing:7", short.as_bytes()),
+            open(&ring(&k), b"caller:billing:7", short.as_bytes()),
             Err(SealError::Truncated(27))
         );
         let cut = format!("{head}.{}", URL_SAFE_NO_PAD.encode(&raw[..raw.len() - 1]));
         assert_eq!(
-            open(&k, b"caller:billing:7", cut.as_bytes()),
+            open(&ring(&k), b"caller:billing:7", cut.as_bytes()),
             Err(SealError::Tampered)
         );
     }
@@ -274,15 +333,18 @@ mod tests {
             (b"\xff\xfe", SealError::NotSealed),
             (b"v1.zzzzzzzz.AAAA", SealError::NotSealed),
         ] {
-            assert_eq!(open(&k, b"", input), Err(want), "{input:?}");
+            assert_eq!(open(&ring(&k), b"", input), Err(want), "{input:?}");
         }
         let v2 = format!("v2.{}.AAAA", k.id());
         assert_eq!(
-            open(&k, b"", v2.as_bytes()),
+            open(&ring(&k), b"", v2.as_bytes()),
             Err(SealError::UnsupportedVersion("v2".into()))
         );
         let bad = format!("v1.{}.not base64!", k.id());
-        assert_eq!(open(&k, b"", bad.as_bytes()), Err(SealError::BadEncoding));
+        assert_eq!(
+            open(&ring(&k), b"", bad.as_bytes()),
+            Err(SealError::BadEncoding)
+        );
     }
 
     #[test]
@@ -303,6 +365,35 @@ mod tests {
         );
         assert_eq!(format!("{k:?}"), "***");
         assert!(!SealKeyError::WrongLength(16).to_string().contains(&*text));
+    }
+
+    #[test]
+    fn a_ring_opens_with_every_key_and_seals_with_the_first() {
+        let (new, old) = (key(), key());
+        let by_old = seal(&old, b"aad", b"secret");
+        let both = SealKeys::new(vec![new.clone(), old.clone()]).unwrap();
+        assert_eq!(both.first().id(), new.id());
+        assert_eq!(both.ids(), vec![new.id(), old.id()]);
+        assert_eq!(
+            &open(&both, b"aad", by_old.as_bytes()).unwrap()[..],
+            b"secret"
+        );
+        assert_eq!(key_id_of(by_old.as_bytes()), Some(old.id()));
+        let err = open(&ring(&new), b"aad", by_old.as_bytes()).unwrap_err();
+        assert_eq!(
+            err,
+            SealError::WrongKey {
+                found: old.id().to_string(),
+                configured: new.id().to_string()
+            }
+        );
+        assert!(err.to_string().contains(old.id()), "{err}");
+        assert!(SealKeys::new(vec![]).is_none());
+        assert_eq!(
+            format!("{both:?}"),
+            format!("SealKeys([\"{}\", \"{}\"])", new.id(), old.id())
+        );
+        assert_eq!(key_id_of(b"garbage"), None);
     }
 
     #[test]

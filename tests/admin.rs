@@ -172,7 +172,7 @@ async fn admin_endpoints_report_health_metrics_and_tokens_without_secrets() {
         ),
         (r#"tokenbroker_token_waits_total{outcome="timeout"}"#, 0.0),
         (
-            r#"tokenbroker_upstream_rejections_total{outcome="too_young"}"#,
+            r#"tokenbroker_upstream_rejections_total{outcome="rate_limited"}"#,
             0.0,
         ),
         (
@@ -388,7 +388,10 @@ async fn metrics_parse_as_prometheus_text_and_as_openmetrics() {
     for (name, labels, expected) in [
         (
             "tokenbroker_build_info",
-            vec![("version", version), ("commit", "unknown")],
+            vec![
+                ("version", version),
+                ("commit", tokenbroker::metrics::COMMIT),
+            ],
             Some(1.0),
         ),
         (

@@ -301,26 +301,78 @@ async fn one_callers_transient_failure_pauses_every_caller() {
     assert_eq!(broker.status().identity_service.state, "closed");
 }
 
+/// One request through an upstream that accepts only live access tokens: `Ok(true)` when it went
+/// through at once, `Ok(false)` when its 401 renewed the token and the replay went through.
+async fn through_upstream(broker: &Broker, fake: &FakeIdentity) -> Result<bool, String> {
+    let token = broker.token("billing").await.map_err(|e| e.reason)?;
+    if fake.accepts(&bearer(&token)) {
+        return Ok(true);
+    }
+    match broker.rejected("billing", token.generation).await {
+        Ok(Rejection::Replay(t)) if fake.accepts(&bearer(&t)) => Ok(false),
+        other => Err(format!("the 401 was not mended: {other:?}")),
+    }
+}
+
 #[tokio::test(start_paused = true)]
-async fn upstream_401s_renew_once_per_generation_and_never_a_young_token() {
+async fn a_token_revoked_right_after_it_was_obtained_costs_no_request() {
+    for revoke_api_tokens in [false, true] {
+        let fake = FakeIdentity::new(minutes(30), minutes(600));
+        let broker = start(&fake, vec![caller("billing")], policy()).await;
+        broker.token("billing").await.unwrap();
+        // far younger than min_renew_interval (5 s)
+        if revoke_api_tokens {
+            fake.revoke_everything();
+        } else {
+            fake.revoke_access_tokens();
+        }
+        let mut delayed = 0;
+        for i in 0..20 {
+            match through_upstream(&broker, &fake).await {
+                Ok(true) => {}
+                Ok(false) => delayed += 1,
+                Err(e) => panic!("request {i} failed ({revoke_api_tokens}): {e}"),
+            }
+        }
+        assert_eq!(delayed, 1, "only the first request waited for the renewal");
+        let calls = (
+            fake.count(Op::Exchange),
+            fake.count(Op::Regenerate),
+            fake.count(Op::Create),
+        );
+        // access tokens only: one more exchange; everything: the whole ladder
+        let want = if revoke_api_tokens {
+            (3, 1, 2)
+        } else {
+            (2, 0, 1)
+        };
+        assert_eq!(calls, want, "revoke_api_tokens {revoke_api_tokens}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_that_refuses_every_token_gets_one_renewal_per_min_renew_interval() {
     let fake = FakeIdentity::new(minutes(30), minutes(600));
     let broker = start(&fake, vec![caller("billing")], policy()).await;
-    // 50 requests to an upstream that always answers 401, 2 ms apart
-    let mut passed_on = 0;
+    // 50 requests to an upstream that always answers 401, 100 ms apart: 5 s
+    let started = Instant::now();
+    let mut replayed = 0;
     for _ in 0..50 {
         let token = broker.token("billing").await.unwrap();
         match broker.rejected("billing", token.generation).await.unwrap() {
-            Rejection::PassOn => passed_on += 1,
-            Rejection::Replay(_) => {}
+            Rejection::PassOn => {}
+            // the replay is refused too, and passed on
+            Rejection::Replay(_) => replayed += 1,
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(started.elapsed() < Duration::from_millis(5100));
     assert_eq!(
-        passed_on, 50,
-        "a token younger than 5 s is never renewed on a 401"
+        replayed, 1,
+        "the first 401 renews; the next ones within 5 s are passed on"
     );
-    assert_eq!(fake.count(Op::Exchange), 1);
-    // old enough: 50 concurrent 401s for it cause one renewal
+    assert_eq!(fake.count(Op::Exchange), 2, "one 401-driven renewal in 5 s");
+    // 5 s later: 50 concurrent 401s for the current token cause one renewal
     tokio::time::sleep(Duration::from_secs(5)).await;
     let old = broker.token("billing").await.unwrap();
     let tasks: Vec<_> = (0..50)
@@ -333,19 +385,19 @@ async fn upstream_401s_renew_once_per_generation_and_never_a_young_token() {
     for t in tasks {
         match t.await.unwrap().unwrap() {
             Rejection::Replay(t) => assert_ne!(t.generation, old.generation),
-            Rejection::PassOn => panic!("an old token's 401 is renewed"),
+            Rejection::PassOn => panic!("the first 401s for a token renew it"),
         }
     }
     assert_eq!(
         fake.count(Op::Exchange),
-        2,
+        3,
         "one renewal for the generation"
     );
-    // the new token is young again: its 401s are passed on
+    // the token those 401s just produced is refused too: passed on
     let new = broker.token("billing").await.unwrap();
     assert!(matches!(
         broker.rejected("billing", new.generation).await.unwrap(),
         Rejection::PassOn
     ));
-    assert_eq!(fake.count(Op::Exchange), 2);
+    assert_eq!(fake.count(Op::Exchange), 3);
 }

@@ -890,7 +890,7 @@ fn a_redis_store_is_read_with_its_defaults_and_files() {
         r.ca_file.as_deref(),
         Some(dir.path().join("redis-ca.pem").as_path())
     );
-    assert_eq!(r.seal_key.id(), c.store.seal_key.as_ref().unwrap().id());
+    assert_eq!(r.seal_keys.ids(), c.store.seal_keys.as_ref().unwrap().ids());
 
     let minimal = format!(
         "{}\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1\"\nseal_key = {{ file = \"seal.key\" }}\n",
@@ -904,17 +904,79 @@ fn a_redis_store_is_read_with_its_defaults_and_files() {
 
     // No [store]: local, unsealed. A seal key alone: local, sealed state file.
     let c = load(dir.path(), &base()).unwrap();
-    assert!(c.store.redis().is_none() && c.store.seal_key.is_none());
+    assert!(c.store.redis().is_none() && c.store.seal_keys.is_none());
     let sealed_local = format!(
         "{}\n[store]\nseal_key = {{ file = \"seal.key\" }}\n",
         base()
     );
     let c = load(dir.path(), &sealed_local).unwrap();
-    assert!(c.store.redis().is_none() && c.store.seal_key.is_some());
+    assert!(c.store.redis().is_none() && c.store.seal_keys.is_some());
     assert_eq!(
-        c.tokens.state_file_seal_key.as_ref().map(|k| k.id()),
-        c.store.seal_key.as_ref().map(|k| k.id()),
+        c.tokens.state_file_seal_keys.as_ref().map(|k| k.ids()),
+        c.store.seal_keys.as_ref().map(|k| k.ids()),
         "the state file is sealed with the store's key"
+    );
+}
+
+#[test]
+fn seal_keys_is_a_keyring_and_seal_key_a_ring_of_one_never_both() {
+    let dir = folder();
+    let (new, old) = (gen_seal_key(), gen_seal_key());
+    std::fs::write(dir.path().join("new.key"), &new).unwrap();
+    std::fs::write(dir.path().join("old.key"), &old).unwrap();
+    let id = |key: &str| {
+        tokenbroker::seal::SealKey::from_base64(key)
+            .unwrap()
+            .id()
+            .to_string()
+    };
+    let store = |keys: &str| {
+        format!(
+            "{}\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1\"\n{keys}\n",
+            base()
+        )
+    };
+    let ring = "seal_keys = [{ file = \"new.key\" }, { file = \"old.key\" }]";
+    let c = load(dir.path(), &store(ring)).unwrap_or_else(|e| panic!("{e:?}"));
+    let r = c.store.redis().unwrap();
+    assert_eq!(r.seal_keys.ids(), vec![id(&new), id(&old)]);
+    assert_eq!(r.seal_keys.first().id(), id(&new), "the first seals");
+    let c = load(dir.path(), &store("seal_key = { file = \"old.key\" }")).unwrap();
+    assert_eq!(c.store.redis().unwrap().seal_keys.ids(), vec![id(&old)]);
+
+    let both = format!("{ring}\nseal_key = {{ file = \"old.key\" }}");
+    assert_problem(
+        &load(dir.path(), &store(&both)).unwrap_err(),
+        "store.seal_keys",
+        "either seal_key (one key) or seal_keys (a keyring, the first sealing), not both",
+    );
+    assert_problem(
+        &load(dir.path(), &store("seal_keys = []")).unwrap_err(),
+        "store.seal_keys",
+        "at least one key",
+    );
+    assert_problem(
+        &load(dir.path(), &store("seal_keys = { file = \"new.key\" }")).unwrap_err(),
+        "store.seal_keys",
+        "must be a list of keys",
+    );
+    let twice = "seal_keys = [{ file = \"new.key\" }, { file = \"new.key\" }]";
+    assert_problem(
+        &load(dir.path(), &store(twice)).unwrap_err(),
+        "store.seal_keys[1]",
+        "the same key as store.seal_keys[0]",
+    );
+    let inline = "seal_keys = [{ file = \"new.key\" }, \"inline-key\"]";
+    let all = load(dir.path(), &store(inline)).unwrap_err();
+    assert_problem(
+        &all,
+        "store.seal_keys[1]",
+        "an inline secret is not allowed",
+    );
+    let shown: String = all.iter().map(|p| format!("{p}\n")).collect();
+    assert!(
+        !shown.contains(&new) && !shown.contains("inline-key"),
+        "{shown}"
     );
 }
 

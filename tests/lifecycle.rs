@@ -1,7 +1,7 @@
 //! The token lifecycle against the real emulator over real sockets, with TTLs shortened by
 //! `seconds_per_minute`: the broker speaks the real protocol and its tokens are accepted by the
 //! emulator's echo upstream. Checks behaviour and call counts, never speed. The timing rules
-//! themselves (breaker, waits, 401 floor) are tested on paused time in `broker.rs`.
+//! themselves (breaker, waits, 401 rate limit) are tested on paused time in `broker.rs`.
 
 mod support;
 
@@ -55,7 +55,7 @@ fn policy(api_minutes: i64, access_minutes: i64) -> TokenPolicy {
     }
 }
 
-/// The tests' `tokens.min_renew_interval`: a 401 renews a token at least this old.
+/// The tests' `tokens.min_renew_interval`: a caller renews on 401s at most once per this.
 const MIN_RENEW: Duration = Duration::from_millis(5);
 
 /// The first caller's status.
@@ -63,7 +63,8 @@ fn first(broker: &Broker) -> CallerStatus {
     broker.status().callers[0].clone()
 }
 
-/// Reports an upstream 401 for `token` once it is old enough to be renewed; the token to replay.
+/// Reports an upstream 401 for `token` once the caller may renew on a 401 again; the token to
+/// replay.
 async fn refuse(broker: &Broker, token: &InjectToken) -> Arc<InjectToken> {
     tokio::time::sleep(MIN_RENEW * 2).await;
     match broker.rejected("billing", token.generation).await {
@@ -418,6 +419,41 @@ async fn warm_up_fetches_every_caller_before_ready() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_why_when_the_identity_service_refuses_the_client() {
+    let emu = emulator(60.0).await;
+    let mut tokens = policy(60, 30);
+    tokens.warm_up = true;
+    let mut cfg = config(&emu, vec![caller("a1"), caller("b2")], tokens);
+    cfg.identity.client_secret = Secret::new("not-the-admin-secret");
+    let metrics = Metrics::new();
+    let broker = Broker::start(&cfg, Arc::clone(&metrics))
+        .await
+        .expect("broker starts");
+    let admin = tokenbroker::admin::AdminState::new(Arc::clone(&broker), metrics);
+    admin
+        .listening
+        .store(true, std::sync::atomic::Ordering::Release);
+    let readyz = || async {
+        let r = tokenbroker::admin::respond(&admin, &http::Method::GET, "/readyz", None);
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    let said = support::eventually(Duration::from_secs(10), || async {
+        readyz().await.contains("refused the client")
+    })
+    .await;
+    let body = readyz().await;
+    assert!(said, "{body}");
+    assert!(body.starts_with("not ready: tokens warming up; "), "{body}");
+    assert!(body.contains("401 invalid_client"), "{body}");
+    assert!(!body.contains("not-the-admin-secret"), "{body}");
+    assert!(!broker.is_ready());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_bearer_refused_is_renewed_once() {
     let emu = emulator(60.0).await;
     let broker = start(&config(
@@ -444,7 +480,7 @@ async fn a_sealed_state_file_keeps_api_tokens_and_another_key_means_a_fresh_star
     let dir = tempfile::tempdir().unwrap();
     let (mut tokens, path) = with_state_file(&dir);
     let plain = config(&emu, vec![caller("billing")], tokens.clone());
-    tokens.state_file_seal_key = Some(SealKey::generate());
+    tokens.state_file_seal_keys = Some(SealKey::generate().into());
     let sealed = config(&emu, vec![caller("billing")], tokens.clone());
 
     // A plain file from before the key was configured is read, and sealed on the next write.
@@ -472,7 +508,7 @@ async fn a_sealed_state_file_keeps_api_tokens_and_another_key_means_a_fresh_star
     assert_eq!(emu.counters().create, 1, "restarts created nothing");
 
     // Another key: the file is set aside and the broker starts fresh.
-    tokens.state_file_seal_key = Some(SealKey::generate());
+    tokens.state_file_seal_keys = Some(SealKey::generate().into());
     let other = config(&emu, vec![caller("billing")], tokens);
     let fourth = start(&other).await;
     fourth.token("billing").await.expect("fresh start works");

@@ -391,3 +391,328 @@ async fn upstream_401s_on_three_replicas_cause_one_renewal() {
     );
     assert!(c.echo_rejected >= 3, "each replica saw a 401: {c:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_without_a_ttl_is_taken_over_and_renewals_go_on() {
+    // access tokens live 2 s: renewed every ~1.5 s
+    let cluster = Cluster::start(ClusterOptions {
+        callers: 1,
+        ..short(60, 2)
+    })
+    .await;
+    // an operator's mistake: the caller's lease set by hand, without a TTL, before any renewal
+    let mut conn = cluster.redis.connection().await;
+    let lease_key = format!("{KEY_PREFIX}lease:{}", caller_name(0));
+    let _: () = redis::cmd("SET")
+        .arg(&lease_key)
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    while started.elapsed() < Duration::from_secs(5) {
+        for i in cluster.running() {
+            let status = cluster.request(i, 0).await;
+            if status != 200 {
+                failed.push((started.elapsed(), i, status));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed.is_empty(), "{failed:?}");
+    let c = cluster.counters();
+    assert_eq!(c.create, 1, "{c:?}");
+    assert!(c.exchange >= 3, "the access token was renewed: {c:?}");
+    assert_ne!(cluster.redis.get(&lease_key).await.as_deref(), Some("x"));
+    let mut taken_over = 0.0;
+    for i in cluster.running() {
+        taken_over += sample(
+            &cluster.metrics(i).await,
+            r#"tokenbroker_store_lease_acquisitions_total{outcome="taken_over"}"#,
+        )
+        .unwrap_or(0.0);
+    }
+    assert!(taken_over >= 1.0, "the take-over is counted");
+}
+
+/// Replica `i`'s WARN lines (and worse) logged since the last call.
+fn warnings(cluster: &Cluster, i: usize) -> Vec<String> {
+    cluster
+        .logs(i)
+        .into_iter()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            matches!(v["level"].as_str(), Some("WARN" | "ERROR"))
+        })
+        .collect()
+}
+
+/// Caller 0's record: its generation and sealed value.
+async fn record(cluster: &Cluster) -> (u64, String) {
+    let mut conn = cluster.redis.connection().await;
+    let (generation, sealed): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+        .arg(format!("{KEY_PREFIX}caller:{}", caller_name(0)))
+        .arg("generation")
+        .arg("sealed")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    (generation.unwrap_or(0), sealed.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_does_not_open_is_replaced_at_the_next_renewal_without_a_busy_loop() {
+    // API tokens live 4 s: their refresh point comes ~3 s after they are made
+    let cluster = Cluster::start(ClusterOptions {
+        callers: 1,
+        ..short(4, 60)
+    })
+    .await;
+    assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
+    let (generation, _) = record(&cluster).await;
+    assert!(generation >= 1);
+    for i in cluster.running() {
+        cluster.logs(i);
+    }
+    let before = cluster.counters();
+    // the record's sealed value replaced by garbage, as by another program
+    let mut conn = cluster.redis.connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{KEY_PREFIX}caller:{}", caller_name(0)))
+        .arg("sealed")
+        .arg("garbage, not a sealed value")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // past the API token's refresh point, under requests
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    while started.elapsed() < Duration::from_secs(5) {
+        for i in cluster.running() {
+            let status = cluster.request(i, 0).await;
+            if status != 200 {
+                failed.push((started.elapsed(), i, status));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed.is_empty(), "{failed:?}");
+    let mut warned = Vec::new();
+    for i in cluster.running() {
+        warned.extend(warnings(&cluster, i));
+    }
+    assert!(
+        warned.len() <= 6,
+        "{} warnings in 5 s: {:?}",
+        warned.len(),
+        &warned[..warned.len().min(10)]
+    );
+    let c = cluster.counters();
+    assert_eq!(c.create, before.create, "{c:?}");
+    assert!(
+        c.regenerate - before.regenerate <= 3 && c.exchange - before.exchange <= 3,
+        "identity calls stay those of the schedule: {before:?} -> {c:?}"
+    );
+    // a good record replaced it: every replica opened and adopted it
+    let replaced = support::eventually(Duration::from_secs(10), || async {
+        let (now, sealed) = record(&cluster).await;
+        let mut adopted = now > generation && sealed.starts_with("v1.");
+        for i in cluster.running() {
+            let store = &cluster.tokens(i).await["callers"][0]["store"];
+            adopted &= store["generation"] == now && store["record_error"].is_null();
+        }
+        adopted
+    })
+    .await;
+    assert!(replaced, "{:?}", record(&cluster).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_stopped_the_store_is_retried_with_backoff() {
+    // API tokens live 8 s and are due after ~1.6 s: from then on only the store may regenerate
+    // them, and without it each renewal keeps the one held until it stops being usable (7.5 s)
+    let mut options = ClusterOptions {
+        callers: 1,
+        backoff_max: "4s".into(),
+        ..short(8, 60)
+    };
+    options.tokens_extra.push_str("refresh_fraction = 0.2\n");
+    let mut cluster = Cluster::start(options).await;
+    assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
+    cluster.redis.stop();
+    for i in cluster.running() {
+        cluster.logs(i);
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        for i in cluster.running() {
+            assert_eq!(cluster.request(i, 0).await, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in cluster.running() {
+        // backoff from 50 ms doubling to 4 s: at most 8 attempts in 6 s
+        let fallbacks = sample(
+            &cluster.metrics(i).await,
+            r#"tokenbroker_store_fallbacks_total{kind="renewal"}"#,
+        )
+        .unwrap_or(0.0);
+        assert!(
+            (1.0..=10.0).contains(&fallbacks),
+            "replica {i}: {fallbacks} renewals without the store in 6 s"
+        );
+        let warned: Vec<String> = warnings(&cluster, i)
+            .into_iter()
+            .filter(|l| l.contains("renewing this replica's copy without it"))
+            .collect();
+        assert_eq!(warned.len(), 1, "once per interval: {warned:?}");
+    }
+}
+
+/// Requests round-robin over `proxies` and the callers until `stop`: the statuses (0: a
+/// transport failure).
+async fn load(
+    proxies: Vec<std::net::SocketAddr>,
+    callers: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    let mut n = 0;
+    while !*stop.borrow() {
+        let auth = format!("Bearer {}", support::cluster::caller_key(n % callers));
+        let url = format!("http://{}/echo/x", proxies[n % proxies.len()]);
+        let status =
+            match support::try_http("GET", &url, &[("proxy-authorization", &auth)], "").await {
+                Ok((status, _, _)) => status.as_u16(),
+                Err(_) => 0,
+            };
+        statuses.push(status);
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    statuses
+}
+
+/// The key id each caller's record is sealed with.
+async fn sealed_with(cluster: &Cluster) -> Vec<String> {
+    let dump = cluster.redis.dump(KEY_PREFIX).await;
+    dump.lines()
+        .filter(|l| l.starts_with(&format!("{KEY_PREFIX}caller:")))
+        .map(|l| {
+            let sealed = l.split(' ').skip_while(|f| *f != "sealed").nth(1).unwrap();
+            sealed.split('.').nth(1).unwrap().to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_seal_key_rolled_through_the_replicas_under_load_fails_nothing_and_creates_nothing() {
+    // access tokens live 2 s: every record is written again every ~1.5 s
+    let mut cluster = Cluster::start(short(60, 2)).await;
+    let callers = cluster.options.callers;
+    assert!(cluster.spread(30).await.iter().all(|&s| s == 200));
+    let old = sealed_with(&cluster).await;
+    assert_eq!(old.len(), callers);
+    let new = cluster.new_seal_key("new.key");
+    let roll = |proxies, stop| load(proxies, callers, stop);
+    let mut statuses = Vec::new();
+    // the new key second: every replica opens it, none seals with it yet
+    cluster.seal_keys = vec!["seal.key".into(), "new.key".into()];
+    statuses.extend(cluster.roll(roll).await);
+    // then first: replicas seal with it, the others open it
+    cluster.seal_keys = vec!["new.key".into(), "seal.key".into()];
+    statuses.extend(cluster.roll(roll).await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sealed_with(&cluster).await.iter().all(|id| *id == new) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            sealed_with(&cluster).await
+        );
+        statuses.extend(cluster.spread(6).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // then the old key dropped
+    cluster.seal_keys = vec!["new.key".into()];
+    statuses.extend(cluster.roll(roll).await);
+    statuses.extend(cluster.spread(30).await);
+
+    let failed = statuses.iter().filter(|&&s| s != 200).count();
+    assert_eq!(failed, 0, "{failed} of {} requests failed", statuses.len());
+    assert!(
+        statuses.len() > 100,
+        "under load: {} requests",
+        statuses.len()
+    );
+    let c = cluster.counters();
+    assert_eq!(c.create, callers as u64, "no extra create: {c:?}");
+    let ids = sealed_with(&cluster).await;
+    assert!(
+        ids.len() == callers && ids.iter().all(|id| *id == new),
+        "every record sealed with the new key {new}: {ids:?}"
+    );
+    for i in cluster.running() {
+        let tokens = cluster.tokens(i).await;
+        for caller in tokens["callers"].as_array().unwrap() {
+            assert!(caller["store"]["record_error"].is_null(), "{caller}");
+            assert_eq!(caller["store"]["sealed_with"], new.as_str(), "{caller}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_held_past_twice_its_ttl_is_taken_over() {
+    // access tokens live 2 s: renewed every ~1.5 s; the lease is 3 s
+    let cluster = Cluster::start(ClusterOptions {
+        callers: 1,
+        ..short(60, 2)
+    })
+    .await;
+    assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
+    // another program takes the caller's lease and keeps renewing it, for ever
+    let squatter = tokenbroker::broker::store::RedisStore::connect(
+        &tokenbroker::config::RedisConfig {
+            url: cluster.redis.url(),
+            username: None,
+            password: None,
+            key_prefix: KEY_PREFIX.to_string(),
+            lease: Duration::from_secs(3),
+            ca_file: None,
+            seal_keys: tokenbroker::seal::SealKey::generate().into(),
+        },
+        tokenbroker::metrics::Metrics::new(),
+    )
+    .unwrap();
+    let lease = squatter
+        .try_lease(&caller_name(0), Duration::from_secs(3))
+        .await
+        .unwrap()
+        .expect("free between renewals");
+    let held = tokio::spawn(async move { squatter.keep_alive(&lease).await });
+    let before = cluster.counters().exchange;
+    // a replica waits twice the lease for the holder's write, then takes the lease over
+    let renewed = support::eventually(Duration::from_secs(15), || async {
+        let _ = cluster.request(0, 0).await;
+        cluster.counters().exchange > before
+    })
+    .await;
+    assert!(renewed, "{:?}", cluster.counters());
+    let lost = tokio::time::timeout(Duration::from_secs(5), held).await;
+    assert!(
+        matches!(
+            lost,
+            Ok(Ok(tokenbroker::broker::store::StoreError::LeaseLost(_)))
+        ),
+        "the squatter hears it lost the lease: {lost:?}"
+    );
+    let mut taken_over = 0.0;
+    for i in cluster.running() {
+        taken_over += sample(
+            &cluster.metrics(i).await,
+            r#"tokenbroker_store_lease_acquisitions_total{outcome="taken_over"}"#,
+        )
+        .unwrap_or(0.0);
+    }
+    assert!(taken_over >= 1.0, "the take-over is counted");
+}

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use support::eventually;
 use support::redis_server::{RedisOptions, RedisServer};
 use tokenbroker::broker::store::{
-    LeaseHolder, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken,
+    LeaseHolder, Record, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken,
     StoredTokens, WriteOutcome,
 };
 use tokenbroker::config::RedisConfig;
 use tokenbroker::metrics::Metrics;
-use tokenbroker::seal::{SealError, SealKey};
+use tokenbroker::seal::{SealError, SealKey, SealKeys};
 use tokenbroker::secret::Secret;
 
 const PREFIX: &str = "tokenbroker:test:";
@@ -34,7 +34,7 @@ fn config(server: &RedisServer, key: &SealKey) -> RedisConfig {
         key_prefix: PREFIX.to_string(),
         lease: LEASE,
         ca_file: None,
-        seal_key: key.clone(),
+        seal_keys: key.clone().into(),
     }
 }
 
@@ -59,6 +59,11 @@ fn tokens(n: u64) -> StoredTokens {
             generation: n,
         }),
     }
+}
+
+/// A read record's generation and tokens.
+fn opened(record: Option<Record>) -> Option<(u64, StoredTokens)> {
+    record.map(|r| (r.generation, r.tokens))
 }
 
 fn sample(metrics: &Metrics, series: &str) -> Option<f64> {
@@ -161,7 +166,10 @@ async fn the_fenced_write_refuses_a_stale_generation_and_a_lost_lease() {
         a.write("billing", &lease, 1, &tokens(2)).await.unwrap(),
         WriteOutcome::Written(2)
     );
-    assert_eq!(b.read("billing").await.unwrap(), Some((2, tokens(2))));
+    assert_eq!(
+        opened(b.read("billing").await.unwrap()),
+        Some((2, tokens(2)))
+    );
     assert_eq!(
         b.write("billing", &lease_of(&b, "orders").await, 0, &tokens(9))
             .await
@@ -207,7 +215,10 @@ async fn the_fenced_write_refuses_a_stale_generation_and_a_lost_lease() {
             .unwrap()
             .this_replica
     );
-    assert_eq!(a.read("billing").await.unwrap(), Some((3, tokens(3))));
+    assert_eq!(
+        opened(a.read("billing").await.unwrap()),
+        Some((3, tokens(3)))
+    );
 
     let m = metrics.encode();
     for line in [
@@ -216,6 +227,93 @@ async fn the_fenced_write_refuses_a_stale_generation_and_a_lost_lease() {
         "tokenbroker_store_operations_total{op=\"write\",outcome=\"lease_lost\"} 2",
         "tokenbroker_store_operations_total{op=\"renew\",outcome=\"lost\"} 1",
         "tokenbroker_store_operations_total{op=\"read\",outcome=\"ok\"} 2",
+    ] {
+        assert!(m.contains(line), "{line} in\n{m}");
+    }
+}
+
+#[tokio::test]
+async fn an_abandoned_lease_is_taken_over_and_counted() {
+    let server = RedisServer::start();
+    let key = SealKey::generate();
+    let (a, metrics) = store(&config(&server, &key));
+    let (b, _) = store(&config(&server, &key));
+    let mut conn = server.connection().await;
+    let lease_key = |caller: &str| format!("{PREFIX}lease:{caller}");
+    let reader = conn.clone();
+    let pttl = |key: String| {
+        let mut conn = reader.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    // an operator's `SET <prefix>lease:<caller> x`, without a TTL
+    let _: () = redis::cmd("SET")
+        .arg(lease_key("billing"))
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // and a TTL no replica gives: an hour, with a 10 s lease
+    let _: () = redis::cmd("SET")
+        .arg(lease_key("orders"))
+        .arg("y")
+        .arg("PX")
+        .arg(3_600_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for caller in ["billing", "orders"] {
+        let lease = a
+            .try_lease(caller, LEASE)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{caller}: the abandoned lease is taken over"));
+        assert!(a.lease_holder(caller).await.unwrap().unwrap().this_replica);
+        let ttl = pttl(lease_key(caller)).await;
+        assert!(
+            ttl > 0 && ttl <= LEASE.as_millis() as i64,
+            "{caller}: {ttl}"
+        );
+        assert!(a.release(lease).await.unwrap());
+    }
+
+    // a live holder is not taken over, unless named as the one seen holding it too long
+    let held = b.try_lease("billing", LEASE).await.unwrap().unwrap();
+    let holder = a
+        .take_lease("billing", LEASE, None)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(holder.starts_with(b.replica()), "{holder}");
+    assert!(a
+        .take_lease("billing", LEASE, Some("someone else"))
+        .await
+        .unwrap()
+        .is_err());
+    let lease = a
+        .take_lease("billing", LEASE, Some(&holder))
+        .await
+        .unwrap()
+        .expect("the holder seen too long is taken over");
+    assert!(!b.renew(&held).await.unwrap(), "b knows it lost the lease");
+    assert_eq!(
+        a.write("billing", &lease, 0, &tokens(1)).await.unwrap(),
+        WriteOutcome::Written(1)
+    );
+    assert_eq!(
+        b.write("billing", &held, 0, &tokens(2)).await.unwrap(),
+        WriteOutcome::LeaseLost
+    );
+    let m = metrics.encode();
+    for line in [
+        "tokenbroker_store_lease_acquisitions_total{outcome=\"taken_over\"} 3",
+        "tokenbroker_store_lease_acquisitions_total{outcome=\"busy\"} 2",
+        "tokenbroker_store_lease_acquisitions_total{outcome=\"acquired\"} 0",
     ] {
         assert!(m.contains(line), "{line} in\n{m}");
     }
@@ -372,7 +470,10 @@ async fn a_password_and_an_acl_user_work_and_a_wrong_password_is_a_clear_error()
     acl.username = Some("tb".into());
     acl.password = Some(Secret::new("tb-user-pw"));
     let (b, _) = store(&acl);
-    assert_eq!(b.read("billing").await.unwrap(), Some((1, tokens(1))));
+    assert_eq!(
+        opened(b.read("billing").await.unwrap()),
+        Some((1, tokens(1)))
+    );
     let mut events = b.subscribe();
     assert_eq!(
         tokio::time::timeout(Duration::from_secs(10), events.recv())
@@ -420,7 +521,7 @@ async fn a_dump_of_every_key_and_monitor_show_no_token_and_no_key() {
             a.write(caller, &lease, 0, &tokens(n)).await.unwrap(),
             WriteOutcome::Written(1)
         );
-        assert_eq!(a.read(caller).await.unwrap(), Some((1, tokens(n))));
+        assert_eq!(opened(a.read(caller).await.unwrap()), Some((1, tokens(n))));
     }
     let _ = a.lease_holder("billing").await.unwrap();
 
@@ -584,6 +685,15 @@ async fn damaged_or_foreign_records_are_precise_errors() {
         .unwrap();
     let err = other.read("billing").await.unwrap_err();
     assert!(err.to_string().contains("another seal key"), "{err}");
+    assert_eq!(err.unopened(), Some(1), "the next renewal replaces it");
+    // A ring holding the key opens it, whichever place the key has.
+    let ring = SealKeys::new(vec![SealKey::generate(), key.clone()]).unwrap();
+    let mut rotated = config(&server, &key);
+    rotated.seal_keys = ring;
+    let (rotated, _) = store(&rotated);
+    let read = rotated.read("billing").await.unwrap().unwrap();
+    assert_eq!((read.generation, &read.tokens), (1, &tokens(1)));
+    assert_eq!(read.sealed_with, key.id(), "the key it was sealed with");
 
     // The fenced write refuses to overwrite what it did not write.
     for caller in ["string", "generation"] {
@@ -661,7 +771,7 @@ async fn a_paused_or_stopped_redis_fails_every_call_within_a_bound_and_the_store
     );
     // The write that timed out was still in the socket when Redis went on: it may have been
     // applied (an unknown outcome is what a timeout means; the fence keeps it safe).
-    let (generation, stored) = a.read("billing").await.unwrap().unwrap();
+    let (generation, stored) = opened(a.read("billing").await.unwrap()).unwrap();
     assert!(generation == 1 || generation == 2, "{generation}");
     assert_eq!(stored, tokens(generation));
     assert_eq!(sample(&metrics, "tokenbroker_store_up"), Some(1.0));
@@ -739,7 +849,10 @@ async fn rediss_works_with_the_configured_ca_and_refuses_an_unknown_one() {
         a.write("billing", &lease, 0, &tokens(1)).await.unwrap(),
         WriteOutcome::Written(1)
     );
-    assert_eq!(a.read("billing").await.unwrap(), Some((1, tokens(1))));
+    assert_eq!(
+        opened(a.read("billing").await.unwrap()),
+        Some((1, tokens(1)))
+    );
     let mut events = a.subscribe();
     assert_eq!(
         tokio::time::timeout(Duration::from_secs(10), events.recv())

@@ -1,5 +1,6 @@
 //! One caller's credentials and bookkeeping: its settings, its API token, its latest inject
-//! token, its renewal flight, its refusal backoff and its counters. Everything else in the broker
+//! token, its renewal flight, its refusal and store backoffs, its 401 renewal bound and its
+//! counters. Everything else in the broker
 //! goes through these methods; no other file touches the fields.
 
 use std::collections::BTreeMap;
@@ -91,6 +92,18 @@ pub(super) struct InjectCred {
     pub inject: Arc<InjectToken>,
     /// Set by the first upstream 401 for this generation that leads to a renewal.
     pub rejected: AtomicBool,
+}
+
+/// What an upstream 401 for the current inject token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum UpstreamClaim {
+    /// Renew: the first 401 for this token, and the caller's last 401-driven renewal is at least
+    /// `min_renew_interval` ago.
+    Renew,
+    /// Another 401 for this token started its renewal already: wait for that one.
+    Join,
+    /// The caller renewed on a 401 less than `min_renew_interval` ago: pass the 401 on.
+    Limited,
 }
 
 /// Why a renewal failed, as handed to waiting requests.
@@ -188,8 +201,14 @@ pub(super) struct CallerState {
     latest: Mutex<Option<Arc<Held<InjectCred>>>>,
     /// Backoff after definitive refusals (a configuration problem of this caller).
     gate: Mutex<Gate>,
+    /// Backoff of the refresh task after a renewal that could not go through the shared store
+    /// (unreachable, or a record it cannot replace).
+    store_gate: Mutex<Gate>,
     /// The last inject generation an upstream refused (api_token mode regenerates on it).
     rejected_generation: AtomicU64,
+    /// When the caller's last 401-driven renewal was claimed or produced a token: the next may
+    /// come `min_renew_interval` later.
+    upstream_renewed: Mutex<Option<Instant>>,
     /// Has asked for a token at least once: the refresh task keeps it fresh from then on.
     active: AtomicBool,
     removed: AtomicBool,
@@ -214,6 +233,13 @@ pub struct SharedCopy {
     /// The API token in memory is this replica's own, created while the store was unreachable;
     /// it is replaced by the shared one when the store is back.
     pub local_api_token: bool,
+    /// The id of the seal key the newest record this replica read or wrote was sealed with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed_with: Option<String>,
+    /// Why the stored record did not open at this replica's last read (it is replaced by the
+    /// next renewal); `None` once a read or write succeeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record_error: Option<String>,
 }
 
 impl CallerState {
@@ -225,7 +251,9 @@ impl CallerState {
             api: Mutex::default(),
             latest: Mutex::default(),
             gate: Mutex::default(),
+            store_gate: Mutex::default(),
             rejected_generation: AtomicU64::new(0),
+            upstream_renewed: Mutex::default(),
             active: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
@@ -298,9 +326,27 @@ impl CallerState {
         *lock(&self.latest) = None;
     }
 
-    pub fn mark_refused(&self, generation: u64) {
+    /// An upstream refused `held` with 401: renew once for it, join the renewal another 401
+    /// started, or pass the 401 on when the caller renewed on a 401 less than `floor` ago. The
+    /// first 401 for a token claims its renewal whatever the token's age.
+    pub fn claim_upstream_renewal(
+        &self,
+        held: &Held<InjectCred>,
+        now: Instant,
+        floor: Duration,
+    ) -> UpstreamClaim {
+        let mut last = lock(&self.upstream_renewed);
+        if held.value.rejected.load(Ordering::Acquire) {
+            return UpstreamClaim::Join;
+        }
+        if last.is_some_and(|at| now.saturating_duration_since(at) < floor) {
+            return UpstreamClaim::Limited;
+        }
+        *last = Some(now);
+        held.value.rejected.store(true, Ordering::Release);
         self.rejected_generation
-            .store(generation, Ordering::Release);
+            .store(held.generation, Ordering::Release);
+        UpstreamClaim::Renew
     }
 
     pub fn refused_generation(&self) -> u64 {
@@ -321,8 +367,23 @@ impl CallerState {
         lock(&self.gate).failed(now, error.to_string(), None, timing)
     }
 
+    /// A renewal went without the shared store; returns how long the refresh task waits before
+    /// it tries the store again (the breaker's backoff steps, jittered).
+    pub fn store_failed(&self, now: Instant, error: &str, timing: &Timing) -> Duration {
+        lock(&self.store_gate).failed(now, error.to_string(), None, timing)
+    }
+
+    /// The shared store answered for this caller.
+    pub fn store_answered(&self) {
+        lock(&self.store_gate).succeeded();
+    }
+
     pub fn renewed(&self, trigger: Trigger) {
         lock(&self.gate).succeeded();
+        if trigger == Trigger::Upstream401 {
+            // a token a 401 just produced: its own 401s wait out the interval
+            *lock(&self.upstream_renewed) = Some(Instant::now());
+        }
         let mut stats = lock(&self.stats);
         stats.last_renewal = Some(SystemTime::now());
         stats.failing = false;
@@ -372,7 +433,8 @@ impl CallerState {
         self.removed.load(Ordering::Acquire)
     }
 
-    /// The earliest refresh point of its tokens, past any refusal backoff; `None` while unused.
+    /// The earliest refresh point of its tokens, past any refusal or store backoff; `None` while
+    /// unused.
     pub fn next_refresh(&self) -> Option<Instant> {
         if !self.is_active() {
             return None;
@@ -384,7 +446,13 @@ impl CallerState {
                 at = at.min(api.refresh_at);
             }
         }
-        Some(self.refusal_ends().map_or(at, |b| at.max(b)))
+        let store_ends = lock(&self.store_gate).next_attempt();
+        Some(
+            [self.refusal_ends(), store_ends]
+                .into_iter()
+                .flatten()
+                .fold(at, Instant::max),
+        )
     }
 
     pub fn status(&self) -> CallerStatus {
@@ -421,11 +489,14 @@ impl CallerState {
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
-            store: (shared.latest_seen > 0 || shared.generation > 0 || shared.local_api_token)
-                .then_some(StoreView {
-                    current: shared.generation == shared.latest_seen && !shared.local_api_token,
-                    copy: shared,
-                }),
+            store: (shared.latest_seen > 0
+                || shared.generation > 0
+                || shared.local_api_token
+                || shared.record_error.is_some())
+            .then_some(StoreView {
+                current: shared.generation == shared.latest_seen && !shared.local_api_token,
+                copy: shared,
+            }),
         }
     }
 }

@@ -7,13 +7,16 @@
 //!   at most twice the lease), reads again, renews (the same ladder as alone) while keeping the
 //!   lease alive, and writes the new tokens with a compare-and-set on the record's generation; a
 //!   refused write adopts whatever is stored instead.
+//! - A record that does not open (garbage, another caller's value, a key not in the ring) is
+//!   replaced by the next renewal's fenced write, which expects its generation.
 //! - Other replicas adopt new records as they are announced (pub/sub), and re-read every caller
 //!   after each (re)connection.
 //! - Static stability: requests never touch the store; tokens live in memory as without it.
 //!   While the store is unreachable a replica exchanges the shared API token for itself, never
 //!   regenerates it (that would kill every other replica's copy), and creates a replica-local API
 //!   token only when it has no usable one; when the store is back it adopts the shared record, or
-//!   publishes its own when there is none.
+//!   publishes its own when there is none. The refresh task retries the store with backoff, and
+//!   lasting conditions are warned about once per interval (`repeats.rs`).
 //!
 //! Must never: call the identity service for a caller whose newer tokens are in the store, write
 //! without the lease, or block a request on Redis.
@@ -26,8 +29,8 @@ use tokio::time::Instant;
 use super::caller::{ApiCred, CallerState, Held, InjectCred};
 use super::ladder::CallError;
 use super::store::{
-    Lease, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken, StoredTokens,
-    WriteOutcome,
+    Lease, Record, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken,
+    StoredTokens, WriteOutcome,
 };
 use super::Broker;
 use crate::config::InjectMode;
@@ -50,18 +53,19 @@ impl Broker {
     }
 
     /// Renews the caller's tokens with the shared store: adopt what is stored, or renew under the
-    /// lease and share the result.
+    /// lease and share the result. A record that does not open is replaced by the result.
     pub(super) async fn renew_shared(
         &self,
         store: &RedisStore,
         c: &CallerState,
     ) -> Result<(Arc<Held<InjectCred>>, bool), CallError> {
-        match store.read(&c.name).await {
-            Ok(record) => {
+        match self.read_for_renewal(store, c).await {
+            Ok(Stored::Record(record)) => {
                 if let Some(done) = self.adopt_if_enough(c, record) {
                     return Ok(done);
                 }
             }
+            Ok(Stored::Unopened(_)) => {}
             Err(e) => return self.renew_without_store(c, &e).await,
         }
         let lease = match self.take_lease(store, c).await? {
@@ -70,15 +74,16 @@ impl Broker {
             Taken::Unreachable(e) => return self.renew_without_store(c, &e).await,
         };
         // a write may have landed between our read and the lease
-        let expected = match store.read(&c.name).await {
-            Ok(record) => {
-                let generation = record.as_ref().map_or(0, |(g, _)| *g);
+        let (expected, replace) = match self.read_for_renewal(store, c).await {
+            Ok(Stored::Record(record)) => {
+                let generation = record.as_ref().map_or(0, |r| r.generation);
                 if let Some(done) = self.adopt_if_enough(c, record) {
                     release(store, lease).await;
                     return Ok(done);
                 }
-                generation
+                (generation, false)
             }
+            Ok(Stored::Unopened(generation)) => (generation, true),
             Err(e) => {
                 release(store, lease).await;
                 return self.renew_without_store(c, &e).await;
@@ -98,8 +103,9 @@ impl Broker {
             }
         };
         if let Ok((held, fresh)) = &result {
-            // a regenerated API token is shared even when the access token held stays
-            if *fresh || c.api().map(|a| a.generation) != api_before {
+            // a regenerated API token is shared even when the access token held stays, and a
+            // record that does not open is replaced even when nothing was renewed
+            if *fresh || replace || c.api().map(|a| a.generation) != api_before {
                 self.share(store, c, &lease, expected, Some(held)).await;
             }
         }
@@ -107,21 +113,64 @@ impl Broker {
         result
     }
 
+    /// Reads the caller's record for a renewal: the record (or none), or the generation of one
+    /// that does not open (noted for `/tokens`, warned about once per interval), to be replaced
+    /// by the renewal's write. `Err`: the store cannot be used.
+    async fn read_for_renewal(
+        &self,
+        store: &RedisStore,
+        c: &CallerState,
+    ) -> Result<Stored, StoreError> {
+        let read = store.read(&c.name).await;
+        let unopened = read.as_ref().err().and_then(StoreError::unopened);
+        if read.is_ok() || unopened.is_some() {
+            c.store_answered();
+        }
+        match (read, unopened) {
+            (Ok(record), _) => {
+                c.update_shared(|s| s.record_error = None);
+                Ok(Stored::Record(record))
+            }
+            (Err(e), Some(generation)) => {
+                let error = e.to_string();
+                if let Some(repeated) = self.repeated_warning("record_unopened") {
+                    tracing::warn!(
+                        caller = &*c.name,
+                        error,
+                        repeated,
+                        "the shared record does not open; this renewal replaces it"
+                    );
+                }
+                c.update_shared(|s| s.record_error = Some(error));
+                Ok(Stored::Unopened(generation))
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
     /// Takes the caller's lease; while another replica holds it, waits for its write (polling the
     /// store) at most twice the lease, which is also enough for a dead holder's lease to lapse.
+    /// A holder still there after that is taken over (the script checks it is the same one).
     async fn take_lease(&self, store: &RedisStore, c: &CallerState) -> Result<Taken, CallError> {
         let ttl = store.lease_ttl();
         let deadline = Instant::now() + ttl * 2;
+        // the holder seen at the first busy attempt
+        let mut first_holder: Option<String> = None;
         loop {
-            match store.try_lease(&c.name, ttl).await {
-                Ok(Some(lease)) => {
+            let overdue = Instant::now() >= deadline;
+            let held_too_long = first_holder.as_deref().filter(|_| overdue);
+            match store.take_lease(&c.name, ttl, held_too_long).await {
+                Ok(Ok(lease)) => {
                     c.update_shared(|s| s.lease = Some("this_replica"));
                     return Ok(Taken::Lease(lease));
                 }
-                Ok(None) => c.update_shared(|s| s.lease = Some("other")),
+                Ok(Err(holder)) => {
+                    c.update_shared(|s| s.lease = Some("other"));
+                    first_holder.get_or_insert(holder);
+                }
                 Err(e) => return Ok(Taken::Unreachable(e)),
             }
-            if Instant::now() >= deadline {
+            if overdue {
                 return Err(CallError::Paused {
                     wait: Duration::from_secs(1),
                     reason: format!(
@@ -137,6 +186,8 @@ impl Broker {
                         return Ok(Taken::Adopted(done));
                     }
                 }
+                // the holder's write will replace it
+                Err(e) if e.unopened().is_some() => {}
                 Err(e) => return Ok(Taken::Unreachable(e)),
             }
         }
@@ -162,6 +213,8 @@ impl Broker {
                     s.generation = generation;
                     s.latest_seen = s.latest_seen.max(generation);
                     s.local_api_token = false;
+                    s.record_error = None;
+                    s.sealed_with = Some(store.seal_key_id().to_string());
                 });
                 self.metrics.record_store_sharing("written");
                 tracing::debug!(caller = &*c.name, generation, "tokens shared");
@@ -177,8 +230,10 @@ impl Broker {
             }
             Err(e) => {
                 self.metrics.record_store_sharing("failed");
-                tracing::warn!(caller = &*c.name, error = %e,
-                    "new tokens not shared: the store is unreachable");
+                if let Some(repeated) = self.repeated_warning("share_failed") {
+                    tracing::warn!(caller = &*c.name, error = %e, repeated,
+                        "new tokens not shared: the store refused or did not answer");
+                }
             }
         }
     }
@@ -210,15 +265,21 @@ impl Broker {
         })
     }
 
-    /// Renews without the store (unreachable, or its record unreadable): exchange with the API
-    /// token held, never regenerate it; a replica-local API token only when none is usable.
+    /// Renews without the store (unreachable, or its record something this build did not
+    /// write): exchange with the API token held, never regenerate it; a replica-local API token
+    /// only when none is usable. The refresh task tries the store again after a backoff step
+    /// (what is due only with the store, such as the API token's regenerate, waits for it).
     async fn renew_without_store(
         &self,
         c: &CallerState,
         error: &StoreError,
     ) -> Result<(Arc<Held<InjectCred>>, bool), CallError> {
-        tracing::warn!(caller = &*c.name, error = %error,
-            "shared store unavailable; renewing this replica's copy without it");
+        let wait = c.store_failed(Instant::now(), &error.to_string(), &self.timing());
+        if let Some(repeated) = self.repeated_warning("store_unusable") {
+            tracing::warn!(caller = &*c.name, error = %error, repeated,
+                store_retry_in_ms = wait.as_millis() as u64,
+                "cannot use the shared store; renewing this replica's copy without it");
+        }
         self.metrics.record_store_fallback("renewal");
         self.renew_here(c, true).await
     }
@@ -228,10 +289,10 @@ impl Broker {
     fn adopt_if_enough(
         &self,
         c: &CallerState,
-        record: Option<(u64, StoredTokens)>,
+        record: Option<Record>,
     ) -> Option<(Arc<Held<InjectCred>>, bool)> {
         let adopted = match record {
-            Some((generation, tokens)) => self.adopt(c, generation, &tokens),
+            Some(record) => self.adopt(c, &record),
             None => false,
         };
         let now = Instant::now();
@@ -244,9 +305,15 @@ impl Broker {
 
     /// Takes a record's tokens into memory when it is newer than this replica's copy. True when
     /// the inject token changed.
-    fn adopt(&self, c: &CallerState, generation: u64, tokens: &StoredTokens) -> bool {
+    fn adopt(&self, c: &CallerState, record: &Record) -> bool {
+        let (generation, tokens) = (record.generation, &record.tokens);
         let copy = c.shared();
-        c.update_shared(|s| s.latest_seen = s.latest_seen.max(generation));
+        c.update_shared(|s| {
+            if generation >= s.latest_seen {
+                s.sealed_with = Some(record.sealed_with.clone());
+            }
+            s.latest_seen = s.latest_seen.max(generation);
+        });
         if generation <= copy.generation && !copy.local_api_token {
             return false;
         }
@@ -323,8 +390,8 @@ impl Broker {
     /// Reads the caller's record and adopts it if newer.
     async fn adopt_stored(&self, store: &RedisStore, c: &CallerState) {
         match store.read(&c.name).await {
-            Ok(Some((generation, tokens))) => {
-                self.adopt(c, generation, &tokens);
+            Ok(Some(record)) => {
+                self.adopt(c, &record);
             }
             Ok(None) => {}
             Err(e) => {
@@ -337,8 +404,8 @@ impl Broker {
     /// store has none (e.g. they were obtained while it was unreachable).
     async fn adopt_newer(&self, store: &RedisStore, c: &CallerState) {
         match store.read(&c.name).await {
-            Ok(Some((generation, tokens))) => {
-                self.adopt(c, generation, &tokens);
+            Ok(Some(record)) => {
+                self.adopt(c, &record);
             }
             Ok(None) => {
                 if c.api().is_some() && !c.flight.in_flight() {
@@ -367,8 +434,8 @@ impl Broker {
         let mut adopted = 0;
         for (c, result) in reads {
             match result {
-                Ok(Some((generation, tokens))) => {
-                    if self.adopt(c, generation, &tokens) {
+                Ok(Some(record)) => {
+                    if self.adopt(c, &record) {
                         adopted += 1;
                     }
                 }
@@ -384,6 +451,13 @@ impl Broker {
             "tokens loaded from the shared store"
         );
     }
+}
+
+/// What a renewal's read found.
+enum Stored {
+    Record(Option<Record>),
+    /// A record of this generation that does not open.
+    Unopened(u64),
 }
 
 enum Taken {

@@ -1,8 +1,10 @@
 //! The optional state file: keeps API tokens across restarts, so that a restart creates no new
 //! token on the identity service. Written atomically (temporary file, fsync, rename) with mode
 //! 0600; a damaged file is reported, set aside and never fatal. It holds secrets by necessity:
-//! nothing else may print its content. With a seal key (`[store] seal_key`) the whole file is
-//! sealed (`seal.rs`); plain files written before are still read, and sealed on the next write.
+//! nothing else may print its content. With seal keys (`[store] seal_keys` or `seal_key`) the
+//! whole file is sealed with the first (`seal.rs`) and opened with the one it names; plain files
+//! written before, and files sealed with an older key of the ring, are read and sealed with the
+//! first on the next write.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,7 +19,7 @@ use zeroize::Zeroizing;
 
 use super::caller::{ApiCred, Held};
 use super::{read, Broker};
-use crate::seal::{self, SealKey};
+use crate::seal::{self, SealKeys};
 use crate::secret::Secret;
 
 const VERSION: u32 = 1;
@@ -56,7 +58,7 @@ impl Broker {
         let Some(path) = self.state_file.clone() else {
             return;
         };
-        let key = read(&self.policy).state_file_seal_key.clone();
+        let key = read(&self.policy).state_file_seal_keys.clone();
         let loaded = tokio::task::spawn_blocking(move || load(&path, key.as_ref())).await;
         let Ok(Some(state)) = loaded else { return };
         let timing = self.timing();
@@ -117,7 +119,7 @@ impl Broker {
             }
         }
         let shown = path.display().to_string();
-        let key = read(&self.policy).state_file_seal_key.clone();
+        let key = read(&self.policy).state_file_seal_keys.clone();
         match tokio::task::spawn_blocking(move || write_atomically(&path, &state, key.as_ref()))
             .await
         {
@@ -152,7 +154,7 @@ fn tighten_permissions(path: &Path) {
 
 /// Reads the state file (after [`tighten_permissions`]), sealed or plain. Missing: `None`.
 /// Damaged (or sealed under another key): reported, renamed aside, `None`.
-fn load(path: &Path, key: Option<&SealKey>) -> Option<StateFile> {
+fn load(path: &Path, keys: Option<&SealKeys>) -> Option<StateFile> {
     tighten_permissions(path);
     let bytes = match std::fs::read(path) {
         Ok(b) => Zeroizing::new(b),
@@ -162,7 +164,7 @@ fn load(path: &Path, key: Option<&SealKey>) -> Option<StateFile> {
             return None;
         }
     };
-    let problem = match decode(&bytes, key) {
+    let problem = match decode(&bytes, keys) {
         Ok(state) => return Some(state),
         Err(problem) => problem,
     };
@@ -176,16 +178,19 @@ fn load(path: &Path, key: Option<&SealKey>) -> Option<StateFile> {
     None
 }
 
-/// The state in a file's bytes: sealed (opened with `key`) or plain JSON. The error says what is
+/// The state in a file's bytes: sealed (opened with the key of `keys` it names) or plain JSON. The error says what is
 /// wrong, never what the file holds.
-fn decode(bytes: &[u8], key: Option<&SealKey>) -> Result<StateFile, String> {
+fn decode(bytes: &[u8], keys: Option<&SealKeys>) -> Result<StateFile, String> {
     let opened;
     let json = if seal::looks_sealed(bytes) {
-        let Some(key) = key else {
-            return Err("the file is sealed, but no [store] seal_key is configured".to_string());
+        let Some(keys) = keys else {
+            return Err(
+                "the file is sealed, but no [store] seal_keys (or seal_key) is configured"
+                    .to_string(),
+            );
         };
         let text = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-        opened = seal::open(key, SEAL_AAD, text)
+        opened = seal::open(keys, SEAL_AAD, text)
             .map_err(|e| format!("the sealed file does not open: {e}"))?;
         &opened[..]
     } else {
@@ -212,12 +217,16 @@ fn set_aside_name(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Writes the state, sealed under `key` when there is one.
-fn write_atomically(path: &Path, state: &StateFile, key: Option<&SealKey>) -> std::io::Result<()> {
+/// Writes the state, sealed with the first of `keys` when there are some.
+fn write_atomically(
+    path: &Path,
+    state: &StateFile,
+    keys: Option<&SealKeys>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut json = Zeroizing::new(serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?);
-    if let Some(key) = key {
-        let mut sealed = seal::seal(key, SEAL_AAD, &json).into_bytes();
+    if let Some(keys) = keys {
+        let mut sealed = seal::seal(keys.first(), SEAL_AAD, &json).into_bytes();
         sealed.push(b'\n');
         json = Zeroizing::new(sealed);
     }
@@ -249,6 +258,11 @@ fn write_atomically(path: &Path, state: &StateFile, key: Option<&SealKey>) -> st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seal::SealKey;
+
+    fn new_ring() -> SealKeys {
+        SealKeys::from(SealKey::generate())
+    }
 
     fn sample() -> StateFile {
         let mut api_tokens = BTreeMap::new();
@@ -309,10 +323,13 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
-        let key = SealKey::generate();
+        let key = new_ring();
         write_atomically(&path, &sample(), Some(&key)).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with(&format!("v1.{}.", key.id())), "{text}");
+        assert!(
+            text.starts_with(&format!("v1.{}.", key.first().id())),
+            "{text}"
+        );
         for clear in ["vidb_secret", "id-1", "billing", "api_tokens"] {
             assert!(!text.contains(clear), "{clear} in {text}");
         }
@@ -327,7 +344,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         write_atomically(&path, &sample(), None).unwrap();
-        let key = SealKey::generate();
+        let key = new_ring();
         let back = load(&path, Some(&key)).unwrap();
         assert_eq!(back.api_tokens["billing"].id, "id-1");
         // The next write seals it.
@@ -339,25 +356,47 @@ mod tests {
     }
 
     #[test]
+    fn a_file_sealed_with_an_older_key_of_the_ring_is_read_and_sealed_with_the_first_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let (new, old) = (SealKey::generate(), SealKey::generate());
+        write_atomically(&path, &sample(), Some(&SealKeys::from(old.clone()))).unwrap();
+        let ring = SealKeys::new(vec![new.clone(), old]).unwrap();
+        let back = load(&path, Some(&ring)).unwrap();
+        write_atomically(&path, &back, Some(&ring)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(&format!("v1.{}.", new.id())), "{text}");
+        assert!(load(&path, Some(&SealKeys::from(new))).is_some());
+    }
+
+    #[test]
     fn a_sealed_file_under_another_key_no_key_or_altered_is_set_aside() {
-        let key = SealKey::generate();
-        let sealed = seal::seal(&key, SEAL_AAD, &serde_json::to_vec(&sample()).unwrap());
+        let key = new_ring();
+        let sealed = seal::seal(
+            key.first(),
+            SEAL_AAD,
+            &serde_json::to_vec(&sample()).unwrap(),
+        );
         let mut altered = sealed.clone().into_bytes();
         let last = altered.len() - 1;
         altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
         let elsewhere = seal::seal(
-            &key,
+            key.first(),
             b"another purpose",
             &serde_json::to_vec(&sample()).unwrap(),
         );
-        let other = SealKey::generate();
+        let other = new_ring();
         for (bytes, with, says) in [
             (
                 sealed.as_bytes(),
                 Some(&other),
                 "sealed with another seal key",
             ),
-            (sealed.as_bytes(), None, "no [store] seal_key is configured"),
+            (
+                sealed.as_bytes(),
+                None,
+                "no [store] seal_keys (or seal_key) is configured",
+            ),
             (&altered[..], Some(&key), "authentication failed"),
             (elsewhere.as_bytes(), Some(&key), "authentication failed"),
         ] {

@@ -17,8 +17,17 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 pub use self::redis::RedisStore;
-use crate::seal::{self, SealError, SealKey};
+use crate::seal::{self, SealError, SealKey, SealKeys};
 use crate::secret::Secret;
+
+/// A caller's record as read: its generation, its tokens, and the id of the seal key it was
+/// sealed with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub generation: u64,
+    pub tokens: StoredTokens,
+    pub sealed_with: String,
+}
 
 /// What the store holds for one caller, opened. Tokens are [`Secret`]s.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,12 +70,21 @@ pub enum StoreError {
     /// The key holds something this build did not write (another type, other fields).
     #[error("{key} is not a tokenbroker record: {what}")]
     Foreign { key: String, what: String },
-    /// The sealed payload does not open with the configured key for this key and generation.
+    /// The sealed payload of the record at `generation` does not open with the configured keys
+    /// for this key and generation.
     #[error("{key} does not open: {source}")]
-    Sealed { key: String, source: SealError },
-    /// The payload opened but is not a valid token record.
+    Sealed {
+        key: String,
+        generation: u64,
+        source: SealError,
+    },
+    /// The payload of the record at `generation` opened but is not a valid token record.
     #[error("{key} holds an invalid token record: {what}")]
-    Payload { key: String, what: String },
+    Payload {
+        key: String,
+        generation: u64,
+        what: String,
+    },
     /// `keep_alive` found the lease gone: expired and taken, or deleted.
     #[error("the lease of caller {0} was lost to another owner")]
     LeaseLost(String),
@@ -89,6 +107,17 @@ impl StoreError {
     /// Whether the error says Redis cannot be reached (rather than a bad record or settings).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_) | StoreError::Timeout(_))
+    }
+
+    /// The generation of a record that is there but does not open (or is no token record): the
+    /// next renewal may replace it with a fenced write expecting this generation.
+    pub fn unopened(&self) -> Option<u64> {
+        match self {
+            StoreError::Sealed { generation, .. } | StoreError::Payload { generation, .. } => {
+                Some(*generation)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -287,9 +316,9 @@ pub(crate) fn seal_record(
     seal::seal(key, &record_aad(prefix, caller, generation), &json)
 }
 
-/// Opens `caller`'s record at `generation`. `key_name` is the Redis key, for messages.
+/// Opens `caller`'s record at `generation` with the key of `keys` it names.
 pub(crate) fn open_record(
-    key: &SealKey,
+    keys: &SealKeys,
     prefix: &str,
     caller: &str,
     generation: u64,
@@ -297,15 +326,17 @@ pub(crate) fn open_record(
 ) -> Result<StoredTokens, StoreError> {
     let key_name = || record_key(prefix, caller);
     let json =
-        seal::open(key, &record_aad(prefix, caller, generation), sealed).map_err(|source| {
+        seal::open(keys, &record_aad(prefix, caller, generation), sealed).map_err(|source| {
             StoreError::Sealed {
                 key: key_name(),
+                generation,
                 source,
             }
         })?;
     // The error of a failed parse names a line and column, never the content.
     let payload: PayloadIn = serde_json::from_slice(&json).map_err(|e| StoreError::Payload {
         key: key_name(),
+        generation,
         what: format!(
             "not a token record (line {}, column {})",
             e.line(),
@@ -315,12 +346,14 @@ pub(crate) fn open_record(
     if payload.v != PAYLOAD_VERSION {
         return Err(StoreError::Payload {
             key: key_name(),
+            generation,
             what: format!("unsupported payload version {}", payload.v),
         });
     }
     if payload.api.token.is_empty() {
         return Err(StoreError::Payload {
             key: key_name(),
+            generation,
             what: "empty API token".to_string(),
         });
     }
@@ -367,7 +400,14 @@ mod tests {
         let sealed = seal_record(&key, "tb:", "billing", 3, &sample());
         assert!(!sealed.contains("secret"), "{sealed}");
         assert_eq!(
-            open_record(&key, "tb:", "billing", 3, sealed.as_bytes()).unwrap(),
+            open_record(
+                &SealKeys::from(key.clone()),
+                "tb:",
+                "billing",
+                3,
+                sealed.as_bytes()
+            )
+            .unwrap(),
             sample()
         );
         for (prefix, caller, generation) in [
@@ -375,7 +415,14 @@ mod tests {
             ("tb:", "other", 3),
             ("x:", "billing", 3),
         ] {
-            let err = open_record(&key, prefix, caller, generation, sealed.as_bytes()).unwrap_err();
+            let err = open_record(
+                &SealKeys::from(key.clone()),
+                prefix,
+                caller,
+                generation,
+                sealed.as_bytes(),
+            )
+            .unwrap_err();
             assert!(
                 matches!(
                     err,
@@ -388,7 +435,14 @@ mod tests {
             );
         }
         let other = SealKey::generate();
-        let err = open_record(&other, "tb:", "billing", 3, sealed.as_bytes()).unwrap_err();
+        let err = open_record(
+            &SealKeys::from(other.clone()),
+            "tb:",
+            "billing",
+            3,
+            sealed.as_bytes(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("another seal key"), "{err}");
         assert!(err.to_string().contains("tb:caller:billing"), "{err}");
         let without_access = StoredTokens {
@@ -397,7 +451,14 @@ mod tests {
         };
         let sealed = seal_record(&key, "tb:", "billing", 1, &without_access);
         assert_eq!(
-            open_record(&key, "tb:", "billing", 1, sealed.as_bytes()).unwrap(),
+            open_record(
+                &SealKeys::from(key.clone()),
+                "tb:",
+                "billing",
+                1,
+                sealed.as_bytes()
+            )
+            .unwrap(),
             without_access
         );
     }
@@ -412,7 +473,7 @@ mod tests {
             (b"{\"v\":1,\"api\":{\"id\":\"i\",\"token\":\"\",\"suffix\":\"\",\"client_id\":null,\"expires_ms\":1}}", "empty API token"),
         ] {
             let sealed = seal::seal(&key, &aad, json);
-            let err = open_record(&key, "tb:", "billing", 1, sealed.as_bytes()).unwrap_err();
+            let err = open_record(&SealKeys::from(key.clone()), "tb:", "billing", 1, sealed.as_bytes()).unwrap_err();
             assert!(matches!(err, StoreError::Payload { .. }), "{err}");
             assert!(err.to_string().contains(says), "{err}");
         }

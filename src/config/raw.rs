@@ -181,6 +181,8 @@ pub struct RawStore {
     pub password: Option<toml::Value>,
     pub key_prefix: Option<String>,
     pub seal_key: Option<toml::Value>,
+    /// A keyring: secret references, the first sealing.
+    pub seal_keys: Option<toml::Value>,
     pub lease: Option<RawDuration>,
     pub ca_file: Option<String>,
 }

@@ -71,7 +71,7 @@ pub fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
         .telemetry
         .and_then(|v| cx.read::<RawTelemetry>(v, "telemetry"))
         .and_then(|r| cx.telemetry(r));
-    tokens.state_file_seal_key = store.seal_key.clone();
+    tokens.state_file_seal_keys = store.seal_keys.clone();
 
     let config = Config {
         source: Some(path.to_path_buf()),
@@ -712,7 +712,7 @@ impl Checker {
             warm_up: r.warm_up.unwrap_or(d.warm_up),
             state_file,
             display_name_prefix,
-            state_file_seal_key: None,
+            state_file_seal_keys: None,
         }
     }
 

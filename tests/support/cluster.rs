@@ -1,8 +1,8 @@
 //! Several real `tokenbroker run` processes sharing one emulator (in this test process) and one
 //! `redis-server`: one config file each (same callers, routes and store; listeners and admin on
 //! port 0, read back from the logs), requests spread over them, `/tokens`, `/metrics`, the
-//! emulator's counters, `kill -9` and restart of one replica, and `tokenbroker check` of a
-//! replica's config.
+//! emulator's counters, `kill -9` and restart of one replica, a seal-key ring rolled through
+//! the replicas, and `tokenbroker check` of a replica's config.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +35,8 @@ pub struct ClusterOptions {
     pub redis: bool,
     /// Appended to every replica's `[tokens]` section.
     pub tokens_extra: String,
+    /// `[tokens] backoff_max`.
+    pub backoff_max: String,
 }
 
 impl Default for ClusterOptions {
@@ -48,6 +50,7 @@ impl Default for ClusterOptions {
             lease: "3s".to_string(),
             redis: true,
             tokens_extra: String::new(),
+            backoff_max: "500ms".to_string(),
         }
     }
 }
@@ -67,6 +70,9 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     /// `None`: killed or stopped.
     replicas: Vec<Option<Replica>>,
+    /// The seal-key files of the config written next (`seal_keys`, the first sealing); a
+    /// single one is written as `seal_key`.
+    pub seal_keys: Vec<String>,
 }
 
 /// The name of caller `i`.
@@ -94,18 +100,15 @@ impl Cluster {
         let redis = RedisServer::start();
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("client-secret"), CLIENT_SECRET).unwrap();
-        std::fs::write(
-            dir.path().join("seal.key"),
-            SealKey::generate().to_base64().as_bytes(),
-        )
-        .unwrap();
         let mut cluster = Cluster {
             emulator,
             redis,
             options,
             dir,
             replicas: Vec::new(),
+            seal_keys: vec!["seal.key".to_string()],
         };
+        cluster.new_seal_key("seal.key");
         for _ in 0..cluster.options.replicas {
             cluster.add_replica().await;
         }
@@ -133,7 +136,7 @@ client_secret = {{ file = "client-secret" }}
 api_token_ttl_minutes = {api}
 access_token_ttl_minutes = {access}
 backoff_initial = "50ms"
-backoff_max = "500ms"
+backoff_max = "{backoff_max}"
 {tokens_extra}
 
 [limits]
@@ -143,6 +146,7 @@ shutdown_grace = "2s"
             api = o.api_token_ttl_minutes,
             access = o.access_token_ttl_minutes,
             tokens_extra = o.tokens_extra,
+            backoff_max = o.backoff_max,
         );
         if o.redis {
             text.push_str(&format!(
@@ -151,11 +155,21 @@ shutdown_grace = "2s"
 kind = "redis"
 url = "{url}"
 key_prefix = "{KEY_PREFIX}"
-seal_key = {{ file = "seal.key" }}
+{seal}
 lease = "{lease}"
 "#,
                 url = self.redis.url(),
                 lease = o.lease,
+                seal = match &self.seal_keys[..] {
+                    [one] => format!("seal_key = {{ file = \"{one}\" }}"),
+                    ring => format!(
+                        "seal_keys = [{}]",
+                        ring.iter()
+                            .map(|f| format!("{{ file = \"{f}\" }}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                },
             ));
         }
         let mut allow = Vec::new();
@@ -182,6 +196,41 @@ lease = "{lease}"
         std::fs::write(&path, self.config_text()).unwrap();
         self.replicas.push(Some(spawn(path).await));
         i
+    }
+
+    /// Writes a new random seal key into the file `name`; its key id.
+    pub fn new_seal_key(&self, name: &str) -> String {
+        let key = SealKey::generate();
+        std::fs::write(self.dir.path().join(name), key.to_base64().as_bytes()).unwrap();
+        key.id().to_string()
+    }
+
+    /// Rolls the config written now (e.g. new [`Cluster::seal_keys`]) through the running
+    /// replicas, one at a time: SIGTERM, new config, start, ready. `load` runs beside each
+    /// restart against the replicas that stay up (their proxy addresses); the statuses it got.
+    pub async fn roll<F, Fut>(&mut self, load: F) -> Vec<u16>
+    where
+        F: Fn(Vec<SocketAddr>, tokio::sync::watch::Receiver<bool>) -> Fut,
+        Fut: std::future::Future<Output = Vec<u16>> + Send + 'static,
+    {
+        let mut statuses = Vec::new();
+        for i in self.running() {
+            let others = self
+                .running()
+                .into_iter()
+                .filter(|&j| j != i)
+                .map(|j| self.replica(j).proxy)
+                .collect();
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let running = tokio::spawn(load(others, stopped));
+            assert_eq!(self.stop(i), Some(0), "replica {i} stops cleanly");
+            let path = self.dir.path().join(format!("replica-{i}.toml"));
+            std::fs::write(&path, self.config_text()).unwrap();
+            self.restart(i).await;
+            let _ = stop.send(true);
+            statuses.extend(running.await.unwrap());
+        }
+        statuses
     }
 
     /// Starts replica `i` again (after [`Cluster::kill`] or [`Cluster::stop`]) with its config.

@@ -132,6 +132,11 @@ impl FakeIdentity {
         s.access_tokens.clear();
     }
 
+    /// Every access token issued so far stops working; API tokens still exchange.
+    pub fn revoke_access_tokens(&self) {
+        self.lock().access_tokens.clear();
+    }
+
     pub fn accepts(&self, access_token: &str) -> bool {
         self.lock().access_tokens.contains(access_token)
     }

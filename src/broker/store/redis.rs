@@ -1,6 +1,6 @@
 //! The store on Redis (redis-rs): a reconnecting `ConnectionManager` for commands, one pub/sub
-//! connection per subscription, and three Lua scripts that make lease renewal, lease release and
-//! the fenced write atomic on the server.
+//! connection per subscription, and four Lua scripts that make taking (or taking over) a lease,
+//! renewing it, releasing it and the fenced write atomic on the server.
 //!
 //! Must never: wait on Redis without a bound (every command is cut off after
 //! [`COMMAND_TIMEOUT`]), put a token or password into an error or a log line, or block start
@@ -14,13 +14,14 @@ use ::redis::{Client, IntoConnectionInfo, RedisError, Script, Value};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
+use super::super::repeats::Repeats;
 use super::{
     events_channel, lease_key, open_record, parse_event, record_key, seal_record, Lease,
-    LeaseHolder, StoreError, StoreEvent, StoredTokens, WriteOutcome,
+    LeaseHolder, Record, StoreError, StoreEvent, StoredTokens, WriteOutcome,
 };
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
-use crate::seal::SealKey;
+use crate::seal::SealKeys;
 
 /// Every command, including the wait for a (re)connection, ends within this.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -33,6 +34,31 @@ const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
 const SUBSCRIPTION_PING: Duration = Duration::from_secs(3);
 /// Events waiting for the broker; a full queue holds the subscription back (Redis buffers).
 const EVENT_QUEUE: usize = 256;
+
+/// Takes a lease. KEYS[1] lease; ARGV[1] owner, ARGV[2] ms, ARGV[3] the holder the caller has
+/// seen hold it past twice the lease ('' for none). Free: taken. Held without a TTL, with a TTL
+/// no replica gives (over twice the lease), or still by that holder: abandoned, taken over.
+/// Returns {1, ''} taken, {2, holder} taken over (no or overlong TTL), {3, holder} taken over
+/// (held too long), {0, holder} busy.
+const TAKE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, ''}
+end
+local holder = redis.pcall('GET', KEYS[1])
+if type(holder) ~= 'string' then
+  holder = ''
+end
+local ttl = redis.call('PTTL', KEYS[1])
+local abandoned = 0
+if ttl == -1 or ttl > 2 * tonumber(ARGV[2]) then
+  abandoned = 2
+elseif ARGV[3] ~= '' and holder == ARGV[3] then
+  abandoned = 3
+end
+if abandoned > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return {abandoned, holder}";
 
 /// Renews a lease only if this owner still holds it. KEYS[1] lease; ARGV[1] owner, ARGV[2] ms.
 const RENEW: &str = r"
@@ -86,13 +112,15 @@ struct Inner {
     client: Client,
     conn: ConnectionManager,
     prefix: String,
-    seal_key: SealKey,
+    /// The first seals; every one opens.
+    seal_keys: SealKeys,
     /// The lease owner value: `<replica>/<random>`, unique to this store.
     owner: String,
     replica: String,
     lease_ttl: Duration,
     metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
+    take: Script,
     renew: Script,
     release: Script,
     write: Script,
@@ -141,7 +169,7 @@ impl RedisStore {
                     .get_or_create(&crate::metrics::StoreOpLabels { op, outcome });
             }
         }
-        for outcome in ["acquired", "busy"] {
+        for outcome in ["acquired", "busy", "taken_over"] {
             let _ = metrics
                 .store_lease_acquisitions
                 .get_or_create(&crate::metrics::OutcomeLabels { outcome });
@@ -155,12 +183,13 @@ impl RedisStore {
                 client,
                 conn,
                 prefix: config.key_prefix.clone(),
-                seal_key: config.seal_key.clone(),
+                seal_keys: config.seal_keys.clone(),
                 owner,
                 replica,
                 lease_ttl: config.lease,
                 metrics,
                 shutdown,
+                take: Script::new(TAKE),
                 renew: Script::new(RENEW),
                 release: Script::new(RELEASE),
                 write: Script::new(WRITE),
@@ -183,8 +212,14 @@ impl RedisStore {
         &self.inner.prefix
     }
 
-    /// Reads a caller's record: `None` if there is none, else its generation and tokens.
-    pub async fn read(&self, caller: &str) -> Result<Option<(u64, StoredTokens)>, StoreError> {
+    /// The id of the seal key this store seals with (the first of `seal_keys`).
+    pub fn seal_key_id(&self) -> &str {
+        self.inner.seal_keys.first().id()
+    }
+
+    /// Reads a caller's record: `None` if there is none, else its generation, tokens and the key
+    /// it was sealed with.
+    pub async fn read(&self, caller: &str) -> Result<Option<Record>, StoreError> {
         let key = record_key(&self.inner.prefix, caller);
         let mut cmd = ::redis::cmd("HGETALL");
         cmd.arg(&key);
@@ -208,7 +243,7 @@ impl RedisStore {
         caller: &str,
         key: &str,
         fields: Vec<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<Option<(u64, StoredTokens)>, StoreError> {
+    ) -> Result<Option<Record>, StoreError> {
         if fields.is_empty() {
             return Ok(None);
         }
@@ -231,41 +266,92 @@ impl RedisStore {
             .ok_or_else(|| foreign("its generation is not a positive integer"))?;
         let sealed = sealed.ok_or_else(|| foreign("it has no sealed payload"))?;
         let tokens = open_record(
-            &self.inner.seal_key,
+            &self.inner.seal_keys,
             &self.inner.prefix,
             caller,
             generation,
             &sealed,
         )?;
-        Ok(Some((generation, tokens)))
+        let sealed_with = crate::seal::key_id_of(&sealed)
+            .unwrap_or_default()
+            .to_string();
+        let first = self.seal_key_id();
+        if sealed_with != first {
+            tracing::info!(
+                key,
+                generation,
+                sealed_with,
+                seal_key = first,
+                "record sealed with an older seal key; its next write seals it with the first"
+            );
+        }
+        Ok(Some(Record {
+            generation,
+            tokens,
+            sealed_with,
+        }))
     }
 
-    /// Takes a caller's lease for `ttl` if nobody holds it (`SET NX PX`). `None`: another
-    /// replica (or an earlier lease of this one) holds it.
+    /// Takes a caller's lease for `ttl` if nobody holds it, or takes over an abandoned one
+    /// (without a TTL, or with one over twice `ttl`). `None`: another replica (or an earlier
+    /// lease of this one) holds it.
     pub async fn try_lease(
         &self,
         caller: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
+        Ok(self.take_lease(caller, ttl, None).await?.ok())
+    }
+
+    /// Like [`RedisStore::try_lease`]; `held_too_long`: the holder the caller has seen hold the
+    /// lease for over twice `ttl`, taken over if it still holds it. `Err(holder)`: busy, held by
+    /// `holder` (the lease key's value).
+    pub async fn take_lease(
+        &self,
+        caller: &str,
+        ttl: Duration,
+        held_too_long: Option<&str>,
+    ) -> Result<Result<Lease, String>, StoreError> {
         let key = lease_key(&self.inner.prefix, caller);
-        let ms = ttl.as_millis().max(1) as u64;
-        let mut cmd = ::redis::cmd("SET");
-        cmd.arg(&key)
+        let mut invocation = self.inner.take.key(&key);
+        invocation
             .arg(&self.inner.owner)
-            .arg("NX")
-            .arg("PX")
-            .arg(ms);
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg(held_too_long.unwrap_or(""));
         let sent = Instant::now();
-        let answer = self.command::<Option<String>>("try_lease", &cmd).await;
-        let acquired = answer?.is_some();
+        let (code, holder) = self
+            .timed("try_lease", || async {
+                let mut conn = self.inner.conn.clone();
+                invocation.invoke_async::<(i64, String)>(&mut conn).await
+            })
+            .await?;
         self.inner.metrics.record_store("try_lease", "ok");
-        let outcome = if acquired { "acquired" } else { "busy" };
+        let outcome = match code {
+            0 => "busy",
+            1 => "acquired",
+            _ => "taken_over",
+        };
         self.inner
             .metrics
             .store_lease_acquisitions
             .get_or_create(&crate::metrics::OutcomeLabels { outcome })
             .inc();
-        Ok(acquired.then(|| Lease {
+        if code == 0 {
+            return Ok(Err(holder));
+        }
+        if code > 1 {
+            let why = if code == 2 {
+                "it had no TTL, or a TTL over twice the lease"
+            } else {
+                "its holder kept it for over twice the lease"
+            };
+            tracing::warn!(
+                caller,
+                lease = %key,
+                "took over an abandoned renewal lease: {why}"
+            );
+        }
+        Ok(Ok(Lease {
             caller: caller.to_string(),
             key,
             owner: self.inner.owner.clone(),
@@ -362,7 +448,7 @@ impl RedisStore {
         }
         let key = record_key(&self.inner.prefix, caller);
         let sealed = seal_record(
-            &self.inner.seal_key,
+            self.inner.seal_keys.first(),
             &self.inner.prefix,
             caller,
             expected + 1,
@@ -589,6 +675,8 @@ struct Subscriber {
 impl Subscriber {
     async fn run(mut self) {
         let mut backoff = RESUBSCRIBE_MIN;
+        // while Redis stays away, its warning once per interval
+        let mut failures = Repeats::default();
         loop {
             if *self.shutdown.borrow() {
                 return;
@@ -618,7 +706,10 @@ impl Subscriber {
                 Err(e) => {
                     self.metrics.record_store("subscribe", e.outcome());
                     self.metrics.store_up.set(0);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot subscribe to store changes");
+                    if let Some(repeated) = failures.admit(tokio::time::Instant::now()) {
+                        tracing::warn!(error = %e, retry_in = ?backoff, repeated,
+                            "cannot subscribe to store changes");
+                    }
                     let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
                     tokio::select! {
                         _ = tokio::time::sleep(jittered) => {}

@@ -1,24 +1,21 @@
-//! `[store]`: the local default or Redis, and the seal key. Kept apart from the other sections'
+//! `[store]`: the local default or Redis, and the seal keys. Kept apart from the other sections'
 //! checks; it adds problems to the same [`Checker`] and never echoes a URL (it could carry a
 //! password) or a secret.
 
 use super::super::raw::RawStore;
 use super::*;
-use crate::seal::SealKey;
+use crate::seal::{SealKey, SealKeys};
 
 impl Checker {
     pub(super) fn store(&mut self, value: Option<toml::Value>) -> StoreConfig {
         let r = self.section::<RawStore>(value, "store", false);
-        let seal_key = r
-            .seal_key
-            .clone()
-            .and_then(|v| self.seal_key("store.seal_key", Some(v)));
+        let seal_keys = self.seal_keys(&r);
         let kind = match r.kind.as_deref().unwrap_or("local") {
             "local" => {
                 self.local_store(&r);
                 StoreKind::Local
             }
-            "redis" => match self.redis_store(r, seal_key.clone()) {
+            "redis" => match self.redis_store(r, seal_keys.clone()) {
                 Some(redis) => StoreKind::Redis(redis),
                 None => StoreKind::Local,
             },
@@ -30,7 +27,60 @@ impl Checker {
                 StoreKind::Local
             }
         };
-        StoreConfig { kind, seal_key }
+        StoreConfig { kind, seal_keys }
+    }
+
+    /// `seal_keys = [new, old]` (the first seals, every one opens), or `seal_key` as a ring of
+    /// one; not both. `None` when neither is given or a problem was reported.
+    fn seal_keys(&mut self, r: &RawStore) -> Option<SealKeys> {
+        let listed = match (&r.seal_key, &r.seal_keys) {
+            (None, None) => return None,
+            (Some(_), Some(_)) => {
+                self.add(
+                    "store.seal_keys",
+                    "give either seal_key (one key) or seal_keys (a keyring, the first sealing), \
+                     not both: move seal_key into seal_keys",
+                );
+                return None;
+            }
+            (Some(one), None) => vec![("store.seal_key".to_string(), one.clone())],
+            (None, Some(toml::Value::Array(ring))) => ring
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("store.seal_keys[{i}]"), v.clone()))
+                .collect(),
+            (None, Some(_)) => {
+                self.add(
+                    "store.seal_keys",
+                    "must be a list of keys, the first sealing: \
+                     [{ file = \"new.key\" }, { file = \"old.key\" }]",
+                );
+                return None;
+            }
+        };
+        if listed.is_empty() {
+            self.add(
+                "store.seal_keys",
+                "must list at least one key (make one with `tokenbroker gen-seal-key`)",
+            );
+            return None;
+        }
+        let before = self.problems.len();
+        let mut keys: Vec<SealKey> = Vec::new();
+        for (key, value) in listed {
+            let Some(k) = self.seal_key(&key, Some(value)) else {
+                continue;
+            };
+            if let Some(i) = keys.iter().position(|seen| seen.id() == k.id()) {
+                self.add(key, format!("the same key as store.seal_keys[{i}]"));
+                continue;
+            }
+            keys.push(k);
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        SealKeys::new(keys)
     }
 
     /// Keys that only Redis reads are a mistake with the local store.
@@ -54,13 +104,14 @@ impl Checker {
     }
 
     /// `None` when a problem was reported (the key's messages say which).
-    fn redis_store(&mut self, r: RawStore, seal_key: Option<SealKey>) -> Option<RedisConfig> {
+    fn redis_store(&mut self, r: RawStore, seal_keys: Option<SealKeys>) -> Option<RedisConfig> {
         let url = self.redis_url("store.url", r.url);
-        if r.seal_key.is_none() {
+        if r.seal_key.is_none() && r.seal_keys.is_none() {
             self.add(
                 "store.seal_key",
-                "required with kind = \"redis\": { env = \"NAME\" } or { file = \"path\" } \
-                 holding 32 random bytes in base64 (make one with `tokenbroker gen-seal-key`)",
+                "required with kind = \"redis\" (or seal_keys, a keyring): { env = \"NAME\" } \
+                 or { file = \"path\" } holding 32 random bytes in base64 (make one with \
+                 `tokenbroker gen-seal-key`)",
             );
         }
         let username = r.username;
@@ -116,7 +167,7 @@ impl Checker {
             key_prefix,
             lease,
             ca_file,
-            seal_key: seal_key?,
+            seal_keys: seal_keys?,
         })
     }
 
