@@ -35,6 +35,56 @@ const FILES_POLL: Duration = Duration::from_secs(5);
 /// Kubernetes Secret volumes swap them); `None` when it cannot be read.
 type FileStamp = Option<(u64, SystemTime, u64)>;
 
+/// The settings a reload cannot change: where `new` changes one, it gets the running value back,
+/// and the key is returned, to be named in a warning. (Listeners are bound, the connection
+/// limit's semaphore and the store's connections made, the log and trace layers installed, and
+/// the state file opened, at start.)
+fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    let addrs = |c: &Config| {
+        let mut v: Vec<_> = c
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.addr))
+            .collect();
+        v.sort();
+        v
+    };
+    if addrs(old) != addrs(new) {
+        kept.push("listener.address");
+    }
+    if old.admin.as_ref().map(|a| a.addr) != new.admin.as_ref().map(|a| a.addr) {
+        kept.push("admin.address");
+    }
+    if old.limits.max_connections != new.limits.max_connections {
+        new.limits.max_connections = old.limits.max_connections;
+        kept.push("limits.max_connections");
+    }
+    if old.tokens.state_file != new.tokens.state_file {
+        new.tokens.state_file = old.tokens.state_file.clone();
+        kept.push("tokens.state_file");
+    }
+    // The seal keys by id (a secret's Debug shows nothing), the rest as Debug shows it.
+    let store = |c: &Config| {
+        let ids = c.store.seal_keys.as_ref().map(|k| k.ids().join(","));
+        (format!("{:?}", c.store.kind), ids)
+    };
+    if store(old) != store(new) {
+        new.store = old.store.clone();
+        new.tokens.state_file_seal_keys = old.tokens.state_file_seal_keys.clone();
+        kept.push("store");
+    }
+    if format!("{:?}", old.logging) != format!("{:?}", new.logging) {
+        new.logging = old.logging.clone();
+        kept.push("logging");
+    }
+    if format!("{:?}", old.telemetry) != format!("{:?}", new.telemetry) {
+        new.telemetry = old.telemetry.clone();
+        kept.push("telemetry");
+    }
+    kept
+}
+
 /// The stamp of the file at `path` (following symlinks).
 fn stamp(path: &std::path::Path) -> FileStamp {
     let m = std::fs::metadata(path).ok()?;
@@ -285,23 +335,15 @@ impl AppHandle {
 
     /// Applies a validated config: the proxy first, as it can still refuse it (e.g. an upstream
     /// CA file that does not parse); then the broker.
-    fn apply(&self, new: Config) -> Result<(), ConfigErrors> {
-        let new = Arc::new(new);
+    fn apply(&self, mut new: Config) -> Result<(), ConfigErrors> {
         let old = self.config();
-        let addrs = |c: &Config| {
-            let mut v: Vec<_> = c
-                .listeners
-                .iter()
-                .map(|l| (l.name.clone(), l.addr))
-                .collect();
-            v.sort();
-            v
-        };
-        if addrs(&old) != addrs(&new)
-            || old.admin.as_ref().map(|a| a.addr) != new.admin.as_ref().map(|a| a.addr)
-        {
-            tracing::warn!("listener addresses changed: they take effect at the next restart");
+        for key in keep_restart_only(&old, &mut new) {
+            tracing::warn!(
+                key,
+                "this setting changes only at a restart: the running value stays until then"
+            );
         }
+        let new = Arc::new(new);
         let certificates = self.listener_certificates(&new)?;
         if let Err(e) = self.proxy.try_reconfigure(&new) {
             return Err(ConfigErrors(vec![ConfigError {

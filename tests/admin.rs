@@ -769,3 +769,67 @@ async fn tokens_need_an_admin_key_once_keys_are_configured() {
     app.shutdown().await;
     emulator.shutdown().await;
 }
+
+/// A reload keeps what only a restart changes: the state file stays where it was (it is written
+/// there at shutdown, not at the new path), and so do its seal keys with the rest of `[store]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_state_file_and_store_until_a_restart() {
+    let emulator = emulator().await;
+    let with = |state: &str, seal: u8| {
+        config_text(
+            &emulator,
+            &format!("\n[store]\nseal_key = {{ file = \"seal-{seal}.key\" }}\n"),
+        )
+        .replace(
+            "warm_up = true\n",
+            &format!("warm_up = true\nstate_file = \"{state}\"\n"),
+        )
+    };
+    let (dir, path) = folder(&with("first.json", 1));
+    for n in [1, 2] {
+        let key = tokenbroker::seal::SealKey::generate();
+        std::fs::write(dir.path().join(format!("seal-{n}.key")), &*key.to_base64()).unwrap();
+    }
+    let app = start(&path).await;
+    let first = app.config();
+    assert!(eventually(WAIT, || async { app.broker().is_ready() }).await);
+
+    std::fs::write(&path, with("second.json", 2)).unwrap();
+    app.reload().unwrap();
+    let now = app.config();
+    assert_eq!(now.tokens.state_file, first.tokens.state_file);
+    let ids = |c: &config::Config| c.store.seal_keys.as_ref().map(|k| k.ids().join(","));
+    assert_eq!(ids(&now), ids(&first), "the running seal key stays");
+    assert_eq!(
+        now.tokens
+            .state_file_seal_keys
+            .as_ref()
+            .map(|k| k.ids().join(",")),
+        ids(&first),
+        "and seals the state file"
+    );
+
+    app.shutdown().await;
+    assert!(
+        dir.path().join("first.json").is_file(),
+        "written where it was"
+    );
+    assert!(!dir.path().join("second.json").exists());
+    // It opens with the first key: a restart with the first config reads it.
+    let again = start(&path_with(&dir, &with("first.json", 1))).await;
+    assert!(eventually(WAIT, || async { again.broker().is_ready() }).await);
+    assert_eq!(
+        emulator.counters().create,
+        2,
+        "one API token per caller, read back"
+    );
+    again.shutdown().await;
+    emulator.shutdown().await;
+}
+
+/// Writes `text` as the config file in `dir` (beside its secret files).
+fn path_with(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+    let path = dir.path().join("tokenbroker.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
