@@ -442,21 +442,23 @@ async fn requests_make_linked_spans_exported_over_otlp_http() {
         requests: Some(1),
         seconds: None,
     });
-    let second = format!("Bearer {SECOND_KEY}");
-    let (status, _, _) = http(
-        "GET",
-        &format!("http://{addr}/fake/third"),
-        &[("proxy-authorization", &second)],
-        "",
-    )
-    .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    let flush = |t: Arc<Telemetry>| async move {
-        tokio::task::spawn_blocking(move || t.flush())
-            .await
-            .unwrap()
+    // A request by `key` to `path`, then its spans flushed; its status.
+    let request_and_flush = |path: &'static str, key: &'static str| {
+        let flusher = flushing.clone();
+        async move {
+            let auth = format!("Bearer {key}");
+            let url = format!("http://{addr}{path}");
+            let (status, _, _) = http("GET", &url, &[("proxy-authorization", &auth)], "").await;
+            tokio::task::spawn_blocking(move || flusher.flush())
+                .await
+                .unwrap();
+            status
+        }
     };
-    flush(flushing.clone()).await;
+    assert_eq!(
+        request_and_flush("/fake/third", SECOND_KEY).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     let failed_create = |spans: &[(String, Span)]| {
         spans
             .iter()
@@ -497,15 +499,7 @@ async fn requests_make_linked_spans_exported_over_otlp_http() {
     assert_eq!(failures(), 0.0);
     received.fail(true);
     for n in 1..=2 {
-        let (status, _, _) = http(
-            "GET",
-            &format!("http://{addr}/fake/lost-{n}"),
-            &[("proxy-authorization", &auth)],
-            "",
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK);
-        flush(flushing.clone()).await;
+        assert_eq!(request_and_flush("/fake/lost", KEY).await, StatusCode::OK);
         assert!(
             support::eventually(Duration::from_secs(20), || async { failures() >= n as f64 }).await,
             "export {n} failed and was counted"
@@ -519,15 +513,7 @@ async fn requests_make_linked_spans_exported_over_otlp_http() {
         logs.text()
     );
     received.fail(false);
-    let (status, _, _) = http(
-        "GET",
-        &format!("http://{addr}/fake/again"),
-        &[("proxy-authorization", &auth)],
-        "",
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
-    flush(flushing.clone()).await;
+    assert_eq!(request_and_flush("/fake/again", KEY).await, StatusCode::OK);
     assert!(
         support::eventually(Duration::from_secs(20), || async {
             warned("telemetry: the collector accepts spans again") == 1
