@@ -118,29 +118,10 @@ async fn until_closed(stream: &mut TcpStream) -> Vec<u8> {
 
 /// Reads one answer with a `Content-Length` body: its head, lower-cased, and its body.
 async fn answer(stream: &mut TcpStream) -> (String, String) {
-    let read = async {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
-                    .expect("an answer with a Content-Length");
-                if got.len() >= end + 4 + length {
-                    let body = String::from_utf8_lossy(&got[end + 4..]).into_owned();
-                    return (head, body);
-                }
-            }
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed without an answer; read so far: {got:?}");
-            got.extend_from_slice(&buf[..n]);
-        }
-    };
-    tokio::time::timeout(TIMEOUT, read)
+    let (head, body, _) = tokio::time::timeout(TIMEOUT, support::read_answer(stream))
         .await
-        .expect("an answer")
+        .expect("an answer");
+    (head.to_ascii_lowercase(), body)
 }
 
 /// Sends `\r\n` every `every` until the connection is closed; false if it was still open after

@@ -109,7 +109,7 @@ impl Parking {
     }
 }
 
-/// One answer, lower-cased.
+/// One answer, its status line and head lower-cased.
 struct Answer {
     status: String,
     head: String,
@@ -119,31 +119,15 @@ struct Answer {
 /// Writes `request` and reads one answer with a `Content-Length` body.
 async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Answer {
     stream.write_all(request).await.unwrap();
-    let read = async {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map(|v| v.trim().parse().unwrap())
-                    .expect("an answer with a Content-Length");
-                if got.len() >= end + 4 + length {
-                    return Answer {
-                        status: head.lines().next().unwrap().to_string(),
-                        body: String::from_utf8_lossy(&got[end + 4..end + 4 + length]).into(),
-                        head,
-                    };
-                }
-            }
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the proxy closed the connection; read: {got:?}");
-            got.extend_from_slice(&buf[..n]);
-        }
-    };
-    tokio::time::timeout(LONG, read).await.expect("an answer")
+    let (head, body, _) = tokio::time::timeout(LONG, support::read_answer(stream))
+        .await
+        .expect("an answer");
+    let head = head.to_ascii_lowercase();
+    Answer {
+        status: head.lines().next().unwrap().to_string(),
+        body,
+        head,
+    }
 }
 
 /// Everything the proxy sends until it closes the connection (or `LONG` passes).

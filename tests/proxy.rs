@@ -995,37 +995,13 @@ async fn exchange<S>(stream: &mut S, request: &[u8]) -> (String, String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     stream.write_all(request).await.unwrap();
-    let read = async {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&got[..end]).into_owned();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .expect("an answer with a Content-Length");
-                if got.len() >= end + 4 + length {
-                    assert_eq!(got.len(), end + 4 + length, "nothing after the answer");
-                    let body = String::from_utf8_lossy(&got[end + 4..]).into_owned();
-                    return (head.lines().next().unwrap().to_string(), body);
-                }
-            }
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(
-                n > 0,
-                "the proxy closed the connection; read so far: {got:?}"
-            );
-            got.extend_from_slice(&buf[..n]);
-        }
-    };
-    tokio::time::timeout(LONG, read).await.expect("an answer")
+    let (head, body, after) = tokio::time::timeout(LONG, support::read_answer(stream))
+        .await
+        .expect("an answer");
+    assert_eq!(after, 0, "nothing after the answer");
+    (head.lines().next().unwrap().to_string(), body)
 }
 
 const GET_FAKE: &[u8] =

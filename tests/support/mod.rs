@@ -104,6 +104,38 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     }
 }
 
+/// One HTTP/1 answer with a `Content-Length` body read from `stream`, as sent: its head (status
+/// line and headers, without the blank line), its body, and how many bytes came after it. Panics
+/// if the stream ends first; the caller bounds the wait.
+pub async fn read_answer<S>(stream: &mut S) -> (String, String, usize)
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).into_owned();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().unwrap())
+                })
+                .expect("an answer with a Content-Length");
+            let body_end = end + 4 + length;
+            if got.len() >= body_end {
+                let body = String::from_utf8_lossy(&got[end + 4..body_end]).into_owned();
+                return (head, body, got.len() - body_end);
+            }
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed without a whole answer; read so far: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// Whether a TCP connection to `addr` is refused.
 pub async fn connection_refused(addr: SocketAddr) -> bool {
     matches!(
