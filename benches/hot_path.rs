@@ -182,7 +182,7 @@ fn rewrite(
             host,
             request_id,
         },
-        tokenbroker::proxy::rewrite::PassedClaims::NONE,
+        tokenbroker::claims::PassedClaims::NONE,
     )
 }
 

@@ -23,9 +23,10 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::{self, Config, ConfigError, ConfigErrors, LoggingConfig};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::proxy::{tls, ProxyHandle, StartError as ProxyStartError};
+use crate::proxy::{ListenerTls, ProxyHandle, StartError as ProxyStartError};
 use crate::server::{ConnLimits, Shutdown};
 use crate::telemetry::Telemetry;
+use crate::tls;
 
 /// How often `run` looks at the config file, the secret files it names and the TLS listeners'
 /// files for a change (then reloads the config, or the certificates alone).
@@ -213,7 +214,7 @@ impl AppHandle {
     /// Sets each TLS listener's certificate expiry from its certificate file.
     fn record_certificates(&self, config: &Config) {
         for l in &config.listeners {
-            if let Some(not_after) = l.tls.as_ref().and_then(|t| tls::not_after(&t.cert)) {
+            if let Some(not_after) = l.tls.as_ref().and_then(|t| tls::server::not_after(&t.cert)) {
                 self.metrics.config.certificate(&l.name, not_after);
             }
         }
@@ -370,7 +371,7 @@ impl AppHandle {
     fn listener_certificates(
         &self,
         new: &Config,
-    ) -> Result<Vec<(tls::ListenerTls, Arc<rustls::ServerConfig>)>, ConfigErrors> {
+    ) -> Result<Vec<(ListenerTls, Arc<rustls::ServerConfig>)>, ConfigErrors> {
         let mut loaded = Vec::new();
         let mut problems = Vec::new();
         for (name, current) in self.proxy.listener_tls() {
@@ -389,7 +390,7 @@ impl AppHandle {
                 );
                 continue;
             };
-            match tls::server_config(files) {
+            match tls::server::server_config(files) {
                 Ok(config) => loaded.push((current.clone(), config)),
                 Err(e) => problems.push(ConfigError {
                     file: new.source.clone().unwrap_or_default(),

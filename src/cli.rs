@@ -201,7 +201,15 @@ pub fn execute(cli: Cli) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Dev(args) => block_on(crate::dev::run(args)),
+        Command::Dev(args) => block_on(async move {
+            match crate::dev::run(&args.config, args.ephemeral_ports).await {
+                Ok(code) => code,
+                Err(errors) => {
+                    eprintln!("{}", problems(&errors));
+                    ExitCode::from(EXIT_USAGE)
+                }
+            }
+        }),
         Command::Emulate(args) => match args.to_config() {
             Ok(config) => block_on(crate::app::emulate(config)),
             Err(e) => {

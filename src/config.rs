@@ -320,7 +320,7 @@ pub struct RouteConfig {
     /// `Upgrade` protocols (lower case, e.g. `websocket`) tunnelled to the upstream; empty: an
     /// upgrade request is refused.
     pub upgrades: Vec<String>,
-    /// Caller-sent headers of `proxy::rewrite::CALLER_CLAIMS` (lower case) this route passes on
+    /// Caller-sent headers of `claims::CALLER_CLAIMS` (lower case) this route passes on
     /// to its upstream; the others are dropped.
     pub pass_caller_headers: Vec<String>,
     pub connect_timeout: Duration,

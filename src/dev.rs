@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::app::{self, AppHandle};
-use crate::cli::{DevArgs, EXIT_USAGE};
-use crate::config::{self, Config};
+use crate::config::{self, Config, ConfigErrors};
 use crate::emulator::{Emulator, EmulatorConfig};
 
 /// The demo caller's key; `config/dev.toml` lists its sha256.
@@ -17,24 +16,20 @@ pub const DEMO_KEY: &str = "tb-demo-key-not-for-production";
 const EMULATOR_ADDR: &str = "127.0.0.1:7001";
 const ECHO_ADDR: &str = "127.0.0.1:7002";
 
-/// Runs the demo until Ctrl-C or SIGTERM.
-pub async fn run(args: DevArgs) -> ExitCode {
-    let path = dev_config_path(&args.config);
-    let mut config = match config::load(&path) {
-        Ok(c) => c,
-        Err(errors) => {
-            eprintln!("{}", crate::cli::problems(&errors));
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
+/// Runs the demo with the config at `config` until Ctrl-C or SIGTERM; with `ephemeral_ports`,
+/// every port is bound on 0 and the real addresses are printed. A config that does not load is
+/// handed back, for the command line to report.
+pub async fn run(config: &Path, ephemeral_ports: bool) -> Result<ExitCode, ConfigErrors> {
+    let path = dev_config_path(config);
+    let mut config = config::load(&path)?;
     app::init_tracing(&config.logging, false);
     let Some(mut signals) = app::Signals::install() else {
-        return ExitCode::FAILURE;
+        return Ok(ExitCode::FAILURE);
     };
 
     let port = |fixed: &str| {
         let addr: std::net::SocketAddr = fixed.parse().expect("fixed demo address");
-        if args.ephemeral_ports {
+        if ephemeral_ports {
             std::net::SocketAddr::new(addr.ip(), 0)
         } else {
             addr
@@ -58,23 +53,18 @@ pub async fn run(args: DevArgs) -> ExitCode {
             eprintln!(
                 "tokenbroker dev: the emulator could not start on {EMULATOR_ADDR}/{ECHO_ADDR}: {e}"
             );
-            return ExitCode::FAILURE;
+            return Ok(ExitCode::FAILURE);
         }
     };
     let echo = emulator.echo_addr().expect("echo upstream was asked for");
-    point_at_emulator(
-        &mut config,
-        &emulator.base_url(),
-        echo,
-        args.ephemeral_ports,
-    );
+    point_at_emulator(&mut config, &emulator.base_url(), echo, ephemeral_ports);
 
     let app = match AppHandle::start(config).await {
         Ok(app) => app,
         Err(e) => {
             eprintln!("tokenbroker dev: {e}");
             emulator.shutdown().await;
-            return ExitCode::FAILURE;
+            return Ok(ExitCode::FAILURE);
         }
     };
     app::announce(&app);
@@ -82,7 +72,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
     signals.serve(&app).await;
     app.shutdown().await;
     emulator.shutdown().await;
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `config/dev.toml` as given; else the one in the source tree this binary was built from (so

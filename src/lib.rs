@@ -14,6 +14,8 @@
 pub mod admin;
 pub mod app;
 pub mod broker;
+pub mod canonical;
+pub mod claims;
 pub mod cli;
 pub mod config;
 pub mod dev;

@@ -343,10 +343,8 @@ impl Metrics {
             "Duration of calls to the identity service by operation and outcome (ok, transient, rejected)",
             identity_call_duration.clone(),
         );
+        // Every code is seeded by the proxy when it starts (`Metrics::seed_errors`).
         let errors = Family::<ErrorLabels, Counter>::default();
-        for error in crate::proxy::ProxyError::CODES {
-            let _ = errors.get_or_create(&ErrorLabels { error });
-        }
         registry.register(
             "errors",
             "Requests tokenbroker refused or failed itself (not the upstream's answers), by error code",
@@ -706,6 +704,13 @@ impl Metrics {
     }
 
     /// A request tokenbroker answered with an error of its own table (`code`).
+    /// Puts every error code at 0, so a rate of any of them exists before the first one.
+    pub fn seed_errors(&self, codes: &[&'static str]) {
+        for &error in codes {
+            let _ = self.errors.get_or_create(&ErrorLabels { error });
+        }
+    }
+
     pub fn record_error(&self, error: &'static str) {
         self.errors.get_or_create(&ErrorLabels { error }).inc();
     }

@@ -53,6 +53,7 @@ pub use rewrite::{rewrite_request, rewrite_response, Forwarded};
 pub use route::{Route, Routes};
 pub use service::{check_head, find_route, ConnInfo};
 pub use target::Target;
+pub use tls::ListenerTls;
 
 /// Why the proxy could not start (or a new config could not be applied).
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +131,7 @@ pub(crate) struct Shared<T> {
 pub struct ProxyHandle {
     addrs: Vec<(String, SocketAddr)>,
     /// Each TLS listener's name and config in force, for certificate reloads.
-    tls: Vec<(String, tls::ListenerTls)>,
+    tls: Vec<(String, ListenerTls)>,
     state: Arc<ArcSwap<State>>,
     accept_tasks: Vec<JoinHandle<()>>,
     /// Closes when every connection task has ended.
@@ -156,6 +157,7 @@ impl ProxyHandle {
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
     ) -> Result<ProxyHandle, StartError> {
+        metrics.seed_errors(&ProxyError::CODES);
         let state = Arc::new(ArcSwap::from_pointee(State::from_config(&config)?));
         let shared = Arc::new(Shared {
             state: state.clone(),
@@ -197,7 +199,7 @@ impl ProxyHandle {
     }
 
     /// Each TLS listener's name and its config in force (replaced on reload).
-    pub fn listener_tls(&self) -> &[(String, tls::ListenerTls)] {
+    pub fn listener_tls(&self) -> &[(String, ListenerTls)] {
         &self.tls
     }
 

@@ -1,5 +1,8 @@
-//! TLS settings shared by every outbound client (identity service, upstreams): one crypto
-//! provider (ring), the system roots plus an optional extra CA file.
+//! TLS settings: one crypto provider (ring) for the process; client configs for every outbound
+//! client (identity service, upstreams, Redis, the trace collector) with the system roots plus an
+//! optional extra CA file; and the listeners' server configs ([`server`]).
+
+pub mod server;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -18,7 +18,7 @@ use super::raw::{
     RawRoute, RawTelemetry, RawTls, RawTokens,
 };
 use super::*;
-use crate::proxy::rewrite::{PassedClaims, CALLER_CLAIMS};
+use crate::claims::{PassedClaims, CALLER_CLAIMS};
 use crate::secret::{Secret, SecretSource};
 
 /// Checks `text` (the contents of `path`) and builds the [`Config`], or reports every problem.
@@ -433,7 +433,7 @@ impl Checker {
     /// What the listener would refuse at start: each file's PEM contents, the key matching the
     /// certificate, the client CA. The listener's own loading code does the checking.
     fn tls_files(&mut self, key: &str, tls: &ServerTls) {
-        if let Err(e) = crate::proxy::tls::server_config(tls) {
+        if let Err(e) = crate::tls::server::server_config(tls) {
             self.add(join(key, e.file.key()), e.message);
         }
     }
@@ -506,7 +506,7 @@ impl Checker {
         let name = self.name(&join(key, "name"), r.name);
         let host = r.host.map(|h| h.to_ascii_lowercase());
         if let Some(h) = &host {
-            if !crate::proxy::target::is_host_name(h) {
+            if !crate::canonical::is_host_name(h) {
                 self.add(
                     join(key, "host"),
                     format!("`{h}` is not a host name (no port)"),
@@ -523,7 +523,7 @@ impl Checker {
         while path_prefix.len() > 1 && path_prefix.ends_with('/') {
             path_prefix.pop();
         }
-        if let Ok(canonical) = crate::proxy::target::canonical_path(&path_prefix, false) {
+        if let Ok(canonical) = crate::canonical::canonical_path(&path_prefix, false) {
             if canonical != path_prefix {
                 self.add(
                     join(key, "path_prefix"),

@@ -21,8 +21,8 @@ use http::uri::{Authority, Scheme};
 use http::Uri;
 
 use super::error::ProxyError;
-use super::rewrite::PassedClaims;
 use super::target::Target;
+use crate::claims::PassedClaims;
 use crate::config::RouteConfig;
 
 /// One route, ready to match.
