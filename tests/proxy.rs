@@ -608,23 +608,38 @@ async fn a_100_mib_request_streams_through() {
 
 #[tokio::test]
 async fn a_streamed_body_over_the_limit_is_413() {
+    use tokio::io::AsyncWriteExt;
     let f = Fixture::start_with(|c| c.limits.max_body_bytes = Some(MIB as u64)).await;
-    let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..32)
-        .map(|_| Ok(Frame::data(Bytes::from(vec![b'z'; 64 * 1024]))))
-        .collect();
-    let request = Request::post(f.url("plain", "/fake/upload"))
-        .header("proxy-authorization", "Bearer billing-key")
-        .body(StreamBody::new(futures_util::stream::iter(chunks)))
-        .unwrap();
-    let client = Client::builder(TokioExecutor::new()).build_http();
-    let response = tokio::time::timeout(LONG, client.request(request))
+    // A raw connection: the proxy answers while the upload is still running, and an HTTP client
+    // would report its failed write (the proxy closes without reading the rest) instead.
+    let stream = tokio::net::TcpStream::connect(f.addr("plain"))
         .await
         .unwrap();
-    if let Ok(response) = response {
-        let (status, _, body) = read_all(response).await;
-        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body:?}");
-        assert_eq!(json(&body)["error"], "body_too_large");
-    }
+    let (mut answers, mut uploads) = stream.into_split();
+    uploads
+        .write_all(
+            b"POST /fake/upload HTTP/1.1\r\nHost: proxy\r\n\
+              Proxy-Authorization: Bearer billing-key\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // 17 chunks of 64 KiB (just over the limit), and no last chunk: only the limit can end it.
+    let upload = tokio::spawn(async move {
+        let chunk = [b'z'; 64 * 1024];
+        for _ in 0..17 {
+            let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            if uploads.write_all(&framed).await.is_err() {
+                break;
+            }
+        }
+        uploads
+    });
+    let (head, body, _) = tokio::time::timeout(LONG, support::read_answer(&mut answers))
+        .await
+        .expect("an answer while the upload runs");
+    assert!(head.starts_with("HTTP/1.1 413 "), "{head}\n\n{body}");
+    assert_eq!(json(body.as_bytes())["error"], "body_too_large", "{body}");
+    upload.abort();
 }
 
 #[tokio::test]
