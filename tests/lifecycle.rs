@@ -154,7 +154,8 @@ async fn steady_traffic_over_ten_lifetimes_never_sees_an_expired_token() {
     // one second per minute: access tokens live 2 s, API tokens 6 s
     let emu = emulator(1.0).await;
     let broker = start(&config(&emu, vec![caller("billing")], policy(6, 2))).await;
-    let until = Instant::now() + Duration::from_secs(20);
+    let started = Instant::now();
+    let until = started + Duration::from_secs(20);
     let mut requests = 0;
     let mut pace = support::pace(Duration::from_millis(100));
     while Instant::now() < until {
@@ -179,6 +180,13 @@ async fn steady_traffic_over_ten_lifetimes_never_sees_an_expired_token() {
     assert!(
         c.exchange >= 10,
         "access token renewed every lifetime: {c:?}"
+    );
+    // and not more often: at most one exchange per 70 % of the 2 s lifetime, and one after each
+    // regenerate
+    let periods = (started.elapsed().as_secs_f64() / (0.7 * 2.0)).ceil() as u64 + 1;
+    assert!(
+        c.exchange <= periods + c.regenerate,
+        "one exchange per lifetime: {c:?}"
     );
     assert_eq!(c.echo_rejected, 0);
     let status = first(&broker);
