@@ -26,8 +26,9 @@
 //!   `operations` and `requests`, ends after `seconds` or when cleared, and also closes the control
 //!   API (it shares the port): inject it over HTTP only with `seconds`, or use
 //!   [`Emulator::clear_faults`].
-//! - **Time**: lifetimes are real durations (`ttl minutes * seconds_per_minute` seconds) on the
-//!   monotonic clock; dates in JSON are the wall clock plus that duration.
+//! - **Time**: lifetimes are durations (`ttl minutes * seconds_per_minute` seconds) on tokio's
+//!   clock, so a test on paused time skips them; dates in JSON are the wall clock plus that
+//!   duration.
 //! - Access tokens (from the API-token exchange) and admin bearers (from `client_credentials`) are
 //!   distinct: [`Emulator::revoke_access_tokens`] kills the former, [`Emulator::revoke_admin_bearers`]
 //!   the latter. Revoking or regenerating an API token does not kill access tokens already exchanged
@@ -43,11 +44,12 @@ mod tokens;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::config::IdentityConfig;
 use crate::secret::Secret;
@@ -397,7 +399,7 @@ impl Shared {
             if let Some(until) = until {
                 let shared = self.clone();
                 self.runtime.spawn(async move {
-                    tokio::time::sleep_until(until.into()).await;
+                    tokio::time::sleep_until(until).await;
                     shared.end_refuse_if_over();
                 });
             }

@@ -77,7 +77,7 @@ async fn revoked_tokens_are_replaced_within_one_renewal_without_backoff() {
     let first = broker.token("billing").await.unwrap();
     // the identity service forgets the caller's API token and its access tokens
     fake.revoke_everything();
-    tokio::time::sleep(Duration::from_secs(6)).await; // older than min_renew_interval
+    tokio::time::advance(Duration::from_secs(6)).await; // older than min_renew_interval
     let started = Instant::now();
     let renewed = match broker.rejected("billing", first.generation).await.unwrap() {
         Rejection::Replay(t) => t,
@@ -111,7 +111,11 @@ async fn a_scheduled_regenerate_refused_without_body_creates_at_once() {
     let broker = start(&fake, vec![caller("billing")], policy()).await;
     broker.token("billing").await.unwrap();
     fake.revoke_everything();
-    tokio::time::sleep(Duration::from_secs(18)).await;
+    // the refresh task's regenerate is refused; the create and its exchange follow
+    support::wait_until(Duration::from_secs(30), "the caller recovered", || async {
+        fake.count(Op::Create) == 2 && broker.status().callers[0].state == "ready"
+    })
+    .await;
     let calls = fake.calls();
     let regenerate = calls
         .iter()
@@ -162,7 +166,10 @@ async fn a_renewal_slower_than_max_wait_answers_503_and_still_completes() {
         err.reason
     );
     // the renewal went on without the waiter: 3 calls of 3 s
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    support::wait_until(Duration::from_secs(10), "the renewal finished", || async {
+        broker.status().callers[0].state == "ready"
+    })
+    .await;
     let token = broker.token("billing").await.expect("the renewal finished");
     assert!(fake.accepts(&bearer(&token)));
     assert_eq!(fake.count(Op::Create), 1);
@@ -190,13 +197,14 @@ async fn hundred_callers_through_an_outage_one_probe_per_step_then_all_served() 
     });
     // requests keep coming during the outage: they never reach the identity service
     let mut unavailable = 0;
+    let mut pace = support::pace(Duration::from_millis(500));
     while Instant::now() < outage.1 {
+        pace.tick().await;
         for n in names.iter().take(10) {
             if broker.token(n).await.is_err() {
                 unavailable += 1;
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(unavailable > 0, "tokens ran out during the outage");
     let during = fake.calls_between(outage.0, outage.1);
@@ -243,13 +251,12 @@ async fn retry_after_is_the_least_wait() {
     let t0 = Instant::now();
     let err = broker.token("billing").await.unwrap_err();
     assert!(err.retry_after >= Duration::from_secs(4), "{err:?}");
-    // ask every 100 ms: no call goes out before the 5 s are over
-    let token = loop {
-        if let Ok(token) = broker.token("billing").await {
-            break token;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // ask every 50 ms: no call goes out before the 5 s are over
+    let token = support::wait_for(Duration::from_secs(10), || async {
+        broker.token("billing").await.ok()
+    })
+    .await
+    .expect("a token after the 5 s");
     assert!(fake.accepts(&bearer(&token)));
     let exchanges: Vec<Instant> = fake
         .calls()
@@ -296,7 +303,7 @@ async fn one_callers_transient_failure_pauses_every_caller() {
         "no call while the breaker is open"
     );
     // after the step, one probe goes out, succeeds, and b2 is served
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::advance(Duration::from_millis(300)).await;
     broker.token("b2").await.expect("served after the step");
     assert_eq!(broker.status().identity_service.state, "closed");
 }
@@ -357,14 +364,15 @@ async fn an_upstream_that_refuses_every_token_gets_one_renewal_per_min_renew_int
     // 50 requests to an upstream that always answers 401, 100 ms apart: 5 s
     let started = Instant::now();
     let mut replayed = 0;
+    let mut pace = support::pace(Duration::from_millis(100));
     for _ in 0..50 {
+        pace.tick().await;
         let token = broker.token("billing").await.unwrap();
         match broker.rejected("billing", token.generation).await.unwrap() {
             Rejection::PassOn => {}
             // the replay is refused too, and passed on
             Rejection::Replay(_) => replayed += 1,
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(started.elapsed() < Duration::from_millis(5100));
     assert_eq!(
@@ -373,7 +381,7 @@ async fn an_upstream_that_refuses_every_token_gets_one_renewal_per_min_renew_int
     );
     assert_eq!(fake.count(Op::Exchange), 2, "one 401-driven renewal in 5 s");
     // 5 s later: 50 concurrent 401s for the current token cause one renewal
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::advance(Duration::from_secs(5)).await;
     let old = broker.token("billing").await.unwrap();
     let tasks: Vec<_> = (0..50)
         .map(|_| {

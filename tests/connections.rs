@@ -564,14 +564,15 @@ allow = ["load"]
     let poller = tokio::spawn({
         let (targets, stop) = (targets.clone(), stop.clone());
         async move {
+            let mut pace = support::pace(Duration::from_millis(50));
             while !stop.load(Ordering::Relaxed) {
+                pace.tick().await;
                 let all: Vec<Arc<Target>> = targets.lock().unwrap().clone();
                 for t in all.iter().filter(|t| !t.leaving.load(Ordering::Relaxed)) {
                     if status(t.admin, "/readyz", &[]).await != 200 {
                         t.leaving.store(true, Ordering::Relaxed);
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     });

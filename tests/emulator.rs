@@ -645,6 +645,7 @@ async fn regenerate_keeps_the_id_and_kills_the_old_secret() {
         "invalid_grant",
     );
 
+    // dates have millisecond resolution on the wall clock: let one go by
     tokio::time::sleep(Duration::from_millis(20)).await;
     let (status, headers, body) = regenerate(&emu, &bearer, &api_token(&old)).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -720,7 +721,7 @@ async fn regenerate_rejects_bad_requests() {
 
 // ---- lifetimes ----
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn every_credential_expires() {
     // One emulated minute = 1 s: admin bearer 2 s, API token 2 s, access token 1 s.
     let emu = start_with(|c| {
@@ -742,7 +743,8 @@ async fn every_credential_expires() {
         200
     );
 
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // past every lifetime (the emulator's clock is tokio's, paused here)
+    tokio::time::advance(Duration::from_millis(2200)).await;
     assert_error(
         &http("GET", &echo(&emu, "/"), &[("authorization", &auth)], "").await,
         401,
@@ -836,7 +838,7 @@ async fn slow_answers_normally_after_the_delay() {
     emu.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_fault_ends_after_its_seconds_or_when_cleared() {
     let emu = start().await;
     emu.inject_fault(Fault {
@@ -844,7 +846,7 @@ async fn a_fault_ends_after_its_seconds_or_when_cleared() {
         ..Fault::new(FaultKind::ServerError, vec![], None)
     });
     assert_eq!(emu.active_faults().len(), 1);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::advance(Duration::from_millis(1100)).await;
     admin_bearer(&emu).await;
 
     emu.inject_fault(Fault::new(FaultKind::ServerError, vec![], None));

@@ -234,7 +234,7 @@ async fn invalid_create_requests_are_refused_with_the_reason() {
     assert!(e.to_string().contains("max_count_of_uses"), "{e}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn expired_api_token_is_an_invalid_credential() {
     // 0.05 s per minute: a 20-minute API token lives one second
     let emu = emulator(0.05).await;
@@ -244,7 +244,7 @@ async fn expired_api_token_is_an_invalid_credential() {
     req.api_token_ttl_minutes = 20;
     let api = c.create_api_token(&bearer, &req).await.unwrap();
     assert!(api.lifetime <= Duration::from_secs(1));
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tokio::time::advance(Duration::from_millis(1300)).await;
     let e = c.exchange(&api.token).await.unwrap_err();
     assert_eq!(e.class(), ErrorClass::InvalidCredential, "{e}");
 }

@@ -50,23 +50,19 @@ fn policy(api_minutes: i64, access_minutes: i64) -> TokenPolicy {
         min_margin: Duration::from_millis(500),
         backoff_initial: Duration::from_millis(200),
         backoff_max: Duration::from_secs(1),
-        min_renew_interval: MIN_RENEW,
+        min_renew_interval: Duration::ZERO,
         ..TokenPolicy::default()
     }
 }
-
-/// The tests' `tokens.min_renew_interval`: a caller renews on 401s at most once per this.
-const MIN_RENEW: Duration = Duration::from_millis(5);
 
 /// The first caller's status.
 fn first(broker: &Broker) -> CallerStatus {
     broker.status().callers[0].clone()
 }
 
-/// Reports an upstream 401 for `token` once the caller may renew on a 401 again; the token to
-/// replay.
+/// Reports an upstream 401 for `token` (no `min_renew_interval` here: the caller may always
+/// renew on a 401); the token to replay.
 async fn refuse(broker: &Broker, token: &InjectToken) -> Arc<InjectToken> {
-    tokio::time::sleep(MIN_RENEW * 2).await;
     match broker.rejected("billing", token.generation).await {
         Ok(Rejection::Replay(renewed)) => renewed,
         other => panic!("expected a renewed token, got {other:?}"),
@@ -158,9 +154,12 @@ async fn steady_traffic_over_ten_lifetimes_never_sees_an_expired_token() {
     // one second per minute: access tokens live 2 s, API tokens 6 s
     let emu = emulator(1.0).await;
     let broker = start(&config(&emu, vec![caller("billing")], policy(6, 2))).await;
-    let until = Instant::now() + Duration::from_secs(20);
+    let started = Instant::now();
+    let until = started + Duration::from_secs(20);
     let mut requests = 0;
+    let mut pace = support::pace(Duration::from_millis(100));
     while Instant::now() < until {
+        pace.tick().await;
         let result = broker.token("billing").await;
         assert!(result.is_ok(), "request {requests} got {result:?}");
         assert!(
@@ -168,7 +167,6 @@ async fn steady_traffic_over_ten_lifetimes_never_sees_an_expired_token() {
             "request {requests}: token refused upstream"
         );
         requests += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let c = emu.counters();
     assert_eq!(
@@ -182,6 +180,13 @@ async fn steady_traffic_over_ten_lifetimes_never_sees_an_expired_token() {
     assert!(
         c.exchange >= 10,
         "access token renewed every lifetime: {c:?}"
+    );
+    // and not more often: at most one exchange per 70 % of the 2 s lifetime, and one after each
+    // regenerate
+    let periods = (started.elapsed().as_secs_f64() / (0.7 * 2.0)).ceil() as u64 + 1;
+    assert!(
+        c.exchange <= periods + c.regenerate,
+        "one exchange per lifetime: {c:?}"
     );
     assert_eq!(c.echo_rejected, 0);
     let status = first(&broker);
@@ -204,10 +209,11 @@ async fn short_outage_fails_no_request() {
         seconds: Some(1.5),
     });
     let until = Instant::now() + Duration::from_secs(6);
+    let mut pace = support::pace(Duration::from_millis(100));
     while Instant::now() < until {
+        pace.tick().await;
         let result = broker.token("billing").await;
         assert!(accepted_upstream(&emu, &result).await, "{result:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(emu.counters().exchange >= 2, "renewed after the outage");
 }
@@ -227,7 +233,9 @@ async fn long_outage_gives_503_material_then_recovers_with_bounded_attempts() {
     // hammer the broker for 6 s: the token expires after ~1.5 s
     let started = Instant::now();
     let mut unavailable = 0;
+    let mut pace = support::pace(Duration::from_millis(50));
     while started.elapsed() < Duration::from_secs(6) {
+        pace.tick().await;
         let batch: Vec<_> = (0..20)
             .map(|_| {
                 let b = Arc::clone(&broker);
@@ -244,7 +252,6 @@ async fn long_outage_gives_503_material_then_recovers_with_bounded_attempts() {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
         unavailable > 0,
@@ -259,17 +266,12 @@ async fn long_outage_gives_503_material_then_recovers_with_bounded_attempts() {
     assert_eq!(first(&broker).state, "unavailable");
     emu.clear_faults();
     // recovers by itself within the backoff cap (1 s) plus one attempt
-    let deadline = Instant::now() + Duration::from_secs(4);
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if broker.token("billing").await.is_ok() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "did not recover after the outage"
-        );
-    }
+    support::wait_until(
+        Duration::from_secs(4),
+        "recovered after the outage",
+        || async { broker.token("billing").await.is_ok() },
+    )
+    .await;
     assert_eq!(emu.counters().create, 1);
 }
 
@@ -279,7 +281,6 @@ async fn fifty_concurrent_upstream_401s_cause_one_renewal() {
     let broker = start(&config(&emu, vec![caller("billing")], policy(60, 30))).await;
     let first = broker.token("billing").await.unwrap();
     let before = emu.counters().exchange;
-    tokio::time::sleep(MIN_RENEW * 2).await;
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let b = Arc::clone(&broker);
@@ -408,11 +409,10 @@ async fn warm_up_fetches_every_caller_before_ready() {
     tokens.warm_up = true;
     let callers = vec![caller("a1"), caller("b2"), caller("c3")];
     let broker = start(&config(&emu, callers, tokens)).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !broker.is_ready() {
-        assert!(Instant::now() < deadline, "warm-up never finished");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_until(Duration::from_secs(10), "warm-up finished", || async {
+        broker.is_ready()
+    })
+    .await;
     let c = emu.counters();
     assert_eq!((c.create, c.exchange), (3, 3));
     assert!(broker.status().callers.iter().all(|s| s.state == "ready"));
@@ -561,9 +561,10 @@ async fn hundred_callers_through_an_emulator_outage_probe_once_per_step_and_reco
     assert!(probed, "{:?}", broker.status().identity_service);
     let settled = identity_calls(&emu);
     let left = outage_end.saturating_duration_since(Instant::now());
-    while Instant::now() < outage_end {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::wait_until(Duration::from_secs(10), "the outage ended", || async {
+        emu.active_faults().is_empty()
+    })
+    .await;
     let during = identity_calls(&emu) - before;
     let probes = identity_calls(&emu) - settled;
     let steps = left.as_secs() + 1;
@@ -577,18 +578,16 @@ async fn hundred_callers_through_an_emulator_outage_probe_once_per_step_and_reco
          when it began (16 at a time) and one probe per step"
     );
     // every caller is served again within about one backoff step, without asking
-    let recovered = loop {
+    let recovered = support::wait_for(Duration::from_secs(10), || async {
         let statuses = broker.status();
-        if statuses.callers.iter().all(|c| c.state == "ready") {
-            break Instant::now();
-        }
-        assert!(
-            outage_end.elapsed() < Duration::from_secs(10),
-            "not recovered: {:?}",
-            statuses.identity_service
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        statuses
+            .callers
+            .iter()
+            .all(|c| c.state == "ready")
+            .then(Instant::now)
+    })
+    .await
+    .unwrap_or_else(|| panic!("not recovered: {:?}", broker.status().identity_service));
     assert!(
         recovered - outage_end <= Duration::from_millis(2500),
         "served {:?} after the outage",

@@ -608,23 +608,38 @@ async fn a_100_mib_request_streams_through() {
 
 #[tokio::test]
 async fn a_streamed_body_over_the_limit_is_413() {
+    use tokio::io::AsyncWriteExt;
     let f = Fixture::start_with(|c| c.limits.max_body_bytes = Some(MIB as u64)).await;
-    let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..32)
-        .map(|_| Ok(Frame::data(Bytes::from(vec![b'z'; 64 * 1024]))))
-        .collect();
-    let request = Request::post(f.url("plain", "/fake/upload"))
-        .header("proxy-authorization", "Bearer billing-key")
-        .body(StreamBody::new(futures_util::stream::iter(chunks)))
-        .unwrap();
-    let client = Client::builder(TokioExecutor::new()).build_http();
-    let response = tokio::time::timeout(LONG, client.request(request))
+    // A raw connection: the proxy answers while the upload is still running, and an HTTP client
+    // would report its failed write (the proxy closes without reading the rest) instead.
+    let stream = tokio::net::TcpStream::connect(f.addr("plain"))
         .await
         .unwrap();
-    if let Ok(response) = response {
-        let (status, _, body) = read_all(response).await;
-        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body:?}");
-        assert_eq!(json(&body)["error"], "body_too_large");
-    }
+    let (mut answers, mut uploads) = stream.into_split();
+    uploads
+        .write_all(
+            b"POST /fake/upload HTTP/1.1\r\nHost: proxy\r\n\
+              Proxy-Authorization: Bearer billing-key\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // 17 chunks of 64 KiB (just over the limit), and no last chunk: only the limit can end it.
+    let upload = tokio::spawn(async move {
+        let chunk = [b'z'; 64 * 1024];
+        for _ in 0..17 {
+            let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            if uploads.write_all(&framed).await.is_err() {
+                break;
+            }
+        }
+        uploads
+    });
+    let (head, body, _) = tokio::time::timeout(LONG, support::read_answer(&mut answers))
+        .await
+        .expect("an answer while the upload runs");
+    assert!(head.starts_with("HTTP/1.1 413 "), "{head}\n\n{body}");
+    assert_eq!(json(body.as_bytes())["error"], "body_too_large", "{body}");
+    upload.abort();
 }
 
 #[tokio::test]
@@ -648,7 +663,7 @@ async fn an_upstream_401_on_a_get_renews_once_and_replays() {
     let f = Fixture::start().await;
     let (status, _, _) = http("GET", &f.url("plain", "/echo/a"), &[BILLING], "").await;
     assert_eq!(status, StatusCode::OK);
-    tokio::time::sleep(MIN_RENEW * 2).await;
+    // (no 401 renewed anything yet: min_renew_interval does not hold back the first one)
     f.emu.revoke_access_tokens();
     f.emu.reset_counters();
     let (status, _, body) = http("GET", &f.url("plain", "/echo/b"), &[BILLING], "").await;
@@ -724,7 +739,6 @@ async fn a_path_that_always_answers_401_cannot_drive_the_identity_service() {
 async fn a_small_body_is_replayed_but_a_streamed_one_is_not() {
     let f = Fixture::start().await;
     f.broker.token("billing").await.unwrap();
-    tokio::time::sleep(MIN_RENEW * 2).await;
     let (status, _, _) = http(
         "POST",
         &f.url("plain", "/fake/unauthorized-once"),
@@ -742,7 +756,6 @@ async fn a_small_body_is_replayed_but_a_streamed_one_is_not() {
 
     let f = Fixture::start().await;
     f.broker.token("billing").await.unwrap();
-    tokio::time::sleep(MIN_RENEW * 2).await;
     let chunks: Vec<Result<Frame<Bytes>, Infallible>> =
         vec![Ok(Frame::data(Bytes::from_static(b"streamed")))];
     let request = Request::post(f.url("plain", "/fake/unauthorized-once"))
@@ -837,7 +850,6 @@ async fn no_caller_key_or_token_in_trace_logs() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    tokio::time::sleep(MIN_RENEW * 2).await;
     f.emu.revoke_access_tokens();
     let (status, _, _) = http("GET", &f.url("plain", "/echo/d"), &[BILLING], "").await;
     assert_eq!(status, StatusCode::OK);
@@ -1138,6 +1150,7 @@ async fn an_http2_connection_never_parks() {
 async fn an_idle_keep_alive_connection_outlives_the_header_read_timeout() {
     // hyper's header timer runs while it waits for the next head, so without parking an idle
     // keep-alive connection was closed at header_read_timeout instead of at idle_timeout.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let f =
         Fixture::start_with(|c| c.limits.header_read_timeout = Duration::from_millis(1200)).await;
     let mut stream = tokio::net::TcpStream::connect(f.addr("plain"))
@@ -1150,7 +1163,15 @@ async fn an_idle_keep_alive_connection_outlives_the_header_read_timeout() {
             ("HTTP/1.1 200 OK", "ok"),
             "round {round}"
         );
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // A connection opened now with half a head is closed at header_read_timeout: by then
+        // this one has idled that long too.
+        let mut witness = tokio::net::TcpStream::connect(f.addr("plain"))
+            .await
+            .unwrap();
+        witness.write_all(&GET_FAKE[..20]).await.unwrap();
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(LONG, witness.read_to_end(&mut answer)).await;
+        assert!(closed.is_ok(), "round {round}: the witness is closed");
     }
     assert_eq!(parked(&f), 1.0);
 }

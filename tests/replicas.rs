@@ -154,7 +154,9 @@ async fn steady_traffic_over_ten_api_token_lifetimes_renews_once_per_period() {
     let started = Instant::now();
     let mut failed = Vec::new();
     let mut n = 0usize;
+    let mut pace = support::pace(Duration::from_millis(50));
     while started.elapsed() < Duration::from_secs(40) {
+        pace.tick().await;
         for i in cluster.running() {
             let status = cluster.request(i, n % 3).await;
             if status != 200 {
@@ -162,7 +164,6 @@ async fn steady_traffic_over_ten_api_token_lifetimes_renews_once_per_period() {
             }
             n += 1;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
@@ -218,11 +219,10 @@ async fn the_lease_holder_killed_mid_regenerate_is_taken_over() {
         vec![Operation::Regenerate],
         Some(1),
     ));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while cluster.counters().regenerate == 0 {
-        assert!(Instant::now() < deadline, "no regenerate started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_until(Duration::from_secs(15), "a regenerate started", || async {
+        cluster.counters().regenerate > 0
+    })
+    .await;
     let lease_key = format!("{KEY_PREFIX}lease:{}", caller_name(0));
     let owner = cluster
         .redis
@@ -242,7 +242,9 @@ async fn the_lease_holder_killed_mid_regenerate_is_taken_over() {
     let mut failed = 0;
     let mut renewed_after = None;
     let before = cluster.counters();
+    let mut pace = support::pace(Duration::from_millis(50));
     while killed_at.elapsed() < Duration::from_secs(8) {
+        pace.tick().await;
         for &i in &survivors {
             if cluster.request(i, 0).await != 200 {
                 failed += 1;
@@ -253,7 +255,6 @@ async fn the_lease_holder_killed_mid_regenerate_is_taken_over() {
         {
             renewed_after = Some(killed_at.elapsed());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(failed, 0, "requests failed on the survivors");
     let renewed_after = renewed_after.expect("a survivor renewed");
@@ -280,7 +281,9 @@ async fn a_redis_outage_longer_than_an_access_token_fails_no_request() {
     let started = Instant::now();
     let mut failed = Vec::new();
     let mut n = 0;
+    let mut pace = support::pace(Duration::from_millis(50));
     while started.elapsed() < Duration::from_secs(6) {
+        pace.tick().await;
         for i in cluster.running() {
             let status = cluster.request(i, n % 3).await;
             if status != 200 {
@@ -288,7 +291,6 @@ async fn a_redis_outage_longer_than_an_access_token_fails_no_request() {
             }
             n += 1;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(failed.is_empty(), "{failed:?}");
     let c = cluster.counters();
@@ -316,7 +318,9 @@ async fn a_redis_outage_longer_than_an_access_token_fails_no_request() {
     // Redis is back (empty: no persistence): the replicas publish and converge on one token
     cluster.redis.restart();
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pace = support::pace(Duration::from_millis(200));
     loop {
+        pace.tick().await;
         assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
         let mut converged = true;
         for (caller, before) in ids_before.iter().enumerate() {
@@ -333,7 +337,6 @@ async fn a_redis_outage_longer_than_an_access_token_fails_no_request() {
             Instant::now() < deadline,
             "replicas did not converge:\n{dump}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -375,7 +378,7 @@ async fn upstream_401s_on_three_replicas_cause_one_renewal() {
     assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
     let before = cluster.counters();
     assert_eq!(before.exchange, 1, "{before:?}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // no 401 renewed anything yet: min_renew_interval does not hold back the first one
     // the upstream stops accepting the shared access token: every replica sees 401s for it
     cluster.emulator.revoke_access_tokens();
     let statuses = cluster.spread(30).await;
@@ -411,14 +414,15 @@ async fn a_lease_without_a_ttl_is_taken_over_and_renewals_go_on() {
         .unwrap();
     let started = Instant::now();
     let mut failed = Vec::new();
+    let mut pace = support::pace(Duration::from_millis(50));
     while started.elapsed() < Duration::from_secs(5) {
+        pace.tick().await;
         for i in cluster.running() {
             let status = cluster.request(i, 0).await;
             if status != 200 {
                 failed.push((started.elapsed(), i, status));
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(failed.is_empty(), "{failed:?}");
     let c = cluster.counters();
@@ -488,14 +492,15 @@ async fn a_record_that_does_not_open_is_replaced_at_the_next_renewal_without_a_b
     // past the API token's refresh point, under requests
     let started = Instant::now();
     let mut failed = Vec::new();
+    let mut pace = support::pace(Duration::from_millis(50));
     while started.elapsed() < Duration::from_secs(5) {
+        pace.tick().await;
         for i in cluster.running() {
             let status = cluster.request(i, 0).await;
             if status != 200 {
                 failed.push((started.elapsed(), i, status));
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(failed.is_empty(), "{failed:?}");
     let mut warned = Vec::new();
@@ -545,11 +550,12 @@ async fn with_redis_stopped_the_store_is_retried_with_backoff() {
         cluster.logs(i);
     }
     let started = Instant::now();
+    let mut pace = support::pace(Duration::from_millis(100));
     while started.elapsed() < Duration::from_secs(6) {
+        pace.tick().await;
         for i in cluster.running() {
             assert_eq!(cluster.request(i, 0).await, 200);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for i in cluster.running() {
         // backoff from 50 ms doubling to 4 s: at most 8 attempts in 6 s
@@ -579,7 +585,9 @@ async fn load(
 ) -> Vec<u16> {
     let mut statuses = Vec::new();
     let mut n = 0;
+    let mut pace = support::pace(Duration::from_millis(20));
     while !*stop.borrow() {
+        pace.tick().await;
         let auth = format!("Bearer {}", support::cluster::caller_key(n % callers));
         let url = format!("http://{}/echo/x", proxies[n % proxies.len()]);
         let status =
@@ -589,7 +597,6 @@ async fn load(
             };
         statuses.push(status);
         n += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     statuses
 }
@@ -624,14 +631,15 @@ async fn a_new_seal_key_rolled_through_the_replicas_under_load_fails_nothing_and
     cluster.seal_keys = vec!["new.key".into(), "seal.key".into()];
     statuses.extend(cluster.roll(roll).await);
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pace = support::pace(Duration::from_millis(50));
     while !sealed_with(&cluster).await.iter().all(|id| *id == new) {
+        pace.tick().await;
         assert!(
             Instant::now() < deadline,
             "{:?}",
             sealed_with(&cluster).await
         );
         statuses.extend(cluster.spread(6).await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // then the old key dropped
     cluster.seal_keys = vec!["new.key".into()];

@@ -116,7 +116,6 @@ async fn a_lease_is_held_by_one_replica_and_only_its_owner_renews_or_releases_it
     // b cannot renew or release a's lease, even with a lease value of its own for the caller.
     assert!(b.release(other_caller).await.unwrap());
     let before = lease.valid_until();
-    tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(a.renew(&lease).await.unwrap());
     assert!(lease.valid_until() > before, "renewal moves the deadline");
     assert!(a.release(lease).await.unwrap());
@@ -185,13 +184,13 @@ async fn the_fenced_write_refuses_a_stale_generation_and_a_lost_lease() {
         .await
         .unwrap()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // B gets the lease once Redis expired A's
+    let lease_b = support::wait_for(Duration::from_secs(5), || async {
+        b.try_lease("billing", LEASE).await.unwrap()
+    })
+    .await
+    .expect("expired");
     assert!(short.valid_until() < Instant::now(), "A knows it ran out");
-    let lease_b = b
-        .try_lease("billing", LEASE)
-        .await
-        .unwrap()
-        .expect("expired");
     assert_eq!(
         b.write("billing", &lease_b, 2, &tokens(3)).await.unwrap(),
         WriteOutcome::Written(3)

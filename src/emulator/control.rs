@@ -14,11 +14,11 @@
 //!   `{"access_tokens": "all"}` or `{"admin_bearers": "all"}` (204)
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 
 use super::http::{json, no_content, read_body, ApiError, Response};
 use super::{Counters, Fault, Shared};

@@ -12,7 +12,9 @@
 //! reference also gives create's 400; its default `error` code fits the status and the endpoint
 //! (`[assume]`: the vendor publishes no codes for 403, 404, 429 or 5xx).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::header::{HeaderValue, RETRY_AFTER};
 use http::StatusCode;

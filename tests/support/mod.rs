@@ -5,7 +5,9 @@
 //! nothing of the emulator or the proxy.
 //!
 //! Every call opens a fresh connection (no pool), so one step of a test cannot leak a kept-alive
-//! connection into the next; `raw` speaks hand-written HTTP/1.1 for malformed requests.
+//! connection into the next; `raw` speaks hand-written HTTP/1.1 for malformed requests. Tests wait
+//! on conditions (`wait_for`, `eventually`, `wait_until`), never for a fixed time; `pace` spaces
+//! a stream of requests.
 
 #![allow(dead_code)]
 
@@ -144,22 +146,59 @@ pub async fn connection_refused(addr: SocketAddr) -> bool {
     )
 }
 
+/// Polls `check` every 50 ms until it yields a value; `None` if it did not within `limit`. On
+/// paused time the polls advance the clock.
+pub async fn wait_for<T, F, Fut>(limit: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        poll.tick().await;
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+    }
+}
+
 /// Polls `check` every 50 ms until it holds; false if it never did within `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(limit, || {
+        let holds = check();
+        async move { holds.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+/// Waits until `check` holds; panics naming `what` if it did not within `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(
+        eventually(limit, check).await,
+        "{what}: not within {limit:?}"
+    );
+}
+
+/// A pace for a stream of requests: `tick().await` returns at once the first time, then at most
+/// once per `period` (a late tick is not made up for).
+pub fn pace(period: Duration) -> tokio::time::Interval {
+    let mut pace = tokio::time::interval(period);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    pace
 }
 
 /// The body as JSON; panics with the body text if it is not JSON.
