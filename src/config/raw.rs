@@ -176,6 +176,9 @@ pub struct RawTelemetry {
 pub struct RawStore {
     pub kind: Option<String>,
     pub url: Option<String>,
+    pub sentinels: Option<Vec<String>>,
+    pub service_name: Option<String>,
+    pub cluster: Option<Vec<String>>,
     pub username: Option<String>,
     /// A secret reference, kept raw like `identity.client_secret`.
     pub password: Option<toml::Value>,
