@@ -195,8 +195,13 @@ pub struct AdminConfig {
     /// Time an admin connection has to send a request head (its first and each next one).
     pub header_read_timeout: Duration,
     /// SHA-256 digests of the keys that may read `/tokens` (`Authorization: Bearer <key>`).
-    /// Without any, only a peer on loopback may.
+    /// Without any (and no `cert_identities`), only a peer on loopback may.
     pub key_hashes: Vec<[u8; 32]>,
+    /// Serve TLS; with `client_ca`, a client certificate is verified when presented (never
+    /// required: probes and scrapers present none).
+    pub tls: Option<ServerTls>,
+    /// Client-certificate identities that may read `/tokens` (needs `tls.client_ca`).
+    pub cert_identities: Vec<CertIdentity>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -1218,6 +1218,49 @@ fn drain_and_the_admin_listeners_limits() {
         "admin.header_read_timeout",
         "must be longer than zero",
     );
+
+    // TLS and client-certificate identities for /tokens
+    let certs = repo("certs");
+    let tls = |client_ca: &str| {
+        format!(
+            "tls = {{ cert = \"{}\", key = \"{}\"{client_ca} }}\n",
+            certs.join("server.pem").display(),
+            certs.join("server.key").display()
+        )
+    };
+    let ca = format!(", client_ca = \"{}\"", certs.join("ca.pem").display());
+    let text = format!(
+        "{}\n[admin]\ncert_identities = [\"uri:spiffe://example.org/ops\", \"cn:ops\"]\n{}",
+        base(),
+        tls(&ca)
+    );
+    let admin = load(dir.path(), &text).unwrap().admin.unwrap();
+    assert_eq!(
+        admin.cert_identities,
+        [
+            CertIdentity::Uri("spiffe://example.org/ops".into()),
+            CertIdentity::Cn("ops".into())
+        ]
+    );
+    assert_eq!(admin.tls.unwrap().client_ca, Some(certs.join("ca.pem")));
+    let text = format!(
+        "{}\n[admin]\ncert_identities = [\"uri:spiffe://example.org/ops\"]\n{}",
+        base(),
+        tls("")
+    );
+    assert_problem(
+        &problems(&text),
+        "admin.cert_identities",
+        "needs admin.tls with a client_ca",
+    );
+    let text = format!(
+        "{}\n[admin]\ncert_identities = [\"ops\"]\ntls = {{ cert = \"{}\", key = \"missing.key\" }}\n",
+        base(),
+        certs.join("server.pem").display()
+    );
+    let all = problems(&text);
+    assert_problem(&all, "admin.cert_identities[0]", "is not \"uri:<uri>\"");
+    assert_problem(&all, "admin.tls.key", "missing.key");
 }
 
 #[test]

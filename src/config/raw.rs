@@ -73,6 +73,9 @@ pub struct RawAdmin {
     pub header_read_timeout: Option<RawDuration>,
     #[serde(default)]
     pub key_hashes: Vec<String>,
+    pub tls: Option<toml::Value>,
+    #[serde(default)]
+    pub cert_identities: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
