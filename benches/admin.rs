@@ -218,6 +218,7 @@ fn run(callers: usize) {
         let shutdown = Shutdown::new();
         let server = tokio::spawn(admin::serve(
             listener,
+            None,
             state,
             tokenbroker::server::ConnLimits::default(),
             shutdown.clone(),

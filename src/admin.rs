@@ -1,13 +1,14 @@
 //! Admin listener: `GET /healthz` (the process answers), `/readyz` (proxy listeners up and tokens
 //! warmed when so configured; why not, when the identity service refuses the client), `/metrics` (Prometheus text 0.0.4, or OpenMetrics when `Accept`
 //! asks for `application/openmetrics-text`) and `/tokens` (per-caller token
-//! status). It runs on its own port through [`server::serve`], with its own small connection limit
-//! and header timeout (`[admin] max_connections`, `header_read_timeout`), so that connections that
-//! say nothing cannot hold the process's file descriptors. It never shows a secret: `/tokens`
-//! carries ids, suffixes and expiry times only, and answers only a peer on loopback, or one
-//! presenting an admin key (`Authorization: Bearer <key>`, `[admin] key_hashes`; once keys are
-//! configured, every peer needs one). `/healthz`, `/readyz` and `/metrics` are open to whoever
-//! reaches the port (probes and scrapers).
+//! status). It runs on its own port through [`server::serve`] (over TLS with `[admin] tls`), with
+//! its own small connection limit and header timeout (`[admin] max_connections`,
+//! `header_read_timeout`), so that connections that say nothing cannot hold the process's file
+//! descriptors. It never shows a secret: `/tokens` carries ids, suffixes and expiry times only,
+//! and answers only a peer on loopback, or, once `[admin] key_hashes` or `cert_identities` are
+//! configured, only a peer presenting an admin key (`Authorization: Bearer <key>`) or a client
+//! certificate with one of those identities (verified against `tls.client_ca`). `/healthz`,
+//! `/readyz` and `/metrics` are open to whoever reaches the port (probes and scrapers).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,8 +24,10 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::broker::Broker;
+use crate::config::CertIdentity;
 use crate::metrics::{self, CallerKindLabels, Metrics};
-use crate::server::{self, ConnLimits, Shutdown};
+use crate::server::{self, ClientCert, ConnLimits, Shutdown};
+use crate::tls::server::ListenerTls;
 
 /// What the admin endpoints look at.
 pub struct AdminState {
@@ -33,8 +36,15 @@ pub struct AdminState {
     /// True while the proxy listeners are bound and accepting (false before start and while
     /// draining at shutdown).
     pub listening: AtomicBool,
-    /// SHA-256 digests of the admin keys (`[admin] key_hashes`), replaced on reload.
-    keys: ArcSwap<Vec<[u8; 32]>>,
+    /// Who may read `/tokens` (`[admin] key_hashes`, `cert_identities`), replaced on reload.
+    allowed: ArcSwap<Allowed>,
+}
+
+/// The admin keys' SHA-256 digests and the client-certificate identities that may read `/tokens`.
+#[derive(Debug, Default)]
+pub struct Allowed {
+    pub key_hashes: Vec<[u8; 32]>,
+    pub cert_identities: Vec<CertIdentity>,
 }
 
 impl AdminState {
@@ -43,34 +53,50 @@ impl AdminState {
             broker,
             metrics,
             listening: AtomicBool::new(false),
-            keys: ArcSwap::from_pointee(Vec::new()),
+            allowed: ArcSwap::from_pointee(Allowed::default()),
         })
     }
 
-    /// The admin keys in force from now on.
-    pub fn set_keys(&self, keys: Vec<[u8; 32]>) {
-        self.keys.store(Arc::new(keys));
+    /// The admin keys and certificate identities in force from now on.
+    pub fn set_allowed(&self, allowed: Allowed) {
+        self.allowed.store(Arc::new(allowed));
     }
 
     pub fn is_ready(&self) -> bool {
         self.listening.load(Ordering::Acquire) && self.broker.is_ready()
     }
 
-    /// Whether a request from `peer` with this `Authorization` may read `/tokens`.
-    fn may_read_tokens(&self, peer: SocketAddr, authorization: Option<&[u8]>) -> Access {
-        access(&self.keys.load(), peer, authorization)
+    /// Whether a request from `peer` with this `Authorization` and client certificate may read
+    /// `/tokens`.
+    fn may_read_tokens(
+        &self,
+        peer: SocketAddr,
+        authorization: Option<&[u8]>,
+        cert: &[CertIdentity],
+    ) -> Access {
+        access(&self.allowed.load(), peer, authorization, cert)
     }
 }
 
-/// Who may read `/tokens`: with no admin key configured, a peer on loopback; with keys, whoever
-/// presents one (`Bearer <key>`), from anywhere.
-fn access(keys: &[[u8; 32]], peer: SocketAddr, authorization: Option<&[u8]>) -> Access {
-    if keys.is_empty() {
+/// Who may read `/tokens`: with no admin key and no certificate identity configured, a peer on
+/// loopback; with either, whoever presents a key (`Bearer <key>`) or a verified client
+/// certificate with one of the identities, from anywhere.
+fn access(
+    allowed: &Allowed,
+    peer: SocketAddr,
+    authorization: Option<&[u8]>,
+    cert: &[CertIdentity],
+) -> Access {
+    let keys = &allowed.key_hashes;
+    if keys.is_empty() && allowed.cert_identities.is_empty() {
         return if peer.ip().is_loopback() {
             Access::Granted
         } else {
             Access::LoopbackOnly
         };
+    }
+    if cert.iter().any(|id| allowed.cert_identities.contains(id)) {
+        return Access::Granted;
     }
     let Some(key) = authorization.and_then(|a| a.strip_prefix(b"Bearer ")) else {
         return Access::NeedsKey;
@@ -87,9 +113,11 @@ fn access(keys: &[[u8; 32]], peer: SocketAddr, authorization: Option<&[u8]>) -> 
     }
 }
 
-/// Serves the admin endpoints on `listener` within `limits` until `shutdown`.
+/// Serves the admin endpoints on `listener` (over TLS with `tls`) within `limits` until
+/// `shutdown`.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<ListenerTls>,
     state: Arc<AdminState>,
     limits: ConnLimits,
     shutdown: Shutdown,
@@ -104,10 +132,12 @@ pub async fn serve(
                 .and_then(|v| v.to_str().ok());
             if req.uri().path() == "/tokens" {
                 let authorization = req.headers().get(header::AUTHORIZATION);
-                match state.may_read_tokens(peer, authorization.map(|v| v.as_bytes())) {
+                let cert = req.extensions().get::<ClientCert>().map(|c| c.0.clone());
+                let cert = cert.as_deref().map_or(&[][..], Vec::as_slice);
+                match state.may_read_tokens(peer, authorization.map(|v| v.as_bytes()), cert) {
                     Access::Granted => {}
                     Access::NeedsKey => {
-                        let mut r = text(StatusCode::UNAUTHORIZED, "an admin key is needed: Authorization: Bearer <key>\n");
+                        let mut r = text(StatusCode::UNAUTHORIZED, "an admin key (Authorization: Bearer <key>) or an admin client certificate is needed\n");
                         r.headers_mut().insert(
                             header::WWW_AUTHENTICATE,
                             http::HeaderValue::from_static("Bearer"),
@@ -117,7 +147,7 @@ pub async fn serve(
                     Access::LoopbackOnly => {
                         return text(
                             StatusCode::FORBIDDEN,
-                            "/tokens answers loopback only while no [admin] key_hashes are configured\n",
+                            "/tokens answers loopback only while no [admin] key_hashes or cert_identities are configured\n",
                         )
                     }
                 }
@@ -125,7 +155,7 @@ pub async fn serve(
             respond(&state, req.method(), req.uri().path(), accept)
         }
     };
-    server::serve(listener, handler, limits, shutdown, grace).await;
+    server::serve(listener, tls, handler, limits, shutdown, grace).await;
 }
 
 /// Who may read `/tokens`.
@@ -249,29 +279,69 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokens_answer_loopback_without_keys_and_a_key_holder_with_them() {
+    fn tokens_answer_loopback_without_keys_and_a_key_or_certificate_holder_with_them() {
         let local: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         let local6: SocketAddr = "[::1]:4000".parse().unwrap();
         let remote: SocketAddr = "10.1.2.3:4000".parse().unwrap();
-        assert_eq!(access(&[], local, None), Access::Granted);
-        assert_eq!(access(&[], local6, None), Access::Granted);
-        assert_eq!(access(&[], remote, None), Access::LoopbackOnly);
+        let ops = CertIdentity::Uri("spiffe://example.org/ops".into());
+        let other = CertIdentity::Dns("billing.example.org".into());
+        let none = Allowed::default();
+        assert_eq!(access(&none, local, None, &[]), Access::Granted);
+        assert_eq!(access(&none, local6, None, &[]), Access::Granted);
+        assert_eq!(access(&none, remote, None, &[]), Access::LoopbackOnly);
         assert_eq!(
-            access(&[], remote, Some(b"Bearer anything")),
+            access(&none, remote, Some(b"Bearer anything"), &[]),
             Access::LoopbackOnly,
             "no key can be right while none is configured"
         );
-        let keys = [
-            crate::config::key_hash(b"other"),
-            crate::config::key_hash(b"k3y"),
-        ];
+        assert_eq!(
+            access(&none, remote, None, std::slice::from_ref(&ops)),
+            Access::LoopbackOnly,
+            "no certificate can be right while no identity is configured"
+        );
+        let keys = Allowed {
+            key_hashes: vec![
+                crate::config::key_hash(b"other"),
+                crate::config::key_hash(b"k3y"),
+            ],
+            cert_identities: Vec::new(),
+        };
         for peer in [local, remote] {
-            assert_eq!(access(&keys, peer, Some(b"Bearer k3y")), Access::Granted);
-            assert_eq!(access(&keys, peer, Some(b"Bearer other")), Access::Granted);
-            assert_eq!(access(&keys, peer, None), Access::NeedsKey, "loopback too");
-            assert_eq!(access(&keys, peer, Some(b"Bearer k3")), Access::NeedsKey);
-            assert_eq!(access(&keys, peer, Some(b"Basic k3y")), Access::NeedsKey);
-            assert_eq!(access(&keys, peer, Some(b"k3y")), Access::NeedsKey);
+            let a = |auth: Option<&[u8]>| access(&keys, peer, auth, &[]);
+            assert_eq!(a(Some(b"Bearer k3y")), Access::Granted);
+            assert_eq!(a(Some(b"Bearer other")), Access::Granted);
+            assert_eq!(a(None), Access::NeedsKey, "loopback too");
+            assert_eq!(a(Some(b"Bearer k3")), Access::NeedsKey);
+            assert_eq!(a(Some(b"Basic k3y")), Access::NeedsKey);
+            assert_eq!(a(Some(b"k3y")), Access::NeedsKey);
+            assert_eq!(
+                access(&keys, peer, None, std::slice::from_ref(&ops)),
+                Access::NeedsKey,
+                "a certificate counts only with cert_identities"
+            );
+        }
+        let certs = Allowed {
+            key_hashes: Vec::new(),
+            cert_identities: vec![ops.clone()],
+        };
+        for peer in [local, remote] {
+            assert_eq!(
+                access(&certs, peer, None, &[other.clone(), ops.clone()]),
+                Access::Granted
+            );
+            assert_eq!(
+                access(&certs, peer, None, std::slice::from_ref(&other)),
+                Access::NeedsKey
+            );
+            assert_eq!(
+                access(&certs, peer, None, &[]),
+                Access::NeedsKey,
+                "loopback too"
+            );
+            assert_eq!(
+                access(&certs, peer, Some(b"Bearer k3y"), &[]),
+                Access::NeedsKey
+            );
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, Allowed};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{self, Config, ConfigError, ConfigErrors, LoggingConfig};
 use crate::emulator::{Emulator, EmulatorConfig};
@@ -26,7 +26,7 @@ use crate::metrics::{Metrics, OutcomeLabels};
 use crate::proxy::{ListenerTls, ProxyHandle, StartError as ProxyStartError};
 use crate::server::{ConnLimits, Shutdown};
 use crate::telemetry::Telemetry;
-use crate::tls;
+use crate::tls::{self, server::ClientCerts};
 
 /// How often `run` looks at the config file, the secret files it names and the TLS listeners'
 /// files for a change (then reloads the config, or the certificates alone).
@@ -56,6 +56,13 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     }
     if old.admin.as_ref().map(|a| a.addr) != new.admin.as_ref().map(|a| a.addr) {
         kept.push("admin.address");
+    }
+    let admin_tls = |c: &Config| c.admin.as_ref().map(|a| a.tls.is_some());
+    if admin_tls(old) != admin_tls(new) {
+        if let (Some(old), Some(new)) = (&old.admin, &mut new.admin) {
+            new.tls = old.tls.clone();
+        }
+        kept.push("admin.tls");
     }
     if old.limits.max_connections != new.limits.max_connections {
         new.limits.max_connections = old.limits.max_connections;
@@ -96,6 +103,14 @@ fn stamp(path: &std::path::Path) -> FileStamp {
     ))
 }
 
+/// Who may read `/tokens` under `admin`'s settings.
+fn allowed(admin: &crate::config::AdminConfig) -> Allowed {
+    Allowed {
+        key_hashes: admin.key_hashes.clone(),
+        cert_identities: admin.cert_identities.clone(),
+    }
+}
+
 /// Why the process could not start serving.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -108,10 +123,14 @@ pub enum StartError {
     Broker(#[from] BrokerError),
     #[error("proxy: {0}")]
     Proxy(#[from] ProxyStartError),
+    #[error("admin.tls.{}: {}", .0.file.key(), .0.message)]
+    AdminTls(tls::server::TlsError),
 }
 
 struct AdminTask {
     state: Arc<AdminState>,
+    /// With `[admin] tls`: the config in force, replaced on reload.
+    tls: Option<ListenerTls>,
     shutdown: Shutdown,
     task: JoinHandle<()>,
 }
@@ -146,6 +165,13 @@ impl AppHandle {
                 })?),
                 None => None,
             };
+        let admin_tls = match config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+            Some(files) => Some(ListenerTls::new(
+                tls::server::server_config_for(files, ClientCerts::Optional)
+                    .map_err(StartError::AdminTls)?,
+            )),
+            None => None,
+        };
         let broker = Broker::start(&config, metrics.clone()).await?;
         let proxy_shutdown = Shutdown::new();
         let proxy = match ProxyHandle::start(
@@ -168,7 +194,7 @@ impl AppHandle {
             .zip(config.admin.as_ref())
             .map(|(listener, a)| {
                 let state = AdminState::new(broker.clone(), metrics.clone());
-                state.set_keys(a.key_hashes.clone());
+                state.set_allowed(allowed(a));
                 state.listening.store(true, Ordering::Release);
                 let shutdown = Shutdown::new();
                 let limits = ConnLimits {
@@ -178,6 +204,7 @@ impl AppHandle {
                 let grace = config.limits.shutdown_grace;
                 let task = tokio::spawn(admin::serve(
                     listener,
+                    admin_tls.clone(),
                     state.clone(),
                     limits,
                     shutdown.clone(),
@@ -185,6 +212,7 @@ impl AppHandle {
                 ));
                 AdminTask {
                     state,
+                    tls: admin_tls,
                     shutdown,
                     task,
                 }
@@ -211,11 +239,15 @@ impl AppHandle {
         self.record_certificates(config);
     }
 
-    /// Sets each TLS listener's certificate expiry from its certificate file.
+    /// Sets each TLS listener's certificate expiry from its certificate file (the admin
+    /// listener's as `admin`).
     fn record_certificates(&self, config: &Config) {
-        for l in &config.listeners {
-            if let Some(not_after) = l.tls.as_ref().and_then(|t| tls::server::not_after(&t.cert)) {
-                self.metrics.config.certificate(&l.name, not_after);
+        let admin = config.admin.as_ref().and_then(|a| a.tls.as_ref());
+        let listeners = config.listeners.iter();
+        let tls = listeners.filter_map(|l| Some((l.name.as_str(), l.tls.as_ref()?)));
+        for (name, files) in tls.chain(admin.map(|t| ("admin", t))) {
+            if let Some(not_after) = tls::server::not_after(&files.cert) {
+                self.metrics.config.certificate(name, not_after);
             }
         }
     }
@@ -319,10 +351,12 @@ impl AppHandle {
     /// The stamp of every TLS file of the config in force: when it changes, the files did.
     fn tls_files_stamp(&self) -> Vec<FileStamp> {
         let config = self.config();
+        let admin = config.admin.as_ref().and_then(|a| a.tls.as_ref());
         let files = config
             .listeners
             .iter()
             .filter_map(|l| l.tls.as_ref())
+            .chain(admin)
             .flat_map(|t| [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()]);
         files.map(|p| p.and_then(|p| stamp(p))).collect()
     }
@@ -357,9 +391,8 @@ impl AppHandle {
             listener.replace(config);
         }
         self.broker.reconfigure(&new);
-        if let Some(admin) = &self.admin {
-            let keys = new.admin.as_ref().map(|a| a.key_hashes.clone());
-            admin.state.set_keys(keys.unwrap_or_default());
+        if let (Some(admin), Some(a)) = (&self.admin, &new.admin) {
+            admin.state.set_allowed(allowed(a));
         }
         *self.config.lock().expect("config lock") = new;
         Ok(())
@@ -395,6 +428,18 @@ impl AppHandle {
                 Err(e) => problems.push(ConfigError {
                     file: new.source.clone().unwrap_or_default(),
                     key: format!("listener[{i}].tls.{}", e.file.key()),
+                    message: e.message,
+                }),
+            }
+        }
+        let admin = self.admin.as_ref().and_then(|a| a.tls.as_ref());
+        let files = new.admin.as_ref().and_then(|a| a.tls.as_ref());
+        if let (Some(current), Some(files)) = (admin, files) {
+            match tls::server::server_config_for(files, ClientCerts::Optional) {
+                Ok(config) => loaded.push((current.clone(), config)),
+                Err(e) => problems.push(ConfigError {
+                    file: new.source.clone().unwrap_or_default(),
+                    key: format!("admin.tls.{}", e.file.key()),
                     message: e.message,
                 }),
             }

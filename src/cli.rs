@@ -244,7 +244,21 @@ pub fn summary(c: &Config) -> String {
             format!("admin on {}", a.addr)
         });
     let store = match (c.store.redis(), &c.store.seal_keys) {
-        (Some(r), _) => format!("store redis (prefix {}, lease {:?})", r.key_prefix, r.lease),
+        (Some(r), _) => {
+            let servers = match &r.servers {
+                crate::config::RedisServers::Single(_) => "redis".to_string(),
+                crate::config::RedisServers::Sentinel { sentinels, .. } => {
+                    format!("redis via {} sentinels", sentinels.len())
+                }
+                crate::config::RedisServers::Cluster(nodes) => {
+                    format!("redis cluster ({} seed nodes)", nodes.len())
+                }
+            };
+            format!(
+                "store {servers} (prefix {}, lease {:?})",
+                r.key_prefix, r.lease
+            )
+        }
         (None, Some(_)) => "store local (sealed)".to_string(),
         (None, None) => "store local".to_string(),
     };

@@ -195,8 +195,13 @@ pub struct AdminConfig {
     /// Time an admin connection has to send a request head (its first and each next one).
     pub header_read_timeout: Duration,
     /// SHA-256 digests of the keys that may read `/tokens` (`Authorization: Bearer <key>`).
-    /// Without any, only a peer on loopback may.
+    /// Without any (and no `cert_identities`), only a peer on loopback may.
     pub key_hashes: Vec<[u8; 32]>,
+    /// Serve TLS; with `client_ca`, a client certificate is verified when presented (never
+    /// required: probes and scrapers present none).
+    pub tls: Option<ServerTls>,
+    /// Client-certificate identities that may read `/tokens` (needs `tls.client_ca`).
+    pub cert_identities: Vec<CertIdentity>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -410,11 +415,44 @@ pub enum StoreKind {
     Redis(RedisConfig),
 }
 
+/// The Redis servers that hold the shared store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisServers {
+    /// `url`: one server, `redis://host:port/db` or `rediss://host:port/db`.
+    Single(String),
+    /// `sentinels` + `service_name`: the master the sentinels name, followed through failovers.
+    Sentinel {
+        /// The sentinels' URLs (`redis://host:26379`); the scheme says whether the master and
+        /// its sentinels speak TLS.
+        sentinels: Vec<String>,
+        /// The master's name in the sentinels' config (`sentinel monitor <name> ...`).
+        service_name: String,
+    },
+    /// `cluster`: a Redis Cluster, found through any of these nodes' URLs.
+    Cluster(Vec<String>),
+}
+
+impl RedisServers {
+    /// Every URL configured (one for a single server).
+    pub fn urls(&self) -> &[String] {
+        match self {
+            RedisServers::Single(url) => std::slice::from_ref(url),
+            RedisServers::Sentinel { sentinels, .. } => sentinels,
+            RedisServers::Cluster(nodes) => nodes,
+        }
+    }
+
+    /// Whether the servers speak TLS (`rediss://`).
+    pub fn tls(&self) -> bool {
+        self.urls().iter().any(|u| u.starts_with("rediss://"))
+    }
+}
+
 /// `[store] kind = "redis"`.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://host:port/db` or `rediss://host:port/db`, without credentials.
-    pub url: String,
+    /// One server, a master behind sentinels, or a cluster; URLs without credentials.
+    pub servers: RedisServers,
     /// ACL user name; `None` authenticates as the default user (or not at all).
     pub username: Option<String>,
     pub password: Option<Secret>,

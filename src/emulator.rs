@@ -229,6 +229,7 @@ impl Emulator {
             let handler = move |req, _peer| echo::handle(handler_shared.clone(), req);
             tokio::spawn(serve(
                 listener,
+                None,
                 handler,
                 ConnLimits::default(),
                 shutdown.clone(),

@@ -3,7 +3,6 @@
 //!
 //! - [`listener`]: accept loops, connection limits, idle timeout, graceful drain
 //! - [`io`]: the watched client stream (activity, HTTP/1 framing, parking, hyper's refusals)
-//! - [`tls`]: server and client TLS configs, client-certificate identities
 //! - [`target`]: the canonical path and authority, the one view of the request target
 //! - [`identify`]: who is calling
 //! - [`route`]: where it goes (on the canonical target)
@@ -30,7 +29,6 @@ pub mod rewrite;
 pub mod route;
 pub mod service;
 pub mod target;
-pub mod tls;
 pub mod upgrade;
 
 use std::future::Future;
@@ -46,6 +44,7 @@ use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
 use crate::server::Shutdown;
 
+pub use crate::tls::server::ListenerTls;
 pub use error::ProxyError;
 pub use forward::ProxyBody;
 pub use identify::{identify, Callers, ConnIdentity};
@@ -53,7 +52,6 @@ pub use rewrite::{rewrite_request, rewrite_response, Forwarded};
 pub use route::{Route, Routes};
 pub use service::{check_head, find_route, ConnInfo};
 pub use target::Target;
-pub use tls::ListenerTls;
 
 /// Why the proxy could not start (or a new config could not be applied).
 #[derive(Debug, thiserror::Error)]

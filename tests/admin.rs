@@ -3,6 +3,8 @@
 //! SIGHUP to `tokenbroker run`), and the `tokenbroker dev` demo. The identity service is the real
 //! emulator; the upstream is its echo.
 
+#[path = "support/proxy_config.rs"]
+mod proxy_config;
 mod support;
 
 use std::net::SocketAddr;
@@ -765,6 +767,91 @@ async fn tokens_need_an_admin_key_once_keys_are_configured() {
     std::fs::write(&path, &plain).unwrap();
     app.reload().unwrap();
     assert_eq!(tokens(None).await.0, 200, "loopback, no key configured");
+
+    app.shutdown().await;
+    emulator.shutdown().await;
+}
+
+/// `GET <path>` over TLS to the admin listener, with the dev client certificate `cert`
+/// (`certs/<cert>.pem`) if given: the status, or the transport error.
+async fn tls_get(
+    addr: SocketAddr,
+    path: &str,
+    cert: Option<&str>,
+) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = proxy_config::try_tls_connect(addr, cert).await?;
+    let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(head.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT, tls.read_to_end(&mut answer)).await;
+    read.map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3)?.parse().ok())
+        .ok_or_else(|| format!("no status line: {text}"))?;
+    Ok((status, text))
+}
+
+/// With `[admin] tls` and `cert_identities`, the admin listener speaks TLS only; probes and
+/// scrapers need no certificate, `/tokens` needs one with a listed identity (or a key); a
+/// certificate from another CA is refused in the handshake; a reload changes who may read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_answer_an_admin_client_certificate_over_tls() {
+    let emulator = emulator().await;
+    let certs = proxy_config::certs();
+    let plain = config_text(&emulator, "");
+    let with_tls = |identity: &str| {
+        plain.replace(
+            "[admin]\naddress = \"127.0.0.1:0\"\n",
+            &format!(
+                "[admin]\naddress = \"127.0.0.1:0\"\ncert_identities = [\"{identity}\"]\n\
+                 tls = {{ cert = \"{cert}\", key = \"{key}\", client_ca = \"{ca}\" }}\n",
+                cert = certs.join("server.pem").display(),
+                key = certs.join("server.key").display(),
+                ca = certs.join("ca.pem").display(),
+            ),
+        )
+    };
+    let (_dir, path) = folder(&with_tls("uri:spiffe://tokenbroker.dev/demo"));
+    let app = start(&path).await;
+    let admin = app.admin_addr().unwrap();
+
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        let (status, text) = tls_get(admin, open, None).await.unwrap();
+        assert_eq!(status, 200, "{open}: {text}");
+    }
+    let (_, metrics) = tls_get(admin, "/metrics", None).await.unwrap();
+    assert!(
+        metrics
+            .contains("tokenbroker_tls_certificate_expiry_timestamp_seconds{listener=\"admin\"}"),
+        "{metrics}"
+    );
+    let (status, text) = tls_get(admin, "/tokens", None).await.unwrap();
+    assert_eq!(status, 401, "no certificate: {text}");
+    assert!(!text.contains("\"caller\""), "{text}");
+    let (status, text) = tls_get(admin, "/tokens", Some("client")).await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"caller\": \"svc\""), "{text}");
+    // signed by another CA: the handshake fails, nothing is answered
+    assert!(tls_get(admin, "/tokens", Some("untrusted-client"))
+        .await
+        .is_err());
+    // plain HTTP on the TLS port gets no answer
+    assert!(
+        support::try_http("GET", &format!("http://{admin}/healthz"), &[], "")
+            .await
+            .is_err()
+    );
+
+    std::fs::write(&path, with_tls("dns:someone-else.example")).unwrap();
+    app.reload().unwrap();
+    let (status, _) = tls_get(admin, "/tokens", Some("client")).await.unwrap();
+    assert_eq!(status, 401, "the identity is no longer listed");
 
     app.shutdown().await;
     emulator.shutdown().await;

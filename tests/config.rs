@@ -881,7 +881,10 @@ fn a_redis_store_is_read_with_its_defaults_and_files() {
     );
     let c = load(dir.path(), &text).unwrap_or_else(|e| panic!("{e:?}"));
     let r = c.store.redis().expect("redis");
-    assert_eq!(r.url, "rediss://localhost:6380/2");
+    assert_eq!(
+        r.servers,
+        config::RedisServers::Single("rediss://localhost:6380/2".into())
+    );
     assert_eq!(r.username.as_deref(), Some("tb"));
     assert_eq!(r.password.as_ref().unwrap().expose(), "redis-pw-value");
     assert_eq!(r.key_prefix, "tokenbroker:prod:");
@@ -1043,6 +1046,103 @@ fn store_problems_are_reported_with_their_keys_and_echo_no_secret() {
 }
 
 #[test]
+fn a_store_behind_sentinels_or_in_a_cluster_is_read_and_checked() {
+    let dir = folder();
+    std::fs::write(dir.path().join("seal.key"), gen_seal_key()).unwrap();
+    let store = |keys: &str| {
+        format!(
+            "{}\n[store]\nkind = \"redis\"\nseal_key = {{ file = \"seal.key\" }}\n{keys}\n",
+            base()
+        )
+    };
+    let c = load(
+        dir.path(),
+        &store(
+            "sentinels = [\"redis://10.0.0.1:26379\", \"redis://10.0.0.2:26379\"]\n\
+             service_name = \"tokenbroker\"",
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(
+        c.store.redis().unwrap().servers,
+        config::RedisServers::Sentinel {
+            sentinels: vec![
+                "redis://10.0.0.1:26379".into(),
+                "redis://10.0.0.2:26379".into()
+            ],
+            service_name: "tokenbroker".into(),
+        }
+    );
+    let c = load(
+        dir.path(),
+        &store("cluster = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000/0\"]"),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(
+        c.store.redis().unwrap().servers,
+        config::RedisServers::Cluster(vec![
+            "redis://10.0.0.1:7000".into(),
+            "redis://10.0.0.2:7000/0".into()
+        ])
+    );
+
+    for (keys, key, words) in [
+        (
+            "url = \"redis://a\"\ncluster = [\"redis://b\"]",
+            "store.url",
+            "only one of url, sentinels and cluster",
+        ),
+        (
+            "sentinels = [\"redis://a:26379\"]",
+            "store.service_name",
+            "missing",
+        ),
+        (
+            "url = \"redis://a\"\nservice_name = \"m\"",
+            "store.service_name",
+            "only used with sentinels",
+        ),
+        ("cluster = []", "store.cluster", "at least one URL"),
+        (
+            "cluster = [\"redis://a\", \"rediss://b\"]",
+            "store.cluster",
+            "one scheme",
+        ),
+        (
+            "cluster = [\"redis://a\", \"redis://:pw-in-url@b\"]",
+            "store.cluster[1]",
+            "must not carry credentials",
+        ),
+        (
+            "cluster = [\"redis://a/2\"]",
+            "store.cluster[0]",
+            "database 0 only",
+        ),
+        (
+            "sentinels = [\"redis://a:26379/1\"]\nservice_name = \"m\"",
+            "store.sentinels[0]",
+            "has no database",
+        ),
+        (
+            "cluster = [\"redis://a\"]\nkey_prefix = \"tb:{x}:\"",
+            "store.key_prefix",
+            "hash tag",
+        ),
+    ] {
+        let all = load(dir.path(), &store(keys)).unwrap_err();
+        assert_problem(&all, key, words);
+        let shown: String = all.iter().map(|p| format!("{p}\n")).collect();
+        assert!(!shown.contains("pw-in-url"), "{shown}");
+    }
+    let text = format!("{}\n[store]\ncluster = [\"redis://a\"]\n", base());
+    assert_problem(
+        &load(dir.path(), &text).unwrap_err(),
+        "store.cluster",
+        "only used with kind = \"redis\"",
+    );
+}
+
+#[test]
 fn upgrades_merge_slashes_and_canonical_prefixes() {
     let dir = folder();
     let text = format!(
@@ -1118,6 +1218,49 @@ fn drain_and_the_admin_listeners_limits() {
         "admin.header_read_timeout",
         "must be longer than zero",
     );
+
+    // TLS and client-certificate identities for /tokens
+    let certs = repo("certs");
+    let tls = |client_ca: &str| {
+        format!(
+            "tls = {{ cert = \"{}\", key = \"{}\"{client_ca} }}\n",
+            certs.join("server.pem").display(),
+            certs.join("server.key").display()
+        )
+    };
+    let ca = format!(", client_ca = \"{}\"", certs.join("ca.pem").display());
+    let text = format!(
+        "{}\n[admin]\ncert_identities = [\"uri:spiffe://example.org/ops\", \"cn:ops\"]\n{}",
+        base(),
+        tls(&ca)
+    );
+    let admin = load(dir.path(), &text).unwrap().admin.unwrap();
+    assert_eq!(
+        admin.cert_identities,
+        [
+            CertIdentity::Uri("spiffe://example.org/ops".into()),
+            CertIdentity::Cn("ops".into())
+        ]
+    );
+    assert_eq!(admin.tls.unwrap().client_ca, Some(certs.join("ca.pem")));
+    let text = format!(
+        "{}\n[admin]\ncert_identities = [\"uri:spiffe://example.org/ops\"]\n{}",
+        base(),
+        tls("")
+    );
+    assert_problem(
+        &problems(&text),
+        "admin.cert_identities",
+        "needs admin.tls with a client_ca",
+    );
+    let text = format!(
+        "{}\n[admin]\ncert_identities = [\"ops\"]\ntls = {{ cert = \"{}\", key = \"missing.key\" }}\n",
+        base(),
+        certs.join("server.pem").display()
+    );
+    let all = problems(&text);
+    assert_problem(&all, "admin.cert_identities[0]", "is not \"uri:<uri>\"");
+    assert_problem(&all, "admin.tls.key", "missing.key");
 }
 
 #[test]

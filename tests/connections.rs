@@ -62,6 +62,8 @@ impl Fixture {
                 max_connections: config::DEFAULT_ADMIN_MAX_CONNECTIONS,
                 header_read_timeout: config::DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
                 key_hashes: vec![],
+                tls: None,
+                cert_identities: vec![],
             }),
             callers: vec![caller("alice", "alice-key", vec![])],
             routes: vec![route(

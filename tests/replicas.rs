@@ -681,7 +681,7 @@ async fn a_lease_held_past_twice_its_ttl_is_taken_over() {
     // another program takes the caller's lease and keeps renewing it, for ever
     let squatter = tokenbroker::broker::store::RedisStore::connect(
         &tokenbroker::config::RedisConfig {
-            url: cluster.redis.url(),
+            servers: tokenbroker::config::RedisServers::Single(cluster.redis.url()),
             username: None,
             password: None,
             key_prefix: KEY_PREFIX.to_string(),

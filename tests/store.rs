@@ -28,7 +28,7 @@ const NO_HANG: Duration = Duration::from_secs(5);
 
 fn config(server: &RedisServer, key: &SealKey) -> RedisConfig {
     RedisConfig {
-        url: server.url(),
+        servers: tokenbroker::config::RedisServers::Single(server.url()),
         username: None,
         password: None,
         key_prefix: PREFIX.to_string(),

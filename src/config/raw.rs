@@ -73,6 +73,9 @@ pub struct RawAdmin {
     pub header_read_timeout: Option<RawDuration>,
     #[serde(default)]
     pub key_hashes: Vec<String>,
+    pub tls: Option<toml::Value>,
+    #[serde(default)]
+    pub cert_identities: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +179,9 @@ pub struct RawTelemetry {
 pub struct RawStore {
     pub kind: Option<String>,
     pub url: Option<String>,
+    pub sentinels: Option<Vec<String>>,
+    pub service_name: Option<String>,
+    pub cluster: Option<Vec<String>>,
     pub username: Option<String>,
     /// A secret reference, kept raw like `identity.client_secret`.
     pub password: Option<toml::Value>,

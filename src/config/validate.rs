@@ -405,23 +405,42 @@ impl Checker {
         None
     }
 
+    /// `<key> = { cert, key, client_ca }`, every file readable and usable.
+    fn server_tls(&mut self, key: &str, value: toml::Value) -> Option<ServerTls> {
+        let before = self.problems.len();
+        let t: RawTls = self.read(value, key)?;
+        let cert = self.required(&join(key, "cert"), t.cert);
+        let private_key = self.required(&join(key, "key"), t.key);
+        let tls = ServerTls {
+            cert: self.readable_file(&join(key, "cert"), cert)?,
+            key: self.readable_file(&join(key, "key"), private_key)?,
+            client_ca: self.readable_file(&join(key, "client_ca"), t.client_ca),
+        };
+        if self.problems.len() == before {
+            self.tls_files(key, &tls);
+        }
+        Some(tls)
+    }
+
+    /// `<key>.cert_identities`: each `uri:<uri>`, `dns:<name>` or `cn:<name>`.
+    fn cert_identities(&mut self, key: &str, list: &[String]) -> Vec<CertIdentity> {
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, text)| {
+                let parsed = parse_cert_identity(text);
+                if parsed.is_none() {
+                    self.add(
+                        format!("{key}.cert_identities[{i}]"),
+                        format!("`{text}` is not \"uri:<uri>\", \"dns:<name>\" or \"cn:<name>\""),
+                    );
+                }
+                parsed
+            })
+            .collect()
+    }
+
     fn listener(&mut self, key: &str, r: RawListener) -> ListenerConfig {
-        let tls = r.tls.and_then(|v| {
-            let key = join(key, "tls");
-            let before = self.problems.len();
-            let t: RawTls = self.read(v, &key)?;
-            let cert = self.required(&join(&key, "cert"), t.cert);
-            let private_key = self.required(&join(&key, "key"), t.key);
-            let tls = ServerTls {
-                cert: self.readable_file(&join(&key, "cert"), cert)?,
-                key: self.readable_file(&join(&key, "key"), private_key)?,
-                client_ca: self.readable_file(&join(&key, "client_ca"), t.client_ca),
-            };
-            if self.problems.len() == before {
-                self.tls_files(&key, &tls);
-            }
-            Some(tls)
-        });
+        let tls = r.tls.and_then(|v| self.server_tls(&join(key, "tls"), v));
         ListenerConfig {
             name: self.name(&join(key, "name"), r.name),
             addr: self.addr(&join(key, "address"), r.address),
@@ -477,21 +496,7 @@ impl Checker {
             }
         }
         let key_hashes = self.key_hashes(key, &r.key_hashes);
-        let cert_identities = r
-            .cert_identities
-            .iter()
-            .enumerate()
-            .filter_map(|(i, text)| {
-                let parsed = parse_cert_identity(text);
-                if parsed.is_none() {
-                    self.add(
-                        format!("{key}.cert_identities[{i}]"),
-                        format!("`{text}` is not \"uri:<uri>\", \"dns:<name>\" or \"cn:<name>\""),
-                    );
-                }
-                parsed
-            })
-            .collect();
+        let cert_identities = self.cert_identities(key, &r.cert_identities);
         CallerConfig {
             name,
             client_id: r.client_id,
@@ -727,8 +732,18 @@ impl Checker {
         let address = r
             .address
             .or_else(|| Some(DEFAULT_ADMIN_ADDRESS.to_string()));
+        let tls = r.tls.and_then(|v| self.server_tls("admin.tls", v));
+        let cert_identities = self.cert_identities("admin", &r.cert_identities);
+        if !cert_identities.is_empty() && tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            self.add(
+                "admin.cert_identities",
+                "needs admin.tls with a client_ca to verify client certificates against",
+            );
+        }
         AdminConfig {
             addr: self.addr("admin.address", address),
+            tls,
+            cert_identities,
             key_hashes: self.key_hashes("admin", &r.key_hashes),
             max_connections,
             header_read_timeout: self.duration(

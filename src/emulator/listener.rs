@@ -81,6 +81,7 @@ impl Gate {
         let epoch = Shutdown::new();
         let task = self.runtime.spawn(serve(
             listener,
+            None,
             handler,
             ConnLimits::default(),
             epoch.clone(),

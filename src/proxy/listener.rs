@@ -51,10 +51,11 @@ use tokio_rustls::TlsAcceptor;
 
 use super::io::{InFlightBody, Park, Readable, Watched};
 use super::service::{self, ConnInfo};
-use super::{tls, Shared, StartError, TokenSource};
+use super::{Shared, StartError, TokenSource};
 use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
 use crate::server::Shutdown;
+use crate::tls::server as tls;
 
 /// hyper refuses a smaller HTTP/1 read buffer.
 const MIN_H1_BUF: usize = 8192;

@@ -1,22 +1,28 @@
-//! Server-side TLS: a listener's server config (ALPN h2 + http/1.1, optional required client
-//! certificates verified against a CA), checked file by file so that a problem names the file
-//! that holds it. `check`, `run`, the listeners and reload all build it here.
+//! Server-side TLS, for the proxy's listeners and the admin listener: a listener's server config
+//! (ALPN h2 + http/1.1; with a client CA, client certificates verified against it, required or
+//! optional), checked file by file so that a problem names the file that holds it (`check`,
+//! `run`, the listeners and reload all build it here); the config in force, replaced whole on
+//! reload ([`ListenerTls`]: a replaced config applies to new handshakes only, so rotating
+//! certificates drops nothing); and a verified client certificate's identities.
 //!
-//! Must never: serve a certificate with a key that does not match it, or put key material in an
-//! error message.
+//! Must never: accept an unverified client certificate as an identity, serve a certificate with
+//! a key that does not match it, or put key material in an error message.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::pki_types::pem::{PemObject, SectionKind};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::TlsAcceptor;
+use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::provider;
-use crate::config::ServerTls;
+use crate::config::{CertIdentity, ServerTls};
 
 /// The file of a listener's `tls` settings a problem is in; its name is the config key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +141,24 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// CA file (when set) CA certificates; with `client_ca`, client certificates are required and
 /// verified against it. `check`, `run`, the listeners and reload all build it here.
 pub fn server_config(tls: &ServerTls) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_for(tls, ClientCerts::Required)
+}
+
+/// What a listener with a client CA asks of its clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientCerts {
+    /// Every client presents a certificate the CA verifies (the proxy's mTLS listeners).
+    Required,
+    /// A certificate is verified when presented; a client may present none (the admin listener,
+    /// whose probes and scrapers do not).
+    Optional,
+}
+
+/// [`server_config`], with client certificates `client_certs` when the settings name a CA.
+pub fn server_config_for(
+    tls: &ServerTls,
+    client_certs: ClientCerts,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = certificates(&tls.cert, TlsFile::Cert)?;
     let key = private_key(&tls.key)?;
     let provider = provider();
@@ -165,7 +189,12 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ServerConfig>, TlsError> {
                     )
                 })?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if client_certs == ClientCerts::Optional {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier
                 .build()
                 .map_err(|e| problem(file, format!("client CA {}: {e}", ca.display())))?;
             builder.with_client_cert_verifier(verifier)
@@ -186,10 +215,68 @@ pub fn not_after(cert: &Path) -> Option<std::time::SystemTime> {
     Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
+/// A listener's TLS config in force, shared by its accept loop and the reload path. Replacing
+/// it changes what new handshakes present; accepted connections keep theirs.
+#[derive(Clone)]
+pub struct ListenerTls {
+    current: Arc<ArcSwap<ServerConfig>>,
+}
+
+impl ListenerTls {
+    /// Loads the listener's files (see [`server_config`]).
+    pub fn load(tls: &ServerTls) -> Result<ListenerTls, TlsError> {
+        Ok(ListenerTls::new(server_config(tls)?))
+    }
+
+    /// `config` in force until replaced.
+    pub fn new(config: Arc<ServerConfig>) -> ListenerTls {
+        ListenerTls {
+            current: Arc::new(ArcSwap::new(config)),
+        }
+    }
+
+    /// An acceptor for one new connection, with the config in force now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load_full())
+    }
+
+    /// Puts `config` in force for the handshakes that follow.
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        self.current.store(config);
+    }
+}
+
+/// The identities of a (verified) client certificate: URI SANs, then DNS SANs, then the subject
+/// CN. Empty if it cannot be parsed.
+pub fn cert_identities(der: &[u8]) -> Vec<CertIdentity> {
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let mut uris = Vec::new();
+    let mut dns = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::URI(u) => uris.push(CertIdentity::Uri((*u).to_string())),
+                GeneralName::DNSName(d) => dns.push(CertIdentity::Dns((*d).to_string())),
+                _ => {}
+            }
+        }
+    }
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(|cn| CertIdentity::Cn(cn.to_string()));
+    uris.into_iter().chain(dns).chain(cn).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    use crate::tls::read_certs;
 
     fn certs_dir() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("certs")
@@ -221,5 +308,19 @@ mod tests {
         let err = server_config(&tls).unwrap_err();
         assert_eq!(err.file, TlsFile::Key);
         assert!(err.message.contains("missing.key"), "{err}");
+    }
+
+    #[test]
+    fn client_cert_identities_in_order() {
+        let der = read_certs(&certs_dir().join("client.pem")).unwrap();
+        assert_eq!(
+            cert_identities(&der[0]),
+            vec![
+                CertIdentity::Uri("spiffe://tokenbroker.dev/demo".into()),
+                CertIdentity::Dns("demo.client.local".into()),
+                CertIdentity::Cn("demo".into()),
+            ]
+        );
+        assert!(cert_identities(b"not a certificate").is_empty());
     }
 }

@@ -33,6 +33,9 @@ pub struct ClusterOptions {
     pub lease: String,
     /// `[store] kind = "redis"` (else the local default, each replica on its own).
     pub redis: bool,
+    /// The `[store]` lines that name the Redis servers, instead of `url` of the harness's own
+    /// `redis-server` (e.g. `sentinels = [...]` and `service_name`, or `cluster = [...]`).
+    pub redis_servers: Option<String>,
     /// Appended to every replica's `[tokens]` section.
     pub tokens_extra: String,
     /// `[tokens] backoff_max`.
@@ -49,8 +52,23 @@ impl Default for ClusterOptions {
             access_token_ttl_minutes: 30,
             lease: "3s".to_string(),
             redis: true,
+            redis_servers: None,
             tokens_extra: String::new(),
             backoff_max: "500ms".to_string(),
+        }
+    }
+}
+
+impl ClusterOptions {
+    /// Short lifetimes: one second per emulated minute, so `api` and `access` seconds; renewal
+    /// margins to match.
+    pub fn short(api: i64, access: i64) -> ClusterOptions {
+        ClusterOptions {
+            seconds_per_minute: 1.0,
+            api_token_ttl_minutes: api,
+            access_token_ttl_minutes: access,
+            tokens_extra: "min_margin = \"500ms\"\nexpiry_skew = \"500ms\"\n".into(),
+            ..ClusterOptions::default()
         }
     }
 }
@@ -153,12 +171,15 @@ shutdown_grace = "2s"
                 r#"
 [store]
 kind = "redis"
-url = "{url}"
+{servers}
 key_prefix = "{KEY_PREFIX}"
 {seal}
 lease = "{lease}"
 "#,
-                url = self.redis.url(),
+                servers = match &o.redis_servers {
+                    Some(lines) => lines.clone(),
+                    None => format!("url = \"{}\"", self.redis.url()),
+                },
                 lease = o.lease,
                 seal = match &self.seal_keys[..] {
                     [one] => format!("seal_key = {{ file = \"{one}\" }}"),
@@ -301,6 +322,23 @@ lease = "{lease}"
         super::json(body.as_bytes())
     }
 
+    /// Caller `caller`'s API token id on every running replica.
+    pub async fn api_token_ids(&self, caller: usize) -> Vec<Option<String>> {
+        let mut ids = Vec::new();
+        for i in self.running() {
+            let tokens = self.tokens(i).await;
+            let entry = tokens["callers"]
+                .as_array()
+                .expect("callers")
+                .iter()
+                .find(|c| c["caller"] == caller_name(caller).as_str())
+                .cloned()
+                .unwrap_or_default();
+            ids.push(entry["api_token_id"].as_str().map(str::to_string));
+        }
+        ids
+    }
+
     /// Replica `i`'s `/metrics`.
     pub async fn metrics(&self, i: usize) -> String {
         self.admin_get(i, "/metrics").await.1
@@ -321,6 +359,29 @@ lease = "{lease}"
     pub fn logs(&self, i: usize) -> Vec<String> {
         self.replica(i).process.drain()
     }
+}
+
+/// Requests round-robin over `proxies` and `callers` callers until `stop`, one at a time, 20 ms
+/// apart: the statuses (0: a transport failure).
+pub async fn load(
+    proxies: Vec<SocketAddr>,
+    callers: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    let mut n = 0;
+    while !*stop.borrow() {
+        let auth = format!("Bearer {}", caller_key(n % callers));
+        let url = format!("http://{}/echo/x", proxies[n % proxies.len()]);
+        let status = match try_http("GET", &url, &[("proxy-authorization", &auth)], "").await {
+            Ok((status, _, _)) => status.as_u16(),
+            Err(_) => 0,
+        };
+        statuses.push(status);
+        n += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    statuses
 }
 
 /// Starts `tokenbroker run` on `config` and waits for its listeners and `/readyz`.

@@ -1,5 +1,5 @@
 //! HTTP helpers shared by the integration tests (`mod support;`), and beside them: log capture
-//! (`logs`), a real `redis-server` (`redis_server`), child processes (`process`), a cluster of
+//! (`logs`), a real `redis-server` (`redis_server`), Redis Cluster and Sentinel (`redis_ha`), child processes (`process`), a cluster of
 //! `tokenbroker run` replicas (`cluster`), an in-process fake identity service for paused-time
 //! broker tests (`fake_identity`) and broker helpers (`broker`). The HTTP helpers here know
 //! nothing of the emulator or the proxy.
@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod fake_identity;
 pub mod logs;
 pub mod process;
+pub mod redis_ha;
 pub mod redis_server;
 
 use std::net::SocketAddr;

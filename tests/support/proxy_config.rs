@@ -63,6 +63,16 @@ pub async fn tls_connect(
     addr: std::net::SocketAddr,
     client_cert: Option<&str>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    try_tls_connect(addr, client_cert)
+        .await
+        .expect("TLS handshake with the proxy")
+}
+
+/// [`tls_connect`], with the failed handshake as an error.
+pub async fn try_tls_connect(
+    addr: std::net::SocketAddr,
+    client_cert: Option<&str>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
@@ -91,5 +101,5 @@ pub async fn tls_connect(
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .expect("TLS handshake with the proxy")
+        .map_err(|e| e.to_string())
 }

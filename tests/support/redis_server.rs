@@ -2,7 +2,8 @@
 //! it): on a free loopback port, persistence off, its own temporary folder and log file. It can
 //! be stopped and started again on the same port, paused (SIGSTOP: a Redis that accepts
 //! connections and never answers), and it is killed on drop. It also shows what is in it (a dump
-//! of every key under a prefix) and how many commands it ran, by name.
+//! of every key under a prefix) and how many commands it ran, by name. `redis_ha` builds a
+//! cluster and a sentinel-watched master from these.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -18,6 +19,8 @@ pub struct RedisOptions {
     pub password: Option<String>,
     /// Serve TLS only, with `certs/server.pem` (CA `certs/ca.pem`); no plain port.
     pub tls: bool,
+    /// More arguments (`--cluster-enabled yes`, `--replicaof 127.0.0.1 <port>`).
+    pub args: Vec<String>,
 }
 
 pub struct RedisServer {
@@ -133,6 +136,7 @@ impl RedisServer {
         if let Some(password) = &self.options.password {
             cmd.args(["--requirepass", password]);
         }
+        cmd.args(&self.options.args);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

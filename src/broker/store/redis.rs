@@ -1,16 +1,18 @@
-//! The store on Redis (redis-rs): a reconnecting `ConnectionManager` for commands, one pub/sub
-//! connection per subscription, and four Lua scripts that make taking (or taking over) a lease,
-//! renewing it, releasing it and the fenced write atomic on the server.
+//! The store on Redis (redis-rs): one server, the master Redis Sentinel names, or a Redis Cluster
+//! (`servers.rs`); one pub/sub connection per subscription; and four Lua scripts that make
+//! taking (or taking over) a lease, renewing it, releasing it and the fenced write atomic on the
+//! server.
 //!
 //! Must never: wait on Redis without a bound (every command is cut off after
 //! [`COMMAND_TIMEOUT`]), put a token or password into an error or a log line, or block start
 //! while Redis is down (the connection is made on first use and remade by itself).
 
+mod servers;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, IntoConnectionInfo, RedisError, Script, Value};
+use ::redis::{Client, RedisError, Script, Value};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
@@ -25,6 +27,8 @@ use crate::seal::SealKeys;
 
 /// Every command, including the wait for a (re)connection, ends within this.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
+/// With Sentinel, how long a write waits for a replica to have it (`WAIT 1`).
+const REPLICA_WAIT: Duration = Duration::from_millis(250);
 /// One TCP (and TLS) connection attempt ends within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pub/sub reconnect backoff.
@@ -109,8 +113,7 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: Client,
-    conn: ConnectionManager,
+    servers: Arc<servers::Servers>,
     prefix: String,
     /// The first seals; every one opens.
     seal_keys: SealKeys,
@@ -124,6 +127,25 @@ struct Inner {
     renew: Script,
     release: Script,
     write: Script,
+}
+
+impl Inner {
+    /// A caller's record key; in a cluster the caller's name is its hash tag, so that the
+    /// record and the lease (which the fenced write reads together) live in one slot.
+    fn record_key(&self, caller: &str) -> String {
+        match self.servers.hash_tagged() {
+            true => record_key(&self.prefix, &format!("{{{caller}}}")),
+            false => record_key(&self.prefix, caller),
+        }
+    }
+
+    /// A caller's lease key, tagged like [`Inner::record_key`].
+    fn lease_key(&self, caller: &str) -> String {
+        match self.servers.hash_tagged() {
+            true => lease_key(&self.prefix, &format!("{{{caller}}}")),
+            false => lease_key(&self.prefix, caller),
+        }
+    }
 }
 
 /// Every (op, outcome) pair the store records, created at start so that they show from the
@@ -153,15 +175,7 @@ impl RedisStore {
     /// to on first use. Fails only on settings that can never work (a bad URL or CA file).
     /// Needs a Tokio runtime.
     pub fn connect(config: &RedisConfig, metrics: Arc<Metrics>) -> Result<RedisStore, StoreError> {
-        let client = client(config)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(|e| StoreError::Config(describe(&e)))?;
+        let servers = Arc::new(servers::Servers::connect(config)?);
         for (op, outcomes) in OP_OUTCOMES {
             for outcome in *outcomes {
                 let _ = metrics
@@ -180,8 +194,7 @@ impl RedisStore {
         let (shutdown, _) = watch::channel(false);
         Ok(RedisStore {
             inner: Arc::new(Inner {
-                client,
-                conn,
+                servers,
                 prefix: config.key_prefix.clone(),
                 seal_keys: config.seal_keys.clone(),
                 owner,
@@ -220,7 +233,7 @@ impl RedisStore {
     /// Reads a caller's record: `None` if there is none, else its generation, tokens and the key
     /// it was sealed with.
     pub async fn read(&self, caller: &str) -> Result<Option<Record>, StoreError> {
-        let key = record_key(&self.inner.prefix, caller);
+        let key = self.inner.record_key(caller);
         let mut cmd = ::redis::cmd("HGETALL");
         cmd.arg(&key);
         // Field names as bytes: a conversion error would quote the reply, whatever it holds.
@@ -312,7 +325,7 @@ impl RedisStore {
         ttl: Duration,
         held_too_long: Option<&str>,
     ) -> Result<Result<Lease, String>, StoreError> {
-        let key = lease_key(&self.inner.prefix, caller);
+        let key = self.inner.lease_key(caller);
         let mut invocation = self.inner.take.key(&key);
         invocation
             .arg(&self.inner.owner)
@@ -321,7 +334,7 @@ impl RedisStore {
         let sent = Instant::now();
         let (code, holder) = self
             .timed("try_lease", || async {
-                let mut conn = self.inner.conn.clone();
+                let mut conn = self.inner.servers.conn().await?;
                 invocation.invoke_async::<(i64, String)>(&mut conn).await
             })
             .await?;
@@ -369,7 +382,7 @@ impl RedisStore {
             .arg(lease.ttl.as_millis().max(1) as u64);
         let held = self
             .timed("renew", || async {
-                let mut conn = self.inner.conn.clone();
+                let mut conn = self.inner.servers.conn().await?;
                 invocation.invoke_async::<i64>(&mut conn).await
             })
             .await?
@@ -406,7 +419,7 @@ impl RedisStore {
         invocation.arg(&lease.owner);
         let released = self
             .timed("release", || async {
-                let mut conn = self.inner.conn.clone();
+                let mut conn = self.inner.servers.conn().await?;
                 invocation.invoke_async::<i64>(&mut conn).await
             })
             .await?
@@ -418,7 +431,7 @@ impl RedisStore {
     /// Who holds a caller's lease, if anyone.
     pub async fn lease_holder(&self, caller: &str) -> Result<Option<LeaseHolder>, StoreError> {
         let mut cmd = ::redis::cmd("GET");
-        cmd.arg(lease_key(&self.inner.prefix, caller));
+        cmd.arg(self.inner.lease_key(caller));
         let owner = self.command::<Option<String>>("lease_holder", &cmd).await?;
         self.inner.metrics.record_store("lease_holder", "ok");
         Ok(owner.map(|owner| LeaseHolder {
@@ -446,7 +459,7 @@ impl RedisStore {
                 lease.caller
             )));
         }
-        let key = record_key(&self.inner.prefix, caller);
+        let key = self.inner.record_key(caller);
         let sealed = seal_record(
             self.inner.seal_keys.first(),
             &self.inner.prefix,
@@ -464,7 +477,7 @@ impl RedisStore {
             .arg(caller);
         let answer = self
             .timed("write", || async {
-                let mut conn = self.inner.conn.clone();
+                let mut conn = self.inner.servers.conn().await?;
                 invocation.invoke_async::<(i64, i64)>(&mut conn).await
             })
             .await
@@ -499,7 +512,32 @@ impl RedisStore {
             WriteOutcome::LeaseLost => "lease_lost",
         };
         self.inner.metrics.record_store("write", label);
+        if matches!(outcome, WriteOutcome::Written(_)) && self.inner.servers.replicated() {
+            self.await_replica(caller).await;
+        }
         Ok(outcome)
+    }
+
+    /// With Sentinel: waits (at most [`REPLICA_WAIT`]) until a replica has the write, so that a
+    /// failover right after it does not take the new tokens away while the old API token is
+    /// already dead. Best effort: a write no replica acknowledged is warned about, not undone.
+    async fn await_replica(&self, caller: &str) {
+        let mut cmd = ::redis::cmd("WAIT");
+        cmd.arg(1).arg(REPLICA_WAIT.as_millis() as u64);
+        let acknowledged = async {
+            let mut conn = self.inner.servers.conn().await?;
+            cmd.query_async::<i64>(&mut conn).await
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT, acknowledged).await {
+            Ok(Ok(n)) if n >= 1 => {}
+            Ok(Ok(_)) => tracing::warn!(
+                caller,
+                "no replica acknowledged the record within {REPLICA_WAIT:?}: a failover now \
+                 would lose this write"
+            ),
+            Ok(Err(e)) => tracing::debug!(caller, error = %describe(&e), "WAIT failed"),
+            Err(_) => tracing::debug!(caller, "WAIT timed out"),
+        }
     }
 
     /// Starts the subscription to record changes. The receiver gets [`StoreEvent::Resync`]
@@ -509,7 +547,7 @@ impl RedisStore {
     pub fn subscribe(&self) -> mpsc::Receiver<StoreEvent> {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let task = Subscriber {
-            client: self.inner.client.clone(),
+            servers: Arc::clone(&self.inner.servers),
             channel: events_channel(&self.inner.prefix),
             metrics: Arc::clone(&self.inner.metrics),
             shutdown: self.inner.shutdown.subscribe(),
@@ -531,7 +569,7 @@ impl RedisStore {
         cmd: &::redis::Cmd,
     ) -> Result<T, StoreError> {
         self.timed(op, || async {
-            let mut conn = self.inner.conn.clone();
+            let mut conn = self.inner.servers.conn().await?;
             cmd.query_async::<T>(&mut conn).await
         })
         .await
@@ -547,9 +585,16 @@ impl RedisStore {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
+        let servers = &self.inner.servers;
         let twice = async {
             match attempt().await {
-                Err(e) if e.is_connection_dropped() || e.is_io_error() => attempt().await,
+                Err(e) if servers.failed(&e) => {
+                    let second = attempt().await;
+                    if let Err(e) = &second {
+                        servers.failed(e);
+                    }
+                    second
+                }
                 other => other,
             }
         };
@@ -576,46 +621,6 @@ impl RedisStore {
             }
         }
         result
-    }
-}
-
-/// The client for the settings: URL, credentials, and for `rediss://` the CA.
-fn client(config: &RedisConfig) -> Result<Client, StoreError> {
-    let info = config
-        .url
-        .as_str()
-        .into_connection_info()
-        .map_err(|e| StoreError::Config(format!("store.url: {}", describe(&e))))?;
-    let mut redis = info.redis_settings().clone();
-    if let Some(name) = &config.username {
-        redis = redis.set_username(name);
-    }
-    if let Some(password) = &config.password {
-        redis = redis.set_password(password.expose());
-    }
-    let info = info.set_redis_settings(redis);
-    if config.url.starts_with("rediss://") {
-        // redis-rs builds its rustls config from the process-wide provider: make it ring.
-        let _ = crate::tls::provider();
-        let root_cert = match &config.ca_file {
-            Some(path) => Some(std::fs::read(path).map_err(|e| {
-                StoreError::Config(format!(
-                    "store.ca_file: cannot read {}: {e}",
-                    path.display()
-                ))
-            })?),
-            None => None,
-        };
-        Client::build_with_tls(
-            info,
-            ::redis::TlsCertificates {
-                client_tls: None,
-                root_cert,
-            },
-        )
-        .map_err(|e| StoreError::Config(format!("store TLS: {}", describe(&e))))
-    } else {
-        Client::open(info).map_err(|e| StoreError::Config(describe(&e)))
     }
 }
 
@@ -665,7 +670,7 @@ fn replica_id() -> String {
 /// The subscription task: holds its own pub/sub connection, never a clone of the store (so
 /// that dropping the store ends it).
 struct Subscriber {
-    client: Client,
+    servers: Arc<servers::Servers>,
     channel: String,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
@@ -682,7 +687,7 @@ impl Subscriber {
                 return;
             }
             let connected = tokio::select! {
-                r = subscribe_to(&self.client, &self.channel) => r,
+                r = subscribe_to(&self.servers, &self.channel) => r,
                 _ = self.shutdown.changed() => return,
                 _ = self.tx.closed() => return,
             };
@@ -763,8 +768,12 @@ impl Subscriber {
 }
 
 /// A pub/sub connection subscribed to `channel`, within the command bound.
-async fn subscribe_to(client: &Client, channel: &str) -> Result<::redis::aio::PubSub, StoreError> {
+async fn subscribe_to(
+    servers: &servers::Servers,
+    channel: &str,
+) -> Result<::redis::aio::PubSub, StoreError> {
     let attempt = async {
+        let client: Client = servers.subscription_client().await?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(channel).await?;
         Ok::<_, RedisError>(pubsub)

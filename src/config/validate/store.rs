@@ -87,6 +87,9 @@ impl Checker {
     fn local_store(&mut self, r: &RawStore) {
         let set = [
             ("url", r.url.is_some()),
+            ("sentinels", r.sentinels.is_some()),
+            ("service_name", r.service_name.is_some()),
+            ("cluster", r.cluster.is_some()),
             ("username", r.username.is_some()),
             ("password", r.password.is_some()),
             ("key_prefix", r.key_prefix.is_some()),
@@ -105,7 +108,7 @@ impl Checker {
 
     /// `None` when a problem was reported (the key's messages say which).
     fn redis_store(&mut self, r: RawStore, seal_keys: Option<SealKeys>) -> Option<RedisConfig> {
-        let url = self.redis_url("store.url", r.url);
+        let servers = self.redis_servers(r.url, r.sentinels, r.service_name, r.cluster);
         if r.seal_key.is_none() && r.seal_keys.is_none() {
             self.add(
                 "store.seal_key",
@@ -144,6 +147,14 @@ impl Checker {
                 "must be 1 to 100 printable characters without spaces, e.g. \"tokenbroker:prod:\"",
             );
         }
+        let cluster = matches!(servers, Some(RedisServers::Cluster(_)));
+        if prefix_ok && cluster && key_prefix.contains(['{', '}']) {
+            self.add(
+                "store.key_prefix",
+                "must not hold `{` or `}` with a cluster: the keys put the caller's name in braces \
+                 (a hash tag), so that a caller's record and lease live on one node",
+            );
+        }
         let lease = self.duration("store.lease", r.lease, DEFAULT_STORE_LEASE);
         if !(MIN_STORE_LEASE..=MAX_STORE_LEASE).contains(&lease) {
             self.add(
@@ -155,13 +166,12 @@ impl Checker {
                 ),
             );
         }
-        let tls = url.as_deref().is_some_and(|u| u.starts_with("rediss://"));
-        if r.ca_file.is_some() && url.is_some() && !tls {
+        if r.ca_file.is_some() && servers.as_ref().is_some_and(|s| !s.tls()) {
             self.add("store.ca_file", "only used with a rediss:// url");
         }
         let ca_file = self.readable_file("store.ca_file", r.ca_file);
         Some(RedisConfig {
-            url: url?,
+            servers: servers?,
             username,
             password,
             key_prefix,
@@ -169,6 +179,107 @@ impl Checker {
             ca_file,
             seal_keys: seal_keys?,
         })
+    }
+
+    /// Exactly one of `url` (one server), `sentinels` with `service_name`, or `cluster`; every
+    /// URL valid, all of one scheme. `None` when a problem was reported.
+    fn redis_servers(
+        &mut self,
+        url: Option<String>,
+        sentinels: Option<Vec<String>>,
+        service_name: Option<String>,
+        cluster: Option<Vec<String>>,
+    ) -> Option<RedisServers> {
+        let given = [url.is_some(), sentinels.is_some(), cluster.is_some()];
+        match given.iter().filter(|g| **g).count() {
+            0 => {
+                self.add(
+                    "store.url",
+                    "missing: give url (one server), sentinels and service_name (Redis \
+                     Sentinel), or cluster (Redis Cluster)",
+                );
+                return None;
+            }
+            1 => {}
+            _ => {
+                let key = if url.is_some() {
+                    "store.url"
+                } else {
+                    "store.sentinels"
+                };
+                self.add(
+                    key,
+                    "give only one of url, sentinels and cluster: they are three ways to reach \
+                     the store",
+                );
+                return None;
+            }
+        }
+        if service_name.is_some() && sentinels.is_none() {
+            self.add("store.service_name", "only used with sentinels");
+            return None;
+        }
+        if let Some(url) = url {
+            return self
+                .redis_url("store.url", Some(url))
+                .map(RedisServers::Single);
+        }
+        let (key, list) = match (&sentinels, &cluster) {
+            (Some(list), _) => ("store.sentinels", list.clone()),
+            (None, Some(list)) => ("store.cluster", list.clone()),
+            (None, None) => return None,
+        };
+        if list.is_empty() {
+            self.add(
+                key,
+                "must list at least one URL, e.g. [\"redis://10.0.0.1:26379\"]",
+            );
+            return None;
+        }
+        let before = self.problems.len();
+        let mut urls = Vec::new();
+        for (i, u) in list.into_iter().enumerate() {
+            if let Some(u) = self.redis_url(&format!("{key}[{i}]"), Some(u)) {
+                urls.push(u);
+            }
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+        if tls != 0 && tls != urls.len() {
+            self.add(
+                key,
+                "mixes redis:// and rediss:// URLs: use one scheme for all",
+            );
+            return None;
+        }
+        if let Some(i) = urls.iter().position(|u| redis_db(u) != 0) {
+            let why = match sentinels {
+                Some(_) => {
+                    "names a sentinel, which has no database: leave the path out (the store \
+                            uses database 0 of the master)"
+                }
+                None => "a cluster has database 0 only: leave the path out or use /0",
+            };
+            self.add(format!("{key}[{i}]"), why);
+            return None;
+        }
+        if sentinels.is_some() {
+            let name = self.required("store.service_name", service_name)?;
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_graphic()) {
+                self.add(
+                    "store.service_name",
+                    "must be the master's name in the sentinels' config (printable, no spaces)",
+                );
+                return None;
+            }
+            return Some(RedisServers::Sentinel {
+                sentinels: urls,
+                service_name: name,
+            });
+        }
+        Some(RedisServers::Cluster(urls))
     }
 
     /// A seal key by reference: 32 bytes in base64.
@@ -198,6 +309,13 @@ impl Checker {
         self.add(key, problem);
         None
     }
+}
+
+/// The database number of a valid Redis URL (0 when it names none).
+fn redis_db(text: &str) -> u16 {
+    redis::parse_redis_url(text)
+        .and_then(|u| u.path().trim_start_matches('/').parse().ok())
+        .unwrap_or(0)
 }
 
 fn redis_url_problem(text: &str) -> Option<String> {
