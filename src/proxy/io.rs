@@ -8,7 +8,7 @@
 //!   counted), and heads that carry both `Content-Length` and `Transfer-Encoding`. On such a
 //!   request hyper (1.x) drops the Content-Length, reads the body as chunked and closes the
 //!   connection afterwards (RFC 9112 6.3 allows that), so the handler cannot see that it was
-//!   ambiguous; the scan marks the connection and the handler refuses it (`service::check_head`).
+//!   ambiguous; the scan marks the connection and the handler refuses it (`admit::check_head`).
 //! - [`park`]: parking. When the connection's supervisor asks ([`Park::request`]) and hyper reads
 //!   with nothing to read, no request in flight, nothing left unflushed and the framing scan sure
 //!   that the bytes read so far end exactly at the end of a message, the stream moves into the
@@ -21,13 +21,15 @@
 //!   too many or too large headers, an impossible `Content-Length`) with a bare 400 or 431 of its
 //!   own. A write is hyper's own when no request is in flight, every answer that ended was
 //!   flushed before it, the connection is neither HTTP/2 nor upgraded, and it starts with an
-//!   error status line without `x-request-id` (which every answer of the handler carries); the
-//!   stream writes the error table's answer in its place, logged and counted like every refusal.
+//!   error status line without `x-request-id` (which every answer of the handler carries). The
+//!   stream reports it ([`HypersRefusal`]) and writes the request path's answer in its place
+//!   (`service::answer_refused`: the error table's, logged and counted like every refusal).
 //!   (Were hyper to queue its refusal behind the unflushed end of an earlier answer, its bare
 //!   answer would go out as it is.)
 //!
 //! Must never: change, hold back or copy the bytes it watches, but for hyper's bare refusals;
-//! park a stream with a message half read or an answer half written.
+//! park a stream with a message half read or an answer half written; decide an answer or write a
+//! log line itself.
 
 mod activity;
 mod park;
@@ -36,6 +38,7 @@ mod scan;
 
 pub use activity::{Activity, InFlight, InFlightBody};
 pub use park::{Park, Readable};
+pub use refusal::HypersRefusal;
 pub use scan::Scanner;
 
 use std::pin::Pin;
@@ -45,7 +48,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::service::ConnInfo;
+use super::service::{self, ConnInfo};
 use crate::metrics::Metrics;
 
 /// A stream that reports to its connection's [`Activity`].
@@ -182,8 +185,11 @@ impl<S: AsyncWrite + Unpin> Watched<S> {
         let Some(status) = first.and_then(|b| self.hypers_status(b)) else {
             return;
         };
-        let error = refusal::error_for(status, self.scanner.length_too_large());
-        let bytes = refusal::answer(error, status, &self.conn, &self.metrics);
+        let refusal = HypersRefusal {
+            status,
+            unrepresentable_length: self.scanner.length_too_large(),
+        };
+        let bytes = service::answer_refused(refusal, &self.conn, &self.metrics);
         self.replacement = Some((bytes, 0));
     }
 }
