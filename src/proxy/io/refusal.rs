@@ -10,7 +10,14 @@
 //! error table, logs and counts; the stream writes that answer in place of hyper's.
 //!
 //! Must never: take an answer of the handler's, or bytes of a body or a tunnel, for hyper's (see
-//! `Watched::hypers_status` for when a write can be hyper's own).
+//! [`hypers_status`] for when a write can be hyper's own).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::AsyncWrite;
+
+use super::Activity;
 
 /// What the stream saw of a head hyper refused itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +26,55 @@ pub struct HypersRefusal {
     pub status: u16,
     /// The head had a `Content-Length` hyper cannot represent.
     pub unrepresentable_length: bool,
+}
+
+/// The status of hyper's own bare refusal, if `bytes` (the start of a write) are one.
+///
+/// A handler's answer is in hyper's write buffer from when its handler returns until after its
+/// body has ended (when its request stops being in flight) and the bytes were flushed; hyper
+/// flushes the stream only once its buffer is empty. So a write made with no request in flight
+/// and no answer ended since the last flush (`ended_at_flush`: [`Activity::ended`] then) holds
+/// no byte of a handler's answer.
+pub(super) fn hypers_status(activity: &Activity, ended_at_flush: u64, bytes: &[u8]) -> Option<u16> {
+    let quiet = activity.in_flight() == 0
+        && activity.ended() == ended_at_flush
+        && !activity.speaks_http2()
+        && !activity.upgraded();
+    quiet.then(|| bare_error_status(bytes)).flatten()
+}
+
+/// The request path's answer, written in place of hyper's, and how much of it is out.
+pub(super) struct Replacement {
+    bytes: Vec<u8>,
+    written: usize,
+}
+
+impl Replacement {
+    pub(super) fn new(bytes: Vec<u8>) -> Replacement {
+        Replacement { bytes, written: 0 }
+    }
+
+    /// Writes what is left of it to `inner` (`None`: parked); `Ready(Ok(()))` once all is out.
+    pub(super) fn poll_out<S: AsyncWrite + Unpin>(
+        &mut self,
+        inner: &mut Option<S>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.written < self.bytes.len() {
+            let Some(inner) = inner.as_mut() else {
+                return Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()));
+            };
+            match Pin::new(inner).poll_write(cx, &self.bytes[self.written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// The status of a bare error answer (`HTTP/1.x NNN`, 400 or more, no `x-request-id`) that
