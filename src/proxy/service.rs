@@ -331,10 +331,10 @@ async fn proxy<'s, T: TokenSource>(
             request_id,
         },
         upgrade: upgrading,
-        client: match (upgrading, route.upgrade_client) {
-            (true, Some(http1_only)) => state.clients.get(http1_only),
-            _ => state.clients.get(route.client),
-        },
+    };
+    let client = match (upgrading, route.upgrade_client) {
+        (true, Some(http1_only)) => state.clients.get(http1_only),
+        _ => state.clients.get(route.client),
     };
     let uri = route.upstream_uri(&target)?;
     let body = outgoing_body(body, content_length, &state.limits).await?;
@@ -344,7 +344,8 @@ async fn proxy<'s, T: TokenSource>(
         caller,
         token: &token,
     };
-    let response = send_upstream(&outbound, uri, body, extensions, renew, outcome).await?;
+    let sent = send_upstream(&outbound, client, uri, body, extensions, renew, outcome);
+    let response = sent.await?;
     let upgrade = on_upgrade.map(|caller_side| (caller_side, head.headers()));
     answer_caller(
         response,
@@ -426,7 +427,6 @@ struct Outbound<'a> {
     forwarded: Forwarded<'a>,
     /// An upgrade the route accepted.
     upgrade: bool,
-    client: &'a UpstreamClient,
 }
 
 impl Outbound<'_> {
@@ -464,6 +464,7 @@ impl Outbound<'_> {
 /// (see [`exchange`]); the time it took goes into `outcome`.
 async fn send_upstream<T: TokenSource>(
     out: &Outbound<'_>,
+    client: &UpstreamClient,
     uri: Uri,
     body: Outgoing,
     extensions: Extensions,
@@ -486,7 +487,7 @@ async fn send_upstream<T: TokenSource>(
     let mut request = out.request(uri, &renew.token.header, first, &span);
     *request.extensions_mut() = extensions;
     let started = Instant::now();
-    let exchange = std::pin::pin!(exchange(out, request, replay, renew, &span));
+    let exchange = std::pin::pin!(exchange(out, client, request, replay, renew, &span));
     let result = exchange.instrument(span.clone()).await;
     outcome.upstream = Some(started.elapsed());
     if !span.is_none() {
@@ -518,13 +519,14 @@ struct Renew<'a, T> {
 /// sent once more with the renewed token.
 async fn exchange<T: TokenSource>(
     out: &Outbound<'_>,
+    client: &UpstreamClient,
     request: Request<ProxyBody>,
     replay: Option<(Option<Bytes>, Extensions)>,
     renew: Renew<'_, T>,
     span: &tracing::Span,
 ) -> Result<Response<Incoming>, ProxyError> {
     let timeout = out.route.response_timeout;
-    let response = forward::send(out.client, request, timeout).await?;
+    let response = forward::send(client, request, timeout).await?;
     let Some((body, extensions)) = replay else {
         return Ok(response);
     };
@@ -542,7 +544,7 @@ async fn exchange<T: TokenSource>(
     let uri = out.route.upstream_uri(out.target)?;
     let mut request = out.request(uri, &renewed.header, replay_body(&body), span);
     *request.extensions_mut() = extensions;
-    forward::send(out.client, request, timeout).await
+    forward::send(client, request, timeout).await
 }
 
 /// The client span of the upstream call (a child of the request's span).
@@ -713,6 +715,96 @@ fn refused_as(refusal: HypersRefusal) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RouteConfig;
+    use http::header::{AUTHORIZATION, CONNECTION, UPGRADE};
+
+    fn route() -> Route {
+        let config = RouteConfig {
+            name: "r".into(),
+            host: None,
+            path_prefix: "/api".into(),
+            strip_prefix: true,
+            upstream: "https://up.example/base".parse().unwrap(),
+            upstream_ca_file: None,
+            allow: vec![],
+            upgrades: vec!["websocket".into()],
+            pass_caller_headers: vec![],
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+        };
+        Route::new(&config, 0).unwrap()
+    }
+
+    /// The replay after a 401 is built from the caller's head again: the same request as the
+    /// first but for its token, and the caller's head is left as it came.
+    #[test]
+    fn a_replay_is_the_first_request_with_the_renewed_token() {
+        let caller = Request::post("/api//x/y?q=1")
+            .version(Version::HTTP_11)
+            .header("host", "tb.example")
+            .header("proxy-authorization", "Bearer caller-key")
+            .header("connection", "Upgrade, x-hop")
+            .header("upgrade", "websocket")
+            .header("x-hop", "1")
+            .header("x-forwarded-for", "1.1.1.1")
+            .header("accept", "a")
+            .header("accept", "b")
+            .body(())
+            .unwrap();
+        let sent = caller.headers().clone();
+        let target = Target::of(&caller, true).unwrap();
+        let route = route();
+        let host = target.forwarded_host();
+        let (peer_ip, id) = (
+            HeaderValue::from_static("10.0.0.7"),
+            HeaderValue::from_static("id"),
+        );
+        for upgrade in [false, true] {
+            let out = Outbound {
+                caller: &caller,
+                target: &target,
+                route: &route,
+                forwarded: Forwarded {
+                    peer_ip: &peer_ip,
+                    proto: "https",
+                    host: host.as_ref(),
+                    request_id: &id,
+                },
+                upgrade,
+            };
+            let span = tracing::Span::none();
+            let build = |token: &'static str| {
+                let uri = route.upstream_uri(&target).unwrap();
+                let token = HeaderValue::from_static(token);
+                out.request(uri, &token, ProxyBody::Empty, &span)
+                    .into_parts()
+                    .0
+            };
+            let (first, replay) = (build("Bearer first"), build("Bearer renewed"));
+            assert_eq!(first.uri, "https://up.example/base/x/y?q=1");
+            assert_eq!(first.version, Version::HTTP_11);
+            assert_eq!((&replay.method, &replay.uri), (&first.method, &first.uri));
+            assert_eq!(first.headers[AUTHORIZATION], "Bearer first");
+            assert_eq!(replay.headers[AUTHORIZATION], "Bearer renewed");
+            let but_token = |h: &HeaderMap| {
+                let mut h = h.clone();
+                h.remove(AUTHORIZATION);
+                h
+            };
+            assert_eq!(but_token(&replay.headers), but_token(&first.headers));
+            assert_eq!(first.headers["x-forwarded-for"], "1.1.1.1, 10.0.0.7");
+            assert_eq!(first.headers.get_all("accept").iter().count(), 2);
+            assert!(!first.headers.contains_key("x-hop"));
+            assert!(!first.headers.contains_key("proxy-authorization"));
+            assert_eq!(first.headers.contains_key(UPGRADE), upgrade);
+            assert_eq!(first.headers.contains_key(CONNECTION), upgrade);
+            assert_eq!(
+                caller.headers(),
+                &sent,
+                "the caller's head is left as it came"
+            );
+        }
+    }
 
     #[test]
     fn hypers_refusals_map_onto_the_table() {
