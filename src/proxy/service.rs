@@ -300,12 +300,14 @@ async fn proxy<'s, T: TokenSource>(
     request_id: &HeaderValue,
     outcome: &mut Outcome<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // The caller's head, kept whole; its body, extensions and side of an upgrade, apart.
     let upgrading = upgrade::requested(&request);
     let on_upgrade = upgrading.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     let extensions = std::mem::take(&mut parts.extensions);
     let head = Request::from_parts(parts, ());
 
+    // admit, identify, route, token
     let target = admit_request(&head, conn, &state.limits, outcome)?;
     let caller = identify(&state.callers, &conn.identity, head.headers())?;
     outcome.caller = Some(caller);
@@ -319,6 +321,7 @@ async fn proxy<'s, T: TokenSource>(
     let route = route_request(state, &asked, caller, outcome)?;
     let token = shared.tokens.token(caller).await?;
 
+    // build the upstream request, send it (one replay), answer
     let forwarded_host = target.forwarded_host();
     let outbound = Outbound {
         caller: &head,
