@@ -318,7 +318,7 @@ async fn proxy<'s, T: TokenSource>(
         upgrading,
         content_length,
     };
-    let route = route_request(state, &asked, caller, outcome)?;
+    let route = route_request(state, asked, caller, outcome)?;
     let token = shared.tokens.token(caller).await?;
 
     // build the upstream request, send it (one replay), answer
@@ -342,13 +342,17 @@ async fn proxy<'s, T: TokenSource>(
     let uri = route.upstream_uri(&target)?;
     let body = outgoing_body(body, content_length, &state.limits).await?;
     outcome.bytes_in = body.bytes_in();
+    let sending = Sending {
+        uri,
+        body,
+        extensions,
+    };
     let renew = Renew {
         tokens: &*shared.tokens,
         caller,
         token: &token,
     };
-    let sent = send_upstream(&outbound, client, uri, body, extensions, renew, outcome);
-    let response = sent.await?;
+    let response = send_upstream(&outbound, client, sending, renew, outcome).await?;
     let upgrade = on_upgrade.map(|caller_side| (caller_side, head.headers()));
     answer_caller(
         response,
@@ -389,7 +393,7 @@ struct Asked<'a> {
 /// caller allowed, the upgrade accepted, the declared body within `max_body_bytes`).
 fn route_request<'s>(
     state: &'s State,
-    asked: &Asked<'_>,
+    asked: Asked<'_>,
     caller: &str,
     outcome: &mut Outcome<'s>,
 ) -> Result<&'s Route, ProxyError> {
@@ -440,6 +444,7 @@ impl Outbound<'_> {
         uri: Uri,
         token: &HeaderValue,
         body: ProxyBody,
+        extensions: Extensions,
         span: &tracing::Span,
     ) -> Request<ProxyBody> {
         let mut headers = rewrite::rewrite_request(
@@ -459,18 +464,17 @@ impl Outbound<'_> {
         // an HTTP/1 connection, so the request goes out as version-neutral HTTP/1.1.
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = headers;
+        *request.extensions_mut() = extensions;
         request
     }
 }
 
 /// Send: the request to the upstream, and a replayable one once more after an upstream 401
-/// (see [`exchange`]); the time it took goes into `outcome`.
+/// (see [`exchange`]), in the upstream span; the time it took goes into `outcome`.
 async fn send_upstream<T: TokenSource>(
     out: &Outbound<'_>,
     client: &UpstreamClient,
-    uri: Uri,
-    body: Outgoing,
-    extensions: Extensions,
+    sending: Sending,
     renew: Renew<'_, T>,
     outcome: &mut Outcome<'_>,
 ) -> Result<Response<Incoming>, ProxyError> {
@@ -478,19 +482,9 @@ async fn send_upstream<T: TokenSource>(
         true => upstream_span(out.route),
         false => tracing::Span::none(),
     };
-    // A replay goes out with the caller's extensions; a streamed request with them at once.
-    let (first, replay, extensions) = match body {
-        Outgoing::Replayable(bytes) => (
-            replay_body(&bytes),
-            Some((bytes, extensions)),
-            Extensions::new(),
-        ),
-        Outgoing::Streaming(body) => (body, None, extensions),
-    };
-    let mut request = out.request(uri, &renew.token.header, first, &span);
-    *request.extensions_mut() = extensions;
     let started = Instant::now();
-    let exchange = std::pin::pin!(exchange(out, client, request, replay, renew, &span));
+    // Pinned where it is made, as the request's own future is.
+    let exchange = std::pin::pin!(exchange(out, client, sending, renew, &span));
     let result = exchange.instrument(span.clone()).await;
     outcome.upstream = Some(started.elapsed());
     if !span.is_none() {
@@ -510,6 +504,14 @@ async fn send_upstream<T: TokenSource>(
     result
 }
 
+/// What goes to the upstream besides the head [`Outbound`] builds.
+struct Sending {
+    uri: Uri,
+    body: Outgoing,
+    /// The caller's request extensions: with a streamed request, or with a replay.
+    extensions: Extensions,
+}
+
 /// What an upstream 401 needs to get a renewed token.
 struct Renew<'a, T> {
     tokens: &'a T,
@@ -517,19 +519,37 @@ struct Renew<'a, T> {
     token: &'a InjectToken,
 }
 
-/// Sends `request`; with a `replay` (the buffered body and the caller's extensions), after an
-/// upstream 401 the token's generation is reported to the broker and the request is built and
-/// sent once more with the renewed token.
+/// Builds and sends the request; a replayable one, after an upstream 401, once more: the token's
+/// generation is reported to the broker and the request is built again with the renewed token.
+/// (Each request is built in the call that sends it, so no future holds a second copy of it.)
 async fn exchange<T: TokenSource>(
     out: &Outbound<'_>,
     client: &UpstreamClient,
-    request: Request<ProxyBody>,
-    replay: Option<(Option<Bytes>, Extensions)>,
+    sending: Sending,
     renew: Renew<'_, T>,
     span: &tracing::Span,
 ) -> Result<Response<Incoming>, ProxyError> {
     let timeout = out.route.response_timeout;
-    let response = forward::send(client, request, timeout).await?;
+    let Sending {
+        uri,
+        body,
+        extensions,
+    } = sending;
+    let (first, replay, extensions) = match body {
+        Outgoing::Replayable(bytes) => (
+            replay_body(&bytes),
+            Some((bytes, extensions)),
+            Extensions::new(),
+        ),
+        Outgoing::Streaming(body) => (body, None, extensions),
+    };
+    let token = &renew.token.header;
+    let response = forward::send(
+        client,
+        out.request(uri, token, first, extensions, span),
+        timeout,
+    )
+    .await?;
     let Some((body, extensions)) = replay else {
         return Ok(response);
     };
@@ -544,10 +564,12 @@ async fn exchange<T: TokenSource>(
         };
     drop(response);
     tracing::debug!(caller = renew.caller, route = %out.route.name, "upstream refused the token; replaying once");
-    let uri = out.route.upstream_uri(out.target)?;
-    let mut request = out.request(uri, &renewed.header, replay_body(&body), span);
-    *request.extensions_mut() = extensions;
-    forward::send(client, request, timeout).await
+    let replay = {
+        let uri = out.route.upstream_uri(out.target)?;
+        let request = out.request(uri, &renewed.header, replay_body(&body), extensions, span);
+        forward::send(client, request, timeout)
+    };
+    replay.await
 }
 
 /// The client span of the upstream call (a child of the request's span).
@@ -779,7 +801,7 @@ mod tests {
             let build = |token: &'static str| {
                 let uri = route.upstream_uri(&target).unwrap();
                 let token = HeaderValue::from_static(token);
-                out.request(uri, &token, ProxyBody::Empty, &span)
+                out.request(uri, &token, ProxyBody::Empty, Extensions::new(), &span)
                     .into_parts()
                     .0
             };
