@@ -10,8 +10,8 @@
 //! its line and is counted in `requests_cut`. The answer to a head hyper refused itself is made
 //! here too ([`answer_refused`]), for the transport (`io`) to write.
 //!
-//! The caller's head is kept whole until the answer: the phases read it, and a replay makes its
-//! head from it again, so a request is rewritten once and never copied.
+//! The caller's head is kept whole until the answer: the phases read it, the upstream head is
+//! made from it, and a replay after a 401 makes its head from it again; no header map is copied.
 //!
 //! Must never: log a header value, contact the broker or the upstream before the caller is
 //! identified and allowed, forward `CONNECT` or `TRACE`, or replay a request whose body was
