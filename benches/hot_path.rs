@@ -173,7 +173,7 @@ fn rewrite(
     host: Option<&HeaderValue>,
     request_id: &HeaderValue,
 ) {
-    rewrite_request(
+    *headers = rewrite_request(
         headers,
         token,
         &Forwarded {
@@ -183,7 +183,8 @@ fn rewrite(
             request_id,
         },
         tokenbroker::claims::PassedClaims::NONE,
-    )
+        false,
+    );
 }
 
 fn fresh_headers(f: &Fixture) -> HeaderMap {

@@ -2,15 +2,16 @@
 //! rewrite, forwarding, error responses.
 //!
 //! - [`listener`]: accept loops, connection limits, idle timeout, graceful drain
-//! - [`io`]: the watched client stream (activity, HTTP/1 framing, parking, hyper's refusals)
+//! - [`io`]: the watched client stream (activity, HTTP/1 framing, parking, hyper's refusals seen)
+//! - [`admit`]: what a request must pass before anything else (method, framing, sizes)
 //! - [`target`]: the canonical path and authority, the one view of the request target
 //! - [`identify`]: who is calling
 //! - [`route`]: where it goes (on the canonical target)
 //! - [`upgrade`]: `Upgrade` requests (WebSocket) and their tunnels
 //! - [`rewrite`]: header rewrite (pure functions)
 //! - [`forward`]: upstream clients, the body type, one send
-//! - [`service`]: one request from start to answer
-//! - [`log`]: the request log line, written at the end of the response body
+//! - [`service`]: one request, as its phases from admission to the log line
+//! - [`log`]: the request log line and its one writer
 //! - [`error`]: the error table
 //!
 //! What a request sees of the config is one immutable [`State`], swapped atomically by
@@ -19,6 +20,7 @@
 //! Must never: forward a request without an identified, allowed caller and a token from the
 //! broker, route or forward anything but the canonical target, or print a caller key or a token.
 
+pub mod admit;
 pub mod error;
 pub mod forward;
 pub mod identify;
@@ -45,12 +47,13 @@ use crate::metrics::Metrics;
 use crate::server::Shutdown;
 
 pub use crate::tls::server::ListenerTls;
+pub use admit::check_head;
 pub use error::ProxyError;
 pub use forward::ProxyBody;
 pub use identify::{identify, Callers, ConnIdentity};
 pub use rewrite::{rewrite_request, rewrite_response, Forwarded};
 pub use route::{Route, Routes};
-pub use service::{check_head, find_route, ConnInfo};
+pub use service::{find_route, ConnInfo};
 pub use target::Target;
 
 /// Why the proxy could not start (or a new config could not be applied).

@@ -26,6 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::admit::{self, BodySize};
 use super::error::ProxyError;
 use super::log::Logged;
 use crate::config::{Config, RouteConfig};
@@ -249,13 +250,15 @@ pub async fn send(
     }
 }
 
-/// Maps a client error: an over-long request body (413) or one that broke off or was malformed
-/// (400) is the caller's fault, the rest is the upstream's (502).
+/// Maps a client error: a request body read past its limit (413, judged by `admit`) or one that
+/// broke off or was malformed (400) is the caller's fault, the rest is the upstream's (502).
 fn classify(e: &hyper_util::client::legacy::Error) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if err.is::<LengthLimitError>() {
-            return ProxyError::BodyTooLarge;
+            if let Err(too_large) = admit::body(BodySize::ReadPastLimit, None) {
+                return too_large;
+            }
         }
         if let Some(caller) = err.downcast_ref::<CallerBodyError>() {
             return ProxyError::ClientBody(error_chain(caller));

@@ -1,6 +1,7 @@
-//! The client connection's byte stream, watched ([`Watched`]): it counts I/O for the idle
-//! timeout, follows the HTTP/1 bytes read, parks the stream when the connection idles, and puts
-//! the error table's answer in place of hyper's own bare refusals.
+//! The client connection's byte stream, watched ([`Watched`]): it moves and counts bytes. It
+//! counts I/O for the idle timeout, follows the HTTP/1 bytes read, parks the stream when the
+//! connection idles, and writes the request path's answer in place of hyper's own bare refusals.
+//! Each mechanism is its own module; this one only wires them into the stream.
 //!
 //! - [`activity`]: what the stream, the requests and the connection's supervisor tell each other
 //!   (I/O events, requests started, in flight and ended).
@@ -8,7 +9,7 @@
 //!   counted), and heads that carry both `Content-Length` and `Transfer-Encoding`. On such a
 //!   request hyper (1.x) drops the Content-Length, reads the body as chunked and closes the
 //!   connection afterwards (RFC 9112 6.3 allows that), so the handler cannot see that it was
-//!   ambiguous; the scan marks the connection and the handler refuses it (`service::check_head`).
+//!   ambiguous; the scan marks the connection and the handler refuses it (`admit::check_head`).
 //! - [`park`]: parking. When the connection's supervisor asks ([`Park::request`]) and hyper reads
 //!   with nothing to read, no request in flight, nothing left unflushed and the framing scan sure
 //!   that the bytes read so far end exactly at the end of a message, the stream moves into the
@@ -21,13 +22,15 @@
 //!   too many or too large headers, an impossible `Content-Length`) with a bare 400 or 431 of its
 //!   own. A write is hyper's own when no request is in flight, every answer that ended was
 //!   flushed before it, the connection is neither HTTP/2 nor upgraded, and it starts with an
-//!   error status line without `x-request-id` (which every answer of the handler carries); the
-//!   stream writes the error table's answer in its place, logged and counted like every refusal.
+//!   error status line without `x-request-id` (which every answer of the handler carries). The
+//!   stream reports it ([`HypersRefusal`]) and writes the request path's answer in its place
+//!   (`service::answer_refused`: the error table's, logged and counted like every refusal).
 //!   (Were hyper to queue its refusal behind the unflushed end of an earlier answer, its bare
 //!   answer would go out as it is.)
 //!
 //! Must never: change, hold back or copy the bytes it watches, but for hyper's bare refusals;
-//! park a stream with a message half read or an answer half written.
+//! park a stream with a message half read or an answer half written; decide an answer or write a
+//! log line itself.
 
 mod activity;
 mod park;
@@ -36,16 +39,18 @@ mod scan;
 
 pub use activity::{Activity, InFlight, InFlightBody};
 pub use park::{Park, Readable};
+pub use refusal::HypersRefusal;
+use refusal::Replacement;
 pub use scan::Scanner;
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::service::ConnInfo;
+use super::service::{self, ConnInfo};
 use crate::metrics::Metrics;
 
 /// A stream that reports to its connection's [`Activity`].
@@ -55,8 +60,8 @@ pub struct Watched<S> {
     conn: Arc<ConnInfo>,
     metrics: Arc<Metrics>,
     scanner: Scanner,
-    /// The error-table answer written instead of hyper's bare one, and how much of it is out.
-    replacement: Option<(Vec<u8>, usize)>,
+    /// The request path's answer, written instead of hyper's bare one.
+    replacement: Option<Replacement>,
     /// Where to park, for a stream that may (HTTP/1).
     park: Option<Arc<Park<S>>>,
     /// Written to since the last completed flush.
@@ -88,21 +93,6 @@ impl<S> Watched<S> {
 
     pub fn activity(&self) -> &Arc<Activity> {
         &self.conn.activity
-    }
-
-    /// The status of hyper's own bare refusal, if `bytes` (the start of a write) are one.
-    ///
-    /// A handler's answer is in hyper's write buffer from when its handler returns until after
-    /// its body has ended (when its request stops being in flight) and the bytes were flushed;
-    /// hyper flushes the stream only once its buffer is empty. So a write made with no request
-    /// in flight and no answer ended since the last flush holds no byte of a handler's answer.
-    fn hypers_status(&self, bytes: &[u8]) -> Option<u16> {
-        let activity = self.activity();
-        let quiet = activity.in_flight() == 0
-            && activity.ended() == self.ended_at_flush
-            && !activity.speaks_http2()
-            && !activity.upgraded();
-        quiet.then(|| refusal::bare_error_status(bytes)).flatten()
     }
 
     fn touched(&self) {
@@ -154,21 +144,9 @@ impl<S: AsyncWrite + Unpin> Watched<S> {
         cx: &mut Context<'_>,
         len: usize,
     ) -> Poll<std::io::Result<usize>> {
-        while let Some((bytes, written)) = &mut self.replacement {
-            if *written == bytes.len() {
-                self.replacement = None;
-                break;
-            }
-            let Some(inner) = self.inner.as_mut() else {
-                return Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()));
-            };
-            match Pin::new(inner).poll_write(cx, &bytes[*written..]) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
-                }
-                Poll::Ready(Ok(n)) => *written += n,
-                other => return other,
-            }
+        if let Some(replacement) = &mut self.replacement {
+            ready!(replacement.poll_out(&mut self.inner, cx))?;
+            self.replacement = None;
         }
         self.touched();
         Poll::Ready(Ok(len))
@@ -179,12 +157,17 @@ impl<S: AsyncWrite + Unpin> Watched<S> {
         if self.replacement.is_some() {
             return;
         }
-        let Some(status) = first.and_then(|b| self.hypers_status(b)) else {
+        let activity = &self.conn.activity;
+        let hypers = |b| refusal::hypers_status(activity, self.ended_at_flush, b);
+        let Some(status) = first.and_then(hypers) else {
             return;
         };
-        let error = refusal::error_for(status, self.scanner.length_too_large());
-        let bytes = refusal::answer(error, status, &self.conn, &self.metrics);
-        self.replacement = Some((bytes, 0));
+        let refusal = HypersRefusal {
+            status,
+            unrepresentable_length: self.scanner.length_too_large(),
+        };
+        let bytes = service::answer_refused(refusal, &self.conn, &self.metrics);
+        self.replacement = Some(Replacement::new(bytes));
     }
 }
 

@@ -1,5 +1,7 @@
-//! The request log line: one per request, written when the response body has been handed to
-//! hyper whole (or dropped), so that it can say how many body bytes went each way.
+//! The request log line, and its one writer ([`RequestLog::write`]): one per request, written
+//! when the response body has been handed to hyper whole (or dropped), so that it can say how
+//! many body bytes went each way; for a request cut unanswered, when it is dropped; for a head
+//! hyper refused, when its answer is made.
 //!
 //! tokenbroker's own 5xx answers (502, 503, 504 of the error table) are logged at WARN, every
 //! other line at INFO. Byte counts are the bodies' (not the heads'): the request body as read
@@ -68,6 +70,9 @@ pub struct RequestLog {
     pub broke_off: bool,
     /// The OpenTelemetry trace id (32 hex digits), with telemetry on and the trace sampled.
     pub trace_id: Option<String>,
+    /// Cut unanswered: `shutdown` (at the shutdown deadline, a WARN) or `client_gone`; such a
+    /// line has no status.
+    pub cut: Option<&'static str>,
 }
 
 impl RequestLog {
@@ -79,6 +84,9 @@ impl RequestLog {
 
     /// Writes the line.
     pub fn write(&self) {
+        if let Some(reason) = self.cut {
+            return self.write_cut(reason);
+        }
         macro_rules! line {
             ($level:expr) => {
                 tracing::event!(
@@ -108,6 +116,26 @@ impl RequestLog {
             line!(tracing::Level::WARN);
         } else {
             line!(tracing::Level::INFO);
+        }
+    }
+
+    /// The line of a request cut unanswered.
+    fn write_cut(&self, reason: &'static str) {
+        let method = self.method.as_ref().map_or("-", Method::as_str);
+        let path = self.path.as_deref().unwrap_or("-");
+        let route = self.route.as_deref().unwrap_or("-");
+        let caller = self.caller.as_deref().unwrap_or("-");
+        let listener = &*self.listener;
+        let peer = self.peer;
+        let request_id = self.request_id.to_str().unwrap_or("-");
+        let latency_ms = self.latency.as_secs_f64() * 1e3;
+        let bytes_in = self.bytes_in.get();
+        if reason == "shutdown" {
+            tracing::warn!(target: "tokenbroker::request", method, path, route, caller, listener,
+                %peer, request_id, latency_ms, bytes_in, reason, "request cut at the shutdown deadline");
+        } else {
+            tracing::info!(target: "tokenbroker::request", method, path, route, caller, listener,
+                %peer, request_id, latency_ms, bytes_in, reason, "request abandoned by its client");
         }
     }
 }

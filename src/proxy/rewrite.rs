@@ -1,21 +1,21 @@
-//! Header rewrite, as pure functions over a `HeaderMap`: what leaves the proxy towards the
-//! upstream, and what goes back to the caller.
+//! Header rewrite, as pure functions: the headers that leave the proxy towards the upstream,
+//! made from the caller's (left as they are, for a replay), and those that go back to the caller.
 //!
-//! Request: headers named by `Connection` go first, then the hop-by-hop headers (RFC 9110 7.6.1),
-//! the caller's `Authorization`, `Proxy-Authorization` and `Host`, the caller's own `Forwarded`
-//! and `X-Real-IP` (client-address claims the proxy cannot vouch for), and the [`crate::claims::CALLER_CLAIMS`]
-//! (headers upstreams take as a proxy's word) the route does not pass on; then the broker's token
-//! and the `X-Forwarded-*` / `X-Request-Id` headers are inserted, after every removal, so that no
-//! header the caller sent can remove or replace them. The caller's
+//! Request: the headers named by `Connection`, the hop-by-hop headers (RFC 9110 7.6.1), the
+//! caller's `Authorization`, `Proxy-Authorization` and `Host`, its own `Forwarded` and `X-Real-IP`
+//! (client-address claims the proxy cannot vouch for), and the [`crate::claims::CALLER_CLAIMS`] the route does
+//! not pass on are left out; then the broker's token and the `X-Forwarded-*` / `X-Request-Id`
+//! headers are set, so that no header the caller sent can replace them. The caller's
 //! `X-Forwarded-For` elements are kept in front of the peer address the proxy appends: an upstream
-//! may trust only the last element. Response: the hop-by-hop headers are removed.
+//! may trust only the last element. Response: the hop-by-hop headers are removed. For an accepted
+//! upgrade, and only then, `Upgrade` crosses (both ways) with `Connection: upgrade`.
 //!
 //! Must never: log or copy a header value anywhere else, or let a caller-sent header survive in
 //! place of one this module sets.
 
 use std::net::IpAddr;
 
-use http::header::{AUTHORIZATION, CONNECTION, FORWARDED, HOST, PROXY_AUTHORIZATION};
+use http::header::{AUTHORIZATION, CONNECTION, FORWARDED, HOST, PROXY_AUTHORIZATION, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::claims::PassedClaims;
@@ -60,7 +60,7 @@ pub struct Forwarded<'a> {
 /// Headers dropped as the caller sent them: the ones the proxy sets on every forwarded request,
 /// and client-address claims it does not pass on. (The caller's `X-Forwarded-For` is kept, unless
 /// `Connection` names it, and joined into the new one.)
-const NOT_FROM_CALLER: [HeaderName; 7] = [
+static NOT_FROM_CALLER: [HeaderName; 7] = [
     AUTHORIZATION,
     // The upstream authority comes from the route; the client sets Host from the upstream URI.
     HOST,
@@ -72,23 +72,39 @@ const NOT_FROM_CALLER: [HeaderName; 7] = [
 ];
 
 /// How many headers `rewrite_request` may add.
-const SET_BY_PROXY: usize = 5;
+const SET_BY_PROXY: usize = 6;
 
 /// The caller's address as an `X-Forwarded-For` element: made once per connection.
 pub fn peer_ip_value(ip: IpAddr) -> HeaderValue {
     HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value")
 }
 
-/// Rewrites the headers of a request about to be forwarded. `token` is the broker's ready
-/// `Authorization` value; `passed` are the caller claims the route keeps.
+/// The headers of the request to forward, made from the caller's: `token` is the broker's ready
+/// `Authorization` value, `passed` the caller claims the route keeps, `upgrade` whether this is
+/// an upgrade the route accepted (its `Upgrade` offer then goes on, with `Connection: upgrade`).
+/// The caller's headers are left as they are (a replay makes its head from them again).
 pub fn rewrite_request(
-    headers: &mut HeaderMap,
+    caller: &HeaderMap,
     token: &HeaderValue,
     fwd: &Forwarded<'_>,
     passed: PassedClaims,
-) {
-    keep_forwardable(headers, &NOT_FROM_CALLER, passed, SET_BY_PROXY);
-    let forwarded_for = forwarded_for(headers, fwd.peer_ip);
+    upgrade: bool,
+) -> HeaderMap {
+    let crossing = Crossing::of(caller, &NOT_FROM_CALLER, passed, upgrade);
+    let mut headers = HeaderMap::with_capacity(caller.keys_len() + SET_BY_PROXY);
+    // `iter` yields the values of one name one after the other: one decision per name.
+    let mut current: Option<(&HeaderName, bool)> = None;
+    for (name, value) in caller {
+        let keep = match current {
+            Some((same, keep)) if std::ptr::eq(same, name) => keep,
+            _ => crossing.keeps(name),
+        };
+        current = Some((name, keep));
+        if keep {
+            headers.append(name, value.clone());
+        }
+    }
+    let forwarded_for = forwarded_for(&headers, fwd.peer_ip);
     headers.insert(AUTHORIZATION, token.clone());
     headers.insert(X_FORWARDED_FOR, forwarded_for);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
@@ -96,43 +112,67 @@ pub fn rewrite_request(
         headers.insert(X_FORWARDED_HOST, host.clone());
     }
     headers.insert(X_REQUEST_ID, fwd.request_id.clone());
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    headers
 }
 
-/// Rewrites the headers of an upstream response before it goes back to the caller.
-pub fn rewrite_response(headers: &mut HeaderMap) {
-    keep_forwardable(headers, &[], PassedClaims::ALL, 1);
-}
-
-/// Keeps only the headers that may cross the proxy: drops every header named in `Connection`,
-/// every hop-by-hop header, the headers in `also_drop` and the caller claims not `passed`,
-/// leaving room for `room` more.
-///
-/// One pass that moves the kept headers into a map of the right size: cheaper than a `remove` per
-/// listed name (a hash and a probe each, present or not) followed by inserts that grow the map.
-fn keep_forwardable(
-    headers: &mut HeaderMap,
-    also_drop: &[HeaderName],
-    passed: PassedClaims,
-    room: usize,
-) {
-    let named = connection_named(headers);
+/// Rewrites the headers of an upstream response before it goes back to the caller; `upgrade`:
+/// it is the `101` of an accepted upgrade (its `Upgrade` stays, with `Connection: upgrade`).
+pub fn rewrite_response(headers: &mut HeaderMap, upgrade: bool) {
+    let crossing = Crossing::of(headers, &[], PassedClaims::ALL, upgrade);
+    // One pass that moves the kept headers into a map of the right size: cheaper than a `remove`
+    // per listed name (a hash and a probe each, present or not).
     let old = std::mem::take(headers);
-    let mut kept = HeaderMap::with_capacity(old.keys_len() + room);
+    let mut kept = HeaderMap::with_capacity(old.keys_len() + 1);
     let mut current: Option<HeaderName> = None;
     for (name, value) in old {
         // `None` is another value of the previous name.
         if let Some(name) = name {
-            let dropped = HOP_BY_HOP.contains(&name)
-                || also_drop.contains(&name)
-                || named.contains(&name)
-                || passed.drops(&name);
-            current = (!dropped).then_some(name);
+            current = crossing.keeps(&name).then_some(name);
         }
         if let Some(name) = &current {
             kept.append(name, value);
         }
     }
+    if upgrade {
+        kept.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     *headers = kept;
+}
+
+/// Which headers may cross the proxy: none named in `Connection`, no hop-by-hop header (but
+/// `Upgrade` on an accepted upgrade), none in `also_drop` and no caller claim not `passed`.
+struct Crossing<'a> {
+    named: Vec<HeaderName>,
+    also_drop: &'a [HeaderName],
+    passed: PassedClaims,
+    upgrade: bool,
+}
+
+impl<'a> Crossing<'a> {
+    fn of(
+        headers: &HeaderMap,
+        also_drop: &'a [HeaderName],
+        passed: PassedClaims,
+        upgrade: bool,
+    ) -> Crossing<'a> {
+        Crossing {
+            named: connection_named(headers),
+            also_drop,
+            passed,
+            upgrade,
+        }
+    }
+
+    fn keeps(&self, name: &HeaderName) -> bool {
+        let hop_by_hop = HOP_BY_HOP.contains(name) && !(self.upgrade && name == UPGRADE);
+        !(hop_by_hop
+            || self.also_drop.contains(name)
+            || self.named.contains(name)
+            || self.passed.drops(name))
+    }
 }
 
 /// The names listed in `Connection`, apart from `close` and names dropped anyway (keep-alive,
@@ -228,11 +268,15 @@ mod tests {
         h
     }
 
-    fn rewrite(mut h: HeaderMap) -> HeaderMap {
+    fn rewrite(h: HeaderMap) -> HeaderMap {
+        rewrite_as(h, false)
+    }
+
+    fn rewrite_as(h: HeaderMap, upgrade: bool) -> HeaderMap {
         let host = HeaderValue::from_static("proxy.example:8080");
         let id = HeaderValue::from_static("id-1");
         rewrite_request(
-            &mut h,
+            &h,
             &token(),
             &Forwarded {
                 peer_ip: &peer_ip_value(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7))),
@@ -241,8 +285,8 @@ mod tests {
                 request_id: &id,
             },
             PassedClaims::NONE,
-        );
-        h
+            upgrade,
+        )
     }
 
     #[test]
@@ -262,8 +306,43 @@ mod tests {
             ("proxy-authenticate", "Basic"),
             ("connection", "upgrade"),
         ]);
-        rewrite_response(&mut h);
+        rewrite_response(&mut h, false);
         assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn an_accepted_upgrade_keeps_its_offer_and_nothing_else_hop_by_hop() {
+        let sent = [
+            ("connection", "keep-alive, Upgrade, x-hop"),
+            ("upgrade", "websocket"),
+            ("upgrade", "other/2"),
+            ("keep-alive", "timeout=5"),
+            ("x-hop", "1"),
+            ("sec-websocket-key", "k"),
+        ];
+        let h = rewrite_as(headers(&sent), true);
+        let upgrade: Vec<_> = h.get_all(UPGRADE).iter().collect();
+        assert_eq!(upgrade, ["websocket", "other/2"]);
+        let connection: Vec<_> = h.get_all(CONNECTION).iter().collect();
+        assert_eq!(connection, ["upgrade"]);
+        assert!(
+            !h.contains_key("keep-alive") && !h.contains_key("x-hop"),
+            "{h:?}"
+        );
+        assert_eq!(h["sec-websocket-key"], "k");
+        assert!(!rewrite_as(headers(&sent), false).contains_key(UPGRADE));
+
+        let mut h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "timeout=5"),
+            ("sec-websocket-accept", "a"),
+        ]);
+        rewrite_response(&mut h, true);
+        assert_eq!(h[UPGRADE], "websocket");
+        assert_eq!(h[CONNECTION], "upgrade");
+        assert_eq!(h["sec-websocket-accept"], "a");
+        assert_eq!(h.len(), 3, "{h:?}");
     }
 
     #[test]
@@ -286,7 +365,7 @@ mod tests {
             ("x-hop", "1"),
             ("set-cookie", "b=2"),
         ]);
-        rewrite_response(&mut h);
+        rewrite_response(&mut h, false);
         let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a=1", "b=2"]);
         assert_eq!(h.len(), 2, "{h:?}");
@@ -378,10 +457,10 @@ mod tests {
 
     #[test]
     fn no_host_means_no_forwarded_host() {
-        let mut h = headers(&[("x-forwarded-host", "evil.example")]);
+        let h = headers(&[("x-forwarded-host", "evil.example")]);
         let id = HeaderValue::from_static("id");
-        rewrite_request(
-            &mut h,
+        let h = rewrite_request(
+            &h,
             &token(),
             &Forwarded {
                 peer_ip: &peer_ip_value("::1".parse().unwrap()),
@@ -390,6 +469,7 @@ mod tests {
                 request_id: &id,
             },
             PassedClaims::NONE,
+            false,
         );
         assert!(!h.contains_key(X_FORWARDED_HOST));
         assert_eq!(h[X_FORWARDED_FOR], "::1");
@@ -437,7 +517,7 @@ mod tests {
         assert_eq!(h["x-original"], "kept");
 
         let passed = PassedClaims::of(["X-HTTP-Method-Override", "x-ssl-client-*"]).unwrap();
-        let mut h = headers(&sent);
+        let h = headers(&sent);
         let id = HeaderValue::from_static("id");
         let fwd = Forwarded {
             peer_ip: &peer_ip_value("::1".parse().unwrap()),
@@ -445,7 +525,7 @@ mod tests {
             host: None,
             request_id: &id,
         };
-        rewrite_request(&mut h, &token(), &fwd, passed);
+        let h = rewrite_request(&h, &token(), &fwd, passed, false);
         assert_eq!(h["x-http-method-override"], "DELETE");
         assert_eq!(h["x-ssl-client-verify"], "SUCCESS");
         assert_eq!(h["x-ssl-client-s-dn"], "CN=admin");
@@ -454,7 +534,7 @@ mod tests {
 
         // A response keeps them all.
         let mut h = headers(&sent);
-        rewrite_response(&mut h);
+        rewrite_response(&mut h, false);
         assert_eq!(h.len(), sent.len());
     }
 }

@@ -88,16 +88,18 @@ pub fn check<B>(route: &Route, request: &Request<B>) -> Result<(), ProxyError> {
 }
 
 /// Checks the upstream's `101`: its `Upgrade` (`switched`) must name at least one protocol, and
-/// only protocols that were `offered` (and so that `route` accepts).
+/// only protocols that the caller offered (in `caller`, its request's headers) and `route`
+/// accepts.
 pub fn check_switch(
     route: &Route,
-    offered: &[HeaderValue],
+    caller: &HeaderMap,
     switched: &HeaderMap,
 ) -> Result<(), ProxyError> {
+    let offered = || caller.get_all(UPGRADE).iter();
     let mut named = false;
     for p in protocols(switched.get_all(UPGRADE).iter()).filter(|p| !p.is_empty()) {
         named = true;
-        let was_offered = protocols(offered.iter()).any(|o| o.eq_ignore_ascii_case(p));
+        let was_offered = protocols(offered()).any(|o| o.eq_ignore_ascii_case(p));
         if !was_offered || !std::str::from_utf8(p).is_ok_and(|name| route.accepts_upgrade(name)) {
             return Err(ProxyError::UpstreamUnavailable(
                 "the upstream switched to a protocol that was not offered".into(),
@@ -330,7 +332,7 @@ mod tests {
     #[test]
     fn the_upstream_may_switch_only_to_an_offered_protocol() {
         let ws = route(&["websocket", "other"]);
-        let offered = [HeaderValue::from_static("websocket")];
+        let offered = request(&["websocket"]).headers().clone();
         let switched = |u: &[&str]| request(u).headers().clone();
         assert_eq!(
             check_switch(&ws, &offered, &switched(&["WebSocket"])),

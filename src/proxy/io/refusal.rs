@@ -1,26 +1,81 @@
-//! hyper's own answers, made ours. hyper (1.x) answers a head it cannot take by itself, before
+//! hyper's own answers, recognised. hyper (1.x) answers a head it cannot take by itself, before
 //! any handler runs, and closes the connection: `400` (a request line or header line it cannot
 //! parse: obs-fold, a bad header name, `HTTP/1.2`, a `Content-Length` that is no number such as
 //! `5, 5`), `431` (a head over its buffer, more than 100 header lines, or one of the two lengths
 //! it reserves) or `414` (a target over 64 KiB). That answer is a bare head: no JSON body, no
 //! `x-request-id`, no log line, no count.
 //!
-//! The stream ([`super::Watched`]) recognises it on the write side and writes the error table's
-//! answer instead ([`answer`]), logged as one request line and counted like every refusal:
-//! `400 bad_request`, `431 headers_too_large`, and `413 body_too_large` for a head whose
-//! `Content-Length` hyper cannot represent (it answers 400 or 431 to those).
+//! The stream ([`super::Watched`]) recognises it on the write side and reports what it saw
+//! ([`HypersRefusal`]) to the request path (`service::answer_refused`), which answers from the
+//! error table, logs and counts; the stream writes that answer in place of hyper's.
 //!
 //! Must never: take an answer of the handler's, or bytes of a body or a tunnel, for hyper's (see
-//! `Watched::hypers_status` for when a write can be hyper's own).
+//! [`hypers_status`] for when a write can be hyper's own).
 
-use std::time::Duration;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use http::{HeaderMap, StatusCode};
+use tokio::io::AsyncWrite;
 
-use crate::metrics::Metrics;
-use crate::proxy::log::{BytesIn, RequestLog};
-use crate::proxy::service::ConnInfo;
-use crate::proxy::{rewrite, ProxyError};
+use super::Activity;
+
+/// What the stream saw of a head hyper refused itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HypersRefusal {
+    /// The status of hyper's bare answer.
+    pub status: u16,
+    /// The head had a `Content-Length` hyper cannot represent.
+    pub unrepresentable_length: bool,
+}
+
+/// The status of hyper's own bare refusal, if `bytes` (the start of a write) are one.
+///
+/// A handler's answer is in hyper's write buffer from when its handler returns until after its
+/// body has ended (when its request stops being in flight) and the bytes were flushed; hyper
+/// flushes the stream only once its buffer is empty. So a write made with no request in flight
+/// and no answer ended since the last flush (`ended_at_flush`: [`Activity::ended`] then) holds
+/// no byte of a handler's answer.
+pub(super) fn hypers_status(activity: &Activity, ended_at_flush: u64, bytes: &[u8]) -> Option<u16> {
+    let quiet = activity.in_flight() == 0
+        && activity.ended() == ended_at_flush
+        && !activity.speaks_http2()
+        && !activity.upgraded();
+    quiet.then(|| bare_error_status(bytes)).flatten()
+}
+
+/// The request path's answer, written in place of hyper's, and how much of it is out.
+pub(super) struct Replacement {
+    bytes: Vec<u8>,
+    written: usize,
+}
+
+impl Replacement {
+    pub(super) fn new(bytes: Vec<u8>) -> Replacement {
+        Replacement { bytes, written: 0 }
+    }
+
+    /// Writes what is left of it to `inner` (`None`: parked); `Ready(Ok(()))` once all is out.
+    pub(super) fn poll_out<S: AsyncWrite + Unpin>(
+        &mut self,
+        inner: &mut Option<S>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.written < self.bytes.len() {
+            let Some(inner) = inner.as_mut() else {
+                return Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()));
+            };
+            match Pin::new(inner).poll_write(cx, &self.bytes[self.written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
 
 /// The status of a bare error answer (`HTTP/1.x NNN`, 400 or more, no `x-request-id`) that
 /// `bytes` start with.
@@ -31,58 +86,6 @@ pub(super) fn bare_error_status(bytes: &[u8]) -> Option<u16> {
     let head = memchr::memmem::find(bytes, b"\r\n\r\n").map_or(bytes, |end| &bytes[..end]);
     let ours = memchr::memmem::find(head, b"\r\nx-request-id:").is_some();
     (status >= 400 && !ours).then_some(status)
-}
-
-/// The error table's name for hyper's answer `status` (`length_too_large`: the head it refused
-/// has a `Content-Length` hyper cannot represent).
-pub(super) fn error_for(status: u16, length_too_large: bool) -> ProxyError {
-    match status {
-        _ if length_too_large => ProxyError::BodyTooLarge,
-        431 => ProxyError::HeadersTooLarge,
-        414 => ProxyError::BadRequest("the request target is too long"),
-        505 => ProxyError::BadRequest("this HTTP version is not supported"),
-        _ => ProxyError::BadRequest("the request line or a header line is malformed"),
-    }
-}
-
-/// The whole HTTP/1.1 answer for `error` in place of hyper's `status`; logs its request line and
-/// counts it.
-pub(super) fn answer(
-    error: ProxyError,
-    status: u16,
-    conn: &ConnInfo,
-    metrics: &Metrics,
-) -> Vec<u8> {
-    let id = rewrite::request_id(&HeaderMap::new());
-    let spec = error.spec();
-    let bytes = error.http1_bytes(&id);
-    let body = memchr::memmem::find(&bytes, b"\r\n\r\n").map_or(0, |end| bytes.len() - end - 4);
-    metrics.record_error(spec.code);
-    // hyper answers as soon as it has read the head: no time passes worth measuring.
-    metrics.record_request(None, None, spec.status.as_u16(), Duration::ZERO, None);
-    RequestLog {
-        method: None,
-        route: None,
-        caller: None,
-        path: None,
-        listener: conn.identity.listener.clone(),
-        peer: conn.peer,
-        status: spec.status.as_u16(),
-        latency: Duration::ZERO,
-        upstream: None,
-        request_id: id,
-        error: Some(spec.code),
-        detail: Some(format!(
-            "the HTTP/1 parser refused the head ({})",
-            StatusCode::from_u16(status).map_or(status.to_string(), |s| s.to_string())
-        )),
-        bytes_in: BytesIn::None,
-        bytes_out: body as u64,
-        trace_id: None,
-        broke_off: false,
-    }
-    .write();
-    bytes
 }
 
 #[cfg(test)]
@@ -116,17 +119,5 @@ mod tests {
         // An x-request-id in a body after the head does not make a bare head ours.
         let body = b"HTTP/1.1 400 Bad Request\r\n\r\n\r\nx-request-id: 1";
         assert_eq!(bare_error_status(body), Some(400));
-    }
-
-    #[test]
-    fn maps_statuses_onto_the_table() {
-        let code = |status, too_large| error_for(status, too_large).spec();
-        assert_eq!(code(400, false).code, "bad_request");
-        assert_eq!(code(431, false).code, "headers_too_large");
-        assert_eq!(code(414, false).status, StatusCode::BAD_REQUEST);
-        assert_eq!(code(505, false).code, "bad_request");
-        for status in [400, 431] {
-            assert_eq!(code(status, true).code, "body_too_large");
-        }
     }
 }
