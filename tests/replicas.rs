@@ -11,17 +11,6 @@ use std::time::{Duration, Instant};
 use support::cluster::{caller_name, Cluster, ClusterOptions, KEY_PREFIX};
 use tokenbroker::emulator::{Fault, FaultKind, Operation};
 
-/// Short lifetimes: with one second per minute, `api` and `access` seconds.
-fn short(api: i64, access: i64) -> ClusterOptions {
-    ClusterOptions {
-        seconds_per_minute: 1.0,
-        api_token_ttl_minutes: api,
-        access_token_ttl_minutes: access,
-        tokens_extra: "min_margin = \"500ms\"\nexpiry_skew = \"500ms\"\n".into(),
-        ..ClusterOptions::default()
-    }
-}
-
 /// The value of a Prometheus series (labels included in `series`), if present.
 fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics
@@ -36,23 +25,6 @@ fn family_sum(metrics: &str, family: &str) -> f64 {
         .filter(|l| l.starts_with(family) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// Caller `i`'s API token id on every running replica.
-async fn api_token_ids(cluster: &Cluster, caller: usize) -> Vec<Option<String>> {
-    let mut ids = Vec::new();
-    for i in cluster.running() {
-        let tokens = cluster.tokens(i).await;
-        let entry = tokens["callers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["caller"] == caller_name(caller).as_str())
-            .cloned()
-            .unwrap_or_default();
-        ids.push(entry["api_token_id"].as_str().map(str::to_string));
-    }
-    ids
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,7 +54,7 @@ async fn three_replicas_twenty_cold_callers_one_create_and_one_exchange_each() {
 
     // every replica holds the same, current copy
     for caller in 0..20 {
-        let ids = api_token_ids(&cluster, caller).await;
+        let ids = cluster.api_token_ids(caller).await;
         assert!(
             ids.iter().all(|id| id.is_some() && *id == ids[0]),
             "{ids:?}"
@@ -150,7 +122,7 @@ async fn three_replicas_twenty_cold_callers_one_create_and_one_exchange_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_traffic_over_ten_api_token_lifetimes_renews_once_per_period() {
     // API tokens live 4 s (renewed every ~3 s), access tokens 2 s (every ~1.5 s)
-    let cluster = Cluster::start(short(4, 2)).await;
+    let cluster = Cluster::start(ClusterOptions::short(4, 2)).await;
     let started = Instant::now();
     let mut failed = Vec::new();
     let mut n = 0usize;
@@ -209,7 +181,7 @@ async fn the_lease_holder_killed_mid_regenerate_is_taken_over() {
     let mut cluster = Cluster::start(ClusterOptions {
         callers: 1,
         lease: "2s".into(),
-        ..short(6, 60)
+        ..ClusterOptions::short(6, 60)
     })
     .await;
     assert!(cluster.spread(30).await.iter().all(|&s| s == 200));
@@ -263,7 +235,7 @@ async fn the_lease_holder_killed_mid_regenerate_is_taken_over() {
         "renewed {renewed_after:?} after the kill (lease 2 s)"
     );
     // the survivors agree on the new token
-    let ids = api_token_ids(&cluster, 0).await;
+    let ids = cluster.api_token_ids(0).await;
     assert!(
         ids.iter().all(|id| id.is_some() && *id == ids[0]),
         "{ids:?}"
@@ -273,10 +245,10 @@ async fn the_lease_holder_killed_mid_regenerate_is_taken_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_longer_than_an_access_token_fails_no_request() {
     // access tokens live 2 s; Redis is away for 6 s
-    let mut cluster = Cluster::start(short(60, 2)).await;
+    let mut cluster = Cluster::start(ClusterOptions::short(60, 2)).await;
     assert!(cluster.spread(30).await.iter().all(|&s| s == 200));
     let ids_before: Vec<_> =
-        futures_util::future::join_all((0..3).map(|c| api_token_ids(&cluster, c))).await;
+        futures_util::future::join_all((0..3).map(|c| cluster.api_token_ids(c))).await;
     cluster.redis.stop();
     let started = Instant::now();
     let mut failed = Vec::new();
@@ -324,7 +296,7 @@ async fn a_redis_outage_longer_than_an_access_token_fails_no_request() {
         assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
         let mut converged = true;
         for (caller, before) in ids_before.iter().enumerate() {
-            let ids = api_token_ids(&cluster, caller).await;
+            let ids = cluster.api_token_ids(caller).await;
             converged &= ids.iter().all(|id| id.is_some() && *id == ids[0]);
             converged &= ids[0] == before[0];
         }
@@ -400,7 +372,7 @@ async fn a_lease_without_a_ttl_is_taken_over_and_renewals_go_on() {
     // access tokens live 2 s: renewed every ~1.5 s
     let cluster = Cluster::start(ClusterOptions {
         callers: 1,
-        ..short(60, 2)
+        ..ClusterOptions::short(60, 2)
     })
     .await;
     // an operator's mistake: the caller's lease set by hand, without a TTL, before any renewal
@@ -470,7 +442,7 @@ async fn a_record_that_does_not_open_is_replaced_at_the_next_renewal_without_a_b
     // API tokens live 4 s: their refresh point comes ~3 s after they are made
     let cluster = Cluster::start(ClusterOptions {
         callers: 1,
-        ..short(4, 60)
+        ..ClusterOptions::short(4, 60)
     })
     .await;
     assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
@@ -540,7 +512,7 @@ async fn with_redis_stopped_the_store_is_retried_with_backoff() {
     let mut options = ClusterOptions {
         callers: 1,
         backoff_max: "4s".into(),
-        ..short(8, 60)
+        ..ClusterOptions::short(8, 60)
     };
     options.tokens_extra.push_str("refresh_fraction = 0.2\n");
     let mut cluster = Cluster::start(options).await;
@@ -576,31 +548,6 @@ async fn with_redis_stopped_the_store_is_retried_with_backoff() {
     }
 }
 
-/// Requests round-robin over `proxies` and the callers until `stop`: the statuses (0: a
-/// transport failure).
-async fn load(
-    proxies: Vec<std::net::SocketAddr>,
-    callers: usize,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Vec<u16> {
-    let mut statuses = Vec::new();
-    let mut n = 0;
-    let mut pace = support::pace(Duration::from_millis(20));
-    while !*stop.borrow() {
-        pace.tick().await;
-        let auth = format!("Bearer {}", support::cluster::caller_key(n % callers));
-        let url = format!("http://{}/echo/x", proxies[n % proxies.len()]);
-        let status =
-            match support::try_http("GET", &url, &[("proxy-authorization", &auth)], "").await {
-                Ok((status, _, _)) => status.as_u16(),
-                Err(_) => 0,
-            };
-        statuses.push(status);
-        n += 1;
-    }
-    statuses
-}
-
 /// The key id each caller's record is sealed with.
 async fn sealed_with(cluster: &Cluster) -> Vec<String> {
     let dump = cluster.redis.dump(KEY_PREFIX).await;
@@ -616,13 +563,13 @@ async fn sealed_with(cluster: &Cluster) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_seal_key_rolled_through_the_replicas_under_load_fails_nothing_and_creates_nothing() {
     // access tokens live 2 s: every record is written again every ~1.5 s
-    let mut cluster = Cluster::start(short(60, 2)).await;
+    let mut cluster = Cluster::start(ClusterOptions::short(60, 2)).await;
     let callers = cluster.options.callers;
     assert!(cluster.spread(30).await.iter().all(|&s| s == 200));
     let old = sealed_with(&cluster).await;
     assert_eq!(old.len(), callers);
     let new = cluster.new_seal_key("new.key");
-    let roll = |proxies, stop| load(proxies, callers, stop);
+    let roll = |proxies, stop| support::cluster::load(proxies, callers, stop);
     let mut statuses = Vec::new();
     // the new key second: every replica opens it, none seals with it yet
     cluster.seal_keys = vec!["seal.key".into(), "new.key".into()];
@@ -674,7 +621,7 @@ async fn a_lease_held_past_twice_its_ttl_is_taken_over() {
     // access tokens live 2 s: renewed every ~1.5 s; the lease is 3 s
     let cluster = Cluster::start(ClusterOptions {
         callers: 1,
-        ..short(60, 2)
+        ..ClusterOptions::short(60, 2)
     })
     .await;
     assert!(cluster.spread(9).await.iter().all(|&s| s == 200));

@@ -361,8 +361,8 @@ lease = "{lease}"
     }
 }
 
-/// Requests round-robin over `proxies` and `callers` callers until `stop`, one at a time, 20 ms
-/// apart: the statuses (0: a transport failure).
+/// Requests round-robin over `proxies` and `callers` callers until `stop`, one at a time, one
+/// every 20 ms at most: the statuses (0: a transport failure).
 pub async fn load(
     proxies: Vec<SocketAddr>,
     callers: usize,
@@ -370,7 +370,9 @@ pub async fn load(
 ) -> Vec<u16> {
     let mut statuses = Vec::new();
     let mut n = 0;
+    let mut pace = super::pace(std::time::Duration::from_millis(20));
     while !*stop.borrow() {
+        pace.tick().await;
         let auth = format!("Bearer {}", caller_key(n % callers));
         let url = format!("http://{}/echo/x", proxies[n % proxies.len()]);
         let status = match try_http("GET", &url, &[("proxy-authorization", &auth)], "").await {
@@ -379,7 +381,6 @@ pub async fn load(
         };
         statuses.push(status);
         n += 1;
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     statuses
 }
