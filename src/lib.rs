@@ -14,7 +14,7 @@
 pub mod admin;
 pub mod app;
 pub mod broker;
-pub mod canonical;
+pub(crate) mod canonical;
 pub mod claims;
 pub mod cli;
 pub mod config;
@@ -27,4 +27,4 @@ pub mod seal;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
-pub mod tls;
+pub(crate) mod tls;

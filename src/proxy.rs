@@ -20,18 +20,18 @@
 //! Must never: forward a request without an identified, allowed caller and a token from the
 //! broker, route or forward anything but the canonical target, or print a caller key or a token.
 
-pub mod admit;
-pub mod error;
-pub mod forward;
-pub mod identify;
-pub mod io;
-pub mod listener;
-pub mod log;
+mod admit;
+mod error;
+mod forward;
+mod identify;
+mod io;
+mod listener;
+mod log;
 pub mod rewrite;
-pub mod route;
-pub mod service;
-pub mod target;
-pub mod upgrade;
+mod route;
+mod service;
+mod target;
+mod upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -37,7 +37,7 @@ mod park;
 mod refusal;
 mod scan;
 
-pub use activity::{Activity, InFlight, InFlightBody};
+pub use activity::{Activity, InFlightBody};
 pub use park::{Park, Readable};
 pub use refusal::HypersRefusal;
 use refusal::Replacement;
