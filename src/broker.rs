@@ -48,7 +48,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use http::HeaderValue;
 use moka::future::Cache;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -58,6 +57,7 @@ use crate::identity::IdentityClient;
 use crate::metrics::{CallerLabels, Metrics};
 use crate::secret::Secret;
 use crate::server::Shutdown;
+use crate::token::{Rejection, TokenResult, TokenUnavailable};
 pub use caller::SharedCopy;
 use caller::{
     CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger, UpstreamClaim,
@@ -68,35 +68,6 @@ use health::Health;
 pub use health::HealthStatus;
 pub use identity_service::IdentityService;
 use policy::Timing;
-
-/// What a request injects: a ready `Authorization` value (marked sensitive) and the generation it
-/// belongs to, so that an upstream 401 can invalidate exactly that generation.
-#[derive(Debug)]
-pub struct InjectToken {
-    pub header: HeaderValue,
-    pub generation: u64,
-}
-
-/// No valid token can be had for the caller right now.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("no valid token for caller {caller}: {reason}")]
-pub struct TokenUnavailable {
-    pub caller: String,
-    pub reason: String,
-    pub retry_after: Duration,
-}
-
-pub type TokenResult = Result<Arc<InjectToken>, TokenUnavailable>;
-
-/// What to do after an upstream refused a token with 401.
-#[derive(Debug)]
-pub enum Rejection {
-    /// Send the request again with this (renewed) token.
-    Replay(Arc<InjectToken>),
-    /// Pass the 401 on: the renewal for this generation gave no newer token, or the caller
-    /// renewed on a 401 less than `tokens.min_renew_interval` ago.
-    PassOn,
-}
 
 /// Why the broker could not start (bad identity-service settings such as an unreadable CA file).
 #[derive(Debug, thiserror::Error)]

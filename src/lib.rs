@@ -4,6 +4,7 @@
 //! - [`config`]: TOML -> validated [`config::Config`]
 //! - [`secret`]: the redacting secret type; [`seal`]: AEAD sealing of secrets at rest
 //! - [`identity`]: the identity-service client
+//! - [`token`]: what a request gets from the broker (inject token, unavailability, rejection)
 //! - [`broker`]: token lifecycle (cache, refresh, recovery, persistence)
 //! - [`proxy`]: listeners, caller identification, routing, header rewrite, forwarding
 //! - [`admin`]: health, readiness, metrics, token status
@@ -26,3 +27,4 @@ pub mod secret;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod token;

@@ -13,9 +13,10 @@ use tokio::time::Instant;
 use super::flight::Flight;
 use super::gate::Gate;
 use super::policy::{self, Timing};
-use super::{CallerStatus, InjectToken, StoreView};
+use super::{CallerStatus, StoreView};
 use crate::config::{CallerConfig, InjectMode, TokenPolicy};
 use crate::secret::Secret;
+use crate::token::InjectToken;
 
 /// A credential with its timing.
 pub(super) struct Held<T> {

@@ -21,10 +21,11 @@ use super::caller::{
     ApiCred, CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger,
 };
 use super::health::{Admission, Observed};
-use super::{Broker, IdentityService, InjectToken};
+use super::{Broker, IdentityService};
 use crate::config::InjectMode;
 use crate::identity::{ApiToken, CreateRequest, ErrorClass, IdentityError, Operation};
 use crate::secret::Secret;
+use crate::token::InjectToken;
 
 /// Lifetime assumed for a token whose `expires_in` is -1 (unknown).
 const UNKNOWN_LIFETIME: Duration = Duration::from_secs(300);
