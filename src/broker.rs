@@ -3,8 +3,8 @@
 //! Three credentials: the shared admin bearer (client_credentials), each caller's API token
 //! (create, then regenerate) and each caller's inject token (the exchanged access token, or the
 //! API token itself in `api_token` mode), the last one kept as a ready `HeaderValue` behind an
-//! `Arc` in a `moka` cache whose entries expire when the token stops being usable (real expiry
-//! minus a skew margin), so an expired token is never handed out.
+//! `Arc`. Each caller's tokens are held once, in an `ArcSwap` the request path reads without a
+//! lock; a token past its usable point (real expiry minus a skew margin) is never handed out.
 //!
 //! - Single flight (`flight.rs`): one renewal per caller at a time, in a task of its own;
 //!   requests without a valid token wait for it, at most `tokens.max_wait`.
@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use moka::future::Cache;
+use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -59,9 +59,7 @@ use crate::secret::Secret;
 use crate::server::Shutdown;
 use crate::token::{Rejection, TokenResult, TokenUnavailable};
 pub use caller::SharedCopy;
-use caller::{
-    CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger, UpstreamClaim,
-};
+use caller::{CallerSettings, CallerState, Failure, Held, Renewal, Trigger, UpstreamClaim};
 use flight::Flight;
 use gate::Gate;
 use health::Health;
@@ -147,9 +145,8 @@ pub struct Broker {
     identity: RwLock<Arc<Identity>>,
     make_service: MakeService,
     policy: RwLock<Arc<TokenPolicy>>,
-    callers: RwLock<HashMap<Arc<str>, Arc<CallerState>>>,
-    /// The hot path's view of every caller's inject token.
-    inject: Cache<Arc<str>, Arc<Held<InjectCred>>>,
+    /// Every caller, replaced whole when callers come or go (a reload): read without a lock.
+    callers: ArcSwap<HashMap<Arc<str>, Arc<CallerState>>>,
     admin: Mutex<Option<Arc<Held<Secret>>>>,
     admin_flight: Flight<Result<Arc<Held<Secret>>, ladder::CallError>>,
     /// Backoff after the admin bearer is refused (wrong client secret).
@@ -167,29 +164,6 @@ pub struct Broker {
     store: Option<store::RedisStore>,
     /// Warnings of lasting conditions, by kind, let through once per interval.
     repeats: Mutex<HashMap<&'static str, repeats::Repeats>>,
-}
-
-/// Expires cache entries when their credential stops being usable.
-struct UntilUnusable;
-
-impl<K> moka::Expiry<K, Arc<Held<InjectCred>>> for UntilUnusable {
-    fn expire_after_create(
-        &self,
-        _: &K,
-        v: &Arc<Held<InjectCred>>,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(v.usable_until.saturating_duration_since(Instant::now()))
-    }
-    fn expire_after_update(
-        &self,
-        _: &K,
-        v: &Arc<Held<InjectCred>>,
-        _: std::time::Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(v.usable_until.saturating_duration_since(Instant::now()))
-    }
 }
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
@@ -247,8 +221,7 @@ impl Broker {
             identity: RwLock::new(Arc::new(identity)),
             make_service,
             policy: RwLock::new(Arc::new(policy.clone())),
-            callers: RwLock::new(HashMap::new()),
-            inject: Cache::builder().expire_after(UntilUnusable).build(),
+            callers: ArcSwap::default(),
             admin: Mutex::new(None),
             admin_flight: Flight::default(),
             admin_gate: Mutex::new(Gate::default()),
@@ -283,28 +256,20 @@ impl Broker {
 
     fn add_caller(self: &Arc<Self>, caller: &CallerConfig, policy: &TokenPolicy) {
         let state = CallerState::new(&caller.name, CallerSettings::new(caller, policy));
-        self.callers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(Arc::clone(&state.name), Arc::clone(&state));
+        self.callers.rcu(|callers| {
+            let mut callers = HashMap::clone(callers);
+            callers.insert(Arc::clone(&state.name), Arc::clone(&state));
+            callers
+        });
         refresh::spawn(Arc::downgrade(self), state);
     }
 
     fn caller(&self, name: &str) -> Option<Arc<CallerState>> {
-        self.callers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        self.callers.load().get(name).cloned()
     }
 
     fn all_callers(&self) -> Vec<Arc<CallerState>> {
-        self.callers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.callers.load().values().cloned().collect()
     }
 
     fn timing(&self) -> Timing {
@@ -334,13 +299,16 @@ impl Broker {
         self.generations.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// The caller's token: a cache hit is an `Arc` clone; a miss waits (at most
-    /// `tokens.max_wait`) on the one renewal in flight.
+    /// The caller's token: when it holds a usable one, two lock-free loads and an `Arc` clone;
+    /// otherwise waits (at most `tokens.max_wait`) on the one renewal in flight.
     pub async fn token(&self, caller: &str) -> TokenResult {
-        if let Some(held) = self.inject.get(caller).await {
-            if held.is_usable(Instant::now()) && !held.value.rejected.load(Ordering::Acquire) {
-                return Ok(Arc::clone(&held.value.inject));
-            }
+        if let Some(token) = self
+            .callers
+            .load()
+            .get(caller)
+            .and_then(|c| c.ready(Instant::now()))
+        {
+            return Ok(token);
         }
         // Boxed: the whole wait would otherwise be inlined into every request's future, which
         // hyper reserves per connection.
@@ -356,9 +324,6 @@ impl Broker {
             });
         };
         if let Some(held) = c.sound() {
-            self.inject
-                .insert(Arc::clone(&c.name), Arc::clone(&held))
-                .await;
             return Ok(Arc::clone(&held.value.inject));
         }
         c.activate();
@@ -485,7 +450,6 @@ impl Broker {
             UpstreamClaim::Renew => {
                 self.metrics.record_rejection("renewed");
                 tracing::info!(caller, generation, "upstream refused the token; renewing");
-                self.inject.invalidate(caller).await;
             }
             UpstreamClaim::Join => {}
         }
@@ -520,22 +484,17 @@ impl Broker {
             .map(|c| (c.name.as_str(), c))
             .collect();
         for c in self.all_callers() {
-            let forget = match wanted.get(&*c.name) {
+            match wanted.get(&*c.name) {
                 Some(caller) => c.set_settings(CallerSettings::new(caller, &policy)),
                 None => {
                     c.remove();
-                    self.callers
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&c.name);
+                    self.callers.rcu(|callers| {
+                        let mut callers = HashMap::clone(callers);
+                        callers.remove(&c.name);
+                        callers
+                    });
                     c.forget_tokens();
-                    true
                 }
-            };
-            if forget {
-                let inject = self.inject.clone();
-                let name = Arc::clone(&c.name);
-                tokio::spawn(async move { inject.invalidate(&name).await });
             }
         }
         for caller in &config.callers {

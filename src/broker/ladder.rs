@@ -100,9 +100,6 @@ impl Broker {
             Ok((held, fresh)) => {
                 if fresh {
                     c.set_latest(Arc::clone(&held));
-                    self.inject
-                        .insert(Arc::clone(&c.name), Arc::clone(&held))
-                        .await;
                     c.renewed(trigger);
                     self.metrics.record_renewal(trigger.label());
                     tracing::debug!(

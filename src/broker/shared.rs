@@ -123,12 +123,9 @@ impl Broker {
     ) -> Result<Stored, StoreError> {
         let read = store.read(&c.name).await;
         let unopened = read.as_ref().err().and_then(StoreError::unopened);
-        if read.is_ok() || unopened.is_some() {
-            c.store_answered();
-        }
         match (read, unopened) {
             (Ok(record), _) => {
-                c.update_shared(|s| s.record_error = None);
+                c.store_answered(None);
                 Ok(Stored::Record(record))
             }
             (Err(e), Some(generation)) => {
@@ -141,7 +138,7 @@ impl Broker {
                         "the shared record does not open; this renewal replaces it"
                     );
                 }
-                c.update_shared(|s| s.record_error = Some(error));
+                c.store_answered(Some(error));
                 Ok(Stored::Unopened(generation))
             }
             (Err(e), None) => Err(e),
@@ -374,10 +371,7 @@ impl Broker {
         match inject {
             Some(held) => {
                 let held = Arc::new(held);
-                c.set_latest(Arc::clone(&held));
-                let cache = self.inject.clone();
-                let name = Arc::clone(&c.name);
-                tokio::spawn(async move { cache.insert(name, held).await });
+                c.set_latest(held);
                 c.activate();
                 tracing::debug!(caller = &*c.name, generation, "adopted the shared tokens");
                 self.metrics.record_store_sharing("adopted");
