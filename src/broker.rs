@@ -160,8 +160,8 @@ pub struct Broker {
     state_lock: tokio::sync::Mutex<()>,
     ready: AtomicBool,
     stop: Shutdown,
-    /// `[store] kind = "redis"`: tokens shared with every replica.
-    store: Option<store::RedisStore>,
+    /// `[store] kind = "redis"` (or a test's in-memory store): tokens shared with every replica.
+    store: Option<Arc<dyn store::TokenStore>>,
     /// Warnings of lasting conditions, by kind, let through once per interval.
     repeats: Mutex<HashMap<&'static str, repeats::Repeats>>,
 }
@@ -199,22 +199,50 @@ impl Broker {
         .await
     }
 
+    /// Like [`Broker::start_against`], sharing tokens through `store` (an in-memory store, in
+    /// tests) whatever `[store]` says.
+    pub async fn start_shared(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        service: Arc<dyn IdentityService>,
+        store: Arc<dyn store::TokenStore>,
+    ) -> Result<Arc<Broker>, BrokerError> {
+        Self::start_from(
+            config,
+            metrics,
+            Box::new(move |_: &IdentityConfig| Ok(Arc::clone(&service))),
+            Some(store),
+        )
+        .await
+    }
+
     async fn start_with(
         config: &Config,
         metrics: Arc<Metrics>,
         make_service: MakeService,
+    ) -> Result<Arc<Broker>, BrokerError> {
+        Self::start_from(config, metrics, make_service, None).await
+    }
+
+    /// Starts the broker; `store`: the shared store, or `None` for the one `[store]` names.
+    async fn start_from(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        make_service: MakeService,
+        store: Option<Arc<dyn store::TokenStore>>,
     ) -> Result<Arc<Broker>, BrokerError> {
         let identity = Identity {
             service: make_service(&config.identity).map_err(BrokerError)?,
             config: config.identity.clone(),
         };
         let policy = config.tokens.clone();
-        let store = match config.store.redis() {
-            Some(redis) => Some(
+        let store = match (store, config.store.redis()) {
+            (Some(store), _) => Some(store),
+            (None, Some(redis)) => Some(Arc::new(
                 store::RedisStore::connect(redis, Arc::clone(&metrics))
                     .map_err(|e| BrokerError(e.to_string()))?,
-            ),
-            None => None,
+            ) as Arc<dyn store::TokenStore>),
+            (None, None) => None,
         };
         let broker = Arc::new_cyclic(|me| Broker {
             me: me.clone(),
@@ -243,8 +271,8 @@ impl Broker {
             broker.add_caller(caller, &policy);
         }
         broker.restore_state().await;
-        if let Some(store) = broker.store() {
-            shared::follow(Arc::downgrade(&broker), store.clone());
+        if let Some(store) = &broker.store {
+            shared::follow(Arc::downgrade(&broker), Arc::clone(store));
             broker.load_shared().await;
         }
         if policy.warm_up {

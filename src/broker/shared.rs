@@ -29,8 +29,8 @@ use tokio::time::Instant;
 use super::caller::{ApiCred, CallerState, Held, InjectCred};
 use super::ladder::CallError;
 use super::store::{
-    Lease, Record, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken,
-    StoredTokens, WriteOutcome,
+    Lease, Record, StoreError, StoreEvent, StoredAccessToken, StoredApiToken, StoredTokens,
+    TokenStore, WriteOutcome,
 };
 use super::Broker;
 use crate::config::InjectMode;
@@ -48,15 +48,15 @@ fn remaining(expires: SystemTime) -> Option<Duration> {
 }
 
 impl Broker {
-    pub(super) fn store(&self) -> Option<&RedisStore> {
-        self.store.as_ref()
+    pub(super) fn store(&self) -> Option<&dyn TokenStore> {
+        self.store.as_deref()
     }
 
     /// Renews the caller's tokens with the shared store: adopt what is stored, or renew under the
     /// lease and share the result. A record that does not open is replaced by the result.
     pub(super) async fn renew_shared(
         &self,
-        store: &RedisStore,
+        store: &dyn TokenStore,
         c: &CallerState,
     ) -> Result<(Arc<Held<InjectCred>>, bool), CallError> {
         match self.read_for_renewal(store, c).await {
@@ -118,7 +118,7 @@ impl Broker {
     /// by the renewal's write. `Err`: the store cannot be used.
     async fn read_for_renewal(
         &self,
-        store: &RedisStore,
+        store: &dyn TokenStore,
         c: &CallerState,
     ) -> Result<Stored, StoreError> {
         let read = store.read(&c.name).await;
@@ -148,7 +148,11 @@ impl Broker {
     /// Takes the caller's lease; while another replica holds it, waits for its write (polling the
     /// store) at most twice the lease, which is also enough for a dead holder's lease to lapse.
     /// A holder still there after that is taken over (the script checks it is the same one).
-    async fn take_lease(&self, store: &RedisStore, c: &CallerState) -> Result<Taken, CallError> {
+    async fn take_lease(
+        &self,
+        store: &dyn TokenStore,
+        c: &CallerState,
+    ) -> Result<Taken, CallError> {
         let ttl = store.lease_ttl();
         let deadline = Instant::now() + ttl * 2;
         // the holder seen at the first busy attempt
@@ -194,7 +198,7 @@ impl Broker {
     /// under the lease; a refused write adopts what is stored.
     async fn share(
         &self,
-        store: &RedisStore,
+        store: &dyn TokenStore,
         c: &CallerState,
         lease: &Lease,
         expected: u64,
@@ -382,7 +386,7 @@ impl Broker {
     }
 
     /// Reads the caller's record and adopts it if newer.
-    async fn adopt_stored(&self, store: &RedisStore, c: &CallerState) {
+    async fn adopt_stored(&self, store: &dyn TokenStore, c: &CallerState) {
         match store.read(&c.name).await {
             Ok(Some(record)) => {
                 self.adopt(c, &record);
@@ -396,7 +400,7 @@ impl Broker {
 
     /// Reads the caller's record and adopts it if newer; publishes this replica's tokens when the
     /// store has none (e.g. they were obtained while it was unreachable).
-    async fn adopt_newer(&self, store: &RedisStore, c: &CallerState) {
+    async fn adopt_newer(&self, store: &dyn TokenStore, c: &CallerState) {
         match store.read(&c.name).await {
             Ok(Some(record)) => {
                 self.adopt(c, &record);
@@ -460,7 +464,7 @@ enum Taken {
     Unreachable(StoreError),
 }
 
-async fn release(store: &RedisStore, lease: Lease) {
+async fn release(store: &dyn TokenStore, lease: Lease) {
     if let Err(e) = store.release(lease).await {
         tracing::debug!(error = %e, "cannot release the renewal lease; it lapses by itself");
     }
@@ -468,7 +472,7 @@ async fn release(store: &RedisStore, lease: Lease) {
 
 /// Follows the store's announcements for the broker's life: adopts every newer record, and
 /// re-reads every caller after each (re)connection.
-pub(super) fn follow(broker: Weak<Broker>, store: RedisStore) {
+pub(super) fn follow(broker: Weak<Broker>, store: Arc<dyn TokenStore>) {
     let mut events = store.subscribe();
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
@@ -477,13 +481,13 @@ pub(super) fn follow(broker: Weak<Broker>, store: RedisStore) {
                 StoreEvent::Changed { caller, generation } => {
                     if let Some(c) = b.caller(&caller) {
                         if generation > c.shared().generation {
-                            b.adopt_newer(&store, &c).await;
+                            b.adopt_newer(&*store, &c).await;
                         }
                     }
                 }
                 StoreEvent::Resync => {
                     for c in b.all_callers() {
-                        b.adopt_newer(&store, &c).await;
+                        b.adopt_newer(&*store, &c).await;
                     }
                 }
             }
