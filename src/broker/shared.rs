@@ -1,12 +1,13 @@
-//! The broker's side of the shared store (`[store] kind = "redis"`): every replica holds the same
-//! API token and access token per caller, and only the holder of a caller's lease calls the
-//! identity service for it.
+//! The broker's side of the shared store (a [`TokenStore`]: Redis, or in memory in tests): every
+//! replica holds the same API token and access token per caller, and only the holder of a
+//! caller's lease calls the identity service for it.
 //!
 //! - A renewal first reads the store: a record newer than this replica's copy is adopted, and
 //!   nothing is called. Otherwise it takes the caller's lease (another holder: wait for its write,
 //!   at most twice the lease), reads again, renews (the same ladder as alone) while keeping the
 //!   lease alive, and writes the new tokens with a compare-and-set on the record's generation; a
-//!   refused write adopts whatever is stored instead.
+//!   refused write (or a lease lost on the way) adopts whatever is stored instead, and the
+//!   renewal hands out the adopted token rather than its own.
 //! - A record that does not open (garbage, another caller's value, a key not in the ring) is
 //!   replaced by the next renewal's fenced write, which expects its generation.
 //! - Other replicas adopt new records as they are announced (pub/sub), and re-read every caller
@@ -99,18 +100,34 @@ impl Broker {
                     "renewal lease lost; finishing the renewal without writing it");
                 let result = work.await;
                 self.adopt_stored(store, c).await;
-                return result;
+                return self.adopted_instead(c).map_or(result, Ok);
             }
         };
+        let mut refused = false;
         if let Ok((held, fresh)) = &result {
             // a regenerated API token is shared even when the access token held stays, and a
             // record that does not open is replaced even when nothing was renewed
             if *fresh || replace || c.api().map(|a| a.generation) != api_before {
-                self.share(store, c, &lease, expected, Some(held)).await;
+                refused = self.share(store, c, &lease, expected, Some(held)).await;
             }
         }
         release(store, lease).await;
-        result
+        match refused {
+            true => self.adopted_instead(c).map_or(result, Ok),
+            false => result,
+        }
+    }
+
+    /// After a write this replica could not make (lease lost, another replica wrote first) and
+    /// the stored record adopted: the adopted token, which the renewal hands out instead of its
+    /// own, so that the replica injects what the fleet shares.
+    fn adopted_instead(&self, c: &CallerState) -> Option<(Arc<Held<InjectCred>>, bool)> {
+        let copy = c.shared();
+        if copy.generation == 0 || copy.local_api_token {
+            return None;
+        }
+        let held = c.sound().filter(|h| !h.is_due(Instant::now()))?;
+        Some((held, true))
     }
 
     /// Reads the caller's record for a renewal: the record (or none), or the generation of one
@@ -195,7 +212,7 @@ impl Broker {
     }
 
     /// Writes the caller's tokens (its API token, and `inject` or else the inject token held)
-    /// under the lease; a refused write adopts what is stored.
+    /// under the lease; a refused write adopts what is stored (then true).
     async fn share(
         &self,
         store: &dyn TokenStore,
@@ -203,10 +220,10 @@ impl Broker {
         lease: &Lease,
         expected: u64,
         inject: Option<&Arc<Held<InjectCred>>>,
-    ) {
+    ) -> bool {
         let inject = inject.cloned().or_else(|| c.latest());
         let Some(tokens) = self.stored_tokens(c, inject.as_deref()) else {
-            return;
+            return false;
         };
         match store.write(&c.name, lease, expected, &tokens).await {
             Ok(WriteOutcome::Written(generation)) => {
@@ -219,6 +236,7 @@ impl Broker {
                 });
                 self.metrics.record_store_sharing("written");
                 tracing::debug!(caller = &*c.name, generation, "tokens shared");
+                false
             }
             Ok(outcome) => {
                 tracing::warn!(
@@ -228,6 +246,7 @@ impl Broker {
                 );
                 self.metrics.record_store_sharing("refused");
                 self.adopt_stored(store, c).await;
+                true
             }
             Err(e) => {
                 self.metrics.record_store_sharing("failed");
@@ -235,6 +254,7 @@ impl Broker {
                     tracing::warn!(caller = &*c.name, error = %e, repeated,
                         "new tokens not shared: the store refused or did not answer");
                 }
+                false
             }
         }
     }
@@ -408,7 +428,7 @@ impl Broker {
             Ok(None) => {
                 if c.api().is_some() && !c.flight.in_flight() {
                     if let Ok(Some(lease)) = store.try_lease(&c.name, store.lease_ttl()).await {
-                        self.share(store, c, &lease, 0, None).await;
+                        let _ = self.share(store, c, &lease, 0, None).await;
                         release(store, lease).await;
                     }
                 }

@@ -1,8 +1,8 @@
-//! The shared token store (`[store] kind = "redis"`): one API token and one access token per
-//! caller for every replica, renewed under a fenced per-caller lease. This module owns the record
-//! format (what is stored, sealed, under which key) and the types the broker sees; `redis.rs`
-//! owns the commands and the Lua scripts. The layout and the scripts' contract are in
-//! `docs/shared-store.md`.
+//! The shared token store: one API token and one access token per caller for every replica,
+//! renewed under a fenced per-caller lease. This module owns the [`TokenStore`] contract, the
+//! record format (what is stored, sealed, under which key) and the types the broker sees;
+//! `redis.rs` owns the commands and the Lua scripts (`[store] kind = "redis"`, layout in
+//! `docs/shared-store.md`), `memory.rs` the same contract in one process, for tests.
 //!
 //! Must never: be called per proxied request (requests use the tokens in memory; the store is
 //! read and written only when a token changes), write a token in clear, or wait on Redis without
