@@ -29,13 +29,18 @@ struct Space {
     /// Subscriptions, by the owner of the handle that made them.
     subscribers: Vec<(String, mpsc::UnboundedSender<StoreEvent>)>,
     down: bool,
+    /// Handles (by owner) that miss announcements of changes, as a lost pub/sub message.
+    deaf: Vec<String>,
     replicas: u64,
 }
 
 impl Space {
     fn announce(&mut self, event: StoreEvent) {
-        self.subscribers
-            .retain(|(_, tx)| tx.send(event.clone()).is_ok());
+        let deaf = &self.deaf;
+        self.subscribers.retain(|(owner, tx)| {
+            let missed = matches!(event, StoreEvent::Changed { .. }) && deaf.contains(owner);
+            missed || tx.send(event.clone()).is_ok()
+        });
     }
 
     fn held_by(&self, caller: &str, owner: &str, now: Instant) -> bool {
@@ -86,6 +91,15 @@ impl MemoryStore {
         let was = std::mem::replace(&mut space.down, down);
         if was && !down {
             space.announce(StoreEvent::Resync);
+        }
+    }
+
+    /// This handle misses (`true`) or hears again the announcements of changes.
+    pub fn set_deaf(&self, deaf: bool) {
+        let mut space = self.space();
+        space.deaf.retain(|owner| *owner != self.owner);
+        if deaf {
+            space.deaf.push(self.owner.clone());
         }
     }
 
