@@ -153,6 +153,8 @@ pub struct Broker {
     admin_gate: Mutex<Gate>,
     health: Health,
     calls: Semaphore,
+    /// Numbers every inject token this broker makes: its generation, which a request carries
+    /// and an upstream 401 names. (A shared record's generation is the store's own count.)
     generations: AtomicU64,
     metrics: Arc<Metrics>,
     state_file: Option<PathBuf>,
@@ -459,7 +461,7 @@ impl Broker {
         let Some(held) = c.latest() else {
             return self.token(caller).await.map(Rejection::Replay);
         };
-        if held.generation != generation {
+        if held.generation() != generation {
             // renewed since that request went out: replay with the newer one
             return Ok(Rejection::Replay(Arc::clone(&held.value.inject)));
         }

@@ -22,7 +22,6 @@ use crate::token::InjectToken;
 /// A credential with its timing.
 pub(super) struct Held<T> {
     pub value: T,
-    pub generation: u64,
     pub received: Instant,
     /// After this it is never handed out (real expiry minus skew).
     pub usable_until: Instant,
@@ -33,19 +32,12 @@ pub(super) struct Held<T> {
 }
 
 impl<T> Held<T> {
-    pub fn new(
-        value: T,
-        generation: u64,
-        received: Instant,
-        lifetime: Duration,
-        timing: &Timing,
-    ) -> Self {
+    pub fn new(value: T, received: Instant, lifetime: Duration, timing: &Timing) -> Self {
         let usable = policy::usable_for(lifetime, timing.expiry_skew);
         let refresh = policy::refresh_in(lifetime, timing, rand::random::<f64>() * 2.0 - 1.0);
         let age = received.elapsed();
         Held {
             value,
-            generation,
             received,
             usable_until: received + usable,
             refresh_at: received + refresh,
@@ -84,6 +76,22 @@ impl ApiCred {
 
     pub fn exchanged_once(&self) -> bool {
         self.exchanged.load(Ordering::Acquire)
+    }
+}
+
+impl Held<InjectCred> {
+    /// The inject token's generation: what a request carries and an upstream 401 names.
+    pub fn generation(&self) -> u64 {
+        self.value.inject.generation
+    }
+
+    /// In `api_token` mode: this inject token is `api` itself.
+    pub fn is_api_token(&self, api: &ApiCred) -> bool {
+        self.value.token == api.token
+    }
+
+    pub fn is_rejected(&self) -> bool {
+        self.value.rejected.load(Ordering::Acquire)
     }
 }
 
@@ -200,8 +208,6 @@ struct Stats {
 struct Book {
     /// Backoff after definitive refusals (a configuration problem of this caller).
     refusal: Gate,
-    /// The last inject generation an upstream refused (api_token mode regenerates on it).
-    refused_generation: u64,
     /// When the caller's last 401-driven renewal was claimed or produced a token: the next may
     /// come `min_renew_interval` later.
     upstream_renewed: Option<Instant>,
@@ -379,13 +385,14 @@ impl CallerState {
             return UpstreamClaim::Limited;
         }
         book.upstream_renewed = Some(now);
-        book.refused_generation = held.generation;
         held.value.rejected.store(true, Ordering::Release);
         UpstreamClaim::Renew
     }
 
-    pub fn refused_generation(&self) -> u64 {
-        lock(&self.book).refused_generation
+    /// In `api_token` mode: an upstream refused `api` itself (it is to be regenerated).
+    pub fn api_token_refused(&self, api: &ApiCred) -> bool {
+        self.latest()
+            .is_some_and(|h| h.is_rejected() && h.is_api_token(api))
     }
 
     /// `Some(wait)` while a refusal backoff runs.
@@ -518,7 +525,7 @@ impl CallerState {
             access_token_expires_in_secs: inject
                 .as_ref()
                 .map(|a| a.usable_until.saturating_duration_since(now).as_secs()),
-            generation: inject.as_ref().map_or(0, |i| i.generation),
+            generation: inject.as_ref().map_or(0, |i| i.generation()),
             last_renewal: stats.last_renewal,
             last_error: stats.last_error.clone(),
             waited_requests: stats.waited,

@@ -104,7 +104,7 @@ impl Broker {
                     self.metrics.record_renewal(trigger.label());
                     tracing::debug!(
                         caller = &*c.name,
-                        generation = held.generation,
+                        generation = held.generation(),
                         trigger = trigger.label(),
                         "token ready"
                     );
@@ -162,12 +162,12 @@ impl Broker {
         let current = c.sound().filter(|h| !h.is_due(Instant::now()));
         let api = self.api_token(c, &s, current.is_none(), local_only).await?;
         if let Some(held) = current {
-            if s.inject == InjectMode::AccessToken || held.generation == api.generation {
+            if s.inject == InjectMode::AccessToken || held.is_api_token(&api.value) {
                 return Ok((held, false));
             }
         }
         let held = match s.inject {
-            InjectMode::ApiToken => inject_api_token(&api)?,
+            InjectMode::ApiToken => inject_api_token(self, &api)?,
             InjectMode::AccessToken => self.exchange(c, &s, api, local_only).await?,
         };
         Ok((Arc::new(held), true))
@@ -227,7 +227,7 @@ impl Broker {
         }
         let due = api.is_due(Instant::now())
             || (s.single_use && need_inject && api.value.exchanged.load(Ordering::Acquire))
-            || (s.inject == InjectMode::ApiToken && c.refused_generation() == api.generation);
+            || (s.inject == InjectMode::ApiToken && c.api_token_refused(&api.value));
         if due {
             self.replace_api(c, s, &api, local_only).await
         } else {
@@ -309,7 +309,6 @@ impl Broker {
         let cred = ApiCred::new(t.id, t.token, t.suffix);
         let held = Arc::new(Held::new(
             cred,
-            self.next_generation(),
             Instant::from_std(t.received),
             t.lifetime,
             &self.timing(),
@@ -413,7 +412,7 @@ impl Broker {
             Err(e) if e.is(ErrorClass::Unauthorized) => {
                 tracing::warn!(kind, "admin bearer refused; fetching a new one");
                 self.metrics.record_ladder("admin_bearer");
-                self.forget_admin(admin.generation);
+                self.forget_admin(&admin);
                 let admin = self.admin_bearer().await?;
                 let bearer = admin.value.clone();
                 self.call(c, kind, |s| op(s, bearer)).await
@@ -422,9 +421,9 @@ impl Broker {
         }
     }
 
-    fn forget_admin(&self, generation: u64) {
+    fn forget_admin(&self, refused: &Arc<Held<Secret>>) {
         let mut admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        if admin.as_ref().is_some_and(|a| a.generation == generation) {
+        if admin.as_ref().is_some_and(|a| Arc::ptr_eq(a, refused)) {
             *admin = None;
         }
     }
@@ -490,7 +489,6 @@ impl Broker {
                 let lifetime = t.lifetime.unwrap_or(UNKNOWN_LIFETIME);
                 let mut held = Held::new(
                     t.token,
-                    self.next_generation(),
                     Instant::from_std(t.received),
                     lifetime,
                     &self.timing(),
@@ -533,27 +531,24 @@ pub(super) fn access_held(
         token,
         rejected: Default::default(),
     };
-    Ok(Held::new(
-        value,
-        generation,
-        received,
-        lifetime,
-        &broker.timing(),
-    ))
+    Ok(Held::new(value, received, lifetime, &broker.timing()))
 }
 
-/// In `api_token` mode the inject token is the API token itself, with its timing.
-pub(super) fn inject_api_token(api: &Held<ApiCred>) -> Result<Held<InjectCred>, IdentityError> {
+/// In `api_token` mode the inject token is the API token itself, with its timing (a new
+/// generation).
+pub(super) fn inject_api_token(
+    broker: &Broker,
+    api: &Held<ApiCred>,
+) -> Result<Held<InjectCred>, IdentityError> {
     Ok(Held {
         value: InjectCred {
             token: api.value.token.clone(),
             inject: Arc::new(InjectToken {
                 header: bearer(&api.value.token)?,
-                generation: api.generation,
+                generation: broker.next_generation(),
             }),
             rejected: Default::default(),
         },
-        generation: api.generation,
         received: api.received,
         usable_until: api.usable_until,
         refresh_at: api.refresh_at,

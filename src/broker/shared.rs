@@ -90,7 +90,7 @@ impl Broker {
                 return self.renew_without_store(c, &e).await;
             }
         };
-        let api_before = c.api().map(|a| a.generation);
+        let api_before = c.api();
         let work = self.renew_here(c, false);
         tokio::pin!(work);
         let result = tokio::select! {
@@ -107,7 +107,11 @@ impl Broker {
         if let Ok((held, fresh)) = &result {
             // a regenerated API token is shared even when the access token held stays, and a
             // record that does not open is replaced even when nothing was renewed
-            if *fresh || replace || c.api().map(|a| a.generation) != api_before {
+            let api_changed = match (c.api(), &api_before) {
+                (Some(now), Some(before)) => !Arc::ptr_eq(&now, before),
+                (now, before) => now.is_some() != before.is_some(),
+            };
+            if *fresh || replace || api_changed {
                 refused = self.share(store, c, &lease, expected, Some(held)).await;
             }
         }
@@ -271,7 +275,7 @@ impl Broker {
             InjectMode::AccessToken => inject.map(|h| StoredAccessToken {
                 token: h.value.token.clone(),
                 expires: h.expires_wall,
-                generation: h.generation,
+                generation: h.generation(),
             }),
         };
         Some(StoredTokens {
@@ -361,22 +365,16 @@ impl Broker {
                     cred.exchanged
                         .store(true, std::sync::atomic::Ordering::Release);
                 }
-                let held = Arc::new(Held::new(
-                    cred,
-                    self.next_generation(),
-                    now,
-                    api_left,
-                    &timing,
-                ));
+                let held = Arc::new(Held::new(cred, now, api_left, &timing));
                 c.set_api(Arc::clone(&held));
                 held
             }
         };
         let inject = match s.inject {
             InjectMode::ApiToken => {
-                let same = c.latest().is_some_and(|h| h.generation == api.generation);
+                let same = c.latest().is_some_and(|h| h.is_api_token(&api.value));
                 (!same)
-                    .then(|| super::ladder::inject_api_token(&api).ok())
+                    .then(|| super::ladder::inject_api_token(self, &api).ok())
                     .flatten()
             }
             InjectMode::AccessToken => tokens.access.as_ref().and_then(|access| {

@@ -81,7 +81,7 @@ impl Broker {
                 suffix: stored.suffix,
                 exchanged: Default::default(),
             };
-            let held = Held::new(cred, self.next_generation(), Instant::now(), left, &timing);
+            let held = Held::new(cred, Instant::now(), left, &timing);
             c.set_api(Arc::new(held));
             restored += 1;
         }

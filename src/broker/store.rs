@@ -55,7 +55,9 @@ pub struct StoredApiToken {
 pub struct StoredAccessToken {
     pub token: Secret,
     pub expires: SystemTime,
-    /// The access token's own generation, counted by its writers (an upstream 401 names it).
+    /// The writer's generation of this access token. Nothing reads it: each replica numbers
+    /// the inject tokens it holds itself. It stays in the record because the payload of earlier
+    /// builds requires it (they share records with this one during a rolling upgrade).
     pub generation: u64,
 }
 
