@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::flight::Flight;
 use super::gate::Gate;
 use super::policy::{self, Timing};
+use super::store::StoredApiToken;
 use super::{CallerStatus, StoreView};
 use crate::config::{CallerConfig, InjectMode, TokenPolicy};
 use crate::secret::Secret;
@@ -92,6 +93,30 @@ impl Held<InjectCred> {
 
     pub fn is_rejected(&self) -> bool {
         self.value.rejected.load(Ordering::Acquire)
+    }
+}
+
+/// Remaining life of a stored token, by the wall clock (replicas' clocks are assumed to agree
+/// within the expiry skew).
+pub(super) fn remaining(expires: SystemTime) -> Option<Duration> {
+    expires
+        .duration_since(SystemTime::now())
+        .ok()
+        .filter(|d| !d.is_zero())
+}
+
+impl Held<ApiCred> {
+    /// A stored API token (shared record or state file) taken into memory now, while it has
+    /// life left; `exchanged`: an access token was exchanged from it (matters for single use).
+    pub fn from_stored(stored: &StoredApiToken, exchanged: bool, timing: &Timing) -> Option<Self> {
+        let left = remaining(stored.expires)?;
+        let cred = ApiCred::new(
+            stored.id.clone(),
+            stored.token.clone(),
+            stored.suffix.clone(),
+        );
+        cred.exchanged.store(exchanged, Ordering::Release);
+        Some(Held::new(cred, Instant::now(), left, timing))
     }
 }
 
@@ -337,6 +362,18 @@ impl CallerState {
             api: Some(Arc::clone(&held)),
             inject: t.inject.clone(),
         });
+    }
+
+    /// The API token held, as the shared store and the state file keep it.
+    pub fn stored_api(&self) -> Option<StoredApiToken> {
+        let api = self.api()?;
+        Some(StoredApiToken {
+            id: api.value.id.clone(),
+            token: api.value.token.clone(),
+            suffix: api.value.suffix.clone(),
+            client_id: self.settings().client_id,
+            expires: api.expires_wall,
+        })
     }
 
     /// The latest inject token while it is usable.

@@ -23,30 +23,21 @@
 //! without the lease, or block a request on Redis.
 
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::caller::{ApiCred, CallerState, Held, InjectCred};
+use super::caller::{remaining, CallerState, Held, InjectCred};
 use super::ladder::CallError;
 use super::store::{
-    Lease, Record, StoreError, StoreEvent, StoredAccessToken, StoredApiToken, StoredTokens,
-    TokenStore, WriteOutcome,
+    Lease, Record, StoreError, StoreEvent, StoredAccessToken, StoredTokens, TokenStore,
+    WriteOutcome,
 };
 use super::Broker;
 use crate::config::InjectMode;
 
 /// How often a replica waiting for another's renewal looks at the store.
 const LEASE_POLL: Duration = Duration::from_millis(100);
-
-/// Remaining life of a stored token, by the wall clock (replicas' clocks are assumed to agree
-/// within the expiry skew).
-fn remaining(expires: SystemTime) -> Option<Duration> {
-    expires
-        .duration_since(SystemTime::now())
-        .ok()
-        .filter(|d| !d.is_zero())
-}
 
 impl Broker {
     pub(super) fn store(&self) -> Option<&dyn TokenStore> {
@@ -269,7 +260,7 @@ impl Broker {
         c: &CallerState,
         inject: Option<&Held<InjectCred>>,
     ) -> Option<StoredTokens> {
-        let api = c.api()?;
+        let api = c.stored_api()?;
         let access = match c.settings().inject {
             InjectMode::ApiToken => None,
             InjectMode::AccessToken => inject.map(|h| StoredAccessToken {
@@ -278,16 +269,7 @@ impl Broker {
                 generation: h.generation(),
             }),
         };
-        Some(StoredTokens {
-            api: StoredApiToken {
-                id: api.value.id.clone(),
-                token: api.value.token.clone(),
-                suffix: api.value.suffix.clone(),
-                client_id: c.settings().client_id,
-                expires: api.expires_wall,
-            },
-            access,
-        })
+        Some(StoredTokens { api, access })
     }
 
     /// Renews without the store (unreachable, or its record something this build did not
@@ -346,26 +328,20 @@ impl Broker {
         if tokens.api.client_id != s.client_id {
             return false;
         }
-        let Some(api_left) = remaining(tokens.api.expires) else {
+        if remaining(tokens.api.expires).is_none() {
             return false;
-        };
-        let timing = self.timing();
+        }
         let now = Instant::now();
         let same_api = c.api().is_some_and(|a| a.value.token == tokens.api.token);
         let api = match c.api().filter(|_| same_api) {
             Some(api) => api,
             None => {
-                let cred = ApiCred::new(
-                    tokens.api.id.clone(),
-                    tokens.api.token.clone(),
-                    tokens.api.suffix.clone(),
-                );
-                if tokens.access.is_some() {
-                    // the stored access token was exchanged from it (matters for single use)
-                    cred.exchanged
-                        .store(true, std::sync::atomic::Ordering::Release);
-                }
-                let held = Arc::new(Held::new(cred, now, api_left, &timing));
+                // the stored access token was exchanged from it (matters for single use)
+                let exchanged = tokens.access.is_some();
+                let Some(held) = Held::from_stored(&tokens.api, exchanged, &self.timing()) else {
+                    return false;
+                };
+                let held = Arc::new(held);
                 c.set_api(Arc::clone(&held));
                 held
             }
