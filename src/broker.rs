@@ -12,6 +12,8 @@
 //!   (`policy.rs`), off the request path.
 //! - Recovery ladder (`ladder.rs`): definitive answers act at once, back to back: exchange
 //!   refused -> regenerate -> refused -> create -> exchange; admin bearer refused -> one new bearer.
+//! - Every identity call goes through one gateway (`gateway.rs`): bounded concurrency, the
+//!   breaker's admission, spans and metrics.
 //! - One health view of the identity service (`health.rs`): transient failures open a circuit
 //!   breaker shared by every caller; one probe per backoff step, `Retry-After` honoured; when it
 //!   answers again every caller that needs a token renews at once (bounded concurrency).
@@ -32,6 +34,7 @@
 mod caller;
 mod flight;
 mod gate;
+mod gateway;
 mod health;
 pub mod identity_service;
 mod ladder;
@@ -49,7 +52,6 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::{CallerConfig, Config, IdentityConfig, TokenPolicy};
@@ -62,7 +64,7 @@ pub use caller::SharedCopy;
 use caller::{CallerSettings, CallerState, Failure, Held, Renewal, Trigger, UpstreamClaim};
 use flight::Flight;
 use gate::Gate;
-use health::Health;
+use gateway::Gateway;
 pub use health::HealthStatus;
 pub use identity_service::IdentityService;
 use policy::Timing;
@@ -135,10 +137,6 @@ struct Identity {
     config: IdentityConfig,
 }
 
-/// How many identity calls may be in flight at once (a recovery renews every caller that needs
-/// it "at once", but not 10,000 at a time).
-const MAX_CONCURRENT_CALLS: usize = 16;
-
 /// Holds every caller's credentials. Share it as `Arc<Broker>`.
 pub struct Broker {
     me: Weak<Broker>,
@@ -148,11 +146,11 @@ pub struct Broker {
     /// Every caller, replaced whole when callers come or go (a reload): read without a lock.
     callers: ArcSwap<HashMap<Arc<str>, Arc<CallerState>>>,
     admin: Mutex<Option<Arc<Held<Secret>>>>,
-    admin_flight: Flight<Result<Arc<Held<Secret>>, ladder::CallError>>,
+    admin_flight: Flight<Result<Arc<Held<Secret>>, gateway::CallError>>,
     /// Backoff after the admin bearer is refused (wrong client secret).
     admin_gate: Mutex<Gate>,
-    health: Health,
-    calls: Semaphore,
+    /// Every identity call goes through it; it holds the breaker.
+    gateway: Gateway,
     /// Numbers every inject token this broker makes: its generation, which a request carries
     /// and an upstream 401 names. (A shared record's generation is the store's own count.)
     generations: AtomicU64,
@@ -255,8 +253,7 @@ impl Broker {
             admin: Mutex::new(None),
             admin_flight: Flight::default(),
             admin_gate: Mutex::new(Gate::default()),
-            health: Health::default(),
-            calls: Semaphore::new(MAX_CONCURRENT_CALLS),
+            gateway: Gateway::new(Arc::clone(&metrics)),
             generations: AtomicU64::new(0),
             metrics,
             state_file: policy.state_file.clone(),
@@ -268,7 +265,7 @@ impl Broker {
         });
         broker
             .metrics
-            .set_identity_state(broker.health.state().name());
+            .set_identity_state(broker.gateway.health.state().name());
         for caller in &config.callers {
             broker.add_caller(caller, &policy);
         }
@@ -374,8 +371,9 @@ impl Broker {
                 let reason = c.status().last_error.unwrap_or_else(|| "refused".into());
                 return Err(unavailable(reason, wait));
             }
-            if let health::Admission::Wait(wait) = self.health.peek() {
+            if let health::Admission::Wait(wait) = self.gateway.health.peek() {
                 let reason = self
+                    .gateway
                     .health
                     .status()
                     .last_error
@@ -570,7 +568,7 @@ impl Broker {
             }
             tokio::select! {
                 _ = async {
-                    self.health.wait_turn().await;
+                    self.gateway.health.wait_turn().await;
                     tokio::time::sleep(self.timing().backoff_initial).await;
                 } => {}
                 _ = self.stop.wait() => break,
@@ -585,7 +583,7 @@ impl Broker {
         let mut callers = self.all_callers();
         callers.sort_by(|a, b| a.name.cmp(&b.name));
         Status {
-            identity_service: self.health.status(),
+            identity_service: self.gateway.health.status(),
             callers: callers.iter().map(|c| c.status()).collect(),
         }
     }

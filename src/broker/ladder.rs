@@ -6,7 +6,7 @@
 //! admin bearer is refused (401) -> one new bearer, the same call once more.
 //! Transient failures stop the renewal and open the shared breaker (`health.rs`); definitive
 //! refusals that no step can mend (a configuration problem) back this caller off (`gate.rs`).
-//! Every identity call is admitted by the breaker, bounded in concurrency and counted.
+//! Every identity call goes through the gateway (`gateway.rs`).
 //! The ladder's decisions are [`next_step`], a pure function of the renewal's [`Situation`]
 //! (settings, tokens held, their timing, whether the shared store can be used, what the renewal
 //! has done); `renew_here` gathers the situation, runs the step, and asks again.
@@ -18,71 +18,20 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use super::caller::{
     ApiCred, CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger,
 };
-use super::health::{Admission, Observed};
+use super::gateway::CallError;
+use super::health::Admission;
 use super::{Broker, IdentityService};
 use crate::config::InjectMode;
-use crate::identity::{ApiToken, CreateRequest, ErrorClass, IdentityError, Operation};
+use crate::identity::{ApiToken, CreateRequest, ErrorClass, IdentityError};
 use crate::secret::Secret;
 use crate::token::InjectToken;
 
 /// Lifetime assumed for a token whose `expires_in` is -1 (unknown).
 const UNKNOWN_LIFETIME: Duration = Duration::from_secs(300);
-
-/// Why an identity call did not give what was asked.
-#[derive(Debug, Clone)]
-pub(super) enum CallError {
-    /// The identity service answered with a failure, or could not be reached.
-    Identity(IdentityError),
-    /// No call went out: the identity service (or, for the admin bearer, a refusal) is being
-    /// waited out for `wait`.
-    Paused { wait: Duration, reason: String },
-}
-
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CallError::Identity(e) => e.fmt(f),
-            CallError::Paused { wait, reason } => write!(
-                f,
-                "identity calls paused for {}s after: {reason}",
-                wait.as_secs_f64().ceil() as u64
-            ),
-        }
-    }
-}
-
-impl From<IdentityError> for CallError {
-    fn from(e: IdentityError) -> Self {
-        CallError::Identity(e)
-    }
-}
-
-impl CallError {
-    fn is(&self, class: ErrorClass) -> bool {
-        matches!(self, CallError::Identity(e) if e.class() == class)
-    }
-}
-
-fn outcome(result: &Result<impl Sized, IdentityError>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(e) if e.class() == ErrorClass::Transient => "transient",
-        Err(_) => "rejected",
-    }
-}
-
-/// The identity-service operation of a fetch kind (the admin bearer is client_credentials).
-fn operation_of(kind: &'static str) -> &'static str {
-    match kind {
-        "admin_bearer" => Operation::ClientCredentials.as_str(),
-        other => other,
-    }
-}
 
 fn bearer(token: &Secret) -> Result<HeaderValue, IdentityError> {
     let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose())).map_err(|_| {
@@ -120,7 +69,7 @@ impl Broker {
                 let retry_after = match &e {
                     CallError::Paused { wait, .. } => *wait,
                     CallError::Identity(e) if e.class() == ErrorClass::Transient => {
-                        match self.health.peek() {
+                        match self.gateway.health.peek() {
                             Admission::Wait(wait) => wait,
                             Admission::Go { .. } => self.timing().backoff_initial,
                         }
@@ -317,8 +266,7 @@ impl Broker {
         held
     }
 
-    /// One identity call: waits for a free call slot, asks the breaker, counts the outcome
-    /// (metrics, the caller's counters) and reports it to the breaker.
+    /// One identity call for caller `c` (none: the admin bearer), through the gateway.
     async fn call<T, F, Fut>(
         &self,
         c: Option<&CallerState>,
@@ -329,68 +277,10 @@ impl Broker {
         F: FnOnce(Arc<dyn IdentityService>) -> Fut,
         Fut: Future<Output = Result<T, IdentityError>>,
     {
-        let _slot = self
-            .calls
-            .acquire()
+        let service = || Arc::clone(&self.identity_now().service);
+        self.gateway
+            .call(service, c, kind, &self.timing(), op)
             .await
-            .expect("the call semaphore is never closed");
-        let permit = self.health.admit().map_err(|wait| CallError::Paused {
-            wait,
-            reason: self
-                .health
-                .status()
-                .last_error
-                .unwrap_or_else(|| "the identity service is failing".into()),
-        })?;
-        let probe = permit.probe;
-        let service = Arc::clone(&self.identity_now().service);
-        let started = std::time::Instant::now();
-        let span = match crate::telemetry::is_on() {
-            true => tracing::info_span!(
-                target: "tokenbroker::trace",
-                "identity",
-                otel.name = %format_args!("identity {}", operation_of(kind)),
-                otel.kind = "client",
-                tokenbroker.operation = operation_of(kind),
-                tokenbroker.caller = c.map(|c| &*c.name),
-                tokenbroker.outcome = tracing::field::Empty,
-                otel.status_code = tracing::field::Empty,
-            ),
-            false => tracing::Span::none(),
-        };
-        let result = op(service).instrument(span.clone()).await;
-        let outcome = outcome(&result);
-        span.record("tokenbroker.outcome", outcome);
-        if result.is_err() {
-            span.record("otel.status_code", "ERROR");
-        }
-        self.metrics.record_fetch(kind, outcome);
-        self.metrics
-            .record_identity_call(operation_of(kind), outcome, started.elapsed());
-        if let Some(c) = c {
-            c.record_fetch(kind, outcome);
-        }
-        let text;
-        let observed = match &result {
-            Err(e) if e.class() == ErrorClass::Transient => {
-                text = e.to_string();
-                tracing::debug!(kind, error = %text, "identity call failed");
-                Observed::Failed(&text, e.retry_after())
-            }
-            Err(e) => {
-                tracing::debug!(kind, error = %e, "identity call refused");
-                Observed::Answered
-            }
-            Ok(_) => Observed::Answered,
-        };
-        let healthy = matches!(observed, Observed::Answered);
-        self.health.record(permit, observed, &self.timing());
-        if probe {
-            self.metrics
-                .record_probe(if healthy { "ok" } else { "failed" });
-        }
-        self.metrics.set_identity_state(self.health.state().name());
-        result.map_err(CallError::Identity)
     }
 
     /// An api-tokens call with the admin bearer; when the bearer is refused (401), one new

@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::caller::{remaining, CallerState, Held, InjectCred};
-use super::ladder::CallError;
+use super::gateway::CallError;
 use super::store::{
     Lease, Record, StoreError, StoreEvent, StoredAccessToken, StoredTokens, TokenStore,
     WriteOutcome,
