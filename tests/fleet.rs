@@ -87,7 +87,7 @@ impl IdentityService for Stalling {
         let stall = self.create_stall.lock().unwrap().take();
         Box::pin(async move {
             if let Some(stall) = stall {
-                tokio::time::sleep(stall).await;
+                pass(stall).await;
             }
             self.fake.create_api_token(admin, request).await
         })
@@ -168,6 +168,11 @@ fn bearer(token: &tokenbroker::token::InjectToken) -> String {
     value.strip_prefix("Bearer ").unwrap().to_string()
 }
 
+/// Lets `d` of paused time pass: every task runs what is due meanwhile; no real time passes.
+async fn pass(d: Duration) {
+    tokio::time::sleep(d).await
+}
+
 /// Waits (on paused time) until `check` holds, at most `limit`.
 async fn until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
@@ -175,7 +180,7 @@ async fn until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
         if tokio::time::Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        pass(Duration::from_millis(10)).await;
     }
     true
 }
@@ -209,7 +214,7 @@ async fn a_stalled_holder_loses_its_lease_and_its_write_is_refused() {
         let broker = Arc::clone(&a.broker);
         tokio::spawn(async move { broker.token("billing").await.map(|t| bearer(&t)) })
     };
-    tokio::time::sleep(Duration::from_millis(380)).await;
+    pass(Duration::from_millis(380)).await;
     assert!(a.store.record("billing").is_none(), "A is stalled");
     let b_token = b.token().await;
     let written = b.store.record("billing").expect("B wrote the record");
@@ -241,7 +246,7 @@ async fn a_replica_adopts_a_newer_record_instead_of_renewing() {
     assert_eq!(b.token().await, first, "B adopted A's record");
     // B misses the announcement of A's next write (pub/sub is at most once).
     b.store.set_deaf(true);
-    tokio::time::sleep(Duration::from_secs(6)).await; // past min_renew_interval
+    pass(Duration::from_secs(6)).await; // past min_renew_interval
     let generation = a.broker.token("billing").await.unwrap().generation;
     let Rejection::Replay(renewed) = a.broker.rejected("billing", generation).await.unwrap() else {
         panic!("A renews the refused token");
@@ -249,7 +254,7 @@ async fn a_replica_adopts_a_newer_record_instead_of_renewing() {
     let renewed = bearer(&renewed);
     assert_eq!(a.store.record("billing").unwrap().generation, 2);
     assert_eq!(fake.count(Op::Exchange), 2);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    pass(Duration::from_secs(1)).await;
     assert_eq!(b.token().await, first, "B did not hear of generation 2");
     // The upstream refuses B's (old) token too: B reads the store, finds generation 2 and
     // takes it, with no identity call.
@@ -285,7 +290,7 @@ async fn replicas_serve_through_a_store_outage_and_converge_when_it_returns() {
     a.store.set_down(true);
     // A quarter of an hour: several access-token renewals each, on the shared API token.
     for _ in 0..15 {
-        tokio::time::sleep(minutes(1)).await;
+        pass(minutes(1)).await;
         for r in &fleet {
             let token = r.token().await;
             assert!(fake.accepts(&token), "every replica keeps serving");
@@ -307,7 +312,7 @@ async fn replicas_serve_through_a_store_outage_and_converge_when_it_returns() {
     );
     // Past the shared API token's life: each replica creates one of its own, once.
     for _ in 0..10 {
-        tokio::time::sleep(minutes(1)).await;
+        pass(minutes(1)).await;
         for r in &fleet {
             assert!(fake.accepts(&r.token().await));
         }
