@@ -3,8 +3,8 @@
 //! Three credentials: the shared admin bearer (client_credentials), each caller's API token
 //! (create, then regenerate) and each caller's inject token (the exchanged access token, or the
 //! API token itself in `api_token` mode), the last one kept as a ready `HeaderValue` behind an
-//! `Arc` in a `moka` cache whose entries expire when the token stops being usable (real expiry
-//! minus a skew margin), so an expired token is never handed out.
+//! `Arc`. Each caller's tokens are held once, in an `ArcSwap` the request path reads without a
+//! lock; a token past its usable point (real expiry minus a skew margin) is never handed out.
 //!
 //! - Single flight (`flight.rs`): one renewal per caller at a time, in a task of its own;
 //!   requests without a valid token wait for it, at most `tokens.max_wait`.
@@ -12,6 +12,8 @@
 //!   (`policy.rs`), off the request path.
 //! - Recovery ladder (`ladder.rs`): definitive answers act at once, back to back: exchange
 //!   refused -> regenerate -> refused -> create -> exchange; admin bearer refused -> one new bearer.
+//! - Every identity call goes through one gateway (`gateway.rs`): bounded concurrency, the
+//!   breaker's admission, spans and metrics.
 //! - One health view of the identity service (`health.rs`): transient failures open a circuit
 //!   breaker shared by every caller; one probe per backoff step, `Retry-After` honoured; when it
 //!   answers again every caller that needs a token renews at once (bounded concurrency).
@@ -32,6 +34,7 @@
 mod caller;
 mod flight;
 mod gate;
+mod gateway;
 mod health;
 mod identity_service;
 mod ladder;
@@ -48,9 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use http::HeaderValue;
-use moka::future::Cache;
-use tokio::sync::Semaphore;
+use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use crate::config::{CallerConfig, Config, IdentityConfig, TokenPolicy};
@@ -58,45 +59,15 @@ use crate::identity::IdentityClient;
 use crate::metrics::{CallerLabels, Metrics};
 use crate::secret::Secret;
 use crate::server::Shutdown;
+use crate::token::{Rejection, TokenResult, TokenUnavailable};
 pub use caller::SharedCopy;
-use caller::{
-    CallerSettings, CallerState, Failure, Held, InjectCred, Renewal, Trigger, UpstreamClaim,
-};
+use caller::{CallerSettings, CallerState, Failure, Held, Renewal, Trigger, UpstreamClaim};
 use flight::Flight;
 use gate::Gate;
-use health::Health;
+use gateway::Gateway;
 pub use health::HealthStatus;
 pub use identity_service::IdentityService;
 use policy::Timing;
-
-/// What a request injects: a ready `Authorization` value (marked sensitive) and the generation it
-/// belongs to, so that an upstream 401 can invalidate exactly that generation.
-#[derive(Debug)]
-pub struct InjectToken {
-    pub header: HeaderValue,
-    pub generation: u64,
-}
-
-/// No valid token can be had for the caller right now.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("no valid token for caller {caller}: {reason}")]
-pub struct TokenUnavailable {
-    pub caller: String,
-    pub reason: String,
-    pub retry_after: Duration,
-}
-
-pub type TokenResult = Result<Arc<InjectToken>, TokenUnavailable>;
-
-/// What to do after an upstream refused a token with 401.
-#[derive(Debug)]
-pub enum Rejection {
-    /// Send the request again with this (renewed) token.
-    Replay(Arc<InjectToken>),
-    /// Pass the 401 on: the renewal for this generation gave no newer token, or the caller
-    /// renewed on a 401 less than `tokens.min_renew_interval` ago.
-    PassOn,
-}
 
 /// Why the broker could not start (bad identity-service settings such as an unreadable CA file).
 #[derive(Debug, thiserror::Error)]
@@ -166,25 +137,22 @@ struct Identity {
     config: IdentityConfig,
 }
 
-/// How many identity calls may be in flight at once (a recovery renews every caller that needs
-/// it "at once", but not 10,000 at a time).
-const MAX_CONCURRENT_CALLS: usize = 16;
-
 /// Holds every caller's credentials. Share it as `Arc<Broker>`.
 pub struct Broker {
     me: Weak<Broker>,
     identity: RwLock<Arc<Identity>>,
     make_service: MakeService,
     policy: RwLock<Arc<TokenPolicy>>,
-    callers: RwLock<HashMap<Arc<str>, Arc<CallerState>>>,
-    /// The hot path's view of every caller's inject token.
-    inject: Cache<Arc<str>, Arc<Held<InjectCred>>>,
+    /// Every caller, replaced whole when callers come or go (a reload): read without a lock.
+    callers: ArcSwap<HashMap<Arc<str>, Arc<CallerState>>>,
     admin: Mutex<Option<Arc<Held<Secret>>>>,
-    admin_flight: Flight<Result<Arc<Held<Secret>>, ladder::CallError>>,
+    admin_flight: Flight<Result<Arc<Held<Secret>>, gateway::CallError>>,
     /// Backoff after the admin bearer is refused (wrong client secret).
     admin_gate: Mutex<Gate>,
-    health: Health,
-    calls: Semaphore,
+    /// Every identity call goes through it; it holds the breaker.
+    gateway: Gateway,
+    /// Numbers every inject token this broker makes: its generation, which a request carries
+    /// and an upstream 401 names. (A shared record's generation is the store's own count.)
     generations: AtomicU64,
     metrics: Arc<Metrics>,
     state_file: Option<PathBuf>,
@@ -192,33 +160,10 @@ pub struct Broker {
     state_lock: tokio::sync::Mutex<()>,
     ready: AtomicBool,
     stop: Shutdown,
-    /// `[store] kind = "redis"`: tokens shared with every replica.
-    store: Option<store::RedisStore>,
+    /// `[store] kind = "redis"` (or a test's in-memory store): tokens shared with every replica.
+    store: Option<Arc<dyn store::TokenStore>>,
     /// Warnings of lasting conditions, by kind, let through once per interval.
     repeats: Mutex<HashMap<&'static str, repeats::Repeats>>,
-}
-
-/// Expires cache entries when their credential stops being usable.
-struct UntilUnusable;
-
-impl<K> moka::Expiry<K, Arc<Held<InjectCred>>> for UntilUnusable {
-    fn expire_after_create(
-        &self,
-        _: &K,
-        v: &Arc<Held<InjectCred>>,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(v.usable_until.saturating_duration_since(Instant::now()))
-    }
-    fn expire_after_update(
-        &self,
-        _: &K,
-        v: &Arc<Held<InjectCred>>,
-        _: std::time::Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(v.usable_until.saturating_duration_since(Instant::now()))
-    }
 }
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
@@ -254,35 +199,61 @@ impl Broker {
         .await
     }
 
+    /// Like [`Broker::start_against`], sharing tokens through `store` (an in-memory store, in
+    /// tests) whatever `[store]` says.
+    pub async fn start_shared(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        service: Arc<dyn IdentityService>,
+        store: Arc<dyn store::TokenStore>,
+    ) -> Result<Arc<Broker>, BrokerError> {
+        Self::start_from(
+            config,
+            metrics,
+            Box::new(move |_: &IdentityConfig| Ok(Arc::clone(&service))),
+            Some(store),
+        )
+        .await
+    }
+
     async fn start_with(
         config: &Config,
         metrics: Arc<Metrics>,
         make_service: MakeService,
+    ) -> Result<Arc<Broker>, BrokerError> {
+        Self::start_from(config, metrics, make_service, None).await
+    }
+
+    /// Starts the broker; `store`: the shared store, or `None` for the one `[store]` names.
+    async fn start_from(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        make_service: MakeService,
+        store: Option<Arc<dyn store::TokenStore>>,
     ) -> Result<Arc<Broker>, BrokerError> {
         let identity = Identity {
             service: make_service(&config.identity).map_err(BrokerError)?,
             config: config.identity.clone(),
         };
         let policy = config.tokens.clone();
-        let store = match config.store.redis() {
-            Some(redis) => Some(
+        let store = match (store, config.store.redis()) {
+            (Some(store), _) => Some(store),
+            (None, Some(redis)) => Some(Arc::new(
                 store::RedisStore::connect(redis, Arc::clone(&metrics))
                     .map_err(|e| BrokerError(e.to_string()))?,
-            ),
-            None => None,
+            ) as Arc<dyn store::TokenStore>),
+            (None, None) => None,
         };
         let broker = Arc::new_cyclic(|me| Broker {
             me: me.clone(),
             identity: RwLock::new(Arc::new(identity)),
             make_service,
             policy: RwLock::new(Arc::new(policy.clone())),
-            callers: RwLock::new(HashMap::new()),
-            inject: Cache::builder().expire_after(UntilUnusable).build(),
+            callers: ArcSwap::default(),
             admin: Mutex::new(None),
             admin_flight: Flight::default(),
             admin_gate: Mutex::new(Gate::default()),
-            health: Health::default(),
-            calls: Semaphore::new(MAX_CONCURRENT_CALLS),
+            gateway: Gateway::new(Arc::clone(&metrics)),
             generations: AtomicU64::new(0),
             metrics,
             state_file: policy.state_file.clone(),
@@ -294,13 +265,13 @@ impl Broker {
         });
         broker
             .metrics
-            .set_identity_state(broker.health.state().name());
+            .set_identity_state(broker.gateway.health.state().name());
         for caller in &config.callers {
             broker.add_caller(caller, &policy);
         }
         broker.restore_state().await;
-        if let Some(store) = broker.store() {
-            shared::follow(Arc::downgrade(&broker), store.clone());
+        if let Some(store) = &broker.store {
+            shared::follow(Arc::downgrade(&broker), Arc::clone(store));
             broker.load_shared().await;
         }
         if policy.warm_up {
@@ -312,28 +283,20 @@ impl Broker {
 
     fn add_caller(self: &Arc<Self>, caller: &CallerConfig, policy: &TokenPolicy) {
         let state = CallerState::new(&caller.name, CallerSettings::new(caller, policy));
-        self.callers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(Arc::clone(&state.name), Arc::clone(&state));
+        self.callers.rcu(|callers| {
+            let mut callers = HashMap::clone(callers);
+            callers.insert(Arc::clone(&state.name), Arc::clone(&state));
+            callers
+        });
         refresh::spawn(Arc::downgrade(self), state);
     }
 
     fn caller(&self, name: &str) -> Option<Arc<CallerState>> {
-        self.callers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        self.callers.load().get(name).cloned()
     }
 
     fn all_callers(&self) -> Vec<Arc<CallerState>> {
-        self.callers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.callers.load().values().cloned().collect()
     }
 
     fn timing(&self) -> Timing {
@@ -363,13 +326,16 @@ impl Broker {
         self.generations.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// The caller's token: a cache hit is an `Arc` clone; a miss waits (at most
-    /// `tokens.max_wait`) on the one renewal in flight.
+    /// The caller's token: when it holds a usable one, two lock-free loads and an `Arc` clone;
+    /// otherwise waits (at most `tokens.max_wait`) on the one renewal in flight.
     pub async fn token(&self, caller: &str) -> TokenResult {
-        if let Some(held) = self.inject.get(caller).await {
-            if held.is_usable(Instant::now()) && !held.value.rejected.load(Ordering::Acquire) {
-                return Ok(Arc::clone(&held.value.inject));
-            }
+        if let Some(token) = self
+            .callers
+            .load()
+            .get(caller)
+            .and_then(|c| c.ready(Instant::now()))
+        {
+            return Ok(token);
         }
         // Boxed: the whole wait would otherwise be inlined into every request's future, which
         // hyper reserves per connection.
@@ -385,9 +351,6 @@ impl Broker {
             });
         };
         if let Some(held) = c.sound() {
-            self.inject
-                .insert(Arc::clone(&c.name), Arc::clone(&held))
-                .await;
             return Ok(Arc::clone(&held.value.inject));
         }
         c.activate();
@@ -408,8 +371,9 @@ impl Broker {
                 let reason = c.status().last_error.unwrap_or_else(|| "refused".into());
                 return Err(unavailable(reason, wait));
             }
-            if let health::Admission::Wait(wait) = self.health.peek() {
+            if let health::Admission::Wait(wait) = self.gateway.health.peek() {
                 let reason = self
+                    .gateway
                     .health
                     .status()
                     .last_error
@@ -495,7 +459,7 @@ impl Broker {
         let Some(held) = c.latest() else {
             return self.token(caller).await.map(Rejection::Replay);
         };
-        if held.generation != generation {
+        if held.generation() != generation {
             // renewed since that request went out: replay with the newer one
             return Ok(Rejection::Replay(Arc::clone(&held.value.inject)));
         }
@@ -514,7 +478,6 @@ impl Broker {
             UpstreamClaim::Renew => {
                 self.metrics.record_rejection("renewed");
                 tracing::info!(caller, generation, "upstream refused the token; renewing");
-                self.inject.invalidate(caller).await;
             }
             UpstreamClaim::Join => {}
         }
@@ -549,22 +512,17 @@ impl Broker {
             .map(|c| (c.name.as_str(), c))
             .collect();
         for c in self.all_callers() {
-            let forget = match wanted.get(&*c.name) {
+            match wanted.get(&*c.name) {
                 Some(caller) => c.set_settings(CallerSettings::new(caller, &policy)),
                 None => {
                     c.remove();
-                    self.callers
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&c.name);
+                    self.callers.rcu(|callers| {
+                        let mut callers = HashMap::clone(callers);
+                        callers.remove(&c.name);
+                        callers
+                    });
                     c.forget_tokens();
-                    true
                 }
-            };
-            if forget {
-                let inject = self.inject.clone();
-                let name = Arc::clone(&c.name);
-                tokio::spawn(async move { inject.invalidate(&name).await });
             }
         }
         for caller in &config.callers {
@@ -610,7 +568,7 @@ impl Broker {
             }
             tokio::select! {
                 _ = async {
-                    self.health.wait_turn().await;
+                    self.gateway.health.wait_turn().await;
                     tokio::time::sleep(self.timing().backoff_initial).await;
                 } => {}
                 _ = self.stop.wait() => break,
@@ -625,7 +583,7 @@ impl Broker {
         let mut callers = self.all_callers();
         callers.sort_by(|a, b| a.name.cmp(&b.name));
         Status {
-            identity_service: self.health.status(),
+            identity_service: self.gateway.health.status(),
             callers: callers.iter().map(|c| c.status()).collect(),
         }
     }

@@ -41,10 +41,11 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::broker::{Broker, Rejection, TokenResult, TokenUnavailable};
+use crate::broker::Broker;
 use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
 use crate::server::Shutdown;
+use crate::token::{Rejection, TokenResult, TokenUnavailable};
 
 pub use crate::tls::server::ListenerTls;
 pub use admit::check_head;

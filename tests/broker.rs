@@ -15,10 +15,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use support::fake_identity::{self, FakeIdentity, Fault, Op};
-use tokenbroker::broker::{Broker, Rejection};
+use tokenbroker::broker::Broker;
 use tokenbroker::config::{CallerConfig, Config, IdentityConfig, TokenPolicy};
 use tokenbroker::metrics::Metrics;
 use tokenbroker::secret::Secret;
+use tokenbroker::token::Rejection;
 
 fn policy() -> TokenPolicy {
     TokenPolicy {
@@ -65,7 +66,7 @@ fn minutes(n: u64) -> Duration {
 }
 
 /// The access token in an `Authorization: Bearer` value.
-fn bearer(token: &tokenbroker::broker::InjectToken) -> String {
+fn bearer(token: &tokenbroker::token::InjectToken) -> String {
     let value = token.header.to_str().unwrap();
     value.strip_prefix("Bearer ").unwrap().to_string()
 }

@@ -10,11 +10,12 @@ use support::broker::caller;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokenbroker::broker::{Broker, CallerStatus, InjectToken, Rejection, TokenResult};
+use tokenbroker::broker::{Broker, CallerStatus};
 use tokenbroker::config::{CallerConfig, Config, InjectMode, TokenPolicy};
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultKind, Operation};
 use tokenbroker::metrics::Metrics;
 use tokenbroker::secret::Secret;
+use tokenbroker::token::{InjectToken, Rejection, TokenResult};
 
 const ADMIN_SECRET: &str = "admin-secret-for-broker-tests";
 

@@ -9,11 +9,12 @@ use std::time::Duration;
 use support::logs::LogCapture;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use tokenbroker::broker::{Broker, Rejection};
+use tokenbroker::broker::Broker;
 use tokenbroker::config::{CallerConfig, Config, InjectMode, TokenPolicy};
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultKind, Operation};
 use tokenbroker::metrics::Metrics;
 use tokenbroker::secret::Secret;
+use tokenbroker::token::Rejection;
 
 const CLIENT_SECRET: &str = "Client-Secret-That-Must-Never-Be-Logged-42";
 

@@ -1,26 +1,28 @@
-//! One caller's credentials and bookkeeping: its settings, its API token, its latest inject
-//! token, its renewal flight, its refusal and store backoffs, its 401 renewal bound and its
-//! counters. Everything else in the broker
-//! goes through these methods; no other file touches the fields.
+//! One caller's credentials and bookkeeping: its settings, its tokens (one `ArcSwap`, the only
+//! copy), its renewal flight, its book (refusal backoff, 401 renewal bound, counters) and its
+//! store side (copy of the shared record, store backoff). Everything else in the broker goes
+//! through these methods; no other file touches the fields.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use super::flight::Flight;
 use super::gate::Gate;
 use super::policy::{self, Timing};
-use super::{CallerStatus, InjectToken, StoreView};
+use super::store::StoredApiToken;
+use super::{CallerStatus, StoreView};
 use crate::config::{CallerConfig, InjectMode, TokenPolicy};
 use crate::secret::Secret;
+use crate::token::InjectToken;
 
 /// A credential with its timing.
 pub(super) struct Held<T> {
     pub value: T,
-    pub generation: u64,
     pub received: Instant,
     /// After this it is never handed out (real expiry minus skew).
     pub usable_until: Instant,
@@ -31,19 +33,12 @@ pub(super) struct Held<T> {
 }
 
 impl<T> Held<T> {
-    pub fn new(
-        value: T,
-        generation: u64,
-        received: Instant,
-        lifetime: Duration,
-        timing: &Timing,
-    ) -> Self {
+    pub fn new(value: T, received: Instant, lifetime: Duration, timing: &Timing) -> Self {
         let usable = policy::usable_for(lifetime, timing.expiry_skew);
         let refresh = policy::refresh_in(lifetime, timing, rand::random::<f64>() * 2.0 - 1.0);
         let age = received.elapsed();
         Held {
             value,
-            generation,
             received,
             usable_until: received + usable,
             refresh_at: received + refresh,
@@ -82,6 +77,46 @@ impl ApiCred {
 
     pub fn exchanged_once(&self) -> bool {
         self.exchanged.load(Ordering::Acquire)
+    }
+}
+
+impl Held<InjectCred> {
+    /// The inject token's generation: what a request carries and an upstream 401 names.
+    pub fn generation(&self) -> u64 {
+        self.value.inject.generation
+    }
+
+    /// In `api_token` mode: this inject token is `api` itself.
+    pub fn is_api_token(&self, api: &ApiCred) -> bool {
+        self.value.token == api.token
+    }
+
+    pub fn is_rejected(&self) -> bool {
+        self.value.rejected.load(Ordering::Acquire)
+    }
+}
+
+/// Remaining life of a stored token, by the wall clock (replicas' clocks are assumed to agree
+/// within the expiry skew).
+pub(super) fn remaining(expires: SystemTime) -> Option<Duration> {
+    expires
+        .duration_since(SystemTime::now())
+        .ok()
+        .filter(|d| !d.is_zero())
+}
+
+impl Held<ApiCred> {
+    /// A stored API token (shared record or state file) taken into memory now, while it has
+    /// life left; `exchanged`: an access token was exchanged from it (matters for single use).
+    pub fn from_stored(stored: &StoredApiToken, exchanged: bool, timing: &Timing) -> Option<Self> {
+        let left = remaining(stored.expires)?;
+        let cred = ApiCred::new(
+            stored.id.clone(),
+            stored.token.clone(),
+            stored.suffix.clone(),
+        );
+        cred.exchanged.store(exchanged, Ordering::Release);
+        Some(Held::new(cred, Instant::now(), left, timing))
     }
 }
 
@@ -176,6 +211,7 @@ pub(super) fn display_name(prefix: &str, caller: &str) -> String {
     name
 }
 
+/// Counters and last outcomes, for `/tokens`.
 #[derive(Default)]
 struct Stats {
     last_renewal: Option<SystemTime>,
@@ -186,6 +222,38 @@ struct Stats {
     fetches: BTreeMap<String, u64>,
     /// Renewals by trigger.
     renewals: BTreeMap<&'static str, u64>,
+    /// Requests that found no valid token and waited.
+    waited: u64,
+    /// Of those, the ones that gave up.
+    wait_timeouts: u64,
+}
+
+/// What renewals and upstream 401s leave behind; they change together, under one lock.
+#[derive(Default)]
+struct Book {
+    /// Backoff after definitive refusals (a configuration problem of this caller).
+    refusal: Gate,
+    /// When the caller's last 401-driven renewal was claimed or produced a token: the next may
+    /// come `min_renew_interval` later.
+    upstream_renewed: Option<Instant>,
+    stats: Stats,
+}
+
+/// With the shared store: this replica's copy of the record, and the refresh task's backoff
+/// after a renewal that could not go through the store (unreachable, or a record it cannot
+/// replace).
+#[derive(Default)]
+struct StoreSide {
+    copy: SharedCopy,
+    backoff: Gate,
+}
+
+/// A caller's current credentials, replaced whole: the API token and the inject token (in
+/// `api_token` mode, the API token itself).
+#[derive(Default)]
+pub(super) struct Tokens {
+    pub api: Option<Arc<Held<ApiCred>>>,
+    pub inject: Option<Arc<Held<InjectCred>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -197,28 +265,15 @@ pub(super) struct CallerState {
     settings: RwLock<CallerSettings>,
     /// The one renewal in flight (inject token, and the API token behind it).
     pub flight: Flight<Renewal>,
-    api: Mutex<Option<Arc<Held<ApiCred>>>>,
-    latest: Mutex<Option<Arc<Held<InjectCred>>>>,
-    /// Backoff after definitive refusals (a configuration problem of this caller).
-    gate: Mutex<Gate>,
-    /// Backoff of the refresh task after a renewal that could not go through the shared store
-    /// (unreachable, or a record it cannot replace).
-    store_gate: Mutex<Gate>,
-    /// The last inject generation an upstream refused (api_token mode regenerates on it).
-    rejected_generation: AtomicU64,
-    /// When the caller's last 401-driven renewal was claimed or produced a token: the next may
-    /// come `min_renew_interval` later.
-    upstream_renewed: Mutex<Option<Instant>>,
+    /// The caller's tokens, held only here; the request path reads them without a lock.
+    tokens: ArcSwap<Tokens>,
+    book: Mutex<Book>,
+    store: Mutex<StoreSide>,
     /// Has asked for a token at least once: the refresh task keeps it fresh from then on.
     active: AtomicBool,
     removed: AtomicBool,
     /// Wakes the refresh task (first use, removal).
     pub wake: tokio::sync::Notify,
-    waited: AtomicU64,
-    wait_timeouts: AtomicU64,
-    stats: Mutex<Stats>,
-    /// With the shared store: where this replica's copy stands.
-    shared: Mutex<SharedCopy>,
 }
 
 /// This replica's copy of a caller's record in the shared store.
@@ -248,29 +303,22 @@ impl CallerState {
             name: Arc::from(name),
             settings: RwLock::new(settings),
             flight: Flight::default(),
-            api: Mutex::default(),
-            latest: Mutex::default(),
-            gate: Mutex::default(),
-            store_gate: Mutex::default(),
-            rejected_generation: AtomicU64::new(0),
-            upstream_renewed: Mutex::default(),
+            tokens: ArcSwap::default(),
+            book: Mutex::default(),
+            store: Mutex::default(),
             active: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
-            waited: AtomicU64::new(0),
-            wait_timeouts: AtomicU64::new(0),
-            stats: Mutex::default(),
-            shared: Mutex::default(),
         })
     }
 
     /// This replica's view of the caller's shared record.
     pub fn shared(&self) -> SharedCopy {
-        lock(&self.shared).clone()
+        lock(&self.store).copy.clone()
     }
 
     pub fn update_shared(&self, f: impl FnOnce(&mut SharedCopy)) {
-        f(&mut lock(&self.shared));
+        f(&mut lock(&self.store).copy);
     }
 
     pub fn settings(&self) -> CallerSettings {
@@ -281,8 +329,7 @@ impl CallerState {
     }
 
     /// Applies new settings; forgets the tokens when they belong to another client or mode.
-    /// True when it did.
-    pub fn set_settings(&self, new: CallerSettings) -> bool {
+    pub fn set_settings(&self, new: CallerSettings) {
         let mut s = self.settings.write().unwrap_or_else(|e| e.into_inner());
         let forget = s.needs_new_tokens(&new);
         *s = new;
@@ -290,23 +337,50 @@ impl CallerState {
         if forget {
             self.forget_tokens();
         }
-        forget
+    }
+
+    /// The inject token a request may use now (usable, not refused by an upstream): one
+    /// lock-free load and an `Arc` clone.
+    pub fn ready(&self, now: Instant) -> Option<Arc<InjectToken>> {
+        let tokens = self.tokens.load();
+        let held = tokens.inject.as_ref()?;
+        (held.is_usable(now) && !held.value.rejected.load(Ordering::Acquire))
+            .then(|| Arc::clone(&held.value.inject))
     }
 
     /// The API token while it is usable.
     pub fn api(&self) -> Option<Arc<Held<ApiCred>>> {
-        lock(&self.api)
+        self.tokens
+            .load()
+            .api
             .clone()
             .filter(|h| h.is_usable(Instant::now()))
     }
 
     pub fn set_api(&self, held: Arc<Held<ApiCred>>) {
-        *lock(&self.api) = Some(held);
+        self.tokens.rcu(|t| Tokens {
+            api: Some(Arc::clone(&held)),
+            inject: t.inject.clone(),
+        });
+    }
+
+    /// The API token held, as the shared store and the state file keep it.
+    pub fn stored_api(&self) -> Option<StoredApiToken> {
+        let api = self.api()?;
+        Some(StoredApiToken {
+            id: api.value.id.clone(),
+            token: api.value.token.clone(),
+            suffix: api.value.suffix.clone(),
+            client_id: self.settings().client_id,
+            expires: api.expires_wall,
+        })
     }
 
     /// The latest inject token while it is usable.
     pub fn latest(&self) -> Option<Arc<Held<InjectCred>>> {
-        lock(&self.latest)
+        self.tokens
+            .load()
+            .inject
             .clone()
             .filter(|h| h.is_usable(Instant::now()))
     }
@@ -318,12 +392,14 @@ impl CallerState {
     }
 
     pub fn set_latest(&self, held: Arc<Held<InjectCred>>) {
-        *lock(&self.latest) = Some(held);
+        self.tokens.rcu(|t| Tokens {
+            api: t.api.clone(),
+            inject: Some(Arc::clone(&held)),
+        });
     }
 
     pub fn forget_tokens(&self) {
-        *lock(&self.api) = None;
-        *lock(&self.latest) = None;
+        self.tokens.store(Arc::default());
     }
 
     /// An upstream refused `held` with 401: renew once for it, join the renewal another 401
@@ -335,80 +411,86 @@ impl CallerState {
         now: Instant,
         floor: Duration,
     ) -> UpstreamClaim {
-        let mut last = lock(&self.upstream_renewed);
+        let mut book = lock(&self.book);
         if held.value.rejected.load(Ordering::Acquire) {
             return UpstreamClaim::Join;
         }
-        if last.is_some_and(|at| now.saturating_duration_since(at) < floor) {
+        if book
+            .upstream_renewed
+            .is_some_and(|at| now.saturating_duration_since(at) < floor)
+        {
             return UpstreamClaim::Limited;
         }
-        *last = Some(now);
+        book.upstream_renewed = Some(now);
         held.value.rejected.store(true, Ordering::Release);
-        self.rejected_generation
-            .store(held.generation, Ordering::Release);
         UpstreamClaim::Renew
     }
 
-    pub fn refused_generation(&self) -> u64 {
-        self.rejected_generation.load(Ordering::Acquire)
+    /// In `api_token` mode: an upstream refused `api` itself (it is to be regenerated).
+    pub fn api_token_refused(&self, api: &ApiCred) -> bool {
+        self.latest()
+            .is_some_and(|h| h.is_rejected() && h.is_api_token(api))
     }
 
     /// `Some(wait)` while a refusal backoff runs.
     pub fn refusal_wait(&self, now: Instant) -> Option<Duration> {
-        lock(&self.gate).closed_for(now)
-    }
-
-    pub fn refusal_ends(&self) -> Option<Instant> {
-        lock(&self.gate).next_attempt()
+        lock(&self.book).refusal.closed_for(now)
     }
 
     /// Records a definitive refusal; returns the backoff before this caller tries again.
     pub fn refused(&self, now: Instant, error: &str, timing: &Timing) -> Duration {
-        lock(&self.gate).failed(now, error.to_string(), None, timing)
+        lock(&self.book)
+            .refusal
+            .failed(now, error.to_string(), None, timing)
     }
 
     /// A renewal went without the shared store; returns how long the refresh task waits before
     /// it tries the store again (the breaker's backoff steps, jittered).
     pub fn store_failed(&self, now: Instant, error: &str, timing: &Timing) -> Duration {
-        lock(&self.store_gate).failed(now, error.to_string(), None, timing)
+        lock(&self.store)
+            .backoff
+            .failed(now, error.to_string(), None, timing)
     }
 
-    /// The shared store answered for this caller.
-    pub fn store_answered(&self) {
-        lock(&self.store_gate).succeeded();
+    /// The shared store answered for this caller; `record_error`: why its record did not open.
+    pub fn store_answered(&self, record_error: Option<String>) {
+        let mut store = lock(&self.store);
+        store.backoff.succeeded();
+        store.copy.record_error = record_error;
     }
 
     pub fn renewed(&self, trigger: Trigger) {
-        lock(&self.gate).succeeded();
+        let mut book = lock(&self.book);
+        book.refusal.succeeded();
         if trigger == Trigger::Upstream401 {
             // a token a 401 just produced: its own 401s wait out the interval
-            *lock(&self.upstream_renewed) = Some(Instant::now());
+            book.upstream_renewed = Some(Instant::now());
         }
-        let mut stats = lock(&self.stats);
-        stats.last_renewal = Some(SystemTime::now());
-        stats.failing = false;
-        *stats.renewals.entry(trigger.label()).or_default() += 1;
+        book.stats.last_renewal = Some(SystemTime::now());
+        book.stats.failing = false;
+        *book.stats.renewals.entry(trigger.label()).or_default() += 1;
     }
 
     pub fn renewal_failed(&self, error: &str) {
-        let mut stats = lock(&self.stats);
+        let stats = &mut lock(&self.book).stats;
         stats.failing = true;
         stats.last_error = Some(error.to_string());
     }
 
     pub fn record_fetch(&self, kind: &str, outcome: &str) {
-        *lock(&self.stats)
+        *lock(&self.book)
+            .stats
             .fetches
             .entry(format!("{kind}_{outcome}"))
             .or_default() += 1;
     }
 
     pub fn record_wait(&self) {
-        self.waited.fetch_add(1, Ordering::Relaxed);
+        lock(&self.book).stats.waited += 1;
     }
 
     pub fn record_wait_timeout(&self) {
-        self.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+        lock(&self.book).stats.wait_timeouts += 1;
     }
 
     /// Marks the caller in use; true the first time (the refresh task starts caring then).
@@ -446,9 +528,10 @@ impl CallerState {
                 at = at.min(api.refresh_at);
             }
         }
-        let store_ends = lock(&self.store_gate).next_attempt();
+        let refusal_ends = lock(&self.book).refusal.next_attempt();
+        let store_ends = lock(&self.store).backoff.next_attempt();
         Some(
-            [self.refusal_ends(), store_ends]
+            [refusal_ends, store_ends]
                 .into_iter()
                 .flatten()
                 .fold(at, Instant::max),
@@ -460,7 +543,8 @@ impl CallerState {
         let api = self.api();
         let inject = self.latest();
         let shared = self.shared();
-        let stats = lock(&self.stats);
+        let book = lock(&self.book);
+        let stats = &book.stats;
         let state = match (&inject, stats.failing) {
             (Some(_), false) => "ready",
             (Some(_), true) => "failing",
@@ -478,11 +562,11 @@ impl CallerState {
             access_token_expires_in_secs: inject
                 .as_ref()
                 .map(|a| a.usable_until.saturating_duration_since(now).as_secs()),
-            generation: inject.as_ref().map_or(0, |i| i.generation),
+            generation: inject.as_ref().map_or(0, |i| i.generation()),
             last_renewal: stats.last_renewal,
             last_error: stats.last_error.clone(),
-            waited_requests: self.waited.load(Ordering::Relaxed),
-            wait_timeouts: self.wait_timeouts.load(Ordering::Relaxed),
+            waited_requests: stats.waited,
+            wait_timeouts: stats.wait_timeouts,
             fetches: stats.fetches.clone(),
             renewals: stats
                 .renewals

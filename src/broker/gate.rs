@@ -1,5 +1,7 @@
-//! The backoff gate of one credential: after a failure, no new attempt until the backoff step
-//! has passed, however many requests or timers ask. Holds the last error for status pages.
+//! The one backoff of the broker: after a failure, no new attempt until the backoff step has
+//! passed, however many requests or timers ask. Holds the last error for status pages. Used for
+//! a caller's refusals and store retries, the admin bearer's refusals, and the steps of the
+//! identity service's breaker (`health.rs`).
 
 use std::time::Duration;
 
@@ -33,11 +35,33 @@ impl Gate {
         retry_after: Option<Duration>,
         timing: &Timing,
     ) -> Duration {
+        self.failed_with(now, error, retry_after, timing, rand::random::<f64>())
+    }
+
+    /// Like [`Gate::failed`], with the jitter `sample` (in `[0, 1)`) given.
+    pub fn failed_with(
+        &mut self,
+        now: Instant,
+        error: String,
+        retry_after: Option<Duration>,
+        timing: &Timing,
+        sample: f64,
+    ) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        let wait = backoff(self.failures, timing, rand::random::<f64>(), retry_after);
+        let wait = backoff(self.failures, timing, sample, retry_after);
         self.next_attempt = Some(now + wait);
         self.last_error = Some(error);
         wait
+    }
+
+    /// Notes an error that does not start a new step.
+    pub fn note_error(&mut self, error: String) {
+        self.last_error = Some(error);
+    }
+
+    /// Consecutive failures since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
     }
 
     pub fn succeeded(&mut self) {

@@ -20,7 +20,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::policy::{backoff, Timing};
+use super::gate::Gate;
+use super::policy::Timing;
 
 /// Where the breaker stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,9 +59,8 @@ pub enum Admission {
 #[derive(Debug)]
 pub struct Breaker {
     state: State,
-    /// Consecutive failed steps (0 while closed).
-    failures: u32,
-    last_error: Option<String>,
+    /// Its backoff steps: consecutive failed steps (0 while closed) and the last error.
+    steps: Gate,
     probes_ok: u64,
     probes_failed: u64,
 }
@@ -72,8 +72,7 @@ impl Default for Breaker {
     fn default() -> Self {
         Breaker {
             state: State::Closed,
-            failures: 0,
-            last_error: None,
+            steps: Gate::default(),
             probes_ok: 0,
             probes_failed: 0,
         }
@@ -113,7 +112,7 @@ impl Breaker {
         }
         let recovered = self.state != State::Closed;
         self.state = State::Closed;
-        self.failures = 0;
+        self.steps.succeeded();
         recovered
     }
 
@@ -131,17 +130,18 @@ impl Breaker {
         if probe {
             self.probes_failed += 1;
         }
-        self.last_error = Some(error);
         match self.state {
             State::Open { until } if !probe => {
                 // A straggler of the last closed period: keep the step, but honour its Retry-After.
+                self.steps.note_error(error);
                 let until = retry_after.map_or(until, |ra| until.max(now + ra));
                 self.state = State::Open { until };
                 until.saturating_duration_since(now)
             }
             _ => {
-                self.failures = self.failures.saturating_add(1);
-                let wait = backoff(self.failures, timing, sample, retry_after);
+                let wait = self
+                    .steps
+                    .failed_with(now, error, retry_after, timing, sample);
                 self.state = State::Open { until: now + wait };
                 wait
             }
@@ -158,7 +158,7 @@ impl Breaker {
 
     #[cfg(test)]
     fn failures(&self) -> u32 {
-        self.failures
+        self.steps.failures()
     }
 }
 
@@ -313,12 +313,12 @@ impl Health {
         let now = Instant::now();
         self.with(|b| HealthStatus {
             state: b.state.name(),
-            failures: b.failures,
+            failures: b.steps.failures(),
             next_probe_in_secs: match b.state {
                 State::Open { until } => Some(until.saturating_duration_since(now).as_secs_f64()),
                 _ => None,
             },
-            last_error: b.last_error.clone(),
+            last_error: b.steps.last_error().map(str::to_string),
             probes_ok: b.probes_ok,
             probes_failed: b.probes_failed,
         })

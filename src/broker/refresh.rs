@@ -33,9 +33,9 @@ pub(super) fn spawn(broker: Weak<Broker>, c: Arc<CallerState>) {
                 _ = stop.wait() => return,
             }
             let Some(b) = broker.upgrade() else { return };
-            let paused = b.health.state() != State::Closed;
+            let paused = b.gateway.health.state() != State::Closed;
             tokio::select! {
-                _ = b.health.wait_turn() => {}
+                _ = b.gateway.health.wait_turn() => {}
                 _ = stop.wait() => return,
             }
             if c.is_removed() {

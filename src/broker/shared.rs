@@ -1,12 +1,13 @@
-//! The broker's side of the shared store (`[store] kind = "redis"`): every replica holds the same
-//! API token and access token per caller, and only the holder of a caller's lease calls the
-//! identity service for it.
+//! The broker's side of the shared store (a [`TokenStore`]: Redis, or in memory in tests): every
+//! replica holds the same API token and access token per caller, and only the holder of a
+//! caller's lease calls the identity service for it.
 //!
 //! - A renewal first reads the store: a record newer than this replica's copy is adopted, and
 //!   nothing is called. Otherwise it takes the caller's lease (another holder: wait for its write,
 //!   at most twice the lease), reads again, renews (the same ladder as alone) while keeping the
 //!   lease alive, and writes the new tokens with a compare-and-set on the record's generation; a
-//!   refused write adopts whatever is stored instead.
+//!   refused write (or a lease lost on the way) adopts whatever is stored instead, and the
+//!   renewal hands out the adopted token rather than its own.
 //! - A record that does not open (garbage, another caller's value, a key not in the ring) is
 //!   replaced by the next renewal's fenced write, which expects its generation.
 //! - Other replicas adopt new records as they are announced (pub/sub), and re-read every caller
@@ -22,15 +23,15 @@
 //! without the lease, or block a request on Redis.
 
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::caller::{ApiCred, CallerState, Held, InjectCred};
-use super::ladder::CallError;
+use super::caller::{remaining, CallerState, Held, InjectCred};
+use super::gateway::CallError;
 use super::store::{
-    Lease, Record, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken,
-    StoredTokens, WriteOutcome,
+    Lease, Record, StoreError, StoreEvent, StoredAccessToken, StoredTokens, TokenStore,
+    WriteOutcome,
 };
 use super::Broker;
 use crate::config::InjectMode;
@@ -38,25 +39,16 @@ use crate::config::InjectMode;
 /// How often a replica waiting for another's renewal looks at the store.
 const LEASE_POLL: Duration = Duration::from_millis(100);
 
-/// Remaining life of a stored token, by the wall clock (replicas' clocks are assumed to agree
-/// within the expiry skew).
-fn remaining(expires: SystemTime) -> Option<Duration> {
-    expires
-        .duration_since(SystemTime::now())
-        .ok()
-        .filter(|d| !d.is_zero())
-}
-
 impl Broker {
-    pub(super) fn store(&self) -> Option<&RedisStore> {
-        self.store.as_ref()
+    pub(super) fn store(&self) -> Option<&dyn TokenStore> {
+        self.store.as_deref()
     }
 
     /// Renews the caller's tokens with the shared store: adopt what is stored, or renew under the
     /// lease and share the result. A record that does not open is replaced by the result.
     pub(super) async fn renew_shared(
         &self,
-        store: &RedisStore,
+        store: &dyn TokenStore,
         c: &CallerState,
     ) -> Result<(Arc<Held<InjectCred>>, bool), CallError> {
         match self.read_for_renewal(store, c).await {
@@ -89,7 +81,7 @@ impl Broker {
                 return self.renew_without_store(c, &e).await;
             }
         };
-        let api_before = c.api().map(|a| a.generation);
+        let api_before = c.api();
         let work = self.renew_here(c, false);
         tokio::pin!(work);
         let result = tokio::select! {
@@ -99,18 +91,38 @@ impl Broker {
                     "renewal lease lost; finishing the renewal without writing it");
                 let result = work.await;
                 self.adopt_stored(store, c).await;
-                return result;
+                return self.adopted_instead(c).map_or(result, Ok);
             }
         };
+        let mut refused = false;
         if let Ok((held, fresh)) = &result {
             // a regenerated API token is shared even when the access token held stays, and a
             // record that does not open is replaced even when nothing was renewed
-            if *fresh || replace || c.api().map(|a| a.generation) != api_before {
-                self.share(store, c, &lease, expected, Some(held)).await;
+            let api_changed = match (c.api(), &api_before) {
+                (Some(now), Some(before)) => !Arc::ptr_eq(&now, before),
+                (now, before) => now.is_some() != before.is_some(),
+            };
+            if *fresh || replace || api_changed {
+                refused = self.share(store, c, &lease, expected, Some(held)).await;
             }
         }
         release(store, lease).await;
-        result
+        match refused {
+            true => self.adopted_instead(c).map_or(result, Ok),
+            false => result,
+        }
+    }
+
+    /// After a write this replica could not make (lease lost, another replica wrote first) and
+    /// the stored record adopted: the adopted token, which the renewal hands out instead of its
+    /// own, so that the replica injects what the fleet shares.
+    fn adopted_instead(&self, c: &CallerState) -> Option<(Arc<Held<InjectCred>>, bool)> {
+        let copy = c.shared();
+        if copy.generation == 0 || copy.local_api_token {
+            return None;
+        }
+        let held = c.sound().filter(|h| !h.is_due(Instant::now()))?;
+        Some((held, true))
     }
 
     /// Reads the caller's record for a renewal: the record (or none), or the generation of one
@@ -118,17 +130,14 @@ impl Broker {
     /// by the renewal's write. `Err`: the store cannot be used.
     async fn read_for_renewal(
         &self,
-        store: &RedisStore,
+        store: &dyn TokenStore,
         c: &CallerState,
     ) -> Result<Stored, StoreError> {
         let read = store.read(&c.name).await;
         let unopened = read.as_ref().err().and_then(StoreError::unopened);
-        if read.is_ok() || unopened.is_some() {
-            c.store_answered();
-        }
         match (read, unopened) {
             (Ok(record), _) => {
-                c.update_shared(|s| s.record_error = None);
+                c.store_answered(None);
                 Ok(Stored::Record(record))
             }
             (Err(e), Some(generation)) => {
@@ -141,7 +150,7 @@ impl Broker {
                         "the shared record does not open; this renewal replaces it"
                     );
                 }
-                c.update_shared(|s| s.record_error = Some(error));
+                c.store_answered(Some(error));
                 Ok(Stored::Unopened(generation))
             }
             (Err(e), None) => Err(e),
@@ -151,7 +160,11 @@ impl Broker {
     /// Takes the caller's lease; while another replica holds it, waits for its write (polling the
     /// store) at most twice the lease, which is also enough for a dead holder's lease to lapse.
     /// A holder still there after that is taken over (the script checks it is the same one).
-    async fn take_lease(&self, store: &RedisStore, c: &CallerState) -> Result<Taken, CallError> {
+    async fn take_lease(
+        &self,
+        store: &dyn TokenStore,
+        c: &CallerState,
+    ) -> Result<Taken, CallError> {
         let ttl = store.lease_ttl();
         let deadline = Instant::now() + ttl * 2;
         // the holder seen at the first busy attempt
@@ -194,18 +207,18 @@ impl Broker {
     }
 
     /// Writes the caller's tokens (its API token, and `inject` or else the inject token held)
-    /// under the lease; a refused write adopts what is stored.
+    /// under the lease; a refused write adopts what is stored (then true).
     async fn share(
         &self,
-        store: &RedisStore,
+        store: &dyn TokenStore,
         c: &CallerState,
         lease: &Lease,
         expected: u64,
         inject: Option<&Arc<Held<InjectCred>>>,
-    ) {
+    ) -> bool {
         let inject = inject.cloned().or_else(|| c.latest());
         let Some(tokens) = self.stored_tokens(c, inject.as_deref()) else {
-            return;
+            return false;
         };
         match store.write(&c.name, lease, expected, &tokens).await {
             Ok(WriteOutcome::Written(generation)) => {
@@ -218,6 +231,7 @@ impl Broker {
                 });
                 self.metrics.record_store_sharing("written");
                 tracing::debug!(caller = &*c.name, generation, "tokens shared");
+                false
             }
             Ok(outcome) => {
                 tracing::warn!(
@@ -227,6 +241,7 @@ impl Broker {
                 );
                 self.metrics.record_store_sharing("refused");
                 self.adopt_stored(store, c).await;
+                true
             }
             Err(e) => {
                 self.metrics.record_store_sharing("failed");
@@ -234,6 +249,7 @@ impl Broker {
                     tracing::warn!(caller = &*c.name, error = %e, repeated,
                         "new tokens not shared: the store refused or did not answer");
                 }
+                false
             }
         }
     }
@@ -244,25 +260,16 @@ impl Broker {
         c: &CallerState,
         inject: Option<&Held<InjectCred>>,
     ) -> Option<StoredTokens> {
-        let api = c.api()?;
+        let api = c.stored_api()?;
         let access = match c.settings().inject {
             InjectMode::ApiToken => None,
             InjectMode::AccessToken => inject.map(|h| StoredAccessToken {
                 token: h.value.token.clone(),
                 expires: h.expires_wall,
-                generation: h.generation,
+                generation: h.generation(),
             }),
         };
-        Some(StoredTokens {
-            api: StoredApiToken {
-                id: api.value.id.clone(),
-                token: api.value.token.clone(),
-                suffix: api.value.suffix.clone(),
-                client_id: c.settings().client_id,
-                expires: api.expires_wall,
-            },
-            access,
-        })
+        Some(StoredTokens { api, access })
     }
 
     /// Renews without the store (unreachable, or its record something this build did not
@@ -321,41 +328,29 @@ impl Broker {
         if tokens.api.client_id != s.client_id {
             return false;
         }
-        let Some(api_left) = remaining(tokens.api.expires) else {
+        if remaining(tokens.api.expires).is_none() {
             return false;
-        };
-        let timing = self.timing();
+        }
         let now = Instant::now();
         let same_api = c.api().is_some_and(|a| a.value.token == tokens.api.token);
         let api = match c.api().filter(|_| same_api) {
             Some(api) => api,
             None => {
-                let cred = ApiCred::new(
-                    tokens.api.id.clone(),
-                    tokens.api.token.clone(),
-                    tokens.api.suffix.clone(),
-                );
-                if tokens.access.is_some() {
-                    // the stored access token was exchanged from it (matters for single use)
-                    cred.exchanged
-                        .store(true, std::sync::atomic::Ordering::Release);
-                }
-                let held = Arc::new(Held::new(
-                    cred,
-                    self.next_generation(),
-                    now,
-                    api_left,
-                    &timing,
-                ));
+                // the stored access token was exchanged from it (matters for single use)
+                let exchanged = tokens.access.is_some();
+                let Some(held) = Held::from_stored(&tokens.api, exchanged, &self.timing()) else {
+                    return false;
+                };
+                let held = Arc::new(held);
                 c.set_api(Arc::clone(&held));
                 held
             }
         };
         let inject = match s.inject {
             InjectMode::ApiToken => {
-                let same = c.latest().is_some_and(|h| h.generation == api.generation);
+                let same = c.latest().is_some_and(|h| h.is_api_token(&api.value));
                 (!same)
-                    .then(|| super::ladder::inject_api_token(&api).ok())
+                    .then(|| super::ladder::inject_api_token(self, &api).ok())
                     .flatten()
             }
             InjectMode::AccessToken => tokens.access.as_ref().and_then(|access| {
@@ -374,10 +369,7 @@ impl Broker {
         match inject {
             Some(held) => {
                 let held = Arc::new(held);
-                c.set_latest(Arc::clone(&held));
-                let cache = self.inject.clone();
-                let name = Arc::clone(&c.name);
-                tokio::spawn(async move { cache.insert(name, held).await });
+                c.set_latest(held);
                 c.activate();
                 tracing::debug!(caller = &*c.name, generation, "adopted the shared tokens");
                 self.metrics.record_store_sharing("adopted");
@@ -388,7 +380,7 @@ impl Broker {
     }
 
     /// Reads the caller's record and adopts it if newer.
-    async fn adopt_stored(&self, store: &RedisStore, c: &CallerState) {
+    async fn adopt_stored(&self, store: &dyn TokenStore, c: &CallerState) {
         match store.read(&c.name).await {
             Ok(Some(record)) => {
                 self.adopt(c, &record);
@@ -402,7 +394,7 @@ impl Broker {
 
     /// Reads the caller's record and adopts it if newer; publishes this replica's tokens when the
     /// store has none (e.g. they were obtained while it was unreachable).
-    async fn adopt_newer(&self, store: &RedisStore, c: &CallerState) {
+    async fn adopt_newer(&self, store: &dyn TokenStore, c: &CallerState) {
         match store.read(&c.name).await {
             Ok(Some(record)) => {
                 self.adopt(c, &record);
@@ -410,7 +402,7 @@ impl Broker {
             Ok(None) => {
                 if c.api().is_some() && !c.flight.in_flight() {
                     if let Ok(Some(lease)) = store.try_lease(&c.name, store.lease_ttl()).await {
-                        self.share(store, c, &lease, 0, None).await;
+                        let _ = self.share(store, c, &lease, 0, None).await;
                         release(store, lease).await;
                     }
                 }
@@ -466,7 +458,7 @@ enum Taken {
     Unreachable(StoreError),
 }
 
-async fn release(store: &RedisStore, lease: Lease) {
+async fn release(store: &dyn TokenStore, lease: Lease) {
     if let Err(e) = store.release(lease).await {
         tracing::debug!(error = %e, "cannot release the renewal lease; it lapses by itself");
     }
@@ -474,7 +466,7 @@ async fn release(store: &RedisStore, lease: Lease) {
 
 /// Follows the store's announcements for the broker's life: adopts every newer record, and
 /// re-reads every caller after each (re)connection.
-pub(super) fn follow(broker: Weak<Broker>, store: RedisStore) {
+pub(super) fn follow(broker: Weak<Broker>, store: Arc<dyn TokenStore>) {
     let mut events = store.subscribe();
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
@@ -483,13 +475,13 @@ pub(super) fn follow(broker: Weak<Broker>, store: RedisStore) {
                 StoreEvent::Changed { caller, generation } => {
                     if let Some(c) = b.caller(&caller) {
                         if generation > c.shared().generation {
-                            b.adopt_newer(&store, &c).await;
+                            b.adopt_newer(&*store, &c).await;
                         }
                     }
                 }
                 StoreEvent::Resync => {
                     for c in b.all_callers() {
-                        b.adopt_newer(&store, &c).await;
+                        b.adopt_newer(&*store, &c).await;
                     }
                 }
             }

@@ -4,7 +4,8 @@
 //! nothing else may print its content. With seal keys (`[store] seal_keys` or `seal_key`) the
 //! whole file is sealed with the first (`seal.rs`) and opened with the one it names; plain files
 //! written before, and files sealed with an older key of the ring, are read and sealed with the
-//! first on the next write.
+//! first on the next write. In memory its records are the shared store's `StoredApiToken`; the
+//! file keeps its own (unchanged) layout.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -13,11 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 use zeroize::Zeroizing;
 
-use super::caller::{ApiCred, Held};
+use super::caller::Held;
+use super::store::StoredApiToken;
 use super::{read, Broker};
 use crate::seal::{self, SealKeys};
 use crate::secret::Secret;
@@ -52,6 +53,33 @@ impl std::fmt::Debug for StoredToken {
     }
 }
 
+impl StoredToken {
+    /// The API token as the shared store keeps it too.
+    fn into_record(self) -> StoredApiToken {
+        StoredApiToken {
+            id: self.id,
+            token: Secret::new(self.token),
+            suffix: self.suffix,
+            client_id: self.client_id,
+            expires: UNIX_EPOCH + Duration::from_secs_f64(self.expires_at.max(0.0)),
+        }
+    }
+
+    fn from_record(api: StoredApiToken) -> Self {
+        StoredToken {
+            id: api.id,
+            token: api.token.expose().to_string(),
+            suffix: api.suffix,
+            client_id: api.client_id,
+            expires_at: api
+                .expires
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        }
+    }
+}
+
 impl Broker {
     /// Seeds the API-token cache from the state file, if configured and readable.
     pub(super) async fn restore_state(&self) {
@@ -62,26 +90,18 @@ impl Broker {
         let loaded = tokio::task::spawn_blocking(move || load(&path, key.as_ref())).await;
         let Ok(Some(state)) = loaded else { return };
         let timing = self.timing();
-        let now_wall = SystemTime::now();
         let mut restored = 0;
         for (name, stored) in state.api_tokens {
             let Some(c) = self.caller(&name) else {
                 continue;
             };
+            let stored = stored.into_record();
             if c.settings().client_id != stored.client_id {
                 continue;
             }
-            let expires = UNIX_EPOCH + Duration::from_secs_f64(stored.expires_at.max(0.0));
-            let Ok(left) = expires.duration_since(now_wall) else {
+            let Some(held) = Held::from_stored(&stored, false, &timing) else {
                 continue;
             };
-            let cred = ApiCred {
-                id: stored.id,
-                token: Secret::new(stored.token),
-                suffix: stored.suffix,
-                exchanged: Default::default(),
-            };
-            let held = Held::new(cred, self.next_generation(), Instant::now(), left, &timing);
             c.set_api(Arc::new(held));
             restored += 1;
         }
@@ -100,22 +120,10 @@ impl Broker {
             api_tokens: BTreeMap::new(),
         };
         for c in callers {
-            if let Some(api) = c.api() {
-                let expires_at = api
-                    .expires_wall
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs_f64();
-                state.api_tokens.insert(
-                    c.name.to_string(),
-                    StoredToken {
-                        id: api.value.id.clone(),
-                        token: api.value.token.expose().to_string(),
-                        suffix: api.value.suffix.clone(),
-                        client_id: c.settings().client_id,
-                        expires_at,
-                    },
-                );
+            if let Some(api) = c.stored_api() {
+                state
+                    .api_tokens
+                    .insert(c.name.to_string(), StoredToken::from_record(api));
             }
         }
         let shown = path.display().to_string();

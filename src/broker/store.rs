@@ -1,21 +1,24 @@
-//! The shared token store (`[store] kind = "redis"`): one API token and one access token per
-//! caller for every replica, renewed under a fenced per-caller lease. This module owns the record
-//! format (what is stored, sealed, under which key) and the types the broker sees; `redis.rs`
-//! owns the commands and the Lua scripts. The layout and the scripts' contract are in
-//! `docs/shared-store.md`.
+//! The shared token store: one API token and one access token per caller for every replica,
+//! renewed under a fenced per-caller lease. This module owns the [`TokenStore`] contract, the
+//! record format (what is stored, sealed, under which key) and the types the broker sees;
+//! `redis.rs` owns the commands and the Lua scripts (`[store] kind = "redis"`, layout in
+//! `docs/shared-store.md`), `memory.rs` the same contract in one process, for tests.
 //!
 //! Must never: be called per proxied request (requests use the tokens in memory; the store is
 //! read and written only when a token changes), write a token in clear, or wait on Redis without
 //! a bound.
 
+mod memory;
 mod redis;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
+pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 use crate::seal::{self, SealError, SealKey, SealKeys};
 use crate::secret::Secret;
@@ -52,7 +55,9 @@ pub struct StoredApiToken {
 pub struct StoredAccessToken {
     pub token: Secret,
     pub expires: SystemTime,
-    /// The access token's own generation, counted by its writers (an upstream 401 names it).
+    /// The writer's generation of this access token. Nothing reads it: each replica numbers
+    /// the inject tokens it holds itself. It stays in the record because the payload of earlier
+    /// builds requires it (they share records with this one during a rolling upgrade).
     pub generation: u64,
 }
 
@@ -180,6 +185,92 @@ pub enum StoreEvent {
     Changed { caller: String, generation: u64 },
     /// The subscription (re)connected: changes may have been missed, read every caller again.
     Resync,
+}
+
+/// What the broker needs of a shared store: fenced compare-and-set writes on the record's
+/// generation, renewal leases with an owner and a TTL, and change announcements to every replica
+/// sharing it. [`RedisStore`] keeps the records on Redis; [`MemoryStore`] in this process (on
+/// tokio's clock), for replicas of one test.
+#[async_trait::async_trait]
+pub trait TokenStore: Send + Sync + 'static {
+    /// The configured lease lifetime.
+    fn lease_ttl(&self) -> Duration;
+    /// The id of the seal key this store seals with.
+    fn seal_key_id(&self) -> &str;
+    /// A caller's record: `None` if there is none.
+    async fn read(&self, caller: &str) -> Result<Option<Record>, StoreError>;
+    /// Takes a caller's lease for `ttl`; `held_too_long`: the holder seen holding it for over
+    /// twice `ttl`, taken over if it still holds it. `Err(holder)`: busy.
+    async fn take_lease(
+        &self,
+        caller: &str,
+        ttl: Duration,
+        held_too_long: Option<&str>,
+    ) -> Result<Result<Lease, String>, StoreError>;
+    /// Takes a caller's lease if nobody holds it.
+    async fn try_lease(&self, caller: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+        Ok(self.take_lease(caller, ttl, None).await?.ok())
+    }
+    /// Keeps a lease held for as long as this is awaited; returns only when it is gone.
+    async fn keep_alive(&self, lease: &Lease) -> StoreError;
+    /// Gives a lease up if this store still holds it.
+    async fn release(&self, lease: Lease) -> Result<bool, StoreError>;
+    /// Writes a caller's tokens if `lease` is still held and the stored generation is
+    /// `expected` (0: none); the new generation is announced to every replica.
+    async fn write(
+        &self,
+        caller: &str,
+        lease: &Lease,
+        expected: u64,
+        tokens: &StoredTokens,
+    ) -> Result<WriteOutcome, StoreError>;
+    /// Record changes of any replica (this one's included), and a resync after every
+    /// (re)connection.
+    fn subscribe(&self) -> mpsc::Receiver<StoreEvent>;
+    /// Ends the subscriptions.
+    fn shutdown(&self);
+}
+
+#[async_trait::async_trait]
+impl TokenStore for RedisStore {
+    fn lease_ttl(&self) -> Duration {
+        RedisStore::lease_ttl(self)
+    }
+    fn seal_key_id(&self) -> &str {
+        RedisStore::seal_key_id(self)
+    }
+    async fn read(&self, caller: &str) -> Result<Option<Record>, StoreError> {
+        RedisStore::read(self, caller).await
+    }
+    async fn take_lease(
+        &self,
+        caller: &str,
+        ttl: Duration,
+        held_too_long: Option<&str>,
+    ) -> Result<Result<Lease, String>, StoreError> {
+        RedisStore::take_lease(self, caller, ttl, held_too_long).await
+    }
+    async fn keep_alive(&self, lease: &Lease) -> StoreError {
+        RedisStore::keep_alive(self, lease).await
+    }
+    async fn release(&self, lease: Lease) -> Result<bool, StoreError> {
+        RedisStore::release(self, lease).await
+    }
+    async fn write(
+        &self,
+        caller: &str,
+        lease: &Lease,
+        expected: u64,
+        tokens: &StoredTokens,
+    ) -> Result<WriteOutcome, StoreError> {
+        RedisStore::write(self, caller, lease, expected, tokens).await
+    }
+    fn subscribe(&self) -> mpsc::Receiver<StoreEvent> {
+        RedisStore::subscribe(self)
+    }
+    fn shutdown(&self) {
+        RedisStore::shutdown(self)
+    }
 }
 
 /// The Redis key of a caller's record.

@@ -16,7 +16,7 @@ use http::{HeaderValue, Response, StatusCode, Version};
 
 use super::forward::ProxyBody;
 use super::rewrite::X_REQUEST_ID;
-use crate::broker::TokenUnavailable;
+use crate::token::TokenUnavailable;
 
 /// Why a proxied request got no upstream answer.
 #[derive(Debug, Clone, PartialEq, Eq)]

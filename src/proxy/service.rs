@@ -41,10 +41,10 @@ use super::upgrade::{self, Tunnel};
 use super::{identify, ConnIdentity, ProxyError, Shared, State, TokenSource};
 use tracing::Instrument;
 
-use crate::broker::{InjectToken, Rejection};
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::telemetry;
+use crate::token::{InjectToken, Rejection};
 
 /// What a request knows about its connection.
 #[derive(Debug)]
