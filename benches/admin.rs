@@ -51,7 +51,7 @@ impl InstantIdentity {
             token: Secret::new(self.next(prefix)),
             token_type: "Bearer".into(),
             lifetime: Some(Duration::from_secs(1800)),
-            received: Instant::now(),
+            received: tokio::time::Instant::now(),
             scope: None,
         }
     }
@@ -65,7 +65,7 @@ impl InstantIdentity {
             display_name: None,
             status: Some("ACTIVE".into()),
             lifetime: Duration::from_secs(6 * 3600),
-            received: Instant::now(),
+            received: tokio::time::Instant::now(),
             access_token_ttl_minutes: None,
         }
     }

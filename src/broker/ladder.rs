@@ -197,7 +197,7 @@ impl Broker {
             .await?;
         api.value.exchanged.store(true, Ordering::Release);
         let lifetime = t.lifetime.unwrap_or(UNKNOWN_LIFETIME);
-        let received = Instant::from_std(t.received);
+        let received = t.received;
         Ok(access_held(self, t.token, received, lifetime)?)
     }
 
@@ -255,12 +255,7 @@ impl Broker {
 
     async fn store_api(&self, c: &CallerState, t: ApiToken) -> Arc<Held<ApiCred>> {
         let cred = ApiCred::new(t.id, t.token, t.suffix);
-        let held = Arc::new(Held::new(
-            cred,
-            Instant::from_std(t.received),
-            t.lifetime,
-            &self.timing(),
-        ));
+        let held = Arc::new(Held::new(cred, t.received, t.lifetime, &self.timing()));
         c.set_api(Arc::clone(&held));
         self.save_state().await;
         held
@@ -376,12 +371,7 @@ impl Broker {
                     .unwrap_or_else(|e| e.into_inner())
                     .succeeded();
                 let lifetime = t.lifetime.unwrap_or(UNKNOWN_LIFETIME);
-                let mut held = Held::new(
-                    t.token,
-                    Instant::from_std(t.received),
-                    lifetime,
-                    &self.timing(),
-                );
+                let mut held = Held::new(t.token, t.received, lifetime, &self.timing());
                 // renewed ahead: no longer handed out after its refresh point
                 held.usable_until = held.refresh_at;
                 let held = Arc::new(held);

@@ -4,7 +4,9 @@
 //! counted on the monotonic clock from receipt; server dates are only ever compared with other
 //! server dates.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use base64::Engine;
 use bytes::Bytes;

@@ -175,7 +175,7 @@ impl FakeIdentity {
             token: Secret::new(token),
             token_type: "Bearer".into(),
             lifetime: Some(lifetime),
-            received: Instant::now().into_std(),
+            received: Instant::now(),
             scope: None,
         }
     }
@@ -189,7 +189,7 @@ impl FakeIdentity {
             display_name: None,
             status: Some("ACTIVE".into()),
             lifetime: self.api_ttl,
-            received: Instant::now().into_std(),
+            received: Instant::now(),
             access_token_ttl_minutes: None,
         }
     }
