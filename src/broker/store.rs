@@ -140,14 +140,6 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn caller(&self) -> &str {
-        &self.caller
-    }
-
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     /// Until when the lease is surely held, unless Redis lost it (restart, eviction).
     pub fn valid_until(&self) -> Instant {
         *self.valid_until.lock().expect("lease clock")

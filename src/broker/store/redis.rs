@@ -220,11 +220,6 @@ impl RedisStore {
         self.inner.lease_ttl
     }
 
-    /// The key prefix (`[store] key_prefix`).
-    pub fn key_prefix(&self) -> &str {
-        &self.inner.prefix
-    }
-
     /// The id of the seal key this store seals with (the first of `seal_keys`).
     pub fn seal_key_id(&self) -> &str {
         self.inner.seal_keys.first().id()
