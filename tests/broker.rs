@@ -16,9 +16,8 @@ use tokio::time::Instant;
 
 use support::fake_identity::{self, FakeIdentity, Fault, Op};
 use tokenbroker::broker::Broker;
-use tokenbroker::config::{CallerConfig, Config, IdentityConfig, TokenPolicy};
+use tokenbroker::config::{CallerConfig, Config, TokenPolicy};
 use tokenbroker::metrics::Metrics;
-use tokenbroker::secret::Secret;
 use tokenbroker::token::Rejection;
 
 fn policy() -> TokenPolicy {
@@ -33,22 +32,7 @@ fn policy() -> TokenPolicy {
 }
 
 fn config(callers: Vec<CallerConfig>, tokens: TokenPolicy) -> Config {
-    // never contacted: the fake stands in for the service
-    let identity = IdentityConfig {
-        base_url: "http://127.0.0.1:9".into(),
-        tenant: "CUSTOMER".into(),
-        client_id: "admin".into(),
-        client_secret: Secret::new("fake-admin-secret"),
-        scope: None,
-        ca_file: None,
-        connect_timeout: Duration::from_secs(1),
-        request_timeout: Duration::from_secs(5),
-    };
-    Config {
-        tokens,
-        callers,
-        ..Config::minimal(identity)
-    }
+    support::broker::config_for_fake(callers, tokens)
 }
 
 async fn start(

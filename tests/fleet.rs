@@ -15,7 +15,7 @@ use futures_util::future::BoxFuture;
 use support::fake_identity::{FakeIdentity, Op};
 use tokenbroker::broker::store::{MemoryStore, TokenStore};
 use tokenbroker::broker::{Broker, IdentityService};
-use tokenbroker::config::{Config, IdentityConfig, TokenPolicy};
+use tokenbroker::config::{Config, TokenPolicy};
 use tokenbroker::identity::{AccessToken, ApiToken, CreateRequest, IdentityError};
 use tokenbroker::metrics::{Metrics, OutcomeLabels};
 use tokenbroker::secret::Secret;
@@ -28,17 +28,6 @@ fn minutes(n: u64) -> Duration {
 }
 
 fn config() -> Config {
-    // never contacted: the fake stands in for the service
-    let identity = IdentityConfig {
-        base_url: "http://127.0.0.1:9".into(),
-        tenant: "CUSTOMER".into(),
-        client_id: "admin".into(),
-        client_secret: Secret::new("fake-admin-secret"),
-        scope: None,
-        ca_file: None,
-        connect_timeout: Duration::from_secs(1),
-        request_timeout: Duration::from_secs(5),
-    };
     let tokens = TokenPolicy {
         expiry_skew: Duration::from_millis(500),
         min_margin: Duration::from_millis(500),
@@ -47,11 +36,7 @@ fn config() -> Config {
         max_wait: Duration::from_secs(10),
         ..TokenPolicy::default()
     };
-    Config {
-        tokens,
-        callers: vec![caller("billing")],
-        ..Config::minimal(identity)
-    }
+    support::broker::config_for_fake(vec![caller("billing")], tokens)
 }
 
 /// The fake identity service as one replica reaches it: its `create` calls can be made to

@@ -140,6 +140,17 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Refuses a write for another caller than the lease's.
+    pub(crate) fn check_caller(&self, caller: &str) -> Result<(), StoreError> {
+        if self.caller != caller {
+            return Err(StoreError::Config(format!(
+                "the lease is for caller {}, not {caller}",
+                self.caller
+            )));
+        }
+        Ok(())
+    }
+
     /// Until when the lease is surely held, unless Redis lost it (restart, eviction).
     pub fn valid_until(&self) -> Instant {
         *self.valid_until.lock().expect("lease clock")

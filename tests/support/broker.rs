@@ -4,8 +4,31 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokenbroker::broker::Broker;
-use tokenbroker::config::CallerConfig;
+use tokenbroker::config::{CallerConfig, Config, IdentityConfig, TokenPolicy};
+use tokenbroker::secret::Secret;
+
+/// A config for a broker against a fake identity service (never contacted over the network):
+/// `callers` and the token policy `tokens`, the rest minimal.
+pub fn config_for_fake(callers: Vec<CallerConfig>, tokens: TokenPolicy) -> Config {
+    let identity = IdentityConfig {
+        base_url: "http://127.0.0.1:9".into(),
+        tenant: "CUSTOMER".into(),
+        client_id: "admin".into(),
+        client_secret: Secret::new("fake-admin-secret"),
+        scope: None,
+        ca_file: None,
+        connect_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(5),
+    };
+    Config {
+        tokens,
+        callers,
+        ..Config::minimal(identity)
+    }
+}
 
 /// `n` concurrent first requests for `caller`: the generations of the tokens they got (each must
 /// get one).

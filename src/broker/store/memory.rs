@@ -210,12 +210,7 @@ impl TokenStore for MemoryStore {
         expected: u64,
         tokens: &StoredTokens,
     ) -> Result<WriteOutcome, StoreError> {
-        if lease.caller != caller {
-            return Err(StoreError::Config(format!(
-                "the lease is for caller {}, not {caller}",
-                lease.caller
-            )));
-        }
+        lease.check_caller(caller)?;
         let mut space = self.up()?;
         if !space.held_by(caller, &lease.owner, Instant::now()) {
             return Ok(WriteOutcome::LeaseLost);

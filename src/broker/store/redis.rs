@@ -448,12 +448,7 @@ impl RedisStore {
         expected: u64,
         tokens: &StoredTokens,
     ) -> Result<WriteOutcome, StoreError> {
-        if lease.caller != caller {
-            return Err(StoreError::Config(format!(
-                "the lease is for caller {}, not {caller}",
-                lease.caller
-            )));
-        }
+        lease.check_caller(caller)?;
         let key = self.inner.record_key(caller);
         let sealed = seal_record(
             self.inner.seal_keys.first(),
