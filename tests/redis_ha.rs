@@ -7,39 +7,21 @@
 
 mod support;
 
+use support::records::tokens;
+
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use support::cluster::{caller_name, Cluster, ClusterOptions, KEY_PREFIX};
 use support::redis_ha::{tagged, RedisCluster, Sentinel};
 use support::redis_server::RedisServer;
 use support::{eventually, TIMEOUT};
-use tokenbroker::broker::store::{
-    RedisStore, StoreEvent, StoredAccessToken, StoredApiToken, StoredTokens, WriteOutcome,
-};
+use tokenbroker::broker::store::{RedisStore, StoreEvent, TokenStore, WriteOutcome};
 use tokenbroker::config::{RedisConfig, RedisServers};
 use tokenbroker::metrics::Metrics;
 use tokenbroker::seal::SealKey;
-use tokenbroker::secret::Secret;
 
 const LEASE: Duration = Duration::from_secs(10);
-
-fn tokens(n: u64) -> StoredTokens {
-    StoredTokens {
-        api: StoredApiToken {
-            id: format!("token-id-{n}"),
-            token: Secret::new(format!("vidb_api-token-secret-{n}")),
-            suffix: format!("789-{n}"),
-            client_id: None,
-            expires: UNIX_EPOCH + Duration::from_millis(2_000_000_000_000 + n),
-        },
-        access: Some(StoredAccessToken {
-            token: Secret::new(format!("access-token-secret-{n}")),
-            expires: UNIX_EPOCH + Duration::from_millis(1_900_000_000_000 + n),
-            generation: n,
-        }),
-    }
-}
 
 /// The generation of caller `caller`'s record on `server` (untagged keys: one server).
 async fn generation(server: &RedisServer, caller: usize) -> Option<u64> {

@@ -5,14 +5,15 @@
 
 mod support;
 
+use support::records::{tokens, ACCESS_SECRET, API_SECRET};
+
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use support::eventually;
 use support::redis_server::{RedisOptions, RedisServer};
 use tokenbroker::broker::store::{
-    LeaseHolder, Record, RedisStore, StoreError, StoreEvent, StoredAccessToken, StoredApiToken,
-    StoredTokens, WriteOutcome,
+    LeaseHolder, Record, RedisStore, StoreError, StoreEvent, StoredTokens, TokenStore, WriteOutcome,
 };
 use tokenbroker::config::RedisConfig;
 use tokenbroker::metrics::Metrics;
@@ -21,8 +22,6 @@ use tokenbroker::secret::Secret;
 
 const PREFIX: &str = "tokenbroker:test:";
 const LEASE: Duration = Duration::from_secs(10);
-const API_SECRET: &str = "vidb_api-token-secret-0123456789";
-const ACCESS_SECRET: &str = "eyJhbGciOi.access-token-secret.sig";
 /// Well above the store's command bound (1.5 s): a call that takes longer has hung.
 const NO_HANG: Duration = Duration::from_secs(5);
 
@@ -42,23 +41,6 @@ fn store(config: &RedisConfig) -> (RedisStore, Arc<Metrics>) {
     let metrics = Metrics::new();
     let store = RedisStore::connect(config, Arc::clone(&metrics)).expect("connect");
     (store, metrics)
-}
-
-fn tokens(n: u64) -> StoredTokens {
-    StoredTokens {
-        api: StoredApiToken {
-            id: format!("token-id-{n}"),
-            token: Secret::new(format!("{API_SECRET}-{n}")),
-            suffix: format!("789-{n}"),
-            client_id: None,
-            expires: UNIX_EPOCH + Duration::from_millis(2_000_000_000_000 + n),
-        },
-        access: Some(StoredAccessToken {
-            token: Secret::new(format!("{ACCESS_SECRET}-{n}")),
-            expires: UNIX_EPOCH + Duration::from_millis(1_900_000_000_000 + n),
-            generation: n,
-        }),
-    }
 }
 
 /// A read record's generation and tokens.

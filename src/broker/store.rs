@@ -234,48 +234,6 @@ pub trait TokenStore: Send + Sync + 'static {
     fn shutdown(&self);
 }
 
-#[async_trait::async_trait]
-impl TokenStore for RedisStore {
-    fn lease_ttl(&self) -> Duration {
-        RedisStore::lease_ttl(self)
-    }
-    fn seal_key_id(&self) -> &str {
-        RedisStore::seal_key_id(self)
-    }
-    async fn read(&self, caller: &str) -> Result<Option<Record>, StoreError> {
-        RedisStore::read(self, caller).await
-    }
-    async fn take_lease(
-        &self,
-        caller: &str,
-        ttl: Duration,
-        held_too_long: Option<&str>,
-    ) -> Result<Result<Lease, String>, StoreError> {
-        RedisStore::take_lease(self, caller, ttl, held_too_long).await
-    }
-    async fn keep_alive(&self, lease: &Lease) -> StoreError {
-        RedisStore::keep_alive(self, lease).await
-    }
-    async fn release(&self, lease: Lease) -> Result<bool, StoreError> {
-        RedisStore::release(self, lease).await
-    }
-    async fn write(
-        &self,
-        caller: &str,
-        lease: &Lease,
-        expected: u64,
-        tokens: &StoredTokens,
-    ) -> Result<WriteOutcome, StoreError> {
-        RedisStore::write(self, caller, lease, expected, tokens).await
-    }
-    fn subscribe(&self) -> mpsc::Receiver<StoreEvent> {
-        RedisStore::subscribe(self)
-    }
-    fn shutdown(&self) {
-        RedisStore::shutdown(self)
-    }
-}
-
 /// The Redis key of a caller's record.
 pub fn record_key(prefix: &str, caller: &str) -> String {
     format!("{prefix}caller:{caller}")

@@ -1,7 +1,7 @@
 //! HTTP helpers shared by the integration tests (`mod support;`), and beside them: log capture
 //! (`logs`), a real `redis-server` (`redis_server`), Redis Cluster and Sentinel (`redis_ha`), child processes (`process`), a cluster of
 //! `tokenbroker run` replicas (`cluster`), an in-process fake identity service for paused-time
-//! broker tests (`fake_identity`) and broker helpers (`broker`). The HTTP helpers here know
+//! broker tests (`fake_identity`) and broker helpers (`broker`) and store records (`records`). The HTTP helpers here know
 //! nothing of the emulator or the proxy.
 //!
 //! Every call opens a fresh connection (no pool), so one step of a test cannot leak a kept-alive
@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod fake_identity;
 pub mod logs;
 pub mod process;
+pub mod records;
 pub mod redis_ha;
 pub mod redis_server;
 

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use super::super::repeats::Repeats;
 use super::{
     events_channel, lease_key, open_record, parse_event, record_key, seal_record, Lease,
-    LeaseHolder, Record, StoreError, StoreEvent, StoredTokens, WriteOutcome,
+    LeaseHolder, Record, StoreError, StoreEvent, StoredTokens, TokenStore, WriteOutcome,
 };
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
@@ -215,37 +215,6 @@ impl RedisStore {
         &self.inner.replica
     }
 
-    /// The configured lease lifetime (`[store] lease`).
-    pub fn lease_ttl(&self) -> Duration {
-        self.inner.lease_ttl
-    }
-
-    /// The id of the seal key this store seals with (the first of `seal_keys`).
-    pub fn seal_key_id(&self) -> &str {
-        self.inner.seal_keys.first().id()
-    }
-
-    /// Reads a caller's record: `None` if there is none, else its generation, tokens and the key
-    /// it was sealed with.
-    pub async fn read(&self, caller: &str) -> Result<Option<Record>, StoreError> {
-        let key = self.inner.record_key(caller);
-        let mut cmd = ::redis::cmd("HGETALL");
-        cmd.arg(&key);
-        // Field names as bytes: a conversion error would quote the reply, whatever it holds.
-        let fields = match self.command::<Vec<(Vec<u8>, Vec<u8>)>>("read", &cmd).await {
-            Ok(fields) => fields,
-            Err(StoreError::Foreign { what, .. }) => return Err(StoreError::Foreign { key, what }),
-            Err(e) => return Err(e),
-        };
-        let outcome = self.decode(caller, &key, fields);
-        let label = match &outcome {
-            Ok(_) => "ok",
-            Err(e) => e.outcome(),
-        };
-        self.inner.metrics.record_store("read", label);
-        outcome
-    }
-
     fn decode(
         &self,
         caller: &str,
@@ -300,21 +269,165 @@ impl RedisStore {
         }))
     }
 
-    /// Takes a caller's lease for `ttl` if nobody holds it, or takes over an abandoned one
-    /// (without a TTL, or with one over twice `ttl`). `None`: another replica (or an earlier
-    /// lease of this one) holds it.
-    pub async fn try_lease(
+    /// Extends a lease by its ttl if this store still holds it; `false`: it was lost.
+    pub async fn renew(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let sent = Instant::now();
+        let mut invocation = self.inner.renew.key(&lease.key);
+        invocation
+            .arg(&lease.owner)
+            .arg(lease.ttl.as_millis().max(1) as u64);
+        let held = self
+            .timed("renew", || async {
+                let mut conn = self.inner.servers.conn().await?;
+                invocation.invoke_async::<i64>(&mut conn).await
+            })
+            .await?
+            == 1;
+        self.inner
+            .metrics
+            .record_store("renew", if held { "ok" } else { "lost" });
+        if held {
+            lease.extend(sent);
+        }
+        Ok(held)
+    }
+
+    /// Who holds a caller's lease, if anyone.
+    pub async fn lease_holder(&self, caller: &str) -> Result<Option<LeaseHolder>, StoreError> {
+        let mut cmd = ::redis::cmd("GET");
+        cmd.arg(self.inner.lease_key(caller));
+        let owner = self.command::<Option<String>>("lease_holder", &cmd).await?;
+        self.inner.metrics.record_store("lease_holder", "ok");
+        Ok(owner.map(|owner| LeaseHolder {
+            this_replica: owner == self.inner.owner,
+            replica: owner
+                .rsplit_once('/')
+                .map_or(owner.as_str(), |(replica, _)| replica)
+                .to_string(),
+        }))
+    }
+
+    /// With Sentinel: waits (at most [`REPLICA_WAIT`]) until a replica has the write, so that a
+    /// failover right after it does not take the new tokens away while the old API token is
+    /// already dead. Best effort: a write no replica acknowledged is warned about, not undone.
+    async fn await_replica(&self, caller: &str) {
+        let mut cmd = ::redis::cmd("WAIT");
+        cmd.arg(1).arg(REPLICA_WAIT.as_millis() as u64);
+        let acknowledged = async {
+            let mut conn = self.inner.servers.conn().await?;
+            cmd.query_async::<i64>(&mut conn).await
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT, acknowledged).await {
+            Ok(Ok(n)) if n >= 1 => {}
+            Ok(Ok(_)) => tracing::warn!(
+                caller,
+                "no replica acknowledged the record within {REPLICA_WAIT:?}: a failover now \
+                 would lose this write"
+            ),
+            Ok(Err(e)) => tracing::debug!(caller, error = %describe(&e), "WAIT failed"),
+            Err(_) => tracing::debug!(caller, "WAIT timed out"),
+        }
+    }
+
+    /// Runs one plain command with the bound, records failures, maps errors.
+    async fn command<T: ::redis::FromRedisValue>(
         &self,
-        caller: &str,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, StoreError> {
-        Ok(self.take_lease(caller, ttl, None).await?.ok())
+        op: &'static str,
+        cmd: &::redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.timed(op, || async {
+            let mut conn = self.inner.servers.conn().await?;
+            cmd.query_async::<T>(&mut conn).await
+        })
+        .await
+    }
+
+    /// Bounds a command; failures are counted here, successes by the caller (which knows the
+    /// outcome), and `store_up` follows whether Redis answered. A command that failed at once
+    /// on a dropped connection (Redis restarted; the manager reconnects) is sent once more
+    /// within the same bound: every command here is safe to repeat (the fenced write refuses a
+    /// second application as stale).
+    async fn timed<T, F, Fut>(&self, op: &'static str, mut attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let servers = &self.inner.servers;
+        let twice = async {
+            match attempt().await {
+                Err(e) if servers.failed(&e) => {
+                    let second = attempt().await;
+                    if let Err(e) = &second {
+                        servers.failed(e);
+                    }
+                    second
+                }
+                other => other,
+            }
+        };
+        let result = match tokio::time::timeout(COMMAND_TIMEOUT, twice).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(map_error(&e)),
+            Err(_) => Err(StoreError::Timeout(COMMAND_TIMEOUT)),
+        };
+        match &result {
+            Ok(_) => {
+                self.inner.metrics.store_up.set(1);
+            }
+            Err(e) => {
+                if e.is_unavailable() || matches!(e, StoreError::Auth(_)) {
+                    self.inner.metrics.store_up.set(0);
+                } else {
+                    // Redis answered (with an error): it is up.
+                    self.inner.metrics.store_up.set(1);
+                }
+                if !matches!(e, StoreError::Redis(m) if m.contains("TBFOREIGN")) {
+                    self.inner.metrics.record_store(op, e.outcome());
+                }
+                tracing::debug!(op, error = %e, "store command failed");
+            }
+        }
+        result
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenStore for RedisStore {
+    /// The configured lease lifetime (`[store] lease`).
+    fn lease_ttl(&self) -> Duration {
+        self.inner.lease_ttl
+    }
+
+    /// The id of the seal key this store seals with (the first of `seal_keys`).
+    fn seal_key_id(&self) -> &str {
+        self.inner.seal_keys.first().id()
+    }
+
+    /// Reads a caller's record: `None` if there is none, else its generation, tokens and the key
+    /// it was sealed with.
+    async fn read(&self, caller: &str) -> Result<Option<Record>, StoreError> {
+        let key = self.inner.record_key(caller);
+        let mut cmd = ::redis::cmd("HGETALL");
+        cmd.arg(&key);
+        // Field names as bytes: a conversion error would quote the reply, whatever it holds.
+        let fields = match self.command::<Vec<(Vec<u8>, Vec<u8>)>>("read", &cmd).await {
+            Ok(fields) => fields,
+            Err(StoreError::Foreign { what, .. }) => return Err(StoreError::Foreign { key, what }),
+            Err(e) => return Err(e),
+        };
+        let outcome = self.decode(caller, &key, fields);
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(e) => e.outcome(),
+        };
+        self.inner.metrics.record_store("read", label);
+        outcome
     }
 
     /// Like [`RedisStore::try_lease`]; `held_too_long`: the holder the caller has seen hold the
     /// lease for over twice `ttl`, taken over if it still holds it. `Err(holder)`: busy, held by
     /// `holder` (the lease key's value).
-    pub async fn take_lease(
+    async fn take_lease(
         &self,
         caller: &str,
         ttl: Duration,
@@ -368,33 +481,10 @@ impl RedisStore {
         }))
     }
 
-    /// Extends a lease by its ttl if this store still holds it; `false`: it was lost.
-    pub async fn renew(&self, lease: &Lease) -> Result<bool, StoreError> {
-        let sent = Instant::now();
-        let mut invocation = self.inner.renew.key(&lease.key);
-        invocation
-            .arg(&lease.owner)
-            .arg(lease.ttl.as_millis().max(1) as u64);
-        let held = self
-            .timed("renew", || async {
-                let mut conn = self.inner.servers.conn().await?;
-                invocation.invoke_async::<i64>(&mut conn).await
-            })
-            .await?
-            == 1;
-        self.inner
-            .metrics
-            .record_store("renew", if held { "ok" } else { "lost" });
-        if held {
-            lease.extend(sent);
-        }
-        Ok(held)
-    }
-
     /// Keeps a lease held, renewing it every third of its ttl, for as long as the caller awaits
     /// this (run it next to the renewal it protects, e.g. in `tokio::select!`). Returns only
     /// when the lease is gone: lost to another owner, or not renewable before it ran out.
-    pub async fn keep_alive(&self, lease: &Lease) -> StoreError {
+    async fn keep_alive(&self, lease: &Lease) -> StoreError {
         let step = lease.ttl / 3;
         loop {
             tokio::time::sleep(step).await;
@@ -409,7 +499,7 @@ impl RedisStore {
 
     /// Gives a lease up if this store still holds it (compare-and-delete); `false` if it had
     /// already expired or passed to another owner.
-    pub async fn release(&self, lease: Lease) -> Result<bool, StoreError> {
+    async fn release(&self, lease: Lease) -> Result<bool, StoreError> {
         let mut invocation = self.inner.release.key(&lease.key);
         invocation.arg(&lease.owner);
         let released = self
@@ -423,25 +513,10 @@ impl RedisStore {
         Ok(released)
     }
 
-    /// Who holds a caller's lease, if anyone.
-    pub async fn lease_holder(&self, caller: &str) -> Result<Option<LeaseHolder>, StoreError> {
-        let mut cmd = ::redis::cmd("GET");
-        cmd.arg(self.inner.lease_key(caller));
-        let owner = self.command::<Option<String>>("lease_holder", &cmd).await?;
-        self.inner.metrics.record_store("lease_holder", "ok");
-        Ok(owner.map(|owner| LeaseHolder {
-            this_replica: owner == self.inner.owner,
-            replica: owner
-                .rsplit_once('/')
-                .map_or(owner.as_str(), |(replica, _)| replica)
-                .to_string(),
-        }))
-    }
-
     /// Writes a caller's new tokens if `lease` is still held by this store and the stored
     /// generation is `expected` (0: no record yet). On success the record has generation
     /// `expected + 1` and the change is published on `<key_prefix>events`.
-    pub async fn write(
+    async fn write(
         &self,
         caller: &str,
         lease: &Lease,
@@ -508,33 +583,11 @@ impl RedisStore {
         Ok(outcome)
     }
 
-    /// With Sentinel: waits (at most [`REPLICA_WAIT`]) until a replica has the write, so that a
-    /// failover right after it does not take the new tokens away while the old API token is
-    /// already dead. Best effort: a write no replica acknowledged is warned about, not undone.
-    async fn await_replica(&self, caller: &str) {
-        let mut cmd = ::redis::cmd("WAIT");
-        cmd.arg(1).arg(REPLICA_WAIT.as_millis() as u64);
-        let acknowledged = async {
-            let mut conn = self.inner.servers.conn().await?;
-            cmd.query_async::<i64>(&mut conn).await
-        };
-        match tokio::time::timeout(COMMAND_TIMEOUT, acknowledged).await {
-            Ok(Ok(n)) if n >= 1 => {}
-            Ok(Ok(_)) => tracing::warn!(
-                caller,
-                "no replica acknowledged the record within {REPLICA_WAIT:?}: a failover now \
-                 would lose this write"
-            ),
-            Ok(Err(e)) => tracing::debug!(caller, error = %describe(&e), "WAIT failed"),
-            Err(_) => tracing::debug!(caller, "WAIT timed out"),
-        }
-    }
-
     /// Starts the subscription to record changes. The receiver gets [`StoreEvent::Resync`]
     /// after every (re)connection and [`StoreEvent::Changed`] for every write of any replica
     /// (this one's included). The task reconnects with backoff while Redis is away and ends
     /// when the store is shut down or dropped, or the receiver is dropped.
-    pub fn subscribe(&self) -> mpsc::Receiver<StoreEvent> {
+    fn subscribe(&self) -> mpsc::Receiver<StoreEvent> {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let task = Subscriber {
             servers: Arc::clone(&self.inner.servers),
@@ -548,69 +601,8 @@ impl RedisStore {
     }
 
     /// Ends the subscriptions now (they also end when the last clone is dropped).
-    pub fn shutdown(&self) {
+    fn shutdown(&self) {
         let _ = self.inner.shutdown.send(true);
-    }
-
-    /// Runs one plain command with the bound, records failures, maps errors.
-    async fn command<T: ::redis::FromRedisValue>(
-        &self,
-        op: &'static str,
-        cmd: &::redis::Cmd,
-    ) -> Result<T, StoreError> {
-        self.timed(op, || async {
-            let mut conn = self.inner.servers.conn().await?;
-            cmd.query_async::<T>(&mut conn).await
-        })
-        .await
-    }
-
-    /// Bounds a command; failures are counted here, successes by the caller (which knows the
-    /// outcome), and `store_up` follows whether Redis answered. A command that failed at once
-    /// on a dropped connection (Redis restarted; the manager reconnects) is sent once more
-    /// within the same bound: every command here is safe to repeat (the fenced write refuses a
-    /// second application as stale).
-    async fn timed<T, F, Fut>(&self, op: &'static str, mut attempt: F) -> Result<T, StoreError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, RedisError>>,
-    {
-        let servers = &self.inner.servers;
-        let twice = async {
-            match attempt().await {
-                Err(e) if servers.failed(&e) => {
-                    let second = attempt().await;
-                    if let Err(e) = &second {
-                        servers.failed(e);
-                    }
-                    second
-                }
-                other => other,
-            }
-        };
-        let result = match tokio::time::timeout(COMMAND_TIMEOUT, twice).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(map_error(&e)),
-            Err(_) => Err(StoreError::Timeout(COMMAND_TIMEOUT)),
-        };
-        match &result {
-            Ok(_) => {
-                self.inner.metrics.store_up.set(1);
-            }
-            Err(e) => {
-                if e.is_unavailable() || matches!(e, StoreError::Auth(_)) {
-                    self.inner.metrics.store_up.set(0);
-                } else {
-                    // Redis answered (with an error): it is up.
-                    self.inner.metrics.store_up.set(1);
-                }
-                if !matches!(e, StoreError::Redis(m) if m.contains("TBFOREIGN")) {
-                    self.inner.metrics.record_store(op, e.outcome());
-                }
-                tracing::debug!(op, error = %e, "store command failed");
-            }
-        }
-        result
     }
 }
 
