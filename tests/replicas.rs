@@ -9,6 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::cluster::{caller_name, Cluster, ClusterOptions, KEY_PREFIX};
+use tokenbroker::broker::store::TokenStore;
 use tokenbroker::emulator::{Fault, FaultKind, Operation};
 
 /// The value of a Prometheus series (labels included in `series`), if present.
@@ -350,7 +351,14 @@ async fn upstream_401s_on_three_replicas_cause_one_renewal() {
     assert!(cluster.spread(9).await.iter().all(|&s| s == 200));
     let before = cluster.counters();
     assert_eq!(before.exchange, 1, "{before:?}");
-    // no 401 renewed anything yet: min_renew_interval does not hold back the first one
+    // no 401 renewed anything yet: min_renew_interval does not hold back the first one.
+    // The renewal's exchange is held for 500 ms, so that every replica's requests meet the
+    // revoked token before any replica can adopt the renewed one.
+    cluster.emulator.inject_fault(Fault::new(
+        FaultKind::Slow { delay_ms: 500 },
+        vec![Operation::Exchange],
+        Some(1),
+    ));
     // the upstream stops accepting the shared access token: every replica sees 401s for it
     cluster.emulator.revoke_access_tokens();
     let statuses = cluster.spread(30).await;
