@@ -1,9 +1,10 @@
 //! Forwarding: the pooled upstream clients, the body type that streams both ways, and one send
 //! with its timeouts and error classification.
 //!
-//! One client per distinct upstream setting (extra CA file, connect timeout), built when a config
-//! is loaded (the system roots are read then), never per request. Each is a keep-alive pool over rustls (system roots plus the
-//! route's CA), speaking HTTP/1.1 or HTTP/2 as ALPN decides, plain `http` too.
+//! One client per distinct upstream setting (extra CA file, connect timeout, HTTP/1.1 only),
+//! built when a config is loaded (the system roots are read then), never per request. Each is a
+//! keep-alive pool ([`pool`]) over rustls (system roots plus the route's CA), speaking HTTP/1.1
+//! or HTTP/2 as ALPN decides, plain `http` too.
 //!
 //! Must never: collect a streamed body, hold a lock across an await, or turn an upstream's error
 //! text into something the caller sees.
@@ -21,16 +22,17 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::admit::{self, BodySize};
 use super::error::ProxyError;
 use super::log::Logged;
 use crate::config::{Config, RouteConfig};
 use crate::metrics::Metrics;
+
+mod pool;
+
+pub use pool::{Pool as UpstreamClient, UpstreamBody};
+use pool::{PoolError, PoolSettings};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -42,7 +44,7 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// An upstream's response body; a failure while it streams (broken framing, a reset, a cut)
     /// is counted in these metrics as [`upstream_body_failed`].
-    Stream(Incoming, Arc<Metrics>),
+    Stream(UpstreamBody, Arc<Metrics>),
     /// The caller's streamed request body, under `limits.max_body_bytes`, and the count of its
     /// bytes read so far (for the log line); its read errors are marked as the caller's
     /// ([`CallerBodyError`]).
@@ -142,8 +144,6 @@ impl Body for ProxyBody {
     }
 }
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
-
 /// What makes two routes need different clients.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ClientKey {
@@ -215,26 +215,14 @@ fn build_client(
     config: &Config,
     http1_only: bool,
 ) -> Result<UpstreamClient, String> {
-    // ALPN is left to the connector builder (h2 and http/1.1, or http/1.1 only).
     let tls = crate::tls::client_config(route.upstream_ca_file.as_deref())
         .map_err(|e| format!("route {}: {e}", route.name))?;
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(route.connect_timeout));
-    let builder = HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1();
-    let connector = match http1_only {
-        true => builder.wrap_connector(http),
-        false => builder.enable_http2().wrap_connector(http),
-    };
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.limits.idle_timeout)
-        .build(connector))
+    Ok(UpstreamClient::new(PoolSettings {
+        tls,
+        connect_timeout: route.connect_timeout,
+        idle_timeout: config.limits.idle_timeout,
+        http1_only,
+    }))
 }
 
 /// Sends one request and waits up to `timeout` for the response headers.
@@ -242,7 +230,7 @@ pub async fn send(
     client: &UpstreamClient,
     request: Request<ProxyBody>,
     timeout: Duration,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     match tokio::time::timeout(timeout, client.request(request)).await {
         Err(_) => Err(ProxyError::UpstreamTimeout),
         Ok(Ok(response)) => Ok(response),
@@ -252,7 +240,7 @@ pub async fn send(
 
 /// Maps a client error: a request body read past its limit (413, judged by `admit`) or one that
 /// broke off or was malformed (400) is the caller's fault, the rest is the upstream's (502).
-fn classify(e: &hyper_util::client::legacy::Error) -> ProxyError {
+fn classify(e: &PoolError) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if err.is::<LengthLimitError>() {
@@ -265,10 +253,9 @@ fn classify(e: &hyper_util::client::legacy::Error) -> ProxyError {
         }
         source = err.source();
     }
-    let what = if e.is_connect() {
-        "connect"
-    } else {
-        "exchange"
+    let what = match e {
+        PoolError::Connect(_) => "connect",
+        PoolError::Exchange(_) => "exchange",
     };
     ProxyError::UpstreamUnavailable(format!("upstream {what} failed: {}", error_chain(e)))
 }

@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use super::admit::{self, BodySize};
-use super::forward::{self, ProxyBody, UpstreamClient};
+use super::forward::{self, ProxyBody, UpstreamBody, UpstreamClient};
 use super::io::{Activity, HypersRefusal};
 use super::listener::ConnHold;
 use super::log::{BytesIn, Logged, RequestLog};
@@ -477,7 +477,7 @@ async fn send_upstream<T: TokenSource>(
     sending: Sending,
     renew: Renew<'_, T>,
     outcome: &mut Outcome<'_>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let span = match telemetry::is_on() {
         true => upstream_span(out.route),
         false => tracing::Span::none(),
@@ -528,7 +528,7 @@ async fn exchange<T: TokenSource>(
     sending: Sending,
     renew: Renew<'_, T>,
     span: &tracing::Span,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let timeout = out.route.response_timeout;
     let Sending {
         uri,
@@ -591,7 +591,7 @@ fn upstream_span(route: &Route) -> tracing::Span {
 /// Answer: the upstream's answer for the caller, its headers rewritten; the `101` to an accepted
 /// upgrade (`upgrade`: the caller's side and its request's headers) hands both sides to a tunnel.
 fn answer_caller(
-    mut response: Response<Incoming>,
+    mut response: Response<UpstreamBody>,
     upgrade: Option<(OnUpgrade, &HeaderMap)>,
     route: &Route,
     conn: &ConnInfo,

@@ -47,6 +47,9 @@ pub struct Seen {
 #[derive(Default)]
 struct State {
     requests: AtomicU64,
+    /// Connections accepted, and of those still open.
+    accepted: AtomicU64,
+    open: AtomicU64,
     seen: Mutex<Vec<Seen>>,
     unauthorized_sent: AtomicBool,
     release: Notify,
@@ -101,7 +104,11 @@ impl FakeUpstream {
                     continue;
                 };
                 let (state, tls) = (task_state.clone(), tls.clone());
+                task_state.accepted.fetch_add(1, Ordering::SeqCst);
+                task_state.open.fetch_add(1, Ordering::SeqCst);
+                let open = OpenConnection(task_state.clone());
                 tokio::spawn(async move {
+                    let _open = open;
                     let svc = hyper::service::service_fn(move |req| {
                         let state = state.clone();
                         async move { Ok::<_, Infallible>(serve(state, req).await) }
@@ -129,6 +136,16 @@ impl FakeUpstream {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    /// How many connections it accepted.
+    pub fn connections(&self) -> u64 {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
+    /// How many of them are still open.
+    pub fn open_connections(&self) -> u64 {
+        self.state.open.load(Ordering::SeqCst)
+    }
+
     /// Every request seen so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
@@ -148,6 +165,15 @@ impl FakeUpstream {
     /// Stops accepting (open connections end with the test's runtime).
     pub fn stop(&self) {
         self.task.abort();
+    }
+}
+
+/// Counts an accepted connection as open until its task ends.
+struct OpenConnection(Arc<State>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -1,0 +1,548 @@
+//! The upstream connections of one client setting: a keep-alive pool over hyper's connection API
+//! (`hyper::client::conn`), TCP and rustls.
+//!
+//! - **HTTP/1.1** (plain `http`, or TLS where ALPN picks it): one request at a time per
+//!   connection. A connection goes back to the pool when its response has been read to the end:
+//!   the response body ([`UpstreamBody`]) checks it in then, or when it is dropped at its end.
+//!   One whose response was dropped before its end (the caller went away, a 401 that is
+//!   replayed) is closed, never reused. The most recently used connection is taken first.
+//! - **HTTP/2** (TLS where ALPN picks it): one connection per origin, shared by every request.
+//! - Each connection runs in its own task, as hyper's connection API asks; a request is sent to
+//!   it without a task of its own and without boxing.
+//! - `connect_timeout` bounds the TCP connect and the TLS handshake of a new connection.
+//!   Connections idle for `idle_timeout` are closed (at the next checkout, or by a reaper task
+//!   that runs while the pool has idle connections and ends with the pool).
+//! - A request that a pooled connection refused before sending any of it (the upstream had just
+//!   closed it) is sent again on a new connection; a request that may have reached the upstream
+//!   is never sent twice.
+//!
+//! Must never: hand out a connection whose last response was not read to its end, or hold the
+//! pool's lock across an await.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+
+use super::ProxyBody;
+
+/// A new connection could not be made, or a request failed on one.
+#[derive(Debug)]
+pub enum PoolError {
+    /// Resolving, connecting or the TLS handshake failed or took longer than `connect_timeout`.
+    Connect(String),
+    /// The request or its response failed on the connection.
+    Exchange(hyper::Error),
+}
+
+impl std::fmt::Display for PoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolError::Connect(e) => f.write_str(e),
+            PoolError::Exchange(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for PoolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PoolError::Connect(_) => None,
+            PoolError::Exchange(e) => Some(e),
+        }
+    }
+}
+
+/// The settings of one pool.
+pub struct PoolSettings {
+    /// The TLS client config; its ALPN is set here (`h2` unless `http1_only`, and `http/1.1`).
+    pub tls: rustls::ClientConfig,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// HTTP/1.1 only, never h2 (for `Upgrade`s).
+    pub http1_only: bool,
+}
+
+/// A keep-alive pool of upstream connections; cloning shares it.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tls: TlsConnector,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    origins: Mutex<Origins>,
+}
+
+#[derive(Default)]
+struct Origins {
+    by_key: HashMap<OriginKey, Origin>,
+    /// Whether the reaper task runs (it ends when no connection is idle).
+    reaping: bool,
+}
+
+/// Where connections go: scheme and authority.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct OriginKey {
+    https: bool,
+    authority: Authority,
+}
+
+#[derive(Default)]
+struct Origin {
+    /// HTTP/1.1 connections waiting for a request, the most recently used last.
+    idle: Vec<Idle>,
+    /// The origin's HTTP/2 connection, when it speaks h2.
+    h2: Option<Http2>,
+}
+
+/// A connection: how to send on it, and its task (aborted to close it at once).
+struct Handle<S> {
+    send: S,
+    task: AbortHandle,
+}
+
+type Http1 = Handle<http1::SendRequest<ProxyBody>>;
+
+struct Http2 {
+    conn: Handle<http2::SendRequest<ProxyBody>>,
+    /// When it last carried a request.
+    used: Instant,
+}
+
+impl Drop for Http2 {
+    /// Dropping the last sender does not wake an idle HTTP/2 connection's task; ending the task
+    /// does, and the connection then closes gracefully (GOAWAY), letting open streams finish.
+    fn drop(&mut self) {
+        self.conn.task.abort();
+    }
+}
+
+struct Idle {
+    conn: Http1,
+    since: Instant,
+}
+
+/// A connection to send one request on.
+enum Conn {
+    Http1(Http1),
+    Http2(http2::SendRequest<ProxyBody>),
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings) -> Pool {
+        let mut tls = settings.tls;
+        tls.alpn_protocols = match settings.http1_only {
+            true => vec![b"http/1.1".to_vec()],
+            false => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
+        Pool {
+            inner: Arc::new(Inner {
+                tls: TlsConnector::from(Arc::new(tls)),
+                connect_timeout: settings.connect_timeout,
+                idle_timeout: settings.idle_timeout,
+                origins: Mutex::new(Origins::default()),
+            }),
+        }
+    }
+
+    /// Sends `request` (an absolute URI, `http` or `https`) on a pooled connection or a new one.
+    pub async fn request(
+        &self,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, PoolError> {
+        let key = OriginKey::of(request.uri())?;
+        let absolute = request.uri().clone();
+        loop {
+            let (conn, reused) = match self.inner.checkout(&key) {
+                Some(conn) => (conn, true),
+                None => (self.inner.connect(&key).await?, false),
+            };
+            match conn {
+                Conn::Http1(mut conn) => {
+                    prepare_http1(&mut request, &absolute);
+                    match conn.send.try_send_request(request).await {
+                        Ok(response) => {
+                            // A connection that switched protocols is the tunnel's.
+                            let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                            let lease = (!switched).then(|| Lease {
+                                pool: Arc::downgrade(&self.inner),
+                                key,
+                                conn,
+                            });
+                            return Ok(response.map(|body| UpstreamBody { body, lease }));
+                        }
+                        Err(mut e) => match e.take_message() {
+                            // Refused before any of it was sent: a reused connection the upstream
+                            // had just closed. A new one gets it.
+                            Some(unsent) if reused => request = unsent,
+                            _ => return Err(PoolError::Exchange(e.into_error())),
+                        },
+                    }
+                }
+                Conn::Http2(mut send) => {
+                    *request.uri_mut() = absolute.clone();
+                    match send.try_send_request(request).await {
+                        Ok(response) => {
+                            return Ok(response.map(|body| UpstreamBody { body, lease: None }))
+                        }
+                        Err(mut e) => match e.take_message() {
+                            Some(unsent) if reused => request = unsent,
+                            _ => return Err(PoolError::Exchange(e.into_error())),
+                        },
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An HTTP/1.1 request goes out in origin form (`/path?query`) with a `Host` header naming the
+/// authority (without the scheme's default port).
+fn prepare_http1(request: &mut Request<ProxyBody>, absolute: &Uri) {
+    if !request.headers().contains_key(HOST) {
+        if let Some(host) = host_header(absolute) {
+            request.headers_mut().insert(HOST, host);
+        }
+    }
+    let path = absolute
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *request.uri_mut() = Uri::from(path);
+}
+
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let authority = uri.authority()?;
+    let default_port = match uri.scheme() == Some(&Scheme::HTTPS) {
+        true => 443,
+        false => 80,
+    };
+    match authority.port_u16() {
+        Some(port) if port != default_port => HeaderValue::from_str(authority.as_str()).ok(),
+        _ => HeaderValue::from_str(authority.host()).ok(),
+    }
+}
+
+impl OriginKey {
+    fn of(uri: &Uri) -> Result<OriginKey, PoolError> {
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(PoolError::Connect(format!(
+                    "no http or https scheme in {uri}"
+                )))
+            }
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| PoolError::Connect(format!("no host in {uri}")))?;
+        Ok(OriginKey { https, authority })
+    }
+
+    fn port(&self) -> u16 {
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.https { 443 } else { 80 })
+    }
+
+    /// The host without an IPv6 literal's brackets.
+    fn host(&self) -> &str {
+        let host = self.authority.host();
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+    }
+}
+
+impl Inner {
+    /// A connection ready for a request: the origin's HTTP/2 connection, or the most recently
+    /// used idle HTTP/1.1 one. Closed and expired ones are dropped on the way.
+    fn checkout(&self, key: &OriginKey) -> Option<Conn> {
+        let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+        let origin = origins.by_key.get_mut(key)?;
+        let now = Instant::now();
+        if let Some(h2) = &mut origin.h2 {
+            if !h2.conn.send.is_closed() {
+                h2.used = now;
+                return Some(Conn::Http2(h2.conn.send.clone()));
+            }
+            origin.h2 = None;
+        }
+        while let Some(last) = origin.idle.last() {
+            if last.conn.send.is_closed() || now.duration_since(last.since) >= self.idle_timeout {
+                origin.idle.pop();
+                continue;
+            }
+            if last.conn.send.is_ready() {
+                return origin.idle.pop().map(|idle| Conn::Http1(idle.conn));
+            }
+            break;
+        }
+        // Rare: the newest one is still finishing its last exchange; any ready one below it.
+        let ready = origin.idle.iter().rposition(|i| i.conn.send.is_ready())?;
+        Some(Conn::Http1(origin.idle.remove(ready).conn))
+    }
+
+    /// An HTTP/1.1 connection whose response was read to its end is idle again.
+    fn checkin(self: &Arc<Self>, key: OriginKey, conn: Http1) {
+        if conn.send.is_closed() {
+            return;
+        }
+        let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+        origins.by_key.entry(key).or_default().idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        if !origins.reaping {
+            origins.reaping = true;
+            tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
+        }
+    }
+
+    /// Connects to the origin (TCP, then TLS for `https`) and starts the connection's task.
+    async fn connect(self: &Arc<Self>, key: &OriginKey) -> Result<Conn, PoolError> {
+        let what = |e: &dyn std::fmt::Display| {
+            PoolError::Connect(format!("{}:{}: {e}", key.host(), key.port()))
+        };
+        let timed_out = || {
+            what(&format_args!(
+                "no connection within {:?}",
+                self.connect_timeout
+            ))
+        };
+        let deadline = Instant::now() + self.connect_timeout;
+        let tcp = tokio::time::timeout_at(deadline, tcp_connect(key.host(), key.port()))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| what(&e))?;
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an upstream connection");
+        }
+        if !key.https {
+            return self.http1(key, TokioIo::new(tcp)).await;
+        }
+        let name = ServerName::try_from(key.host().to_string()).map_err(|e| what(&e))?;
+        let tls = tokio::time::timeout_at(deadline, self.tls.connect(name, tcp))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| what(&e))?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        match h2 {
+            true => self.http2(key, TokioIo::new(tls)).await,
+            false => self.http1(key, TokioIo::new(tls)).await,
+        }
+    }
+
+    async fn http1<T>(&self, key: &OriginKey, io: T) -> Result<Conn, PoolError>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (send, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(PoolError::Exchange)?;
+        let origin = format!("{}:{}", key.host(), key.port());
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(upstream = %origin, error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(Conn::Http1(Handle {
+            send,
+            task: task.abort_handle(),
+        }))
+    }
+
+    async fn http2<T>(self: &Arc<Self>, key: &OriginKey, io: T) -> Result<Conn, PoolError>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(PoolError::Exchange)?;
+        let origin = format!("{}:{}", key.host(), key.port());
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %origin, error = %e, "upstream connection ended with an error");
+            }
+        });
+        let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+        origins.by_key.entry(key.clone()).or_default().h2 = Some(Http2 {
+            conn: Handle {
+                send: send.clone(),
+                task: task.abort_handle(),
+            },
+            used: Instant::now(),
+        });
+        if !origins.reaping {
+            origins.reaping = true;
+            tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
+        }
+        Ok(Conn::Http2(send))
+    }
+
+    /// Drops connections idle for `idle_timeout`; whether any is left.
+    fn reap(&self, now: Instant) -> bool {
+        let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+        let idle_timeout = self.idle_timeout;
+        origins.by_key.retain(|_, origin| {
+            origin
+                .idle
+                .retain(|i| !i.conn.send.is_closed() && now.duration_since(i.since) < idle_timeout);
+            // An HTTP/2 connection is closed after `idle_timeout` without a new request; its
+            // open streams (a long download) still finish.
+            if origin.h2.as_ref().is_some_and(|h2| {
+                h2.conn.send.is_closed() || now.duration_since(h2.used) >= idle_timeout
+            }) {
+                origin.h2 = None;
+            }
+            !origin.idle.is_empty() || origin.h2.is_some()
+        });
+        origins.reaping = !origins.by_key.is_empty();
+        origins.reaping
+    }
+}
+
+/// Closes idle connections every `idle_timeout / 2` while the pool lives and has any.
+async fn reap(pool: Weak<Inner>, idle_timeout: Duration) {
+    let every = (idle_timeout / 2).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else { return };
+        if !pool.reap(Instant::now()) {
+            return;
+        }
+    }
+}
+
+/// Tries each address the host resolves to, in order.
+async fn tcp_connect(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the name resolves to no address",
+        )
+    }))
+}
+
+/// An HTTP/1.1 connection lent to one exchange.
+struct Lease {
+    pool: Weak<Inner>,
+    key: OriginKey,
+    conn: Http1,
+}
+
+impl Lease {
+    fn give_back(self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.checkin(self.key, self.conn);
+        }
+    }
+
+    /// The answer was not read to its end: the connection is closed now (else it would wait for
+    /// the rest of a body nobody reads).
+    fn close(self) {
+        self.conn.task.abort();
+    }
+}
+
+/// An upstream's response body; an HTTP/1.1 connection goes back to the pool when it has been
+/// read to its end.
+pub struct UpstreamBody {
+    body: Incoming,
+    lease: Option<Lease>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("body", &self.body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamBody {
+    fn give_back_at_end(&mut self) {
+        if self.body.is_end_stream() {
+            if let Some(lease) = self.lease.take() {
+                lease.give_back();
+            }
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let poll = Pin::new(&mut self.body).poll_frame(cx);
+        match &poll {
+            Poll::Ready(None) => {
+                if let Some(lease) = self.lease.take() {
+                    lease.give_back();
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => self.give_back_at_end(),
+            // A broken body: its connection is not reused.
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(lease) = self.lease.take() {
+                    lease.close();
+                }
+            }
+            Poll::Pending => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    /// A body dropped at its end (an empty one, or one whose reader stopped at its last frame)
+    /// gives its connection back; one dropped before its end closes it.
+    fn drop(&mut self) {
+        self.give_back_at_end();
+        if let Some(lease) = self.lease.take() {
+            lease.close();
+        }
+    }
+}

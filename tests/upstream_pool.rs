@@ -1,0 +1,207 @@
+//! The upstream connection pool over real sockets: HTTP/1.1 connections are reused while their
+//! answers are read to the end and closed when one is left unread; an HTTPS upstream that offers
+//! h2 gets one shared HTTP/2 connection; idle connections close after `limits.idle_timeout`; an
+//! upstream that closes after every answer loses no request.
+//! Real emulator (tokens), real tokenbroker, a fake upstream counting its connections.
+
+#[path = "support/proxy_config.rs"]
+mod proxy_config;
+mod support;
+#[path = "support/upstream.rs"]
+mod upstream;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{StatusCode, Version};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use proxy_config::{caller, listener, route};
+use support::{raw_upstream, try_http, try_send, wait_until, TIMEOUT};
+use tokenbroker::app::AppHandle;
+use tokenbroker::config::{Config, Limits};
+use tokenbroker::emulator::{Emulator, EmulatorConfig};
+use tokenbroker::secret::Secret;
+use upstream::FakeUpstream;
+
+const ADMIN_SECRET: &str = "admin-secret-for-pool-tests";
+const KEY: (&str, &str) = ("Proxy-Authorization", "Bearer alice-key");
+
+/// Emulator, a plain and a TLS fake upstream, a raw upstream that closes after each answer, and
+/// tokenbroker with routes `/up` (plain), `/tls` (HTTPS, h2 offered) and `/closing` (raw).
+struct Fixture {
+    _emu: Emulator,
+    up: FakeUpstream,
+    up_tls: FakeUpstream,
+    closing_heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    app: AppHandle,
+}
+
+impl Fixture {
+    async fn start(limits: Limits) -> Fixture {
+        let emu = Emulator::start(EmulatorConfig {
+            clients: vec![("admin".into(), Secret::new(ADMIN_SECRET))],
+            ..EmulatorConfig::default()
+        })
+        .await
+        .expect("emulator starts");
+        let up = FakeUpstream::start().await;
+        let up_tls = FakeUpstream::start_tls().await;
+        let (closing, closing_heads) =
+            raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        let mut tls_route = route(
+            "tls",
+            "/tls",
+            format!("https://localhost:{}/", up_tls.addr().port()),
+            &["alice"],
+        );
+        tls_route.upstream_ca_file =
+            Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("certs/ca.pem"));
+        let config = Config {
+            listeners: vec![listener("plain", None, None)],
+            callers: vec![caller("alice", "alice-key", vec![])],
+            routes: vec![
+                route("up", "/up", format!("http://{}/", up.addr()), &["alice"]),
+                tls_route,
+                route(
+                    "closing",
+                    "/closing",
+                    format!("http://{closing}/"),
+                    &["alice"],
+                ),
+            ],
+            limits,
+            ..Config::minimal(emu.identity_config("admin", &Secret::new(ADMIN_SECRET)))
+        };
+        let app = AppHandle::start(config).await.expect("tokenbroker starts");
+        Fixture {
+            _emu: emu,
+            up,
+            up_tls,
+            closing_heads,
+            app,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.app.proxy_addr("plain").unwrap())
+    }
+
+    async fn ok(&self, method: &str, path: &str, body: &'static [u8]) -> bytes::Bytes {
+        let (status, _, body) = try_http(method, &self.url(path), &[KEY], body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert_eq!(status, StatusCode::OK, "{method} {path}");
+        body
+    }
+}
+
+#[tokio::test]
+async fn answers_read_to_the_end_leave_their_connection_for_the_next_request() {
+    let f = Fixture::start(Limits::default()).await;
+    for i in 0..10 {
+        assert_eq!(f.ok("GET", &format!("/up/get/{i}"), b"").await, "ok");
+        assert_eq!(f.ok("POST", "/up/upload", b"12345").await, "5");
+        assert_eq!(f.ok("HEAD", "/up/head", b"").await, "");
+    }
+    assert_eq!(f.up.requests(), 30);
+    assert_eq!(
+        f.up.connections(),
+        1,
+        "30 requests one after another take one upstream connection"
+    );
+    // The pooled connection is HTTP/1.1 in origin form with the upstream's Host.
+    let seen = f.up.seen();
+    assert!(seen.iter().all(|s| s.version == Version::HTTP_11));
+    assert_eq!(seen[0].target, "/get/0");
+    assert_eq!(seen[0].headers["host"], f.up.addr().to_string());
+}
+
+#[tokio::test]
+async fn an_answer_left_unread_closes_its_upstream_connection() {
+    let f = Fixture::start(Limits::default()).await;
+    // 4 MiB, of which the upstream sends 64 KiB and then waits: the caller reads the first
+    // bytes and goes away (closing with unread bytes: a reset).
+    let proxy = f.app.proxy_addr("plain").unwrap();
+    let mut caller = TcpStream::connect(proxy).await.unwrap();
+    caller
+        .write_all(b"GET /up/stream/4 HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer alice-key\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 64];
+    caller.read_exact(&mut first).await.unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    drop(caller);
+    // The proxy learns that the caller is gone when it writes the next bytes.
+    f.up.release();
+    wait_until(TIMEOUT, "the upstream connection closes", || async {
+        f.up.open_connections() == 0
+    })
+    .await;
+    // The next request is answered on a new connection, with its own answer.
+    assert_eq!(f.ok("GET", "/up/next", b"").await, "ok");
+    assert_eq!(f.up.connections(), 2);
+}
+
+#[tokio::test]
+async fn an_https_upstream_offering_h2_gets_one_shared_http2_connection() {
+    let f = Fixture::start(Limits::default()).await;
+    assert_eq!(f.ok("GET", "/tls/first", b"").await, "ok");
+    let requests = (0..20).map(|i| {
+        let url = f.url(&format!("/tls/{i}"));
+        async move {
+            let response = try_send("GET", &url, &[KEY], "").await.expect("answer");
+            assert_eq!(response.status(), StatusCode::OK);
+            response.into_body().collect().await.unwrap().to_bytes()
+        }
+    });
+    for body in futures_util::future::join_all(requests).await {
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(f.up_tls.requests(), 21);
+    assert_eq!(
+        f.up_tls.connections(),
+        1,
+        "one HTTP/2 connection for 21 requests"
+    );
+    assert!(f.up_tls.seen().iter().all(|s| s.version == Version::HTTP_2));
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_close_after_the_idle_timeout() {
+    let f = Fixture::start(Limits {
+        idle_timeout: Duration::from_millis(600),
+        ..Limits::default()
+    })
+    .await;
+    assert_eq!(f.ok("GET", "/up/a", b"").await, "ok");
+    assert_eq!(f.ok("GET", "/tls/a", b"").await, "ok");
+    assert_eq!(f.up.open_connections(), 1);
+    wait_until(
+        TIMEOUT,
+        "idle HTTP/1.1 and HTTP/2 connections close",
+        || async { f.up.open_connections() == 0 && f.up_tls.open_connections() == 0 },
+    )
+    .await;
+    // and new ones are made when needed
+    assert_eq!(f.ok("GET", "/up/b", b"").await, "ok");
+    assert_eq!(f.ok("GET", "/tls/b", b"").await, "ok");
+    assert_eq!((f.up.connections(), f.up_tls.connections()), (2, 2));
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_after_every_answer_loses_no_request() {
+    let f = Fixture::start(Limits::default()).await;
+    for i in 0..20 {
+        assert_eq!(f.ok("GET", &format!("/closing/{i}"), b"").await, "ok");
+    }
+    let heads = f.closing_heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 20, "one connection per request, none reused");
+    assert!(
+        heads[19].starts_with("GET /19 HTTP/1.1\r\n"),
+        "{}",
+        heads[19]
+    );
+}
