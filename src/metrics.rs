@@ -1,6 +1,7 @@
 //! Prometheus metrics: one [`Metrics`] per process, shared by the proxy, the broker and the admin
 //! listener. Labels carry names only (route, caller, kind, outcome, error code), never a token or
-//! a key.
+//! a key. A subsystem may register a set of families of its own once per registry: a
+//! [`MetricSet`], got with [`Metrics::set`] when the subsystem is built (it takes a lock).
 //!
 //! Two expositions of the same registry: OpenMetrics 1.0 ([`Metrics::encode_openmetrics`],
 //! what prometheus-client writes) and the Prometheus text format 0.0.4
@@ -10,7 +11,9 @@
 //!
 //! Every family whose label values are known in advance has all its series from the start, at 0.
 
-use std::sync::Arc;
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::collector::Collector;
@@ -240,6 +243,16 @@ const CALL_OUTCOMES: [&str; 3] = ["ok", "transient", "rejected"];
 /// The commit this binary was built from, as `--version` names it (both from `build.rs`).
 pub const COMMIT: &str = env!("TOKENBROKER_COMMIT");
 
+/// The prefix of every family but the `process_*` ones.
+const PREFIX: &str = "tokenbroker";
+
+/// A subsystem's families, registered together once per [`Metrics`] (see [`Metrics::set`]).
+pub trait MetricSet: Send + Sync + 'static {
+    /// Registers the families in `registry` (its names get the `tokenbroker_` prefix) and puts
+    /// every series known in advance at 0.
+    fn register(registry: &mut Registry) -> Self;
+}
+
 /// The states of the identity service's breaker, each a series of `identity_service_state`.
 const IDENTITY_STATES: [&str; 3] = ["closed", "open", "half_open"];
 
@@ -264,7 +277,7 @@ fn identity_histogram() -> Histogram {
 
 /// Every metric the process exports.
 pub struct Metrics {
-    registry: Registry,
+    inner: Mutex<Registered>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub upstream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
@@ -302,6 +315,14 @@ pub struct Metrics {
     none: Name,
 }
 
+struct Registered {
+    /// The root: the process collector, then one `tokenbroker` sub-registry for the families
+    /// above and one per set, in the order they were registered.
+    registry: Registry,
+    /// Each set registered, by its type.
+    sets: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+}
+
 /// Only its name: the registry is what `/metrics` shows.
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -313,7 +334,7 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut root = Registry::default();
         root.register_collector(Box::new(ProcessCollector));
-        let registry = root.sub_registry_with_prefix("tokenbroker");
+        let registry = root.sub_registry_with_prefix(PREFIX);
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -546,7 +567,10 @@ impl Metrics {
             requests_cut.clone(),
         );
         Arc::new(Metrics {
-            registry: root,
+            inner: Mutex::new(Registered {
+                registry: root,
+                sets: HashMap::new(),
+            }),
             requests,
             request_duration,
             upstream_duration,
@@ -577,6 +601,25 @@ impl Metrics {
             config,
             none: Name(Arc::from("-")),
         })
+    }
+
+    /// The set `T` of this registry: registered at the first call, the same one after. Takes a
+    /// lock: a subsystem calls it when it is built and keeps the `Arc`.
+    pub fn set<T: MetricSet>(&self) -> Arc<T> {
+        let mut inner = self.lock();
+        if let Some(set) = inner.sets.get(&TypeId::of::<T>()) {
+            return Arc::clone(set)
+                .downcast::<T>()
+                .expect("a set is stored under its own type");
+        }
+        let set = Arc::new(T::register(inner.registry.sub_registry_with_prefix(PREFIX)));
+        inner.sets.insert(TypeId::of::<T>(), set.clone());
+        set
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registered> {
+        // Registering a set cannot leave the registry half-changed in a way encoding minds.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records one finished proxied request; `None` is shown as `-`.
@@ -738,7 +781,7 @@ impl Metrics {
     /// The OpenMetrics 1.0 exposition of every metric (ends with `# EOF`).
     pub fn encode_openmetrics(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        prometheus_client::encoding::text::encode(&mut out, &self.lock().registry)
             .expect("writing to a String cannot fail");
         out
     }
@@ -1010,6 +1053,38 @@ tb_open 2\n# TYPE tb_odd untyped\ntb_odd 3\n"
         assert_eq!(s.resident_bytes, 300 * 4096);
         let live = ProcessStats::read().expect("/proc/self is readable");
         assert!(live.resident_bytes > 0 && live.open_fds > 0, "{live:?}");
+    }
+
+    /// A set for the tests: one counter.
+    struct Probe(Counter);
+
+    impl MetricSet for Probe {
+        fn register(registry: &mut Registry) -> Self {
+            let counter = Counter::default();
+            registry.register("probe", "A test counter", counter.clone());
+            Probe(counter)
+        }
+    }
+
+    #[test]
+    fn a_set_is_registered_once_and_shared() {
+        let m = Metrics::new();
+        let first = m.set::<Probe>();
+        let again = m.set::<Probe>();
+        assert!(Arc::ptr_eq(&first, &again));
+        again.0.inc();
+        let text = m.encode();
+        assert_eq!(
+            text.matches("# TYPE tokenbroker_probe counter").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("tokenbroker_probe_total 1"), "{text}");
+        // after the families of this module
+        assert!(
+            text.find("tokenbroker_build_info") < text.find("tokenbroker_probe"),
+            "{text}"
+        );
     }
 
     #[test]
