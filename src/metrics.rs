@@ -38,32 +38,6 @@ impl EncodeLabelValue for Name {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub route: Name,
-    pub caller: Name,
-    pub status_class: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: Name,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TunnelBytesLabels {
-    pub route: Name,
-    /// `to_upstream` or `to_caller`.
-    pub direction: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CutLabels {
-    pub route: Name,
-    /// `shutdown` (cut at the end of `shutdown_grace`) or `client_gone`.
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FetchLabels {
     /// `admin_bearer`, `create`, `regenerate`, `exchange`.
     pub kind: &'static str,
@@ -123,19 +97,6 @@ pub struct IdentityCallLabels {
     pub operation: &'static str,
     /// `ok`, `transient`, `rejected`.
     pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabels {
-    /// A code of the proxy's error table (`unknown_caller`, `token_unavailable`, ...).
-    pub error: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    pub listener: Name,
-    /// One of [`HANDSHAKE_FAILURE_REASONS`].
-    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -225,18 +186,6 @@ fn unix_seconds(t: SystemTime) -> i64 {
     }
 }
 
-/// Why a TLS handshake on a proxy listener failed: a bounded set of label values.
-pub const HANDSHAKE_FAILURE_REASONS: [&str; 8] = [
-    "timeout",
-    "no_client_certificate",
-    "bad_certificate",
-    "peer_incompatible",
-    "alert_received",
-    "protocol_error",
-    "eof",
-    "other",
-];
-
 /// The outcomes of an identity call.
 const CALL_OUTCOMES: [&str; 3] = ["ok", "transient", "rejected"];
 
@@ -265,11 +214,6 @@ pub struct StoreOpLabels {
     pub outcome: &'static str,
 }
 
-fn latency_histogram() -> Histogram {
-    // 100 us .. ~26 s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
-}
-
 fn identity_histogram() -> Histogram {
     // 1 ms .. ~33 s: a call crosses the network and waits on the identity service
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
@@ -278,16 +222,10 @@ fn identity_histogram() -> Histogram {
 /// Every metric the process exports.
 pub struct Metrics {
     inner: Mutex<Registered>,
-    pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
-    pub upstream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub token_fetches: Family<FetchLabels, Counter>,
     pub token_expiry_seconds: Family<CallerKindLabels, Gauge>,
     pub token_waiters: Family<CallerLabels, Counter>,
     pub config_reloads: Family<OutcomeLabels, Counter>,
-    pub connections_open: Gauge,
-    /// Of those, HTTP/1 connections idle and parked (hyper's buffers freed; see `proxy::listener`).
-    pub connections_parked: Gauge,
     pub token_renewals: Family<TriggerLabels, Counter>,
     pub token_ladder_steps: Family<StepLabels, Counter>,
     pub token_waits: Family<OutcomeLabels, Counter>,
@@ -301,18 +239,9 @@ pub struct Metrics {
     pub store_up: Gauge,
     pub store_sharing: Family<OutcomeLabels, Counter>,
     pub store_fallbacks: Family<KindLabels, Counter>,
-    pub upgrades: Family<RouteLabels, Counter>,
-    pub tunnels_open: Gauge,
-    pub tunnel_bytes: Family<TunnelBytesLabels, Counter>,
-    pub requests_cut: Family<CutLabels, Counter>,
     pub identity_call_duration: Family<IdentityCallLabels, Histogram, fn() -> Histogram>,
-    /// tokenbroker's own refusals and failures, by the error table's code.
-    pub errors: Family<ErrorLabels, Counter>,
-    pub tls_handshake_failures: Family<HandshakeLabels, Counter>,
     /// The config in force, its last reload, and the listeners' certificates.
     pub config: ConfigMetrics,
-    /// The label value of a request that has no route or caller (yet).
-    none: Name,
 }
 
 struct Registered {
@@ -364,34 +293,12 @@ impl Metrics {
             "Duration of calls to the identity service by operation and outcome (ok, transient, rejected)",
             identity_call_duration.clone(),
         );
-        // Every code is seeded by the proxy when it starts (`Metrics::seed_errors`).
-        let errors = Family::<ErrorLabels, Counter>::default();
-        registry.register(
-            "errors",
-            "Requests tokenbroker refused or failed itself (not the upstream's answers), by error code",
-            errors.clone(),
-        );
-        let tls_handshake_failures = Family::<HandshakeLabels, Counter>::default();
-        registry.register(
-            "tls_handshake_failures",
-            "Failed TLS handshakes on proxy listeners, by listener and reason",
-            tls_handshake_failures.clone(),
-        );
         let config = ConfigMetrics::register(registry);
         registry.register(
             "telemetry_export_failures",
             "Span exports that failed (collector unreachable or answering an error): their spans are dropped",
             crate::telemetry::export_failures(),
         );
-        let requests = Family::<RequestLabels, Counter>::default();
-        let request_duration =
-            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram as fn() -> Histogram,
-            );
-        let upstream_duration =
-            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram as fn() -> Histogram,
-            );
         let token_fetches = Family::<FetchLabels, Counter>::default();
         let token_expiry_seconds = Family::<CallerKindLabels, Gauge>::default();
         let token_waiters = Family::<CallerLabels, Counter>::default();
@@ -404,8 +311,6 @@ impl Metrics {
                 let _ = token_fetches.get_or_create(&FetchLabels { kind, outcome });
             }
         }
-        let connections_open = Gauge::default();
-        let connections_parked = Gauge::default();
         let token_renewals = Family::<TriggerLabels, Counter>::default();
         let token_ladder_steps = Family::<StepLabels, Counter>::default();
         let token_waits = Family::<OutcomeLabels, Counter>::default();
@@ -482,25 +387,6 @@ impl Metrics {
             "Renewals without the shared store (renewal), and replica-local API tokens created while it was unreachable (local_api_token)",
             store_fallbacks.clone(),
         );
-        let upgrades = Family::<RouteLabels, Counter>::default();
-        let tunnels_open = Gauge::default();
-        let tunnel_bytes = Family::<TunnelBytesLabels, Counter>::default();
-        let requests_cut = Family::<CutLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Proxied requests by route, caller and status class",
-            requests.clone(),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time from request received to response headers sent",
-            request_duration.clone(),
-        );
-        registry.register(
-            "upstream_duration_seconds",
-            "Time from forwarding to upstream response headers",
-            upstream_duration.clone(),
-        );
         registry.register(
             "token_fetches",
             "Calls to the identity service by kind and outcome",
@@ -522,16 +408,6 @@ impl Metrics {
             config_reloads.clone(),
         );
         registry.register(
-            "connections_open",
-            "Open client connections on proxy listeners",
-            connections_open.clone(),
-        );
-        registry.register(
-            "connections_parked",
-            "Open client connections idle and parked: waiting for their next request as bare sockets",
-            connections_parked.clone(),
-        );
-        registry.register(
             "store_operations",
             "Commands to the shared store (Redis) by operation and outcome",
             store_operations.clone(),
@@ -546,40 +422,15 @@ impl Metrics {
             "Whether the shared store (Redis) answers: 1 or 0",
             store_up.clone(),
         );
-        registry.register(
-            "upgrades",
-            "Upgraded connections (e.g. WebSocket) by route",
-            upgrades.clone(),
-        );
-        registry.register(
-            "tunnels_open",
-            "Upgraded connections open now",
-            tunnels_open.clone(),
-        );
-        registry.register(
-            "tunnel_bytes",
-            "Bytes carried by upgraded connections by route and direction",
-            tunnel_bytes.clone(),
-        );
-        registry.register(
-            "requests_cut",
-            "Requests that ended without an answer, by route and reason",
-            requests_cut.clone(),
-        );
         Arc::new(Metrics {
             inner: Mutex::new(Registered {
                 registry: root,
                 sets: HashMap::new(),
             }),
-            requests,
-            request_duration,
-            upstream_duration,
             token_fetches,
             token_expiry_seconds,
             token_waiters,
             config_reloads,
-            connections_open,
-            connections_parked,
             token_renewals,
             token_ladder_steps,
             token_waits,
@@ -591,15 +442,8 @@ impl Metrics {
             store_up,
             store_sharing,
             store_fallbacks,
-            upgrades,
-            tunnels_open,
-            tunnel_bytes,
-            requests_cut,
             identity_call_duration,
-            errors,
-            tls_handshake_failures,
             config,
-            none: Name(Arc::from("-")),
         })
     }
 
@@ -620,49 +464,6 @@ impl Metrics {
     fn lock(&self) -> MutexGuard<'_, Registered> {
         // Registering a set cannot leave the registry half-changed in a way encoding minds.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Records one finished proxied request; `None` is shown as `-`.
-    pub fn record_request(
-        &self,
-        route: Option<&Arc<str>>,
-        caller: Option<&Arc<str>>,
-        status: u16,
-        total: Duration,
-        upstream: Option<Duration>,
-    ) {
-        let status_class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        let name = |n: Option<&Arc<str>>| n.map_or_else(|| self.none.clone(), |n| Name(n.clone()));
-        let route = RouteLabels { route: name(route) };
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.route.clone(),
-                caller: name(caller),
-                status_class,
-            })
-            .inc();
-        self.request_duration
-            .get_or_create(&route)
-            .observe(total.as_secs_f64());
-        if let Some(up) = upstream {
-            self.upstream_duration
-                .get_or_create(&route)
-                .observe(up.as_secs_f64());
-        }
-    }
-
-    /// Records a request that ended without an answer (`reason`: see [`CutLabels`]).
-    pub fn record_cut(&self, route: Option<&Arc<str>>, reason: &'static str) {
-        let route = route.map_or_else(|| self.none.clone(), |n| Name(n.clone()));
-        self.requests_cut
-            .get_or_create(&CutLabels { route, reason })
-            .inc();
     }
 
     /// Records one call to the identity service.
@@ -744,38 +545,6 @@ impl Metrics {
         self.identity_call_duration
             .get_or_create(&IdentityCallLabels { operation, outcome })
             .observe(took.as_secs_f64());
-    }
-
-    /// A request tokenbroker answered with an error of its own table (`code`).
-    /// Puts every error code at 0, so a rate of any of them exists before the first one.
-    pub fn seed_errors(&self, codes: &[&'static str]) {
-        for &error in codes {
-            let _ = self.errors.get_or_create(&ErrorLabels { error });
-        }
-    }
-
-    pub fn record_error(&self, error: &'static str) {
-        self.errors.get_or_create(&ErrorLabels { error }).inc();
-    }
-
-    /// Every reason's series of a TLS listener, at zero.
-    pub fn add_tls_listener(&self, listener: &Arc<str>) {
-        for reason in HANDSHAKE_FAILURE_REASONS {
-            let _ = self.tls_handshake_failures.get_or_create(&HandshakeLabels {
-                listener: Name(listener.clone()),
-                reason,
-            });
-        }
-    }
-
-    /// A failed TLS handshake (`reason`: one of [`HANDSHAKE_FAILURE_REASONS`]).
-    pub fn record_handshake_failure(&self, listener: &Arc<str>, reason: &'static str) {
-        self.tls_handshake_failures
-            .get_or_create(&HandshakeLabels {
-                listener: Name(listener.clone()),
-                reason,
-            })
-            .inc();
     }
 
     /// The OpenMetrics 1.0 exposition of every metric (ends with `# EOF`).
@@ -1090,38 +859,10 @@ tb_open 2\n# TYPE tb_odd untyped\ntb_odd 3\n"
     #[test]
     fn records_show_up_in_the_exposition() {
         let m = Metrics::new();
-        m.record_request(
-            Some(&Arc::from("api")),
-            Some(&Arc::from("billing")),
-            204,
-            Duration::from_millis(3),
-            Some(Duration::from_millis(2)),
-        );
-        m.record_request(None, None, 401, Duration::from_millis(1), None);
         m.record_fetch("create", "ok");
         let text = m.encode();
         assert!(
-            text.contains(
-                r#"tokenbroker_requests_total{route="api",caller="billing",status_class="2xx"} 1"#
-            ),
-            "{text}"
-        );
-        assert!(
             text.contains(r#"tokenbroker_token_fetches_total{kind="create",outcome="ok"} 1"#),
-            "{text}"
-        );
-        assert!(
-            text.contains("tokenbroker_upstream_duration_seconds_count{route=\"api\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                r#"tokenbroker_requests_total{route="-",caller="-",status_class="4xx"} 1"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("tokenbroker_request_duration_seconds_count{route=\"-\"} 1"),
             "{text}"
         );
     }

@@ -29,8 +29,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::admit::{self, BodySize};
 use super::error::ProxyError;
 use super::log::Logged;
+use super::ProxyMetrics;
 use crate::config::{Config, RouteConfig};
-use crate::metrics::Metrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -42,7 +42,7 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// An upstream's response body; a failure while it streams (broken framing, a reset, a cut)
     /// is counted in these metrics as [`upstream_body_failed`].
-    Stream(Incoming, Arc<Metrics>),
+    Stream(Incoming, Arc<ProxyMetrics>),
     /// The caller's streamed request body, under `limits.max_body_bytes`, and the count of its
     /// bytes read so far (for the log line); its read errors are marked as the caller's
     /// ([`CallerBodyError`]).
