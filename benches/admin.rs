@@ -27,6 +27,7 @@ use tokenbroker::broker::{Broker, IdentityService};
 use tokenbroker::config::{CallerConfig, Config, IdentityConfig};
 use tokenbroker::identity::{AccessToken, ApiToken, CreateRequest, IdentityError};
 use tokenbroker::metrics::Metrics;
+use tokenbroker::proxy::ProxyMetrics;
 use tokenbroker::secret::Secret;
 use tokenbroker::server::Shutdown;
 
@@ -197,8 +198,9 @@ fn run(callers: usize) {
             }
         }
         let route: Arc<str> = Arc::from("api");
+        let requests = metrics.set::<ProxyMetrics>();
         for name in &names {
-            metrics.record_request(
+            requests.record_request(
                 Some(&route),
                 Some(&Arc::from(name.as_str())),
                 200,

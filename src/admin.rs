@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::broker::Broker;
 use crate::config::CertIdentity;
-use crate::metrics::{self, CallerKindLabels, Metrics};
+use crate::metrics::{self, Metrics};
 use crate::server::{self, ClientCert, ConnLimits, Shutdown};
 use crate::tls::server::ListenerTls;
 
@@ -203,7 +203,7 @@ pub fn respond(
             ),
         },
         "/metrics" => {
-            update_expiry_gauges(state);
+            state.broker.record_expiries();
             let (body, content_type) = if metrics::wants_openmetrics(accept) {
                 (
                     state.metrics.encode_openmetrics(),
@@ -238,28 +238,6 @@ pub fn respond(
                 http::HeaderValue::from_static("no-store"),
             );
             r
-        }
-    }
-}
-
-/// Sets `token_expiry_seconds` from the broker's current status (callers gone since a reload drop out).
-fn update_expiry_gauges(state: &AdminState) {
-    let gauges = &state.metrics.token_expiry_seconds;
-    gauges.clear();
-    for s in state.broker.status().callers {
-        for (kind, secs) in [
-            ("api_token", s.api_token_expires_in_secs),
-            ("access_token", s.access_token_expires_in_secs),
-        ] {
-            if let Some(secs) = secs {
-                let labels = CallerKindLabels {
-                    caller: s.caller.clone(),
-                    kind,
-                };
-                gauges
-                    .get_or_create(&labels)
-                    .set(i64::try_from(secs).unwrap_or(i64::MAX));
-            }
         }
     }
 }

@@ -4,8 +4,11 @@
 //! A reload also reads the TLS listeners' certificate, key and client CA files again (rotation
 //! without restart). A reload that fails validation, or whose TLS files do not load, changes
 //! nothing. `run` reloads on SIGHUP and when the config file or one of its secret or TLS files
-//! changes (polled), and keeps the config metrics (hash in force, last reload, certificate
-//! expiry) current.
+//! changes (polled), and keeps the config metrics (hash in force, reloads, certificate expiry)
+//! current ([`metrics`]). It registers every subsystem's metric families at start, in a fixed
+//! order, so that `/metrics` lists them all from the first scrape.
+
+pub mod metrics;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -19,14 +22,16 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState, Allowed};
-use crate::broker::{Broker, BrokerError};
+use crate::broker::store::StoreMetrics;
+use crate::broker::{Broker, BrokerError, BrokerMetrics};
 use crate::config::{self, Config, ConfigError, ConfigErrors, LoggingConfig};
 use crate::emulator::{Emulator, EmulatorConfig};
-use crate::metrics::{Metrics, OutcomeLabels};
-use crate::proxy::{ListenerTls, ProxyHandle, StartError as ProxyStartError};
+use crate::metrics::Metrics;
+use crate::proxy::{ListenerTls, ProxyHandle, ProxyMetrics, StartError as ProxyStartError};
 use crate::server::{ConnLimits, Shutdown};
 use crate::telemetry::Telemetry;
 use crate::tls::{self, server::ClientCerts};
+use metrics::ConfigMetrics;
 
 /// How often `run` looks at the config file, the secret files it names and the TLS listeners'
 /// files for a change (then reloads the config, or the certificates alone).
@@ -135,10 +140,21 @@ struct AdminTask {
     task: JoinHandle<()>,
 }
 
+/// Registers every subsystem's metric families, in this order whatever starts first: `/metrics`
+/// lists them all, always in the same order, before the first request. The config's set, which
+/// the app records, is handed back.
+fn register_metrics(metrics: &Metrics) -> Arc<ConfigMetrics> {
+    metrics.set::<ProxyMetrics>();
+    metrics.set::<BrokerMetrics>();
+    metrics.set::<StoreMetrics>();
+    metrics.set::<ConfigMetrics>()
+}
+
 /// A running tokenbroker: proxy listeners, broker and admin listener.
 pub struct AppHandle {
     config: Mutex<Arc<Config>>,
     metrics: Arc<Metrics>,
+    config_metrics: Arc<ConfigMetrics>,
     broker: Arc<Broker>,
     proxy: ProxyHandle,
     proxy_shutdown: Shutdown,
@@ -155,6 +171,7 @@ impl AppHandle {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let config = Arc::new(config);
         let metrics = Metrics::new();
+        let config_metrics = register_metrics(&metrics);
         let admin_listener =
             match &config.admin {
                 Some(a) => Some(TcpListener::bind(a.addr).await.map_err(|source| {
@@ -220,6 +237,7 @@ impl AppHandle {
         let app = AppHandle {
             config: Mutex::new(config.clone()),
             metrics,
+            config_metrics,
             broker,
             proxy,
             proxy_shutdown,
@@ -234,7 +252,7 @@ impl AppHandle {
     /// Sets the metrics of the config now in force: its hash and its listeners' certificates.
     fn record_in_force(&self, config: &Config) {
         if let Some(sha256) = &config.source_sha256 {
-            self.metrics.config.in_force(sha256);
+            self.config_metrics.in_force(sha256);
         }
         self.record_certificates(config);
     }
@@ -247,7 +265,7 @@ impl AppHandle {
         let tls = listeners.filter_map(|l| Some((l.name.as_str(), l.tls.as_ref()?)));
         for (name, files) in tls.chain(admin.map(|t| ("admin", t))) {
             if let Some(not_after) = tls::server::not_after(&files.cert) {
-                self.metrics.config.certificate(name, not_after);
+                self.config_metrics.certificate(name, not_after);
             }
         }
     }
@@ -311,17 +329,8 @@ impl AppHandle {
                 Err(errors)
             }
         };
-        self.count_reload(outcome.is_ok());
+        self.config_metrics.reloaded(outcome.is_ok());
         outcome
-    }
-
-    fn count_reload(&self, ok: bool) {
-        self.metrics.config.reloaded(ok);
-        let outcome = if ok { "ok" } else { "rejected" };
-        self.metrics
-            .config_reloads
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
     }
 
     /// Reads the TLS listeners' certificate, key and client CA files of the config in force again
@@ -344,7 +353,7 @@ impl AppHandle {
                 tracing::warn!("TLS reload refused; the previous certificates stay in force");
             }
         }
-        self.count_reload(outcome.is_ok());
+        self.config_metrics.reloaded(outcome.is_ok());
         outcome.map(|_| ())
     }
 

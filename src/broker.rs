@@ -26,6 +26,8 @@
 //!   interval, with a count (`repeats.rs`).
 //! - Each caller's state and counters live in `caller.rs`; the identity service is reached
 //!   through a trait (`identity_service.rs`), so tests run on paused time against a fake.
+//! - Its metric families are its own ([`metrics`]); the store registers its own
+//!   (`store::metrics`).
 //!
 //! Time is tokio's clock (`tokio::time::Instant`); wall-clock time is used only for the state
 //! file and status dates. It never logs a secret: tokens are `Secret`s, logs carry ids and
@@ -38,6 +40,7 @@ mod gateway;
 mod health;
 mod identity_service;
 mod ladder;
+pub mod metrics;
 mod policy;
 mod refresh;
 mod repeats;
@@ -56,7 +59,7 @@ use tokio::time::Instant;
 
 use crate::config::{CallerConfig, Config, IdentityConfig, TokenPolicy};
 use crate::identity::IdentityClient;
-use crate::metrics::{CallerLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::server::Shutdown;
 use crate::token::{Rejection, TokenResult, TokenUnavailable};
@@ -67,6 +70,7 @@ use gate::Gate;
 use gateway::Gateway;
 pub use health::HealthStatus;
 pub use identity_service::IdentityService;
+pub use metrics::BrokerMetrics;
 use policy::Timing;
 
 /// Why the broker could not start (bad identity-service settings such as an unreadable CA file).
@@ -154,7 +158,7 @@ pub struct Broker {
     /// Numbers every inject token this broker makes: its generation, which a request carries
     /// and an upstream 401 names. (A shared record's generation is the store's own count.)
     generations: AtomicU64,
-    metrics: Arc<Metrics>,
+    metrics: Arc<BrokerMetrics>,
     state_file: Option<PathBuf>,
     /// Serializes state-file writes.
     state_lock: tokio::sync::Mutex<()>,
@@ -236,6 +240,9 @@ impl Broker {
             config: config.identity.clone(),
         };
         let policy = config.tokens.clone();
+        let broker_metrics = metrics.set::<BrokerMetrics>();
+        // The store's families too, whichever store there is: `store_up` is 0 without Redis.
+        metrics.set::<store::StoreMetrics>();
         let store = match (store, config.store.redis()) {
             (Some(store), _) => Some(store),
             (None, Some(redis)) => Some(Arc::new(
@@ -253,9 +260,9 @@ impl Broker {
             admin: Mutex::new(None),
             admin_flight: Flight::default(),
             admin_gate: Mutex::new(Gate::default()),
-            gateway: Gateway::new(Arc::clone(&metrics)),
+            gateway: Gateway::new(Arc::clone(&broker_metrics)),
             generations: AtomicU64::new(0),
-            metrics,
+            metrics: broker_metrics,
             state_file: policy.state_file.clone(),
             state_lock: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(!policy.warm_up),
@@ -385,12 +392,7 @@ impl Broker {
             }
         }
         c.record_wait();
-        self.metrics
-            .token_waiters
-            .get_or_create(&CallerLabels {
-                caller: c.name.to_string(),
-            })
-            .inc();
+        self.metrics.record_waiter(&c.name);
         let renewal = self.renewal(c, trigger);
         let max_wait = self.policy_now().max_wait;
         match tokio::time::timeout(max_wait, renewal).await {
@@ -586,6 +588,20 @@ impl Broker {
             identity_service: self.gateway.health.status(),
             callers: callers.iter().map(|c| c.status()).collect(),
         }
+    }
+
+    /// Sets `token_expiry_seconds` from the callers' current tokens (callers gone since a reload
+    /// drop out): the admin listener calls it before each scrape.
+    pub fn record_expiries(&self) {
+        let callers = self.status().callers;
+        self.metrics.set_expiries(callers.iter().flat_map(|s| {
+            [
+                ("api_token", s.api_token_expires_in_secs),
+                ("access_token", s.access_token_expires_in_secs),
+            ]
+            .into_iter()
+            .filter_map(move |(kind, secs)| Some((s.caller.as_str(), kind, secs?)))
+        }));
     }
 
     /// Stops the refresh tasks and writes the state file.

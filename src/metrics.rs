@@ -1,27 +1,36 @@
-//! Prometheus metrics: one [`Metrics`] per process, shared by the proxy, the broker and the admin
-//! listener. Labels carry names only (route, caller, kind, outcome, error code), never a token or
-//! a key.
+//! The process's Prometheus registry: one [`Metrics`] per process, shared by the proxy, the
+//! broker, the store, the app and the admin listener. It holds what belongs to no subsystem
+//! (`build_info`, `telemetry_export_failures`, the `process_*` metrics) and a way for each
+//! subsystem to register its own families once: a [`MetricSet`], got with [`Metrics::set`]
+//! (each subsystem's set is in its own `metrics` module; this one knows none of them).
+//! Labels carry names only (route, caller, kind, outcome, error code), never a token or a key.
 //!
 //! Two expositions of the same registry: OpenMetrics 1.0 ([`Metrics::encode_openmetrics`],
 //! what prometheus-client writes) and the Prometheus text format 0.0.4
 //! ([`Metrics::encode_prometheus`], converted from it: in 0.0.4 a counter family is named after its
 //! `_total` sample, there is no `# UNIT` and no `# EOF`). The `process_*` metrics are read from
-//! `/proc/self` at each scrape.
+//! `/proc/self` at each scrape. Families appear in the order their sets were registered.
 //!
 //! Every family whose label values are known in advance has all its series from the start, at 0.
+//!
+//! Must never: be locked on the request path (a subsystem gets its set once, when it is built,
+//! and records through it), or name a layer above it.
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
 };
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// The prefix of every family but the `process_*` ones.
+const PREFIX: &str = "tokenbroker";
 
 /// A route or caller name as a label value, shared with the config: recording a request clones
 /// two `Arc`s instead of allocating strings.
@@ -34,78 +43,10 @@ impl EncodeLabelValue for Name {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub route: Name,
-    pub caller: Name,
-    pub status_class: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: Name,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TunnelBytesLabels {
-    pub route: Name,
-    /// `to_upstream` or `to_caller`.
-    pub direction: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CutLabels {
-    pub route: Name,
-    /// `shutdown` (cut at the end of `shutdown_grace`) or `client_gone`.
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FetchLabels {
-    /// `admin_bearer`, `create`, `regenerate`, `exchange`.
-    pub kind: &'static str,
-    /// `ok`, `transient`, `rejected`.
-    pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CallerKindLabels {
-    pub caller: String,
-    /// `api_token` or `access_token`.
-    pub kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CallerLabels {
-    pub caller: String,
-}
-
+/// The label of the families counted by outcome alone (several subsystems have one).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
-    pub kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TriggerLabels {
-    /// `request`, `schedule`, `upstream_401`, `recovery`.
-    pub trigger: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StepLabels {
-    /// `create` (regenerate refused), `admin_bearer` (bearer refused).
-    pub step: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabels {
-    /// `closed`, `open`, `half_open`.
-    pub state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,192 +55,27 @@ pub struct BuildLabels {
     pub commit: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IdentityCallLabels {
-    /// `client_credentials`, `create`, `regenerate`, `exchange`.
-    pub operation: &'static str,
-    /// `ok`, `transient`, `rejected`.
-    pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabels {
-    /// A code of the proxy's error table (`unknown_caller`, `token_unavailable`, ...).
-    pub error: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    pub listener: Name,
-    /// One of [`HANDSHAKE_FAILURE_REASONS`].
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ConfigLabels {
-    /// The first 16 hex digits of the SHA-256 of the config file's text (never of a secret).
-    pub sha256: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ListenerLabels {
-    pub listener: String,
-}
-
-/// The config in force and how its last reload went, and when each TLS listener's certificate
-/// ends: what an operator checks after changing files, and what the certificate alert reads.
-pub struct ConfigMetrics {
-    info: Family<ConfigLabels, Gauge>,
-    last_reload_successful: Gauge,
-    last_reload_timestamp: Gauge,
-    certificate_expiry: Family<ListenerLabels, Gauge>,
-}
-
-impl ConfigMetrics {
-    fn register(registry: &mut Registry) -> ConfigMetrics {
-        let metrics = ConfigMetrics {
-            info: Family::default(),
-            last_reload_successful: Gauge::default(),
-            last_reload_timestamp: Gauge::default(),
-            certificate_expiry: Family::default(),
-        };
-        metrics.last_reload_successful.set(1);
-        metrics
-            .last_reload_timestamp
-            .set(unix_seconds(SystemTime::now()));
-        registry.register(
-            "config_info",
-            "The config file in force, by the SHA-256 of its text (first 16 hex digits); always 1",
-            metrics.info.clone(),
-        );
-        registry.register(
-            "config_last_reload_successful",
-            "1 if the last config or certificate reload was applied (or none was tried), 0 if refused",
-            metrics.last_reload_successful.clone(),
-        );
-        registry.register(
-            "config_last_reload_timestamp_seconds",
-            "When the config was loaded or a reload last tried, Unix seconds",
-            metrics.last_reload_timestamp.clone(),
-        );
-        registry.register(
-            "tls_certificate_expiry_timestamp_seconds",
-            "When the certificate a TLS listener serves ends (its notAfter), Unix seconds",
-            metrics.certificate_expiry.clone(),
-        );
-        metrics
-    }
-
-    /// The config file whose text hashes to `sha256` is in force (at start or after a reload).
-    pub fn in_force(&self, sha256: &[u8; 32]) {
-        self.info.clear();
-        let sha256 = hex::encode(&sha256[..8]);
-        self.info.get_or_create(&ConfigLabels { sha256 }).set(1);
-    }
-
-    /// A reload (of the config, or of the certificates alone) was applied or refused, now.
-    pub fn reloaded(&self, applied: bool) {
-        self.last_reload_successful.set(i64::from(applied));
-        self.last_reload_timestamp
-            .set(unix_seconds(SystemTime::now()));
-    }
-
-    /// The certificate `listener` serves from now on ends at `not_after`.
-    pub fn certificate(&self, listener: &str, not_after: SystemTime) {
-        let labels = ListenerLabels {
-            listener: listener.to_string(),
-        };
-        self.certificate_expiry
-            .get_or_create(&labels)
-            .set(unix_seconds(not_after));
-    }
-}
-
-fn unix_seconds(t: SystemTime) -> i64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    }
-}
-
-/// Why a TLS handshake on a proxy listener failed: a bounded set of label values.
-pub const HANDSHAKE_FAILURE_REASONS: [&str; 8] = [
-    "timeout",
-    "no_client_certificate",
-    "bad_certificate",
-    "peer_incompatible",
-    "alert_received",
-    "protocol_error",
-    "eof",
-    "other",
-];
-
-/// The outcomes of an identity call.
-const CALL_OUTCOMES: [&str; 3] = ["ok", "transient", "rejected"];
-
 /// The commit this binary was built from, as `--version` names it (both from `build.rs`).
 pub const COMMIT: &str = env!("TOKENBROKER_COMMIT");
 
-/// The states of the identity service's breaker, each a series of `identity_service_state`.
-const IDENTITY_STATES: [&str; 3] = ["closed", "open", "half_open"];
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StoreOpLabels {
-    /// `read`, `write`, `try_lease`, `renew`, `release`, `lease_holder`, `subscribe`.
-    pub op: &'static str,
-    /// `ok`, `error`, `timeout`, `invalid` (a record that does not open), and for writes
-    /// `written`, `stale`, `lease_lost`; for renewals `lost`.
-    pub outcome: &'static str,
+/// A subsystem's families, registered together once per [`Metrics`] (see [`Metrics::set`]).
+pub trait MetricSet: Send + Sync + 'static {
+    /// Registers the families in `registry` (its names get the `tokenbroker_` prefix) and puts
+    /// every series known in advance at 0.
+    fn register(registry: &mut Registry) -> Self;
 }
 
-fn latency_histogram() -> Histogram {
-    // 100 us .. ~26 s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
-}
-
-fn identity_histogram() -> Histogram {
-    // 1 ms .. ~33 s: a call crosses the network and waits on the identity service
-    Histogram::new(exponential_buckets(0.001, 2.0, 16))
-}
-
-/// Every metric the process exports.
+/// The registry every metric of the process is in.
 pub struct Metrics {
+    inner: Mutex<Registered>,
+}
+
+struct Registered {
+    /// The root: the process collector, then one `tokenbroker` sub-registry for this module's
+    /// own families and one per set, in the order they were registered.
     registry: Registry,
-    pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
-    pub upstream_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
-    pub token_fetches: Family<FetchLabels, Counter>,
-    pub token_expiry_seconds: Family<CallerKindLabels, Gauge>,
-    pub token_waiters: Family<CallerLabels, Counter>,
-    pub config_reloads: Family<OutcomeLabels, Counter>,
-    pub connections_open: Gauge,
-    /// Of those, HTTP/1 connections idle and parked (hyper's buffers freed; see `proxy::listener`).
-    pub connections_parked: Gauge,
-    pub token_renewals: Family<TriggerLabels, Counter>,
-    pub token_ladder_steps: Family<StepLabels, Counter>,
-    pub token_waits: Family<OutcomeLabels, Counter>,
-    pub upstream_rejections: Family<OutcomeLabels, Counter>,
-    pub identity_probes: Family<OutcomeLabels, Counter>,
-    pub identity_state: Family<StateLabels, Gauge>,
-    pub store_operations: Family<StoreOpLabels, Counter>,
-    /// `acquired` or `busy` (another replica holds the lease).
-    pub store_lease_acquisitions: Family<OutcomeLabels, Counter>,
-    /// 1 while the shared store answers, 0 while it does not (and with the local store).
-    pub store_up: Gauge,
-    pub store_sharing: Family<OutcomeLabels, Counter>,
-    pub store_fallbacks: Family<KindLabels, Counter>,
-    pub upgrades: Family<RouteLabels, Counter>,
-    pub tunnels_open: Gauge,
-    pub tunnel_bytes: Family<TunnelBytesLabels, Counter>,
-    pub requests_cut: Family<CutLabels, Counter>,
-    pub identity_call_duration: Family<IdentityCallLabels, Histogram, fn() -> Histogram>,
-    /// tokenbroker's own refusals and failures, by the error table's code.
-    pub errors: Family<ErrorLabels, Counter>,
-    pub tls_handshake_failures: Family<HandshakeLabels, Counter>,
-    /// The config in force, its last reload, and the listeners' certificates.
-    pub config: ConfigMetrics,
-    /// The label value of a request that has no route or caller (yet).
-    none: Name,
+    /// Each set registered, by its type.
+    sets: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
 }
 
 /// Only its name: the registry is what `/metrics` shows.
@@ -310,10 +86,12 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
+    /// A registry with the process metrics, `build_info` and `telemetry_export_failures`; the
+    /// subsystems add their sets.
     pub fn new() -> Arc<Metrics> {
         let mut root = Registry::default();
         root.register_collector(Box::new(ProcessCollector));
-        let registry = root.sub_registry_with_prefix("tokenbroker");
+        let registry = root.sub_registry_with_prefix(PREFIX);
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -326,419 +104,43 @@ impl Metrics {
             "The version and commit of this binary; always 1",
             build_info,
         );
-        let identity_call_duration =
-            Family::<IdentityCallLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                identity_histogram as fn() -> Histogram,
-            );
-        for operation in crate::identity::Operation::ALL {
-            for outcome in CALL_OUTCOMES {
-                let _ = identity_call_duration.get_or_create(&IdentityCallLabels {
-                    operation: operation.as_str(),
-                    outcome,
-                });
-            }
-        }
-        registry.register(
-            "identity_call_duration_seconds",
-            "Duration of calls to the identity service by operation and outcome (ok, transient, rejected)",
-            identity_call_duration.clone(),
-        );
-        // Every code is seeded by the proxy when it starts (`Metrics::seed_errors`).
-        let errors = Family::<ErrorLabels, Counter>::default();
-        registry.register(
-            "errors",
-            "Requests tokenbroker refused or failed itself (not the upstream's answers), by error code",
-            errors.clone(),
-        );
-        let tls_handshake_failures = Family::<HandshakeLabels, Counter>::default();
-        registry.register(
-            "tls_handshake_failures",
-            "Failed TLS handshakes on proxy listeners, by listener and reason",
-            tls_handshake_failures.clone(),
-        );
-        let config = ConfigMetrics::register(registry);
         registry.register(
             "telemetry_export_failures",
             "Span exports that failed (collector unreachable or answering an error): their spans are dropped",
             crate::telemetry::export_failures(),
         );
-        let requests = Family::<RequestLabels, Counter>::default();
-        let request_duration =
-            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram as fn() -> Histogram,
-            );
-        let upstream_duration =
-            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram as fn() -> Histogram,
-            );
-        let token_fetches = Family::<FetchLabels, Counter>::default();
-        let token_expiry_seconds = Family::<CallerKindLabels, Gauge>::default();
-        let token_waiters = Family::<CallerLabels, Counter>::default();
-        let config_reloads = Family::<OutcomeLabels, Counter>::default();
-        for outcome in ["ok", "rejected"] {
-            let _ = config_reloads.get_or_create(&OutcomeLabels { outcome });
-        }
-        for kind in ["admin_bearer", "create", "regenerate", "exchange"] {
-            for outcome in CALL_OUTCOMES {
-                let _ = token_fetches.get_or_create(&FetchLabels { kind, outcome });
-            }
-        }
-        let connections_open = Gauge::default();
-        let connections_parked = Gauge::default();
-        let token_renewals = Family::<TriggerLabels, Counter>::default();
-        let token_ladder_steps = Family::<StepLabels, Counter>::default();
-        let token_waits = Family::<OutcomeLabels, Counter>::default();
-        let upstream_rejections = Family::<OutcomeLabels, Counter>::default();
-        let identity_probes = Family::<OutcomeLabels, Counter>::default();
-        let identity_state = Family::<StateLabels, Gauge>::default();
-        // every series present from the start, at zero
-        for trigger in ["request", "schedule", "upstream_401", "recovery"] {
-            let _ = token_renewals.get_or_create(&TriggerLabels { trigger });
-        }
-        for step in ["create", "admin_bearer"] {
-            let _ = token_ladder_steps.get_or_create(&StepLabels { step });
-        }
-        for outcome in ["ok", "failed", "timeout"] {
-            let _ = token_waits.get_or_create(&OutcomeLabels { outcome });
-        }
-        for outcome in ["renewed", "rate_limited"] {
-            let _ = upstream_rejections.get_or_create(&OutcomeLabels { outcome });
-        }
-        for outcome in ["ok", "failed"] {
-            let _ = identity_probes.get_or_create(&OutcomeLabels { outcome });
-        }
-        for state in IDENTITY_STATES {
-            let _ = identity_state.get_or_create(&StateLabels { state });
-        }
-        registry.register(
-            "token_renewals",
-            "Token renewals that gave a new token, by what started them",
-            token_renewals.clone(),
-        );
-        registry.register(
-            "token_ladder_steps",
-            "Recovery steps taken after a definitive refusal (create after a refused regenerate, a new admin bearer after a refused one)",
-            token_ladder_steps.clone(),
-        );
-        registry.register(
-            "token_waits",
-            "Requests that waited for a renewal in flight, by outcome (ok, failed, timeout after tokens.max_wait)",
-            token_waits.clone(),
-        );
-        registry.register(
-            "upstream_rejections",
-            "Upstream 401s for a current token: renewed, or passed on because the caller renewed on a 401 less than tokens.min_renew_interval ago",
-            upstream_rejections.clone(),
-        );
-        registry.register(
-            "identity_probes",
-            "Probes sent to the identity service while its breaker was half-open, by outcome",
-            identity_probes.clone(),
-        );
-        registry.register(
-            "identity_service_state",
-            "The identity service's breaker: 1 for the current state (closed, open, half_open)",
-            identity_state.clone(),
-        );
-        let store_operations = Family::<StoreOpLabels, Counter>::default();
-        let store_lease_acquisitions = Family::<OutcomeLabels, Counter>::default();
-        let store_up = Gauge::default();
-        let store_sharing = Family::<OutcomeLabels, Counter>::default();
-        let store_fallbacks = Family::<KindLabels, Counter>::default();
-        for outcome in ["written", "refused", "failed", "adopted"] {
-            let _ = store_sharing.get_or_create(&OutcomeLabels { outcome });
-        }
-        for kind in ["renewal", "local_api_token"] {
-            let _ = store_fallbacks.get_or_create(&KindLabels { kind });
-        }
-        registry.register(
-            "store_sharing",
-            "Shared-store records this replica wrote, whose write was refused or failed, or that it adopted from another replica",
-            store_sharing.clone(),
-        );
-        registry.register(
-            "store_fallbacks",
-            "Renewals without the shared store (renewal), and replica-local API tokens created while it was unreachable (local_api_token)",
-            store_fallbacks.clone(),
-        );
-        let upgrades = Family::<RouteLabels, Counter>::default();
-        let tunnels_open = Gauge::default();
-        let tunnel_bytes = Family::<TunnelBytesLabels, Counter>::default();
-        let requests_cut = Family::<CutLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Proxied requests by route, caller and status class",
-            requests.clone(),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time from request received to response headers sent",
-            request_duration.clone(),
-        );
-        registry.register(
-            "upstream_duration_seconds",
-            "Time from forwarding to upstream response headers",
-            upstream_duration.clone(),
-        );
-        registry.register(
-            "token_fetches",
-            "Calls to the identity service by kind and outcome",
-            token_fetches.clone(),
-        );
-        registry.register(
-            "token_expiry_seconds",
-            "Seconds until the caller's current token expires",
-            token_expiry_seconds.clone(),
-        );
-        registry.register(
-            "token_waiters",
-            "Requests that waited on a token fetch in flight",
-            token_waiters.clone(),
-        );
-        registry.register(
-            "config_reloads",
-            "Configuration reloads by outcome",
-            config_reloads.clone(),
-        );
-        registry.register(
-            "connections_open",
-            "Open client connections on proxy listeners",
-            connections_open.clone(),
-        );
-        registry.register(
-            "connections_parked",
-            "Open client connections idle and parked: waiting for their next request as bare sockets",
-            connections_parked.clone(),
-        );
-        registry.register(
-            "store_operations",
-            "Commands to the shared store (Redis) by operation and outcome",
-            store_operations.clone(),
-        );
-        registry.register(
-            "store_lease_acquisitions",
-            "Attempts to take a caller's renewal lease, by outcome (acquired, busy)",
-            store_lease_acquisitions.clone(),
-        );
-        registry.register(
-            "store_up",
-            "Whether the shared store (Redis) answers: 1 or 0",
-            store_up.clone(),
-        );
-        registry.register(
-            "upgrades",
-            "Upgraded connections (e.g. WebSocket) by route",
-            upgrades.clone(),
-        );
-        registry.register(
-            "tunnels_open",
-            "Upgraded connections open now",
-            tunnels_open.clone(),
-        );
-        registry.register(
-            "tunnel_bytes",
-            "Bytes carried by upgraded connections by route and direction",
-            tunnel_bytes.clone(),
-        );
-        registry.register(
-            "requests_cut",
-            "Requests that ended without an answer, by route and reason",
-            requests_cut.clone(),
-        );
         Arc::new(Metrics {
-            registry: root,
-            requests,
-            request_duration,
-            upstream_duration,
-            token_fetches,
-            token_expiry_seconds,
-            token_waiters,
-            config_reloads,
-            connections_open,
-            connections_parked,
-            token_renewals,
-            token_ladder_steps,
-            token_waits,
-            upstream_rejections,
-            identity_probes,
-            identity_state,
-            store_operations,
-            store_lease_acquisitions,
-            store_up,
-            store_sharing,
-            store_fallbacks,
-            upgrades,
-            tunnels_open,
-            tunnel_bytes,
-            requests_cut,
-            identity_call_duration,
-            errors,
-            tls_handshake_failures,
-            config,
-            none: Name(Arc::from("-")),
+            inner: Mutex::new(Registered {
+                registry: root,
+                sets: HashMap::new(),
+            }),
         })
     }
 
-    /// Records one finished proxied request; `None` is shown as `-`.
-    pub fn record_request(
-        &self,
-        route: Option<&Arc<str>>,
-        caller: Option<&Arc<str>>,
-        status: u16,
-        total: Duration,
-        upstream: Option<Duration>,
-    ) {
-        let status_class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        let name = |n: Option<&Arc<str>>| n.map_or_else(|| self.none.clone(), |n| Name(n.clone()));
-        let route = RouteLabels { route: name(route) };
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.route.clone(),
-                caller: name(caller),
-                status_class,
-            })
-            .inc();
-        self.request_duration
-            .get_or_create(&route)
-            .observe(total.as_secs_f64());
-        if let Some(up) = upstream {
-            self.upstream_duration
-                .get_or_create(&route)
-                .observe(up.as_secs_f64());
+    /// The set `T` of this registry: registered at the first call, the same one after. Takes a
+    /// lock: a subsystem calls it when it is built and keeps the `Arc`.
+    pub fn set<T: MetricSet>(&self) -> Arc<T> {
+        let mut inner = self.lock();
+        if let Some(set) = inner.sets.get(&TypeId::of::<T>()) {
+            return Arc::clone(set)
+                .downcast::<T>()
+                .expect("a set is stored under its own type");
         }
+        let set = Arc::new(T::register(inner.registry.sub_registry_with_prefix(PREFIX)));
+        inner.sets.insert(TypeId::of::<T>(), set.clone());
+        set
     }
 
-    /// Records a request that ended without an answer (`reason`: see [`CutLabels`]).
-    pub fn record_cut(&self, route: Option<&Arc<str>>, reason: &'static str) {
-        let route = route.map_or_else(|| self.none.clone(), |n| Name(n.clone()));
-        self.requests_cut
-            .get_or_create(&CutLabels { route, reason })
-            .inc();
-    }
-
-    /// Records one call to the identity service.
-    pub fn record_fetch(&self, kind: &'static str, outcome: &'static str) {
-        self.token_fetches
-            .get_or_create(&FetchLabels { kind, outcome })
-            .inc();
-    }
-
-    pub fn record_renewal(&self, trigger: &'static str) {
-        self.token_renewals
-            .get_or_create(&TriggerLabels { trigger })
-            .inc();
-    }
-
-    pub fn record_ladder(&self, step: &'static str) {
-        self.token_ladder_steps
-            .get_or_create(&StepLabels { step })
-            .inc();
-    }
-
-    pub fn record_wait(&self, outcome: &'static str) {
-        self.token_waits
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
-    }
-
-    pub fn record_rejection(&self, outcome: &'static str) {
-        self.upstream_rejections
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
-    }
-
-    pub fn record_probe(&self, outcome: &'static str) {
-        self.identity_probes
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
-    }
-
-    /// A shared-store record this replica wrote (`written`), whose write was refused (`refused`)
-    /// or failed (`failed`), or that it adopted from another replica (`adopted`).
-    pub fn record_store_sharing(&self, outcome: &'static str) {
-        self.store_sharing
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
-    }
-
-    /// A renewal without the shared store (`renewal`), or a replica-local API token created
-    /// while it was unreachable (`local_api_token`).
-    pub fn record_store_fallback(&self, kind: &'static str) {
-        self.store_fallbacks
-            .get_or_create(&KindLabels { kind })
-            .inc();
-    }
-
-    /// Marks `state` as the breaker's current state.
-    pub fn set_identity_state(&self, state: &'static str) {
-        for s in IDENTITY_STATES {
-            self.identity_state
-                .get_or_create(&StateLabels { state: s })
-                .set(i64::from(s == state));
-        }
-    }
-
-    /// Records one command to the shared store.
-    pub fn record_store(&self, op: &'static str, outcome: &'static str) {
-        self.store_operations
-            .get_or_create(&StoreOpLabels { op, outcome })
-            .inc();
-    }
-
-    /// One identity call of `operation` that ended with `outcome` after `took`.
-    pub fn record_identity_call(
-        &self,
-        operation: &'static str,
-        outcome: &'static str,
-        took: Duration,
-    ) {
-        self.identity_call_duration
-            .get_or_create(&IdentityCallLabels { operation, outcome })
-            .observe(took.as_secs_f64());
-    }
-
-    /// A request tokenbroker answered with an error of its own table (`code`).
-    /// Puts every error code at 0, so a rate of any of them exists before the first one.
-    pub fn seed_errors(&self, codes: &[&'static str]) {
-        for &error in codes {
-            let _ = self.errors.get_or_create(&ErrorLabels { error });
-        }
-    }
-
-    pub fn record_error(&self, error: &'static str) {
-        self.errors.get_or_create(&ErrorLabels { error }).inc();
-    }
-
-    /// Every reason's series of a TLS listener, at zero.
-    pub fn add_tls_listener(&self, listener: &Arc<str>) {
-        for reason in HANDSHAKE_FAILURE_REASONS {
-            let _ = self.tls_handshake_failures.get_or_create(&HandshakeLabels {
-                listener: Name(listener.clone()),
-                reason,
-            });
-        }
-    }
-
-    /// A failed TLS handshake (`reason`: one of [`HANDSHAKE_FAILURE_REASONS`]).
-    pub fn record_handshake_failure(&self, listener: &Arc<str>, reason: &'static str) {
-        self.tls_handshake_failures
-            .get_or_create(&HandshakeLabels {
-                listener: Name(listener.clone()),
-                reason,
-            })
-            .inc();
+    fn lock(&self) -> MutexGuard<'_, Registered> {
+        // A set whose registration panicked left at most some of its families registered,
+        // which encode as they are.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The OpenMetrics 1.0 exposition of every metric (ends with `# EOF`).
     pub fn encode_openmetrics(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        prometheus_client::encoding::text::encode(&mut out, &self.lock().registry)
             .expect("writing to a String cannot fail");
         out
     }
@@ -1012,41 +414,34 @@ tb_open 2\n# TYPE tb_odd untyped\ntb_odd 3\n"
         assert!(live.resident_bytes > 0 && live.open_fds > 0, "{live:?}");
     }
 
+    /// A set for the tests: one counter.
+    struct Probe(prometheus_client::metrics::counter::Counter);
+
+    impl MetricSet for Probe {
+        fn register(registry: &mut Registry) -> Self {
+            let counter = prometheus_client::metrics::counter::Counter::default();
+            registry.register("probe", "A test counter", counter.clone());
+            Probe(counter)
+        }
+    }
+
     #[test]
-    fn records_show_up_in_the_exposition() {
+    fn a_set_is_registered_once_and_shared() {
         let m = Metrics::new();
-        m.record_request(
-            Some(&Arc::from("api")),
-            Some(&Arc::from("billing")),
-            204,
-            Duration::from_millis(3),
-            Some(Duration::from_millis(2)),
-        );
-        m.record_request(None, None, 401, Duration::from_millis(1), None);
-        m.record_fetch("create", "ok");
+        let first = m.set::<Probe>();
+        let again = m.set::<Probe>();
+        assert!(Arc::ptr_eq(&first, &again));
+        again.0.inc();
         let text = m.encode();
-        assert!(
-            text.contains(
-                r#"tokenbroker_requests_total{route="api",caller="billing",status_class="2xx"} 1"#
-            ),
+        assert_eq!(
+            text.matches("# TYPE tokenbroker_probe counter").count(),
+            1,
             "{text}"
         );
+        assert!(text.contains("tokenbroker_probe_total 1"), "{text}");
+        // after the families of this module
         assert!(
-            text.contains(r#"tokenbroker_token_fetches_total{kind="create",outcome="ok"} 1"#),
-            "{text}"
-        );
-        assert!(
-            text.contains("tokenbroker_upstream_duration_seconds_count{route=\"api\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                r#"tokenbroker_requests_total{route="-",caller="-",status_class="4xx"} 1"#
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("tokenbroker_request_duration_seconds_count{route=\"-\"} 1"),
+            text.find("tokenbroker_build_info") < text.find("tokenbroker_probe"),
             "{text}"
         );
     }

@@ -13,6 +13,7 @@
 //! - [`service`]: one request, as its phases from admission to the log line
 //! - [`log`]: the request log line and its one writer
 //! - [`error`]: the error table
+//! - [`metrics`]: the proxy's metric families, which the listeners and the request path record
 //!
 //! What a request sees of the config is one immutable [`State`], swapped atomically by
 //! [`ProxyHandle::reconfigure`]; a request keeps the `State` it started with.
@@ -27,6 +28,7 @@ mod identify;
 mod io;
 mod listener;
 mod log;
+pub mod metrics;
 pub mod rewrite;
 mod route;
 mod service;
@@ -46,6 +48,7 @@ use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
 use crate::server::Shutdown;
 use crate::token::{Rejection, TokenResult, TokenUnavailable};
+pub use metrics::ProxyMetrics;
 
 pub use crate::tls::server::ListenerTls;
 pub use admit::check_head;
@@ -126,7 +129,7 @@ impl State {
 pub(crate) struct Shared<T> {
     pub state: Arc<ArcSwap<State>>,
     pub tokens: Arc<T>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<ProxyMetrics>,
 }
 
 /// The running proxy: every configured listener, bound.
@@ -159,7 +162,7 @@ impl ProxyHandle {
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
     ) -> Result<ProxyHandle, StartError> {
-        metrics.seed_errors(&ProxyError::CODES);
+        let metrics = metrics.set::<ProxyMetrics>();
         let state = Arc::new(ArcSwap::from_pointee(State::from_config(&config)?));
         let shared = Arc::new(Shared {
             state: state.clone(),

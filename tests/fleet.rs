@@ -14,7 +14,7 @@ use futures_util::future::BoxFuture;
 
 use support::fake_identity::{FakeIdentity, Op};
 use tokenbroker::broker::store::{MemoryStore, TokenStore};
-use tokenbroker::broker::{Broker, IdentityService};
+use tokenbroker::broker::{Broker, BrokerMetrics, IdentityService};
 use tokenbroker::config::{Config, TokenPolicy};
 use tokenbroker::identity::{AccessToken, ApiToken, CreateRequest, IdentityError};
 use tokenbroker::metrics::{Metrics, OutcomeLabels};
@@ -127,6 +127,7 @@ impl Replica {
 
     fn shared_outcome(&self, outcome: &'static str) -> u64 {
         self.metrics
+            .set::<BrokerMetrics>()
             .store_sharing
             .get_or_create(&OutcomeLabels { outcome })
             .get()

@@ -13,9 +13,9 @@ use tracing::Instrument;
 use super::caller::CallerState;
 use super::health::{Health, Observed};
 use super::policy::Timing;
+use super::BrokerMetrics;
 use super::IdentityService;
 use crate::identity::{ErrorClass, IdentityError, Operation};
-use crate::metrics::Metrics;
 
 /// How many identity calls may be in flight at once.
 const MAX_CONCURRENT_CALLS: usize = 16;
@@ -75,11 +75,11 @@ pub(super) struct Gateway {
     calls: Semaphore,
     /// The identity service's health: the breaker every caller shares.
     pub health: Health,
-    metrics: Arc<Metrics>,
+    metrics: Arc<BrokerMetrics>,
 }
 
 impl Gateway {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<BrokerMetrics>) -> Self {
         Gateway {
             calls: Semaphore::new(MAX_CONCURRENT_CALLS),
             health: Health::default(),

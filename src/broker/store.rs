@@ -2,13 +2,15 @@
 //! renewed under a fenced per-caller lease. This module owns the [`TokenStore`] contract, the
 //! record format (what is stored, sealed, under which key) and the types the broker sees;
 //! `redis.rs` owns the commands and the Lua scripts (`[store] kind = "redis"`, layout in
-//! `docs/shared-store.md`), `memory.rs` the same contract in one process, for tests.
+//! `docs/shared-store.md`), `memory.rs` the same contract in one process, for tests;
+//! [`metrics`] the store's metric families.
 //!
 //! Must never: be called per proxied request (requests use the tokens in memory; the store is
 //! read and written only when a token changes), write a token in clear, or wait on Redis without
 //! a bound.
 
 mod memory;
+pub mod metrics;
 mod redis;
 
 use std::sync::Mutex;
@@ -19,6 +21,7 @@ use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
 pub use self::memory::MemoryStore;
+pub use self::metrics::StoreMetrics;
 pub use self::redis::RedisStore;
 use crate::seal::{self, SealError, SealKey, SealKeys};
 use crate::secret::Secret;

@@ -26,8 +26,8 @@ use hyper::body::Incoming;
 use super::admit::{self, BodySize};
 use super::error::ProxyError;
 use super::log::Logged;
+use super::ProxyMetrics;
 use crate::config::{Config, RouteConfig};
-use crate::metrics::Metrics;
 
 mod pool;
 
@@ -44,7 +44,7 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// An upstream's response body; a failure while it streams (broken framing, a reset, a cut)
     /// is counted in these metrics as [`upstream_body_failed`].
-    Stream(UpstreamBody, Arc<Metrics>),
+    Stream(UpstreamBody, Arc<ProxyMetrics>),
     /// The caller's streamed request body, under `limits.max_body_bytes`, and the count of its
     /// bytes read so far (for the log line); its read errors are marked as the caller's
     /// ([`CallerBodyError`]).

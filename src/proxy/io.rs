@@ -51,14 +51,14 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::service::{self, ConnInfo};
-use crate::metrics::Metrics;
+use super::ProxyMetrics;
 
 /// A stream that reports to its connection's [`Activity`].
 pub struct Watched<S> {
     /// `None` once parked.
     inner: Option<S>,
     conn: Arc<ConnInfo>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ProxyMetrics>,
     scanner: Scanner,
     /// The request path's answer, written instead of hyper's bare one.
     replacement: Option<Replacement>,
@@ -74,7 +74,7 @@ impl<S> Watched<S> {
     pub fn new(
         inner: S,
         conn: Arc<ConnInfo>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ProxyMetrics>,
         park: Option<Arc<Park<S>>>,
     ) -> Self {
         // A new stream or one that parked: every answer that ended so far is out.
@@ -244,6 +244,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
     use std::future::poll_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -252,7 +253,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(4096);
         let conn = Arc::new(ConnInfo::new("test", "127.0.0.1:9".parse().unwrap()));
         let park = Arc::new(Park::default());
-        let stream = Watched::new(server, conn, Metrics::new(), Some(park.clone()));
+        let stream = Watched::new(server, conn, Metrics::new().set(), Some(park.clone()));
         (stream, client, park)
     }
 

@@ -51,9 +51,9 @@ use tokio_rustls::TlsAcceptor;
 
 use super::io::{InFlightBody, Park, Readable, Watched};
 use super::service::{self, ConnInfo};
+use super::ProxyMetrics;
 use super::{Shared, StartError, TokenSource};
 use crate::config::{Config, Limits};
-use crate::metrics::Metrics;
 use crate::server::Shutdown;
 use crate::tls::server as tls;
 
@@ -225,10 +225,10 @@ impl std::fmt::Debug for ConnHold {
 }
 
 /// Counts an open connection in the metrics while alive.
-struct OpenConnection(Arc<Metrics>);
+struct OpenConnection(Arc<ProxyMetrics>);
 
 impl OpenConnection {
-    fn new(metrics: &Arc<Metrics>) -> Self {
+    fn new(metrics: &Arc<ProxyMetrics>) -> Self {
         metrics.connections_open.inc();
         OpenConnection(metrics.clone())
     }
@@ -447,10 +447,10 @@ fn park_after(limits: &Limits) -> Duration {
 }
 
 /// Counts a parked connection in the metrics while alive.
-struct ParkedConnection(Arc<Metrics>);
+struct ParkedConnection(Arc<ProxyMetrics>);
 
 impl ParkedConnection {
-    fn new(metrics: &Arc<Metrics>) -> Self {
+    fn new(metrics: &Arc<ProxyMetrics>) -> Self {
         metrics.connections_parked.inc();
         ParkedConnection(metrics.clone())
     }

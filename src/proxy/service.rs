@@ -41,8 +41,8 @@ use super::upgrade::{self, Tunnel};
 use super::{identify, ConnIdentity, ProxyError, Shared, State, TokenSource};
 use tracing::Instrument;
 
+use super::ProxyMetrics;
 use crate::config::Limits;
-use crate::metrics::Metrics;
 use crate::telemetry;
 use crate::token::{InjectToken, Rejection};
 
@@ -94,7 +94,7 @@ struct Pending<'a> {
     outcome: Outcome<'a>,
     answered: bool,
     conn: &'a ConnInfo,
-    metrics: &'a Metrics,
+    metrics: &'a ProxyMetrics,
     method: &'a Method,
     request_id: &'a HeaderValue,
     started: Instant,
@@ -596,7 +596,7 @@ fn answer_caller(
     route: &Route,
     conn: &ConnInfo,
     limits: &Limits,
-    metrics: &Arc<Metrics>,
+    metrics: &Arc<ProxyMetrics>,
     request_id: &HeaderValue,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -684,7 +684,7 @@ fn replay_body(body: &Option<Bytes>) -> ProxyBody {
 pub(crate) fn answer_refused(
     refusal: HypersRefusal,
     conn: &ConnInfo,
-    metrics: &Metrics,
+    metrics: &ProxyMetrics,
 ) -> Vec<u8> {
     let status = refusal.status;
     let id = rewrite::request_id(&HeaderMap::new());

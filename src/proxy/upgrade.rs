@@ -36,8 +36,9 @@ use tokio::time::{interval_at, Instant};
 use super::error::ProxyError;
 use super::io::Activity;
 use super::listener::ConnHold;
+use super::metrics::{ProxyMetrics, RouteLabels, TunnelBytesLabels};
 use super::route::Route;
-use crate::metrics::{Metrics, Name, RouteLabels, TunnelBytesLabels};
+use crate::metrics::Name;
 
 /// The protocol names (without `/version`) in `Upgrade` header values.
 fn protocols<'h>(values: impl Iterator<Item = &'h HeaderValue>) -> impl Iterator<Item = &'h [u8]> {
@@ -115,7 +116,7 @@ pub fn check_switch(
 }
 
 /// Decrements `tunnels_open` when a tunnel ends, however it ends.
-struct OpenTunnel(Arc<Metrics>);
+struct OpenTunnel(Arc<ProxyMetrics>);
 
 impl Drop for OpenTunnel {
     fn drop(&mut self) {
@@ -128,7 +129,7 @@ pub(crate) struct Tunnel {
     pub caller: OnUpgrade,
     pub upstream: OnUpgrade,
     pub route: Arc<str>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<ProxyMetrics>,
     /// The client connection's slot and shutdown deadline (`None` outside a listener).
     pub hold: Option<Arc<ConnHold>>,
     pub activity: Arc<Activity>,

@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
 use super::super::repeats::Repeats;
+use super::StoreMetrics;
 use super::{
     events_channel, lease_key, open_record, parse_event, record_key, seal_record, Lease,
     LeaseHolder, Record, StoreError, StoreEvent, StoredTokens, TokenStore, WriteOutcome,
@@ -121,7 +122,7 @@ struct Inner {
     owner: String,
     replica: String,
     lease_ttl: Duration,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
     shutdown: watch::Sender<bool>,
     take: Script,
     renew: Script,
@@ -148,47 +149,14 @@ impl Inner {
     }
 }
 
-/// Every (op, outcome) pair the store records, created at start so that they show from the
-/// first scrape.
-const OP_OUTCOMES: &[(&str, &[&str])] = &[
-    ("read", &["ok", "error", "timeout", "invalid"]),
-    (
-        "write",
-        &[
-            "written",
-            "stale",
-            "lease_lost",
-            "error",
-            "timeout",
-            "invalid",
-        ],
-    ),
-    ("try_lease", &["ok", "error", "timeout"]),
-    ("renew", &["ok", "lost", "error", "timeout"]),
-    ("release", &["ok", "error", "timeout"]),
-    ("lease_holder", &["ok", "error", "timeout"]),
-    ("subscribe", &["ok", "error", "timeout"]),
-];
-
 impl RedisStore {
     /// Sets up the store without waiting for Redis: a Redis that is down at start is connected
     /// to on first use. Fails only on settings that can never work (a bad URL or CA file).
     /// Needs a Tokio runtime.
     pub fn connect(config: &RedisConfig, metrics: Arc<Metrics>) -> Result<RedisStore, StoreError> {
         let servers = Arc::new(servers::Servers::connect(config)?);
-        for (op, outcomes) in OP_OUTCOMES {
-            for outcome in *outcomes {
-                let _ = metrics
-                    .store_operations
-                    .get_or_create(&crate::metrics::StoreOpLabels { op, outcome });
-            }
-        }
-        for outcome in ["acquired", "busy", "taken_over"] {
-            let _ = metrics
-                .store_lease_acquisitions
-                .get_or_create(&crate::metrics::OutcomeLabels { outcome });
-        }
-        metrics.store_up.set(0);
+        let metrics = metrics.set::<StoreMetrics>();
+        metrics.seed();
         let replica = replica_id();
         let owner = format!("{replica}/{:032x}", rand::random::<u128>());
         let (shutdown, _) = watch::channel(false);
@@ -285,7 +253,7 @@ impl RedisStore {
             == 1;
         self.inner
             .metrics
-            .record_store("renew", if held { "ok" } else { "lost" });
+            .record("renew", if held { "ok" } else { "lost" });
         if held {
             lease.extend(sent);
         }
@@ -297,7 +265,7 @@ impl RedisStore {
         let mut cmd = ::redis::cmd("GET");
         cmd.arg(self.inner.lease_key(caller));
         let owner = self.command::<Option<String>>("lease_holder", &cmd).await?;
-        self.inner.metrics.record_store("lease_holder", "ok");
+        self.inner.metrics.record("lease_holder", "ok");
         Ok(owner.map(|owner| LeaseHolder {
             this_replica: owner == self.inner.owner,
             replica: owner
@@ -372,17 +340,17 @@ impl RedisStore {
         };
         match &result {
             Ok(_) => {
-                self.inner.metrics.store_up.set(1);
+                self.inner.metrics.set_up(true);
             }
             Err(e) => {
                 if e.is_unavailable() || matches!(e, StoreError::Auth(_)) {
-                    self.inner.metrics.store_up.set(0);
+                    self.inner.metrics.set_up(false);
                 } else {
                     // Redis answered (with an error): it is up.
-                    self.inner.metrics.store_up.set(1);
+                    self.inner.metrics.set_up(true);
                 }
                 if !matches!(e, StoreError::Redis(m) if m.contains("TBFOREIGN")) {
-                    self.inner.metrics.record_store(op, e.outcome());
+                    self.inner.metrics.record(op, e.outcome());
                 }
                 tracing::debug!(op, error = %e, "store command failed");
             }
@@ -420,7 +388,7 @@ impl TokenStore for RedisStore {
             Ok(_) => "ok",
             Err(e) => e.outcome(),
         };
-        self.inner.metrics.record_store("read", label);
+        self.inner.metrics.record("read", label);
         outcome
     }
 
@@ -446,17 +414,13 @@ impl TokenStore for RedisStore {
                 invocation.invoke_async::<(i64, String)>(&mut conn).await
             })
             .await?;
-        self.inner.metrics.record_store("try_lease", "ok");
+        self.inner.metrics.record("try_lease", "ok");
         let outcome = match code {
             0 => "busy",
             1 => "acquired",
             _ => "taken_over",
         };
-        self.inner
-            .metrics
-            .store_lease_acquisitions
-            .get_or_create(&crate::metrics::OutcomeLabels { outcome })
-            .inc();
+        self.inner.metrics.record_lease(outcome);
         if code == 0 {
             return Ok(Err(holder));
         }
@@ -509,7 +473,7 @@ impl TokenStore for RedisStore {
             })
             .await?
             == 1;
-        self.inner.metrics.record_store("release", "ok");
+        self.inner.metrics.record("release", "ok");
         Ok(released)
     }
 
@@ -553,7 +517,7 @@ impl TokenStore for RedisStore {
                         .map_or(what.as_str(), |p| p.1)
                         .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
                         .to_string();
-                    self.inner.metrics.record_store("write", "invalid");
+                    self.inner.metrics.record("write", "invalid");
                     StoreError::Foreign {
                         key: key.clone(),
                         what,
@@ -576,7 +540,7 @@ impl TokenStore for RedisStore {
             WriteOutcome::Stale(_) => "stale",
             WriteOutcome::LeaseLost => "lease_lost",
         };
-        self.inner.metrics.record_store("write", label);
+        self.inner.metrics.record("write", label);
         if matches!(outcome, WriteOutcome::Written(_)) && self.inner.servers.replicated() {
             self.await_replica(caller).await;
         }
@@ -654,7 +618,7 @@ fn replica_id() -> String {
 struct Subscriber {
     servers: Arc<servers::Servers>,
     channel: String,
-    metrics: Arc<Metrics>,
+    metrics: Arc<StoreMetrics>,
     shutdown: watch::Receiver<bool>,
     tx: mpsc::Sender<StoreEvent>,
 }
@@ -675,8 +639,8 @@ impl Subscriber {
             };
             match connected {
                 Ok(pubsub) => {
-                    self.metrics.record_store("subscribe", "ok");
-                    self.metrics.store_up.set(1);
+                    self.metrics.record("subscribe", "ok");
+                    self.metrics.set_up(true);
                     backoff = RESUBSCRIBE_MIN;
                     tracing::info!(channel = %self.channel, "subscribed to store changes");
                     if self.send(StoreEvent::Resync).await.is_err() {
@@ -685,14 +649,14 @@ impl Subscriber {
                     match self.pump(pubsub).await {
                         Pumped::Stop => return,
                         Pumped::Lost(why) => {
-                            self.metrics.store_up.set(0);
+                            self.metrics.set_up(false);
                             tracing::warn!(reason = %why, "store subscription lost; reconnecting");
                         }
                     }
                 }
                 Err(e) => {
-                    self.metrics.record_store("subscribe", e.outcome());
-                    self.metrics.store_up.set(0);
+                    self.metrics.record("subscribe", e.outcome());
+                    self.metrics.set_up(false);
                     if let Some(repeated) = failures.admit(tokio::time::Instant::now()) {
                         tracing::warn!(error = %e, retry_in = ?backoff, repeated,
                             "cannot subscribe to store changes");
