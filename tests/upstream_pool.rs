@@ -1,7 +1,8 @@
 //! The upstream connection pool over real sockets: HTTP/1.1 connections are reused while their
 //! answers are read to the end and closed when one is left unread; an HTTPS upstream that offers
 //! h2 gets one shared HTTP/2 connection; idle connections close after `limits.idle_timeout`; an
-//! upstream that closes after every answer loses no request.
+//! upstream that closes after every answer loses no request; bytes an upstream sends after an
+//! answer never answer the next request.
 //! Real emulator (tokens), real tokenbroker, a fake upstream counting its connections.
 
 #[path = "support/proxy_config.rs"]
@@ -29,8 +30,9 @@ use upstream::FakeUpstream;
 const ADMIN_SECRET: &str = "admin-secret-for-pool-tests";
 const KEY: (&str, &str) = ("Proxy-Authorization", "Bearer alice-key");
 
-/// Emulator, a plain and a TLS fake upstream, a raw upstream that closes after each answer, and
-/// tokenbroker with routes `/up` (plain), `/tls` (HTTPS, h2 offered) and `/closing` (raw).
+/// Emulator, a plain and a TLS fake upstream, a raw upstream that closes after each answer, one
+/// that smuggles an answer after its first, and tokenbroker with routes `/up` (plain), `/tls`
+/// (HTTPS, h2 offered), `/closing` and `/smuggler` (raw).
 struct Fixture {
     _emu: Emulator,
     up: FakeUpstream,
@@ -51,6 +53,7 @@ impl Fixture {
         let up_tls = FakeUpstream::start_tls().await;
         let (closing, closing_heads) =
             raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        let smuggler = smuggling_upstream().await;
         let mut tls_route = route(
             "tls",
             "/tls",
@@ -69,6 +72,12 @@ impl Fixture {
                     "closing",
                     "/closing",
                     format!("http://{closing}/"),
+                    &["alice"],
+                ),
+                route(
+                    "smuggler",
+                    "/smuggler",
+                    format!("http://{smuggler}/"),
                     &["alice"],
                 ),
             ],
@@ -204,4 +213,48 @@ async fn an_upstream_that_closes_after_every_answer_loses_no_request() {
         "{}",
         heads[19]
     );
+}
+
+/// An upstream that answers its first request with one answer too many in the same write (a
+/// response smuggled after the real one) and every later request, on any connection, with
+/// `good`; keeps its connections open.
+async fn smuggling_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let first = first.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let answer: &[u8] = match first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        true => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!",
+                        false => b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood",
+                    };
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn bytes_after_an_answer_never_answer_the_next_request() {
+    let f = Fixture::start(Limits::default()).await;
+    assert_eq!(f.ok("GET", "/smuggler/1", b"").await, "ok");
+    for i in 2..6 {
+        let body = f.ok("GET", &format!("/smuggler/{i}"), b"").await;
+        assert_eq!(body, "good", "request {i} got a stray answer");
+    }
 }
