@@ -2,7 +2,7 @@
 //! answers are read to the end and closed when one is left unread; an HTTPS upstream that offers
 //! h2 gets one shared HTTP/2 connection; idle connections close after `limits.idle_timeout`; an
 //! upstream that closes after every answer loses no request; bytes an upstream sends after an
-//! answer never answer the next request.
+//! answer never answer the next request; no connection within `connect_timeout` is a 504.
 //! Real emulator (tokens), real tokenbroker, a fake upstream counting its connections.
 
 #[path = "support/proxy_config.rs"]
@@ -32,12 +32,14 @@ const KEY: (&str, &str) = ("Proxy-Authorization", "Bearer alice-key");
 
 /// Emulator, a plain and a TLS fake upstream, a raw upstream that closes after each answer, one
 /// that smuggles an answer after its first, and tokenbroker with routes `/up` (plain), `/tls`
-/// (HTTPS, h2 offered), `/closing` and `/smuggler` (raw).
+/// (HTTPS, h2 offered), `/closing` and `/smuggler` (raw), and `/silent` (a listener that takes no
+/// connection; `connect_timeout` 300 ms).
 struct Fixture {
     _emu: Emulator,
     up: FakeUpstream,
     up_tls: FakeUpstream,
     closing_heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _unanswering: (tokio::net::TcpListener, Vec<TcpStream>),
     app: AppHandle,
 }
 
@@ -54,6 +56,14 @@ impl Fixture {
         let (closing, closing_heads) =
             raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
         let smuggler = smuggling_upstream().await;
+        let unanswering = unanswering_upstream().await;
+        let mut silent = route(
+            "silent",
+            "/silent",
+            format!("http://{}/", unanswering.0.local_addr().unwrap()),
+            &["alice"],
+        );
+        silent.connect_timeout = Duration::from_millis(300);
         let mut tls_route = route(
             "tls",
             "/tls",
@@ -80,6 +90,7 @@ impl Fixture {
                     format!("http://{smuggler}/"),
                     &["alice"],
                 ),
+                silent,
             ],
             limits,
             ..Config::minimal(emu.identity_config("admin", &Secret::new(ADMIN_SECRET)))
@@ -90,6 +101,7 @@ impl Fixture {
             up,
             up_tls,
             closing_heads,
+            _unanswering: unanswering,
             app,
         }
     }
@@ -257,4 +269,39 @@ async fn bytes_after_an_answer_never_answer_the_next_request() {
         let body = f.ok("GET", &format!("/smuggler/{i}"), b"").await;
         assert_eq!(body, "good", "request {i} got a stray answer");
     }
+}
+
+/// A listening socket that never accepts, its accept queue filled: the kernel drops further
+/// SYNs, so a connect to it gets no answer.
+async fn unanswering_upstream() -> (tokio::net::TcpListener, Vec<TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(Ok(stream)) =
+        tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+    {
+        queued.push(stream);
+        assert!(queued.len() < 64, "the accept queue does not fill");
+    }
+    (listener, queued)
+}
+
+#[tokio::test]
+async fn no_connection_within_connect_timeout_is_an_upstream_timeout() {
+    let f = Fixture::start(Limits::default()).await;
+    let (status, _, body) = try_http("GET", &f.url("/silent/x"), &[KEY], "")
+        .await
+        .expect("an answer");
+    assert_eq!(
+        status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("upstream_timeout"), "{body}");
+    // and the proxy serves the next request
+    assert_eq!(f.ok("GET", "/up/after", b"").await, "ok");
 }

@@ -239,7 +239,8 @@ pub async fn send(
 }
 
 /// Maps a client error: a request body read past its limit (413, judged by `admit`) or one that
-/// broke off or was malformed (400) is the caller's fault, the rest is the upstream's (502).
+/// broke off or was malformed (400) is the caller's fault; no connection within
+/// `connect_timeout` is the upstream's timeout (504), the rest is the upstream's failure (502).
 fn classify(e: &PoolError) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
@@ -254,6 +255,7 @@ fn classify(e: &PoolError) -> ProxyError {
         source = err.source();
     }
     let what = match e {
+        PoolError::ConnectTimeout(_) => return ProxyError::UpstreamTimeout,
         PoolError::Connect(_) => "connect",
         PoolError::Exchange(_) => "exchange",
     };

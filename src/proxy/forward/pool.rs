@@ -44,8 +44,10 @@ use super::ProxyBody;
 /// A new connection could not be made, or a request failed on one.
 #[derive(Debug)]
 pub enum PoolError {
-    /// Resolving, connecting or the TLS handshake failed or took longer than `connect_timeout`.
+    /// Resolving, connecting or the TLS handshake failed.
     Connect(String),
+    /// They took longer than `connect_timeout`.
+    ConnectTimeout(String),
     /// The request or its response failed on the connection.
     Exchange(hyper::Error),
 }
@@ -53,7 +55,7 @@ pub enum PoolError {
 impl std::fmt::Display for PoolError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PoolError::Connect(e) => f.write_str(e),
+            PoolError::Connect(e) | PoolError::ConnectTimeout(e) => f.write_str(e),
             PoolError::Exchange(e) => e.fmt(f),
         }
     }
@@ -62,7 +64,7 @@ impl std::fmt::Display for PoolError {
 impl std::error::Error for PoolError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            PoolError::Connect(_) => None,
+            PoolError::Connect(_) | PoolError::ConnectTimeout(_) => None,
             PoolError::Exchange(e) => Some(e),
         }
     }
@@ -325,8 +327,10 @@ impl Inner {
             PoolError::Connect(format!("{}:{}: {e}", key.host(), key.port()))
         };
         let timed_out = || {
-            what(&format_args!(
-                "no connection within {:?}",
+            PoolError::ConnectTimeout(format!(
+                "{}:{}: no connection within {:?}",
+                key.host(),
+                key.port(),
                 self.connect_timeout
             ))
         };
