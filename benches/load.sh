@@ -32,7 +32,9 @@
 #     emulator, hashes the caller key and runs the amplification check.
 #   BUILD_EXAMPLES=0: do not run `cargo build --release --example idle_conns --example amplify`
 #     (the binaries must already be in target/release/examples).
-#   KEEP_LOGS=1: copy the processes' logs (not the keys) to target/bench-load/logs-<time>/ on exit.
+#   KEEP_LOGS=1: copy the processes' logs (not the keys) and oha's record of every open-loop
+#     request (oha-<load>-<leg>-<round>.sqlite: start, end, latency of each; no headers) to
+#     target/bench-load/logs-<time>/ on exit (benches/stalls.py reads them).
 #   PERF=1: after the measured runs, count each proxy's syscalls per request and record a CPU
 #     profile (perf; Debian package linux-perf) into target/bench-load/
 #
@@ -185,6 +187,7 @@ cleanup() {
       cp "$WORK"/*.log "$keep"/ 2>/dev/null || true
       cp "$WORK"/up/error.log "$keep"/upstream-error.log 2>/dev/null || true
       cp "$WORK"/px/error.log "$keep"/nginx-proxy-error.log 2>/dev/null || true
+      cp "$WORK"/oha-*.sqlite "$keep"/ 2>/dev/null || true
       echo "(logs kept in $keep)" >&2
     fi
     rm -rf "$WORK"
