@@ -305,3 +305,30 @@ async fn no_connection_within_connect_timeout_is_an_upstream_timeout() {
     // and the proxy serves the next request
     assert_eq!(f.ok("GET", "/up/after", b"").await, "ok");
 }
+
+#[tokio::test]
+async fn a_download_on_an_http2_connection_outlives_the_connections_idle_timeout() {
+    let f = Fixture::start(Limits {
+        idle_timeout: Duration::from_millis(600),
+        ..Limits::default()
+    })
+    .await;
+    // 4 MiB over h2: 64 KiB at once, the rest once released.
+    let download = try_send("GET", &f.url("/tls/stream/4"), &[KEY], "")
+        .await
+        .expect("head of the download");
+    assert_eq!(download.status(), StatusCode::OK);
+    // No new request for three idle timeouts: the pool lets the connection go (the reaper runs
+    // every half timeout), while the download is still open on it. A wait that asserts that
+    // something does not happen (the download is not cut): no event marks it.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert_eq!(f.ok("GET", "/tls/after", b"").await, "ok");
+    assert_eq!(f.up_tls.connections(), 2, "the idle connection was let go");
+    f.up_tls.release();
+    let body = tokio::time::timeout(TIMEOUT, download.into_body().collect())
+        .await
+        .expect("the download ends")
+        .expect("the download completes")
+        .to_bytes();
+    assert_eq!(body.len(), 4 * 1024 * 1024);
+}
