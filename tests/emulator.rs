@@ -645,8 +645,17 @@ async fn regenerate_keeps_the_id_and_kills_the_old_secret() {
         "invalid_grant",
     );
 
-    // dates have millisecond resolution on the wall clock: let one go by
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // dates have millisecond resolution on the wall clock: wait until it shows a later one
+    let millis = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    let created = millis();
+    while millis() <= created + 1 {
+        tokio::task::yield_now().await;
+    }
     let (status, headers, body) = regenerate(&emu, &bearer, &api_token(&old)).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(
