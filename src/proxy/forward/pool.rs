@@ -175,7 +175,9 @@ impl Pool {
         loop {
             let (conn, reused) = match self.inner.checkout(&key) {
                 Some(conn) => (conn, true),
-                None => (self.inner.connect(&key).await?, false),
+                // Boxed: a new connection is the rare path, and its future (TCP, TLS, the
+                // handshakes) would make every request's future kilobytes larger.
+                None => (Box::pin(self.inner.connect(&key)).await?, false),
             };
             match conn {
                 Conn::Http1(mut conn) => {
