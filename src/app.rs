@@ -73,6 +73,10 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
         new.limits.max_connections = old.limits.max_connections;
         kept.push("limits.max_connections");
     }
+    if old.limits.workers != new.limits.workers {
+        new.limits.workers = old.limits.workers;
+        kept.push("limits.workers");
+    }
     if old.tokens.state_file != new.tokens.state_file {
         new.tokens.state_file = old.tokens.state_file.clone();
         kept.push("tokens.state_file");
