@@ -153,7 +153,8 @@ pub async fn bind_all(
 
 /// One socket per worker on `addr`, each with `SO_REUSEPORT`, so that the kernel spreads new
 /// connections over them (by a hash of the connection's addresses and ports); with port 0, the
-/// first gets a port from the system and the others are bound to it. Linux lets sockets share a
+/// first gets a port from the system (since Linux 4.6 never one that another `SO_REUSEPORT`
+/// group holds) and the others are bound to it. Linux lets sockets share a
 /// port this way only when every one of them set `SO_REUSEPORT` and they belong to the same
 /// effective user ID: another user cannot bind into the group and take a share of the
 /// connections (a process of the same user can).
