@@ -45,7 +45,8 @@
 # them loaded at a time) run on PROXY_CPU; the load generator, the upstream nginx and the emulator
 # share LOAD_CPU. So the direct leg measures what one core of load generator + upstream can do, and
 # the proxied legs get one whole core for the proxy. With more cores, give each its own (see
-# BENCHMARKS.md).
+# BENCHMARKS.md). Pinned to one CPU, a build with worker threads runs one runtime (one usable
+# CPU); benches/workers.sh compares `[limits] workers` settings on several CPUs.
 #
 # Everything it needs it installs (apt-get: nginx wrk curl python3; cargo install oha; cargo build
 # --release), idempotently. It starts every process itself and stops them on exit; a failure in any

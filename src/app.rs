@@ -6,7 +6,10 @@
 //! nothing. `run` reloads on SIGHUP and when the config file or one of its secret or TLS files
 //! changes (polled), and keeps the config metrics (hash in force, reloads, certificate expiry)
 //! current ([`metrics`]). It registers every subsystem's metric families at start, in a fixed
-//! order, so that `/metrics` lists them all from the first scrape.
+//! order, so that `/metrics` lists them all from the first scrape. With worker threads
+//! ([`AppHandle::start_on`], which `run` uses when `cli` started workers), the proxy listeners are
+//! served on the workers and everything else here (broker, admin listener, reloads, signals)
+//! stays on the runtime that started the app.
 
 pub mod metrics;
 
@@ -72,6 +75,10 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     if old.limits.max_connections != new.limits.max_connections {
         new.limits.max_connections = old.limits.max_connections;
         kept.push("limits.max_connections");
+    }
+    if old.limits.workers != new.limits.workers {
+        new.limits.workers = old.limits.workers;
+        kept.push("limits.workers");
     }
     if old.tokens.state_file != new.tokens.state_file {
         new.tokens.state_file = old.tokens.state_file.clone();
@@ -164,9 +171,20 @@ pub struct AppHandle {
 }
 
 impl AppHandle {
-    /// Starts everything `config` describes. The admin port is bound first, so that a port
-    /// conflict is reported before any token is fetched.
+    /// Starts everything `config` describes, on the current runtime. The admin port is bound
+    /// first, so that a port conflict is reported before any token is fetched.
     pub async fn start(config: Config) -> Result<AppHandle, StartError> {
+        Self::start_on(config, &[]).await
+    }
+
+    /// Like [`AppHandle::start`], the proxy listeners served on `workers` (the worker threads'
+    /// runtimes, see [`crate::workers`]): each listener gets a socket and an accept loop on every
+    /// worker. Empty: on the current runtime. The broker, the admin listener and reloads stay on
+    /// the current runtime.
+    pub async fn start_on(
+        config: Config,
+        workers: &[tokio::runtime::Handle],
+    ) -> Result<AppHandle, StartError> {
         // One crypto provider for every rustls config in the process; a second call is a no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let config = Arc::new(config);
@@ -191,11 +209,12 @@ impl AppHandle {
         };
         let broker = Broker::start(&config, metrics.clone()).await?;
         let proxy_shutdown = Shutdown::new();
-        let proxy = match ProxyHandle::start(
+        let proxy = match ProxyHandle::start_on(
             config.clone(),
             broker.clone(),
             metrics.clone(),
             proxy_shutdown.clone(),
+            workers,
         )
         .await
         {
@@ -476,8 +495,9 @@ impl AppHandle {
     }
 }
 
-/// `tokenbroker run`: serves until SIGTERM or SIGINT, reloading on SIGHUP.
-pub async fn run(config: Config, log_json: bool) -> ExitCode {
+/// `tokenbroker run`: serves until SIGTERM or SIGINT, reloading on SIGHUP; the proxy listeners
+/// on `workers` (the worker threads' runtimes), or on the current runtime when it is empty.
+pub async fn run(config: Config, log_json: bool, workers: &[tokio::runtime::Handle]) -> ExitCode {
     let telemetry = match &config.telemetry {
         None => None,
         Some(t) => match Telemetry::start(t, TELEMETRY_EXPORT_EVERY) {
@@ -498,7 +518,13 @@ pub async fn run(config: Config, log_json: bool) -> ExitCode {
             "telemetry: exporting spans over OTLP/HTTP"
         );
     }
-    let code = serve_until_stopped(config).await;
+    if !workers.is_empty() {
+        tracing::info!(
+            workers = workers.len(),
+            "proxy listeners served by worker threads, each with its own sockets (SO_REUSEPORT)"
+        );
+    }
+    let code = serve_until_stopped(config, workers).await;
     if let Some(telemetry) = telemetry {
         // blocks until the last spans are exported, which needs the runtime's other thread
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
@@ -509,11 +535,11 @@ pub async fn run(config: Config, log_json: bool) -> ExitCode {
 /// How often spans are exported with `[telemetry]`.
 const TELEMETRY_EXPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn serve_until_stopped(config: Config) -> ExitCode {
+async fn serve_until_stopped(config: Config, workers: &[tokio::runtime::Handle]) -> ExitCode {
     let Some(mut signals) = Signals::install() else {
         return ExitCode::FAILURE;
     };
-    let app = match AppHandle::start(config).await {
+    let app = match AppHandle::start_on(config, workers).await {
         Ok(app) => app,
         Err(e) => {
             tracing::error!(error = %e, "tokenbroker could not start");

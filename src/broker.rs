@@ -168,6 +168,9 @@ pub struct Broker {
     store: Option<Arc<dyn store::TokenStore>>,
     /// Warnings of lasting conditions, by kind, let through once per interval.
     repeats: Mutex<HashMap<&'static str, repeats::Repeats>>,
+    /// The runtime the broker started on, where every renewal runs (not a proxy worker's: see
+    /// `flight`).
+    runtime: tokio::runtime::Handle,
 }
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
@@ -269,6 +272,7 @@ impl Broker {
             stop: Shutdown::new(),
             store,
             repeats: Mutex::default(),
+            runtime: tokio::runtime::Handle::current(),
         });
         broker
             .metrics
@@ -427,6 +431,7 @@ impl Broker {
         let me = self.me.upgrade();
         let task_caller = Arc::clone(c);
         c.flight.join(
+            &self.runtime,
             move || async move {
                 match me {
                     Some(broker) => broker.renew(&task_caller, trigger).await,

@@ -1,6 +1,11 @@
 //! The command line: argument definitions (clap) and what each subcommand does. `main.rs` only
 //! parses and calls [`execute`]. Exit codes: 0 success, 64 bad configuration or arguments (before
 //! any port is bound), 1 a failure while running. Nothing here prints a secret.
+//!
+//! The runtimes are made here: `run` serves the proxy listeners on worker threads, one per usable
+//! CPU unless `[limits] workers` says otherwise (`crate::workers`), and the rest on a
+//! current_thread runtime; with one worker, and for the other commands, one runtime for
+//! everything (see `block_on`).
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -151,7 +156,7 @@ impl EmulateArgs {
 pub fn execute(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config, log_json } => match config::load(&config) {
-            Ok(config) => block_on(crate::app::run(config, log_json)),
+            Ok(config) => run(config, log_json),
             Err(errors) => {
                 eprintln!("{}", problems(&errors));
                 eprintln!("tokenbroker: not started");
@@ -271,6 +276,44 @@ pub fn summary(c: &Config) -> String {
         c.identity.base_url,
         store
     )
+}
+
+/// `tokenbroker run`. With `[limits] workers` (0, the default: one per usable CPU) above 1: the
+/// proxy listeners are served by that many worker threads, each a current_thread runtime with its
+/// own `SO_REUSEPORT` sockets (see [`crate::workers`]), and the control plane (broker renewals,
+/// admin listener, reloads, signals, telemetry) by a current_thread runtime on this thread: it is
+/// mostly asleep on timers, and a runtime of several threads would only add threads competing
+/// with the workers for the same CPUs, and take the control plane's wake-ups to other threads.
+/// With 1 worker (one usable CPU, or `workers = 1`): everything on one runtime, as [`block_on`]
+/// picks it.
+fn run(config: Config, log_json: bool) -> ExitCode {
+    let n = crate::workers::count(config.limits.workers);
+    if n <= 1 {
+        return block_on(crate::app::run(config, log_json, &[]));
+    }
+    let workers = match crate::workers::Workers::start(n) {
+        Ok(workers) => workers,
+        Err(e) => {
+            eprintln!("tokenbroker: cannot start the worker threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tokenbroker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(crate::app::run(config, log_json, workers.runtimes()));
+    // The proxy has drained: the workers stop (idle upstream connections are dropped there), then
+    // the control plane's runtime.
+    workers.stop();
+    drop(runtime);
+    code
 }
 
 /// Runs the command on tokio: on one thread when the process may use one CPU only (a container's

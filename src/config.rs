@@ -332,6 +332,9 @@ pub struct RouteConfig {
     pub response_timeout: Duration,
 }
 
+/// The most worker threads `limits.workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub header_read_timeout: Duration,
@@ -347,6 +350,9 @@ pub struct Limits {
     pub drain: Duration,
     /// Repeated slashes in a request path are merged (`//a` is `/a`); off: refused with 400.
     pub merge_slashes: bool,
+    /// Worker threads of `tokenbroker run`, each a runtime with its own listening sockets (see
+    /// [`crate::workers`]): 0, one per usable CPU; 1, one runtime for everything.
+    pub workers: usize,
 }
 
 impl Default for Limits {
@@ -361,6 +367,7 @@ impl Default for Limits {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             drain: DEFAULT_DRAIN,
             merge_slashes: DEFAULT_MERGE_SLASHES,
+            workers: 0,
         }
     }
 }

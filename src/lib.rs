@@ -13,6 +13,7 @@
 //! - [`emulator`]: a strict emulator of the identity service and an echo upstream
 //! - [`server`]: the shared accept loop and shutdown signal
 //! - [`telemetry`]: OpenTelemetry traces (off unless `[telemetry]` is set)
+//! - [`workers`]: the data path's worker threads, a runtime per core (`[limits] workers`)
 
 pub mod admin;
 pub mod app;
@@ -32,3 +33,4 @@ pub mod server;
 pub mod telemetry;
 pub(crate) mod tls;
 pub mod token;
+pub mod workers;

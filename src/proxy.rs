@@ -1,7 +1,8 @@
 //! The proxy data path: listeners (plain, TLS, mTLS), caller identification, routing, header
 //! rewrite, forwarding, error responses.
 //!
-//! - [`listener`]: accept loops, connection limits, idle timeout, graceful drain
+//! - [`listener`]: sockets (one per worker thread with `SO_REUSEPORT`, see [`crate::workers`]),
+//!   accept loops, connection limits, idle timeout, graceful drain
 //! - [`io`]: the watched client stream (activity, HTTP/1 framing, parking, hyper's refusals seen)
 //! - [`admit`]: what a request must pass before anything else (method, framing, sizes)
 //! - [`target`]: the canonical path and authority, the one view of the request target
@@ -16,7 +17,9 @@
 //! - [`metrics`]: the proxy's metric families, which the listeners and the request path record
 //!
 //! What a request sees of the config is one immutable [`State`], swapped atomically by
-//! [`ProxyHandle::reconfigure`]; a request keeps the `State` it started with.
+//! [`ProxyHandle::reconfigure`]; a request keeps the `State` it started with. The state, the
+//! metrics, the token source and the connection limit are shared by every worker thread;
+//! client connections and (through the pool's per-worker sets) upstream connections are not.
 //!
 //! Must never: forward a request without an identified, allowed caller and a token from the
 //! broker, route or forward anything but the canonical target, or print a caller key or a token.
@@ -162,6 +165,21 @@ impl ProxyHandle {
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
     ) -> Result<ProxyHandle, StartError> {
+        Self::start_on(config, tokens, metrics, shutdown, &[]).await
+    }
+
+    /// [`ProxyHandle::start_with`], serving on `workers` (the worker threads' runtimes, see
+    /// [`crate::workers`]): every listener is bound once per worker, on one address with
+    /// `SO_REUSEPORT`, and each socket has its accept loop, and its connections, on its worker.
+    /// Empty: one socket and accept loop per listener on the current runtime. The connection
+    /// limit, the state and the drain are the same for all.
+    pub async fn start_on<T: TokenSource>(
+        config: Arc<Config>,
+        tokens: Arc<T>,
+        metrics: Arc<Metrics>,
+        shutdown: Shutdown,
+        workers: &[tokio::runtime::Handle],
+    ) -> Result<ProxyHandle, StartError> {
         let metrics = metrics.set::<ProxyMetrics>();
         let state = Arc::new(ArcSwap::from_pointee(State::from_config(&config)?));
         let shared = Arc::new(Shared {
@@ -170,7 +188,7 @@ impl ProxyHandle {
             metrics,
         });
         let (drain_tx, drained) = mpsc::channel(1);
-        let listeners = listener::bind_all(&config).await?;
+        let listeners = listener::bind_all(&config, workers).await?;
         let addrs = listeners
             .iter()
             .map(|l| (l.name().to_string(), l.local_addr()))
@@ -224,8 +242,8 @@ impl ProxyHandle {
         Ok(())
     }
 
-    /// Resolves when every listener has stopped and in-flight requests have drained (or the
-    /// grace period passed) after shutdown was triggered.
+    /// Resolves when every listener (on every worker) has stopped and in-flight requests have
+    /// drained (or the grace period passed) after shutdown was triggered.
     pub async fn wait(mut self) {
         self.shutdown.wait().await;
         for task in self.accept_tasks.drain(..) {

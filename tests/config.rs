@@ -1166,6 +1166,37 @@ fn upgrades_merge_slashes_and_canonical_prefixes() {
 }
 
 #[test]
+fn workers_default_to_one_per_cpu_and_nonsense_is_refused() {
+    let dir = folder();
+    assert_eq!(load(dir.path(), &base()).unwrap().limits.workers, 0);
+    for n in [0, 1, 2, 64, config::MAX_WORKERS] {
+        let text = format!("{}\n[limits]\nworkers = {n}\n", base());
+        assert_eq!(load(dir.path(), &text).unwrap().limits.workers, n);
+    }
+    for bad in ["-1", "1025", "100000000000"] {
+        let all = problems(&format!("{}\n[limits]\nworkers = {bad}\n", base()));
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert_problem(
+            &all,
+            "limits.workers",
+            &format!("{bad} is not a number of worker threads: 0 (one per usable CPU"),
+        );
+    }
+    for (bad, found) in [
+        ("\"auto\"", "string"),
+        ("2.5", "float"),
+        ("true", "boolean"),
+    ] {
+        let all = problems(&format!("{}\n[limits]\nworkers = {bad}\n", base()));
+        assert_problem(
+            &all,
+            "limits.workers",
+            &format!("expected an integer, found {found}"),
+        );
+    }
+}
+
+#[test]
 fn drain_and_the_admin_listeners_limits() {
     let dir = folder();
     let c = load(dir.path(), &base()).unwrap();

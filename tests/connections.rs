@@ -3,7 +3,8 @@
 //! header timeout or at once; a request followed by a half-close is answered; at shutdown HTTP/1
 //! connections drain (their next answer carries `Connection: close`, idle ones close after
 //! `limits.drain`), HTTP/2 gets GOAWAY and finishes its streams, `/readyz` is 503; and a rolling
-//! restart of three `tokenbroker run` processes under keep-alive load loses no request.
+//! restart of three `tokenbroker run` processes under keep-alive load loses no request, with one
+//! runtime per process and with two worker threads per process.
 //! Real emulator (tokens), real broker, a fake upstream; raw TCP where the bytes matter.
 
 #[path = "support/proxy_config.rs"]
@@ -501,6 +502,18 @@ async fn load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_keep_alive_load_loses_no_request() {
+    rolling_restart(1).await;
+}
+
+/// The same with every replica serving on two worker threads (`SO_REUSEPORT` sockets): each
+/// stops accepting on both and drains both at its SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_replicas_with_two_workers_loses_no_request() {
+    rolling_restart(2).await;
+}
+
+/// Three replicas (`[limits] workers` each) under keep-alive load, replaced one at a time.
+async fn rolling_restart(workers: usize) {
     let emu = Emulator::start(EmulatorConfig {
         clients: vec![("admin".into(), Secret::new(ADMIN_SECRET))],
         echo_upstream: Some("127.0.0.1:0".parse().unwrap()),
@@ -528,6 +541,7 @@ client_secret = {{ file = "client-secret" }}
 [limits]
 drain = "2s"
 shutdown_grace = "5s"
+workers = {workers}
 
 [[caller]]
 name = "load"

@@ -4,7 +4,9 @@
 //!
 //! The fetch runs in a task of its own, so a waiter that gives up (its `max_wait`, a client that
 //! went away) never cancels it half-way: a regenerate whose answer is dropped would leave the
-//! caller with a dead token and no new one.
+//! caller with a dead token and no new one. It runs on the runtime the broker started on (the
+//! main thread's, with worker threads): a request on a worker that starts a renewal waits for it
+//! there, and the identity and store connections stay with the control plane.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,9 +30,14 @@ impl<T: Clone> Default for Flight<T> {
 }
 
 impl<T: Clone + Send + Sync + 'static> Flight<T> {
-    /// The fetch in flight, or a new one made by `start` and spawned at once. `lost` is the result
-    /// should the task die (a panic).
-    pub fn join<F>(&self, start: impl FnOnce() -> F, lost: fn() -> T) -> Fetch<T>
+    /// The fetch in flight, or a new one made by `start` and spawned at once on `runtime`. `lost`
+    /// is the result should the task die (a panic).
+    pub fn join<F>(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        start: impl FnOnce() -> F,
+        lost: fn() -> T,
+    ) -> Fetch<T>
     where
         F: Future<Output = T> + Send + 'static,
     {
@@ -45,7 +52,7 @@ impl<T: Clone + Send + Sync + 'static> Flight<T> {
         let finished = Arc::clone(&done);
         // in the span of whoever started it (a request's, with telemetry on), so that the
         // identity calls it makes are that span's children
-        let task = tokio::spawn(
+        let task = runtime.spawn(
             async move {
                 let out = work.await;
                 finished.store(true, Ordering::Release);
@@ -75,6 +82,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
     use std::time::Duration;
+    use tokio::runtime::Handle;
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_joins_share_one_fetch_and_a_dropped_waiter_does_not_cancel_it() {
@@ -87,8 +95,8 @@ mod tests {
                 runs.fetch_add(1, Ordering::SeqCst) + 1
             }
         };
-        let first = flight.join(start, || 0);
-        let second = flight.join(start, || 0);
+        let first = flight.join(&Handle::current(), start, || 0);
+        let second = flight.join(&Handle::current(), start, || 0);
         assert!(flight.in_flight());
         // the first waiter gives up early
         assert!(tokio::time::timeout(Duration::from_millis(10), first)
@@ -98,13 +106,13 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(!flight.in_flight());
         // a later join starts a new fetch
-        assert_eq!(flight.join(start, || 0).await, 2);
+        assert_eq!(flight.join(&Handle::current(), start, || 0).await, 2);
     }
 
     #[tokio::test]
     async fn a_panicking_fetch_gives_the_lost_result() {
         let flight: Flight<u32> = Flight::default();
-        let fetch = flight.join(|| async { panic!("boom") }, || 7);
+        let fetch = flight.join(&Handle::current(), || async { panic!("boom") }, || 7);
         assert_eq!(fetch.await, 7);
     }
 }

@@ -321,6 +321,7 @@ impl Broker {
         let me = self.me.upgrade();
         self.admin_flight
             .join(
+                &self.runtime,
                 move || async move {
                     match me {
                         Some(broker) => broker.fetch_admin().await,

@@ -157,6 +157,7 @@ pub struct RawLimits {
     pub shutdown_grace: Option<RawDuration>,
     pub drain: Option<RawDuration>,
     pub merge_slashes: Option<bool>,
+    pub workers: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -835,6 +835,25 @@ impl Checker {
             shutdown_grace,
             drain,
             merge_slashes: r.merge_slashes.unwrap_or(d.merge_slashes),
+            workers: self.workers(r.workers),
+        }
+    }
+
+    /// `limits.workers`: 0 (one per usable CPU) to [`MAX_WORKERS`].
+    fn workers(&mut self, value: Option<i64>) -> usize {
+        match value {
+            None => 0,
+            Some(n) if (0..=MAX_WORKERS as i64).contains(&n) => n as usize,
+            Some(n) => {
+                self.add(
+                    "limits.workers",
+                    format!(
+                        "{n} is not a number of worker threads: 0 (one per usable CPU, the \
+                         default), 1 (one runtime for everything) or up to {MAX_WORKERS}"
+                    ),
+                );
+                0
+            }
         }
     }
 

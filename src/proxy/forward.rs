@@ -222,6 +222,7 @@ fn build_client(
         connect_timeout: route.connect_timeout,
         idle_timeout: config.limits.idle_timeout,
         http1_only,
+        workers: crate::workers::count(config.limits.workers),
     }))
 }
 

@@ -23,8 +23,19 @@
 //! cut at the deadline like any connection. Requests cut at the deadline are logged by
 //! `service` (one line each).
 //!
-//! Must never: let a connection outlive the shutdown deadline, or block the accept loop on a
-//! handshake.
+//! Sockets and accept loops: in-process (`ProxyHandle::start`), a listener is one socket with
+//! one accept loop on the current runtime. With worker threads (`crate::workers`,
+//! `ProxyHandle::start_on`), a listener is one socket per worker, every one bound to the same
+//! address with `SO_REUSEPORT` (port 0: the port the first one got), each registered with its
+//! worker's reactor and accepted on by a loop on that worker; a connection's task is spawned
+//! where it was accepted, so it never leaves that thread. The kernel spreads new connections over
+//! the sockets by a hash of their addresses and ports: it balances connections, not requests.
+//! The connection limit, the shutdown steps and the drain are the same for every socket of the
+//! process, and an accept loop that panicked is logged and started again on its socket.
+//! Each accepted connection is logged at DEBUG (`client connection accepted`, with `worker`).
+//!
+//! Must never: let a connection outlive the shutdown deadline, block the accept loop on a
+//! handshake, or leave a listening socket open with no accept loop on it.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
@@ -44,6 +55,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{interval_at, sleep, timeout, Instant};
@@ -60,12 +72,20 @@ use crate::tls::server as tls;
 /// hyper refuses a smaller HTTP/1 read buffer.
 const MIN_H1_BUF: usize = 8192;
 
-/// A bound listener, not yet accepting.
+/// A bound listener, not yet accepting: one socket, or one per worker.
 pub struct BoundListener {
     name: Arc<str>,
-    tcp: TcpListener,
+    sockets: Vec<Socket>,
     tls: Option<tls::ListenerTls>,
     addr: SocketAddr,
+}
+
+/// One listening socket of a listener, and where its accept loop runs.
+struct Socket {
+    tcp: TcpListener,
+    /// The worker whose reactor it is registered with (index and runtime); `None`: the runtime
+    /// that bound it.
+    worker: Option<(usize, Handle)>,
 }
 
 impl BoundListener {
@@ -81,8 +101,13 @@ impl BoundListener {
     }
 }
 
-/// Binds every listener of `config` (TLS configs are loaded first, so a bad file binds nothing).
-pub async fn bind_all(config: &Config) -> Result<Vec<BoundListener>, StartError> {
+/// Binds every listener of `config` (TLS configs are loaded first, so a bad file binds nothing):
+/// once on the current runtime when `workers` is empty, else once per worker (see
+/// [`bind_reuseport`]).
+pub async fn bind_all(
+    config: &Config,
+    workers: &[Handle],
+) -> Result<Vec<BoundListener>, StartError> {
     let mut acceptors = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
         let acceptor = match &l.tls {
@@ -95,21 +120,83 @@ pub async fn bind_all(config: &Config) -> Result<Vec<BoundListener>, StartError>
     }
     let mut bound = Vec::with_capacity(config.listeners.len());
     for (l, tls) in config.listeners.iter().zip(acceptors) {
-        let tcp = TcpListener::bind(l.addr)
-            .await
-            .map_err(|e| StartError(format!("listener {}: cannot bind {}: {e}", l.name, l.addr)))?;
-        let addr = tcp
+        let cannot_bind = |e: std::io::Error| {
+            StartError(format!("listener {}: cannot bind {}: {e}", l.name, l.addr))
+        };
+        let sockets = match workers {
+            [] => vec![Socket {
+                tcp: TcpListener::bind(l.addr).await.map_err(cannot_bind)?,
+                worker: None,
+            }],
+            _ => bind_reuseport(l.addr, workers).map_err(cannot_bind)?,
+        };
+        let addr = sockets[0]
+            .tcp
             .local_addr()
             .map_err(|e| StartError(format!("listener {}: {e}", l.name)))?;
-        tracing::info!(listener = %l.name, %addr, tls = tls.is_some(), "proxy listening");
+        tracing::info!(
+            listener = %l.name,
+            %addr,
+            tls = tls.is_some(),
+            sockets = sockets.len(),
+            "proxy listening"
+        );
         bound.push(BoundListener {
             name: Arc::from(l.name.as_str()),
-            tcp,
+            sockets,
             tls,
             addr,
         });
     }
     Ok(bound)
+}
+
+/// One socket per worker on `addr`, each with `SO_REUSEPORT`, so that the kernel spreads new
+/// connections over them (by a hash of the connection's addresses and ports); with port 0, the
+/// first gets a port from the system (since Linux 4.6 never one that another `SO_REUSEPORT`
+/// group holds) and the others are bound to it. Linux lets sockets share a
+/// port this way only when every one of them set `SO_REUSEPORT` and they belong to the same
+/// effective user ID: another user cannot bind into the group and take a share of the
+/// connections (a process of the same user can).
+///
+/// Each socket is registered with its worker's reactor (`from_std` in the worker runtime's
+/// context), so that its accept loop and its connections' I/O are that worker's.
+fn bind_reuseport(addr: SocketAddr, workers: &[Handle]) -> std::io::Result<Vec<Socket>> {
+    let first = reuseport_socket(addr)?;
+    let addr = first
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("bound to no IP address"))?;
+    let mut sockets = vec![first];
+    for _ in 1..workers.len() {
+        sockets.push(reuseport_socket(addr)?);
+    }
+    sockets
+        .into_iter()
+        .zip(workers)
+        .enumerate()
+        .map(|(index, (socket, runtime))| {
+            let _worker = runtime.enter();
+            Ok(Socket {
+                tcp: TcpListener::from_std(socket.into())?,
+                worker: Some((index, runtime.clone())),
+            })
+        })
+        .collect()
+}
+
+/// A listening, non-blocking socket on `addr` with `SO_REUSEPORT` (and `SO_REUSEADDR`, as
+/// tokio's `bind` sets it; the backlog is tokio's too).
+fn reuseport_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Type};
+    let socket =
+        socket2::Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket)
 }
 
 /// What every connection task of the process gets.
@@ -137,8 +224,8 @@ impl<T> Clone for Ctx<T> {
     }
 }
 
-/// Starts an accept loop per listener, plus the task that ends the drain and enforces the
-/// shutdown deadline.
+/// Starts an accept loop per listening socket (on its worker, or on the current runtime), plus the
+/// task that ends the drain and enforces the shutdown deadline (on the current runtime).
 pub(crate) fn spawn_all<T: TokenSource>(
     listeners: Vec<BoundListener>,
     limits: &Limits,
@@ -168,17 +255,58 @@ pub(crate) fn spawn_all<T: TokenSource>(
         hard_stop,
         drain,
     };
-    listeners
-        .into_iter()
-        .map(|l| tokio::spawn(accept_loop(l, ctx.clone())))
-        .collect()
+    let mut tasks = Vec::new();
+    for listener in listeners {
+        let BoundListener {
+            name, sockets, tls, ..
+        } = listener;
+        if tls.is_some() {
+            ctx.shared.metrics.add_tls_listener(&name);
+        }
+        for Socket { tcp, worker } in sockets {
+            let index = worker.as_ref().map(|(index, _)| *index);
+            let accepting = accept_supervised(tcp, name.clone(), tls.clone(), index, ctx.clone());
+            tasks.push(match worker {
+                Some((_, runtime)) => runtime.spawn(accepting),
+                None => tokio::spawn(accepting),
+            });
+        }
+    }
+    tasks
 }
 
-async fn accept_loop<T: TokenSource>(listener: BoundListener, ctx: Ctx<T>) {
-    let BoundListener { name, tcp, tls, .. } = listener;
-    if tls.is_some() {
-        ctx.shared.metrics.add_tls_listener(&name);
+/// Runs a socket's accept loop until shutdown. The loop is written not to panic; should it all
+/// the same, the panic is logged at ERROR and the loop starts again on the same socket: a socket
+/// left open with no one accepting on it would keep getting its share of new connections
+/// (`SO_REUSEPORT`) and leave them unanswered.
+async fn accept_supervised<T: TokenSource>(
+    tcp: TcpListener,
+    name: Arc<str>,
+    tls: Option<tls::ListenerTls>,
+    worker: Option<usize>,
+    ctx: Ctx<T>,
+) {
+    use futures_util::FutureExt;
+    loop {
+        let accepting = accept_loop(&tcp, &name, tls.as_ref(), worker, &ctx);
+        match std::panic::AssertUnwindSafe(accepting).catch_unwind().await {
+            Ok(()) => break,
+            Err(_) => {
+                tracing::error!(listener = %name, worker, "the accept loop panicked; it starts again");
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
+    tracing::info!(listener = %name, worker, "proxy listener stopped accepting");
+}
+
+async fn accept_loop<T: TokenSource>(
+    tcp: &TcpListener,
+    name: &Arc<str>,
+    tls: Option<&tls::ListenerTls>,
+    worker: Option<usize>,
+    ctx: &Ctx<T>,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = tcp.accept() => match accepted {
@@ -189,23 +317,23 @@ async fn accept_loop<T: TokenSource>(listener: BoundListener, ctx: Ctx<T>) {
                     continue;
                 }
             },
-            _ = ctx.shutdown.wait() => break,
+            _ = ctx.shutdown.wait() => return,
         };
         let Ok(permit) = ctx.permits.clone().try_acquire_owned() else {
             tracing::warn!(listener = %name, %peer, "connection limit reached; connection closed");
             continue;
         };
+        tracing::debug!(listener = %name, %peer, worker, "client connection accepted");
         let _ = stream.set_nodelay(true);
         tokio::spawn(connection(
             stream,
             peer,
             name.clone(),
-            tls.as_ref().map(tls::ListenerTls::acceptor),
+            tls.map(tls::ListenerTls::acceptor),
             permit,
             ctx.clone(),
         ));
     }
-    tracing::info!(listener = %name, "proxy listener stopped accepting");
 }
 
 /// A client connection's slot (connection limit, open-connections gauge, drain), held by the
@@ -704,6 +832,64 @@ impl<C: Future, S: Future> Future for Supervised<'_, C, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_zero_binds_every_worker_to_one_port_and_each_accepts_on_its_worker() {
+        let workers = crate::workers::Workers::start(3).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut config = crate::proxy::tests_support::config();
+        for name in ["a", "b"] {
+            config.listeners.push(crate::config::ListenerConfig {
+                name: name.to_string(),
+                addr: "127.0.0.1:0".parse().unwrap(),
+                tls: None,
+                caller: None,
+            });
+        }
+        let bound = runtime
+            .block_on(bind_all(&config, workers.runtimes()))
+            .unwrap();
+        assert_eq!(bound.len(), 2);
+        assert_ne!(bound[0].local_addr(), bound[1].local_addr());
+        let (tx, accepted) = std::sync::mpsc::channel();
+        let addr = bound[0].local_addr();
+        for listener in bound {
+            assert_ne!(listener.local_addr().port(), 0);
+            assert_eq!(listener.sockets.len(), 3);
+            let at = listener.local_addr();
+            for (i, socket) in listener.sockets.into_iter().enumerate() {
+                assert_eq!(socket.tcp.local_addr().unwrap(), at);
+                let (index, worker) = socket.worker.unwrap();
+                assert_eq!(index, i);
+                let tx = tx.clone();
+                worker.spawn(async move {
+                    while let Ok((stream, _)) = socket.tcp.accept().await {
+                        let _ = tx.send((index, crate::workers::current()));
+                        drop(stream);
+                    }
+                });
+            }
+        }
+        // The kernel spreads connections by a hash of their ports: a few dozen reach all three.
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let (index, on) = accepted
+                .recv_timeout(Duration::from_secs(5))
+                .expect("accepted");
+            assert_eq!(on, Some(index), "accepted on the socket's own worker");
+            seen.insert(index);
+            if seen.len() == 3 {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 3, "every worker's socket gets connections");
+        drop(runtime);
+        workers.stop();
+    }
 
     fn answer(status: http::StatusCode) -> Response<()> {
         let mut r = Response::new(());

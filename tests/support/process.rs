@@ -85,6 +85,11 @@ impl Process {
         self.child.wait().unwrap().code()
     }
 
+    /// Waits for the process to end by itself and returns the exit code.
+    pub fn wait(mut self) -> Option<i32> {
+        self.child.wait().unwrap().code()
+    }
+
     /// `kill -9`: no shutdown, no state written, like a crash.
     pub fn kill(mut self) {
         let _ = self.child.kill();

@@ -5,7 +5,8 @@
 //!   connection. A connection goes back to the pool when its response has been read to the end:
 //!   the response body ([`UpstreamBody`]) checks it in then, or when it is dropped at its end.
 //!   One whose response was dropped before its end (the caller went away, a 401 that is
-//!   replayed) is closed, never reused. The most recently used connection is taken first.
+//!   replayed) is closed at once (its task aborted), never reused. The most recently used
+//!   connection is taken first.
 //! - **HTTP/2** (TLS where ALPN picks it): one connection per origin, shared by every request.
 //! - Each connection runs in its own task, as hyper's connection API asks; a request is sent to
 //!   it without a task of its own and without boxing.
@@ -15,6 +16,11 @@
 //! - A request that a pooled connection refused before sending any of it (the upstream had just
 //!   closed it) is sent again on a new connection; a request that may have reached the upstream
 //!   is never sent twice.
+//! - **One set of connections per worker thread** (`crate::workers`): a request takes and gives
+//!   back connections of its own worker's set (index 0 off the workers), and a connection's task
+//!   and the set's reaper run on that worker, so that a request and its upstream connection share
+//!   one thread and no wake-up crosses threads. With N workers there are up to N HTTP/2
+//!   connections per origin, and idle HTTP/1.1 connections are not lent across workers.
 //!
 //! Must never: hand out a connection whose last response was not read to its end, or hold the
 //! pool's lock across an await.
@@ -78,6 +84,8 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// HTTP/1.1 only, never h2 (for `Upgrade`s).
     pub http1_only: bool,
+    /// How many sets of connections: one per worker thread (see the module docs).
+    pub workers: usize,
 }
 
 /// A keep-alive pool of upstream connections; cloning shares it.
@@ -90,7 +98,8 @@ struct Inner {
     tls: TlsConnector,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    origins: Mutex<Origins>,
+    /// One set per worker, by index.
+    origins: Box<[Mutex<Origins>]>,
 }
 
 #[derive(Default)]
@@ -160,7 +169,9 @@ impl Pool {
                 tls: TlsConnector::from(Arc::new(tls)),
                 connect_timeout: settings.connect_timeout,
                 idle_timeout: settings.idle_timeout,
-                origins: Mutex::new(Origins::default()),
+                origins: (0..settings.workers.max(1))
+                    .map(|_| Mutex::default())
+                    .collect(),
             }),
         }
     }
@@ -172,12 +183,13 @@ impl Pool {
     ) -> Result<Response<UpstreamBody>, PoolError> {
         let key = OriginKey::of(request.uri())?;
         let absolute = request.uri().clone();
+        let set = self.inner.set();
         loop {
-            let (conn, reused) = match self.inner.checkout(&key) {
+            let (conn, reused) = match self.inner.checkout(set, &key) {
                 Some(conn) => (conn, true),
                 // Boxed: a new connection is the rare path, and its future (TCP, TLS, the
                 // handshakes) would make every request's future kilobytes larger.
-                None => (Box::pin(self.inner.connect(&key)).await?, false),
+                None => (Box::pin(self.inner.connect(set, &key)).await?, false),
             };
             match conn {
                 Conn::Http1(mut conn) => {
@@ -188,6 +200,7 @@ impl Pool {
                             let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
                             let lease = (!switched).then(|| Lease {
                                 pool: Arc::downgrade(&self.inner),
+                                set,
                                 key,
                                 conn,
                             });
@@ -279,10 +292,19 @@ impl OriginKey {
 }
 
 impl Inner {
+    /// The set of connections of the worker thread this runs on (0 off the workers).
+    fn set(&self) -> usize {
+        crate::workers::current().map_or(0, |worker| worker % self.origins.len())
+    }
+
+    fn origins(&self, set: usize) -> std::sync::MutexGuard<'_, Origins> {
+        self.origins[set].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A connection ready for a request: the origin's HTTP/2 connection, or the most recently
     /// used idle HTTP/1.1 one. Closed and expired ones are dropped on the way.
-    fn checkout(&self, key: &OriginKey) -> Option<Conn> {
-        let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+    fn checkout(&self, set: usize, key: &OriginKey) -> Option<Conn> {
+        let mut origins = self.origins(set);
         let origin = origins.by_key.get_mut(key)?;
         let now = Instant::now();
         if let Some(h2) = &mut origin.h2 {
@@ -308,23 +330,23 @@ impl Inner {
     }
 
     /// An HTTP/1.1 connection whose response was read to its end is idle again.
-    fn checkin(self: &Arc<Self>, key: OriginKey, conn: Http1) {
+    fn checkin(self: &Arc<Self>, set: usize, key: OriginKey, conn: Http1) {
         if conn.send.is_closed() {
             return;
         }
-        let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut origins = self.origins(set);
         origins.by_key.entry(key).or_default().idle.push(Idle {
             conn,
             since: Instant::now(),
         });
         if !origins.reaping {
             origins.reaping = true;
-            tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
+            tokio::spawn(reap(Arc::downgrade(self), set, self.idle_timeout));
         }
     }
 
     /// Connects to the origin (TCP, then TLS for `https`) and starts the connection's task.
-    async fn connect(self: &Arc<Self>, key: &OriginKey) -> Result<Conn, PoolError> {
+    async fn connect(self: &Arc<Self>, set: usize, key: &OriginKey) -> Result<Conn, PoolError> {
         let what = |e: &dyn std::fmt::Display| {
             PoolError::Connect(format!("{}:{}: {e}", key.host(), key.port()))
         };
@@ -354,7 +376,7 @@ impl Inner {
             .map_err(|e| what(&e))?;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         match h2 {
-            true => self.http2(key, TokioIo::new(tls)).await,
+            true => self.http2(set, key, TokioIo::new(tls)).await,
             false => self.http1(key, TokioIo::new(tls)).await,
         }
     }
@@ -379,7 +401,12 @@ impl Inner {
         }))
     }
 
-    async fn http2<T>(self: &Arc<Self>, key: &OriginKey, io: T) -> Result<Conn, PoolError>
+    async fn http2<T>(
+        self: &Arc<Self>,
+        set: usize,
+        key: &OriginKey,
+        io: T,
+    ) -> Result<Conn, PoolError>
     where
         T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -394,7 +421,7 @@ impl Inner {
                 tracing::debug!(upstream = %origin, error = %e, "upstream connection ended with an error");
             }
         });
-        let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut origins = self.origins(set);
         origins.by_key.entry(key.clone()).or_default().h2 = Some(Http2 {
             conn: Handle {
                 send: send.clone(),
@@ -404,14 +431,14 @@ impl Inner {
         });
         if !origins.reaping {
             origins.reaping = true;
-            tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
+            tokio::spawn(reap(Arc::downgrade(self), set, self.idle_timeout));
         }
         Ok(Conn::Http2(send))
     }
 
-    /// Drops connections idle for `idle_timeout`; whether any is left.
-    fn reap(&self, now: Instant) -> bool {
-        let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+    /// Drops the connections of `set` idle for `idle_timeout`; whether any is left.
+    fn reap(&self, set: usize, now: Instant) -> bool {
+        let mut origins = self.origins(set);
         let idle_timeout = self.idle_timeout;
         origins.by_key.retain(|_, origin| {
             origin
@@ -431,13 +458,14 @@ impl Inner {
     }
 }
 
-/// Closes idle connections every `idle_timeout / 2` while the pool lives and has any.
-async fn reap(pool: Weak<Inner>, idle_timeout: Duration) {
+/// Closes the idle connections of `set` every `idle_timeout / 2` while the pool lives and has
+/// any in that set.
+async fn reap(pool: Weak<Inner>, set: usize, idle_timeout: Duration) {
     let every = (idle_timeout / 2).max(Duration::from_millis(10));
     loop {
         tokio::time::sleep(every).await;
         let Some(pool) = pool.upgrade() else { return };
-        if !pool.reap(Instant::now()) {
+        if !pool.reap(set, Instant::now()) {
             return;
         }
     }
@@ -463,6 +491,8 @@ async fn tcp_connect(host: &str, port: u16) -> std::io::Result<TcpStream> {
 /// An HTTP/1.1 connection lent to one exchange.
 struct Lease {
     pool: Weak<Inner>,
+    /// The set it came from, and goes back to.
+    set: usize,
     key: OriginKey,
     conn: Http1,
 }
@@ -470,7 +500,7 @@ struct Lease {
 impl Lease {
     fn give_back(self) {
         if let Some(pool) = self.pool.upgrade() {
-            pool.checkin(self.key, self.conn);
+            pool.checkin(self.set, self.key, self.conn);
         }
     }
 
@@ -550,5 +580,84 @@ impl Drop for UpstreamBody {
         if let Some(lease) = self.lease.take() {
             lease.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An HTTP/1.1 upstream answering `ok`; counts the connections it accepted.
+    async fn upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    TokioIo::new(stream),
+                    hyper::service::service_fn(|_| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    }),
+                ));
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn each_worker_keeps_its_own_connections() {
+        use http_body_util::BodyExt;
+        let (addr, accepted) = upstream().await;
+        let workers = crate::workers::Workers::start(2).unwrap();
+        let pool = Pool::new(PoolSettings {
+            tls: crate::tls::client_config(None).unwrap(),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            http1_only: false,
+            workers: 2,
+        });
+        // On worker 0, 1, 0, 1, then off the workers (the set of worker 0).
+        let on = |runtime: Option<&tokio::runtime::Handle>| {
+            let pool = pool.clone();
+            let request = async move {
+                let request = Request::get(format!("http://{addr}/"))
+                    .body(ProxyBody::Empty)
+                    .unwrap();
+                let response = pool.request(request).await.unwrap();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(&body[..], b"ok");
+                crate::workers::current()
+            };
+            match runtime {
+                Some(runtime) => runtime.spawn(request),
+                None => tokio::spawn(request),
+            }
+        };
+        let [w0, w1] = workers.runtimes() else {
+            panic!("two workers")
+        };
+        assert_eq!(on(Some(w0)).await.unwrap(), Some(0));
+        assert_eq!(on(Some(w1)).await.unwrap(), Some(1));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "one connection per worker"
+        );
+        assert_eq!(on(Some(w0)).await.unwrap(), Some(0));
+        assert_eq!(on(Some(w1)).await.unwrap(), Some(1));
+        assert_eq!(on(None).await.unwrap(), None);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "each worker reused its own; off the workers, the first set's"
+        );
+        drop(pool);
+        workers.stop();
     }
 }
