@@ -12,8 +12,7 @@
 # Reports per leg and round: requests/s; the proxy's CPU microseconds per request (utime + stime
 # of all its threads, from /proc/<pid>/stat); its context switches per request (voluntary +
 # involuntary, summed over /proc/<pid>/task/*/status); and how its CPU time was split between
-# its threads (the busiest ones, by name: the kernel keeps 15 bytes of a thread's name, so the
-# workers all show as "tokenbroker-wor").
+# its threads (the busiest ones, by name: tb-worker-N are the workers).
 #
 # Usage: benches/workers.sh [BINARY]   (default target/release/tokenbroker; needs nginx, wrk)
 # Knobs: PROXY_CPUS=0-1 LOAD_CPUS=0-1 WORKERS=2 ROUNDS=3 DURATION=10s CONNS=64 BASE_PORT=19080

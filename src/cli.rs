@@ -278,7 +278,7 @@ pub fn summary(c: &Config) -> String {
     )
 }
 
-/// `tokenbroker run`. With `[limits] workers` (0, the default: one per usable CPU) above 1: the
+/// `tokenbroker run`. With `[limits] workers` (0: one per usable CPU; 1 by default) above 1: the
 /// proxy listeners are served by that many worker threads, each a current_thread runtime with its
 /// own `SO_REUSEPORT` sockets (see [`crate::workers`]), and the control plane (broker renewals,
 /// admin listener, reloads, signals, telemetry) by a current_thread runtime on this thread: it is

@@ -351,7 +351,7 @@ pub struct Limits {
     /// Repeated slashes in a request path are merged (`//a` is `/a`); off: refused with 400.
     pub merge_slashes: bool,
     /// Worker threads of `tokenbroker run`, each a runtime with its own listening sockets (see
-    /// [`crate::workers`]): 0, one per usable CPU; 1, one runtime for everything.
+    /// [`crate::workers`]): 1 (the default), one runtime for everything; 0, one per usable CPU.
     pub workers: usize,
 }
 
@@ -367,7 +367,7 @@ impl Default for Limits {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             drain: DEFAULT_DRAIN,
             merge_slashes: DEFAULT_MERGE_SLASHES,
-            workers: 0,
+            workers: 1,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The data path's threads (thread per core, as nginx's workers, Pingora and linkerd's proxy do):
 //! with more than one usable CPU, `tokenbroker run` serves the proxy listeners on N worker
-//! threads, `tokenbroker-worker-0` to `tokenbroker-worker-{N-1}`, each running a tokio
+//! threads, `tb-worker-0` to `tb-worker-{N-1}`, each running a tokio
 //! current_thread runtime of its own (I/O and timers enabled). Every proxy listener has one
 //! listening socket per worker, bound to the same address with `SO_REUSEPORT` (the kernel spreads
 //! new connections over them), and one accept loop per socket on that socket's worker; a client
@@ -60,7 +60,7 @@ impl Workers {
             let (started, handle) = std::sync::mpsc::channel();
             let (stop, stopped) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new()
-                .name(format!("tokenbroker-worker-{index}"))
+                .name(format!("tb-worker-{index}"))
                 .spawn(move || {
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
@@ -141,7 +141,7 @@ mod tests {
             });
             let (index, name) = rx.recv().unwrap();
             assert_eq!(index, Some(i));
-            assert_eq!(name.as_deref(), Some(&*format!("tokenbroker-worker-{i}")));
+            assert_eq!(name.as_deref(), Some(&*format!("tb-worker-{i}")));
         }
         workers.stop();
     }

@@ -1166,9 +1166,9 @@ fn upgrades_merge_slashes_and_canonical_prefixes() {
 }
 
 #[test]
-fn workers_default_to_one_per_cpu_and_nonsense_is_refused() {
+fn workers_default_to_one_runtime_and_nonsense_is_refused() {
     let dir = folder();
-    assert_eq!(load(dir.path(), &base()).unwrap().limits.workers, 0);
+    assert_eq!(load(dir.path(), &base()).unwrap().limits.workers, 1);
     for n in [0, 1, 2, 64, config::MAX_WORKERS] {
         let text = format!("{}\n[limits]\nworkers = {n}\n", base());
         assert_eq!(load(dir.path(), &text).unwrap().limits.workers, n);

@@ -173,9 +173,9 @@ async fn two_workers_answer_every_request_and_both_take_connections() {
     let (run, proxy) = run(&path);
     let workers = thread_names(run.pid())
         .into_iter()
-        .filter(|name| name == "tokenbroker-wor")
+        .filter(|name| name.starts_with("tb-worker-"))
         .count();
-    assert_eq!(workers, 2, "two worker threads, named tokenbroker-worker-N");
+    assert_eq!(workers, 2, "two worker threads, named tb-worker-N");
 
     let sessions: Vec<_> = (0..CONNECTIONS)
         .map(|c| {

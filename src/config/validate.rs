@@ -839,20 +839,20 @@ impl Checker {
         }
     }
 
-    /// `limits.workers`: 0 (one per usable CPU) to [`MAX_WORKERS`].
+    /// `limits.workers`: 0 (one per usable CPU) to [`MAX_WORKERS`]; 1 by default.
     fn workers(&mut self, value: Option<i64>) -> usize {
         match value {
-            None => 0,
+            None => Limits::default().workers,
             Some(n) if (0..=MAX_WORKERS as i64).contains(&n) => n as usize,
             Some(n) => {
                 self.add(
                     "limits.workers",
                     format!(
-                        "{n} is not a number of worker threads: 0 (one per usable CPU, the \
-                         default), 1 (one runtime for everything) or up to {MAX_WORKERS}"
+                        "{n} is not a number of worker threads: 0 (one per usable CPU), 1 \
+                         (one runtime for everything, the default) or up to {MAX_WORKERS}"
                     ),
                 );
-                0
+                Limits::default().workers
             }
         }
     }
