@@ -49,12 +49,7 @@ struct Fixture {
 
 impl Fixture {
     async fn start(adjust: impl FnOnce(&mut Config)) -> Fixture {
-        let emu = Emulator::start(EmulatorConfig {
-            clients: vec![("admin".into(), Secret::new(ADMIN_SECRET))],
-            ..EmulatorConfig::default()
-        })
-        .await
-        .expect("emulator starts");
+        let emu = support::emulator_with_admin(ADMIN_SECRET).await;
         let up = FakeUpstream::start().await;
         let mut config = Config {
             listeners: vec![listener("plain", None, None)],

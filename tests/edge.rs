@@ -55,12 +55,7 @@ fn unstripped(name: &str, prefix: &str, upstream: String, allow: &[&str]) -> Rou
 
 impl Edge {
     async fn start(adjust: impl FnOnce(&mut Config)) -> Edge {
-        let emu = Emulator::start(EmulatorConfig {
-            clients: vec![("admin".into(), Secret::new(ADMIN_SECRET))],
-            ..EmulatorConfig::default()
-        })
-        .await
-        .expect("emulator starts");
+        let emu = support::emulator_with_admin(ADMIN_SECRET).await;
         let up = FakeUpstream::start().await;
         let at = |base: &str| format!("http://{}{base}", up.addr());
         let mut host = unstripped("host", "/h", at("/host/"), &["alice"]);

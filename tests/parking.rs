@@ -20,7 +20,7 @@ use proxy_config::{caller, listener, route};
 use support::eventually;
 use tokenbroker::broker::Broker;
 use tokenbroker::config::{Config, Limits, RouteConfig};
-use tokenbroker::emulator::{Emulator, EmulatorConfig};
+use tokenbroker::emulator::Emulator;
 use tokenbroker::metrics::Metrics;
 use tokenbroker::proxy::ProxyHandle;
 use tokenbroker::secret::Secret;
@@ -47,12 +47,7 @@ struct Parking {
 
 impl Parking {
     async fn start() -> Parking {
-        let emu = Emulator::start(EmulatorConfig {
-            clients: vec![("admin".into(), Secret::new(ADMIN_SECRET))],
-            ..EmulatorConfig::default()
-        })
-        .await
-        .expect("emulator starts");
+        let emu = support::emulator_with_admin(ADMIN_SECRET).await;
         let up = FakeUpstream::start().await;
         let at = |base: &str| format!("http://{}{base}", up.addr());
         let config = Config {

@@ -23,7 +23,7 @@ use proxy_config::{caller, listener, route};
 use support::{raw_upstream, try_http, try_send, wait_until, TIMEOUT};
 use tokenbroker::app::AppHandle;
 use tokenbroker::config::{Config, Limits};
-use tokenbroker::emulator::{Emulator, EmulatorConfig};
+use tokenbroker::emulator::Emulator;
 use tokenbroker::secret::Secret;
 use upstream::FakeUpstream;
 
@@ -45,12 +45,7 @@ struct Fixture {
 
 impl Fixture {
     async fn start(limits: Limits) -> Fixture {
-        let emu = Emulator::start(EmulatorConfig {
-            clients: vec![("admin".into(), Secret::new(ADMIN_SECRET))],
-            ..EmulatorConfig::default()
-        })
-        .await
-        .expect("emulator starts");
+        let emu = support::emulator_with_admin(ADMIN_SECRET).await;
         let up = FakeUpstream::start().await;
         let up_tls = FakeUpstream::start_tls().await;
         let (closing, closing_heads) =
@@ -238,15 +233,7 @@ async fn smuggling_upstream() -> std::net::SocketAddr {
         while let Ok((mut stream, _)) = listener.accept().await {
             let first = first.clone();
             tokio::spawn(async move {
-                loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        match stream.read(&mut byte).await {
-                            Ok(1) => head.push(byte[0]),
-                            _ => return,
-                        }
-                    }
+                while support::read_head(&mut stream).await.is_some() {
                     let answer: &[u8] = match first.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         true => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!",
                         false => b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood",

@@ -252,14 +252,9 @@ pub async fn raw_upstream(
         while let Ok((mut stream, _)) = listener.accept().await {
             let seen = seen.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match stream.read(&mut byte).await {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
                 seen.lock()
                     .unwrap()
                     .push(String::from_utf8_lossy(&head).into_owned());
@@ -269,4 +264,28 @@ pub async fn raw_upstream(
         }
     });
     (addr, heads)
+}
+
+/// Reads one HTTP/1 request head (to its blank line) byte by byte, so that nothing after it is
+/// taken; `None` when the connection ends first.
+pub async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
+
+/// An emulator whose one client is `admin`, with `secret`.
+pub async fn emulator_with_admin(secret: &str) -> tokenbroker::emulator::Emulator {
+    tokenbroker::emulator::Emulator::start(tokenbroker::emulator::EmulatorConfig {
+        clients: vec![("admin".into(), tokenbroker::secret::Secret::new(secret))],
+        ..tokenbroker::emulator::EmulatorConfig::default()
+    })
+    .await
+    .expect("emulator starts")
 }
