@@ -152,7 +152,7 @@ fn fixture() -> Fixture {
         .expect("warm-up token from the emulator");
     let state = {
         let _guard = rt.enter();
-        State::from_config(&config).expect("proxy state")
+        State::from_config(&config, &Metrics::new().set::<ProxyMetrics>()).expect("proxy state")
     };
     let conn = ConnInfo::new("main", SocketAddr::from(([127, 0, 0, 1], 40_000)));
     Fixture {

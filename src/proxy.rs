@@ -105,9 +105,9 @@ pub struct State {
 
 impl State {
     /// Indexes callers and routes and builds the upstream clients (reads CA files).
-    pub fn from_config(config: &Config) -> Result<State, StartError> {
+    pub fn from_config(config: &Config, metrics: &Arc<ProxyMetrics>) -> Result<State, StartError> {
         let (clients, client_of_route) =
-            forward::Clients::from_config(config).map_err(StartError)?;
+            forward::Clients::from_config(config, metrics).map_err(StartError)?;
         let routes = config
             .routes
             .iter()
@@ -145,6 +145,8 @@ pub struct ProxyHandle {
     /// Closes when every connection task has ended.
     drained: mpsc::Receiver<()>,
     shutdown: Shutdown,
+    /// For the upstream clients of a reloaded config.
+    metrics: Arc<ProxyMetrics>,
 }
 
 impl ProxyHandle {
@@ -181,11 +183,13 @@ impl ProxyHandle {
         workers: &[tokio::runtime::Handle],
     ) -> Result<ProxyHandle, StartError> {
         let metrics = metrics.set::<ProxyMetrics>();
-        let state = Arc::new(ArcSwap::from_pointee(State::from_config(&config)?));
+        let state = Arc::new(ArcSwap::from_pointee(State::from_config(
+            &config, &metrics,
+        )?));
         let shared = Arc::new(Shared {
             state: state.clone(),
             tokens,
-            metrics,
+            metrics: metrics.clone(),
         });
         let (drain_tx, drained) = mpsc::channel(1);
         let listeners = listener::bind_all(&config, workers).await?;
@@ -213,6 +217,7 @@ impl ProxyHandle {
             accept_tasks,
             drained,
             shutdown,
+            metrics,
         })
     }
 
@@ -237,7 +242,7 @@ impl ProxyHandle {
 
     /// Like [`ProxyHandle::reconfigure`], telling whether the config was applied.
     pub fn try_reconfigure(&self, config: &Config) -> Result<(), StartError> {
-        let state = State::from_config(config)?;
+        let state = State::from_config(config, &self.metrics)?;
         self.state.store(Arc::new(state));
         Ok(())
     }

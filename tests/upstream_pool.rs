@@ -105,6 +105,12 @@ impl Fixture {
         format!("http://{}{path}", self.app.proxy_addr("plain").unwrap())
     }
 
+    /// A sample of the proxy's metrics (`tokenbroker_...`).
+    fn metric(&self, series: &str) -> f64 {
+        let text = self.app.metrics().encode();
+        support::sample(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    }
+
     async fn ok(&self, method: &str, path: &str, body: &'static [u8]) -> bytes::Bytes {
         let (status, _, body) = try_http(method, &self.url(path), &[KEY], body)
             .await
@@ -128,6 +134,10 @@ async fn answers_read_to_the_end_leave_their_connection_for_the_next_request() {
         1,
         "30 requests one after another take one upstream connection"
     );
+    // and the proxy says so
+    let connects = "tokenbroker_upstream_connects_total{outcome=\"ok\"}";
+    assert_eq!(f.metric(connects), 1.0);
+    assert_eq!(f.metric("tokenbroker_upstream_connections_open"), 1.0);
     // The pooled connection is HTTP/1.1 in origin form with the upstream's Host.
     let seen = f.up.seen();
     assert!(seen.iter().all(|s| s.version == Version::HTTP_11));
@@ -198,7 +208,11 @@ async fn idle_upstream_connections_close_after_the_idle_timeout() {
     wait_until(
         TIMEOUT,
         "idle HTTP/1.1 and HTTP/2 connections close",
-        || async { f.up.open_connections() == 0 && f.up_tls.open_connections() == 0 },
+        || async {
+            f.up.open_connections() == 0
+                && f.up_tls.open_connections() == 0
+                && f.metric("tokenbroker_upstream_connections_open") == 0.0
+        },
     )
     .await;
     // and new ones are made when needed
@@ -289,6 +303,8 @@ async fn no_connection_within_connect_timeout_is_an_upstream_timeout() {
     );
     let body = String::from_utf8_lossy(&body);
     assert!(body.contains("upstream_timeout"), "{body}");
+    let timeouts = "tokenbroker_upstream_connects_total{outcome=\"timeout\"}";
+    assert_eq!(f.metric(timeouts), 1.0);
     // and the proxy serves the next request
     assert_eq!(f.ok("GET", "/up/after", b"").await, "ok");
 }

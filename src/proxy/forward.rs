@@ -169,7 +169,10 @@ pub struct Clients {
 impl Clients {
     /// Builds one client per distinct setting and returns, for each route (in config order), the
     /// index of its client and, for a route with `upgrades`, of its HTTP/1.1-only client.
-    pub fn from_config(config: &Config) -> Result<(Clients, Vec<RouteClients>), String> {
+    pub fn from_config(
+        config: &Config,
+        metrics: &Arc<ProxyMetrics>,
+    ) -> Result<(Clients, Vec<RouteClients>), String> {
         let mut index: HashMap<ClientKey, usize> = HashMap::new();
         let mut clients = Vec::new();
         let mut per_route = Vec::with_capacity(config.routes.len());
@@ -183,7 +186,7 @@ impl Clients {
                 if let Some(i) = index.get(&key) {
                     return Ok::<_, String>(*i);
                 }
-                clients.push(build_client(route, config, http1_only)?);
+                clients.push(build_client(route, config, http1_only, metrics)?);
                 index.insert(key, clients.len() - 1);
                 Ok(clients.len() - 1)
             };
@@ -214,6 +217,7 @@ fn build_client(
     route: &RouteConfig,
     config: &Config,
     http1_only: bool,
+    metrics: &Arc<ProxyMetrics>,
 ) -> Result<UpstreamClient, String> {
     let tls = crate::tls::client_config(route.upstream_ca_file.as_deref())
         .map_err(|e| format!("route {}: {e}", route.name))?;
@@ -223,6 +227,7 @@ fn build_client(
         idle_timeout: config.limits.idle_timeout,
         http1_only,
         workers: crate::workers::count(config.limits.workers),
+        metrics: metrics.clone(),
     }))
 }
 

@@ -1,6 +1,6 @@
 //! The proxy's metric families ([`ProxyMetrics`]): requests and their durations, requests cut
 //! short, the error table's codes, client connections (open, parked), TLS handshake failures,
-//! upgrades and their tunnels. Registered once per registry (`Metrics::set`); the listeners and
+//! upgrades and their tunnels, upstream connections (made, open). Registered once per registry (`Metrics::set`); the listeners and
 //! the request path record through the `Arc` the proxy keeps, without a lock.
 
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use super::ProxyError;
-use crate::metrics::{MetricSet, Name};
+use crate::metrics::{MetricSet, Name, OutcomeLabels};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -89,6 +89,11 @@ pub struct ProxyMetrics {
     pub upgrades: Family<RouteLabels, Counter>,
     pub tunnels_open: Gauge,
     pub tunnel_bytes: Family<TunnelBytesLabels, Counter>,
+    /// New upstream connections, by outcome: `ok`, `failed`, `timeout` (no connection within
+    /// `connect_timeout`).
+    pub upstream_connects: Family<OutcomeLabels, Counter>,
+    /// Upstream connections open now (in use or idle in the pool).
+    pub upstream_connections_open: Gauge,
     /// The label value of a request that has no route or caller (yet).
     none: Name,
 }
@@ -114,8 +119,15 @@ impl MetricSet for ProxyMetrics {
             upgrades: Family::default(),
             tunnels_open: Gauge::default(),
             tunnel_bytes: Family::default(),
+            upstream_connects: Family::default(),
+            upstream_connections_open: Gauge::default(),
             none: Name(Arc::from("-")),
         };
+        for outcome in ["ok", "failed", "timeout"] {
+            let _ = m
+                .upstream_connects
+                .get_or_create(&OutcomeLabels { outcome });
+        }
         // every code at 0, so that a rate of any of them exists before the first one
         for error in ProxyError::CODES {
             let _ = m.errors.get_or_create(&ErrorLabels { error });
@@ -174,6 +186,16 @@ impl MetricSet for ProxyMetrics {
             "tunnel_bytes",
             "Bytes carried by upgraded connections by route and direction",
             m.tunnel_bytes.clone(),
+        );
+        registry.register(
+            "upstream_connects",
+            "New upstream connections (TCP and TLS) by outcome (ok, failed, timeout); a rate close to the request rate means upstreams do not keep connections alive",
+            m.upstream_connects.clone(),
+        );
+        registry.register(
+            "upstream_connections_open",
+            "Upstream connections open now, carrying a request or idle in the pool",
+            m.upstream_connections_open.clone(),
         );
         m
     }

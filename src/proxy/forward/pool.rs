@@ -46,6 +46,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::ProxyBody;
+use crate::metrics::OutcomeLabels;
+use crate::proxy::ProxyMetrics;
 
 /// A new connection could not be made, or a request failed on one.
 #[derive(Debug)]
@@ -86,6 +88,8 @@ pub struct PoolSettings {
     pub http1_only: bool,
     /// How many sets of connections: one per worker thread (see the module docs).
     pub workers: usize,
+    /// Where new connections and open ones are counted.
+    pub metrics: Arc<ProxyMetrics>,
 }
 
 /// A keep-alive pool of upstream connections; cloning shares it.
@@ -100,6 +104,7 @@ struct Inner {
     idle_timeout: Duration,
     /// One set per worker, by index.
     origins: Box<[Mutex<Origins>]>,
+    metrics: Arc<ProxyMetrics>,
 }
 
 #[derive(Default)]
@@ -172,6 +177,7 @@ impl Pool {
                 origins: (0..settings.workers.max(1))
                     .map(|_| Mutex::default())
                     .collect(),
+                metrics: settings.metrics,
             }),
         }
     }
@@ -345,8 +351,23 @@ impl Inner {
         }
     }
 
-    /// Connects to the origin (TCP, then TLS for `https`) and starts the connection's task.
+    /// Connects to the origin (TCP, then TLS for `https`) and starts the connection's task;
+    /// counts the attempt by outcome.
     async fn connect(self: &Arc<Self>, set: usize, key: &OriginKey) -> Result<Conn, PoolError> {
+        let result = self.open(set, key).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(PoolError::ConnectTimeout(_)) => "timeout",
+            Err(_) => "failed",
+        };
+        self.metrics
+            .upstream_connects
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        result
+    }
+
+    async fn open(self: &Arc<Self>, set: usize, key: &OriginKey) -> Result<Conn, PoolError> {
         let what = |e: &dyn std::fmt::Display| {
             PoolError::Connect(format!("{}:{}: {e}", key.host(), key.port()))
         };
@@ -390,7 +411,9 @@ impl Inner {
             .await
             .map_err(PoolError::Exchange)?;
         let origin = format!("{}:{}", key.host(), key.port());
+        let open = OpenUpstream::new(&self.metrics);
         let task = tokio::spawn(async move {
+            let _open = open;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(upstream = %origin, error = %e, "upstream connection ended with an error");
             }
@@ -416,7 +439,9 @@ impl Inner {
             .await
             .map_err(PoolError::Exchange)?;
         let origin = format!("{}:{}", key.host(), key.port());
+        let open = OpenUpstream::new(&self.metrics);
         let task = tokio::spawn(async move {
+            let _open = open;
             if let Err(e) = conn.await {
                 tracing::debug!(upstream = %origin, error = %e, "upstream connection ended with an error");
             }
@@ -468,6 +493,22 @@ async fn reap(pool: Weak<Inner>, set: usize, idle_timeout: Duration) {
         if !pool.reap(set, Instant::now()) {
             return;
         }
+    }
+}
+
+/// Counts an upstream connection as open while its task runs.
+struct OpenUpstream(Arc<ProxyMetrics>);
+
+impl OpenUpstream {
+    fn new(metrics: &Arc<ProxyMetrics>) -> Self {
+        metrics.upstream_connections_open.inc();
+        OpenUpstream(metrics.clone())
+    }
+}
+
+impl Drop for OpenUpstream {
+    fn drop(&mut self) {
+        self.0.upstream_connections_open.dec();
     }
 }
 
@@ -621,6 +662,7 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             http1_only: false,
             workers: 2,
+            metrics: crate::metrics::Metrics::new().set::<ProxyMetrics>(),
         });
         // On worker 0, 1, 0, 1, then off the workers (the set of worker 0).
         let on = |runtime: Option<&tokio::runtime::Handle>| {
