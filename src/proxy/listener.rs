@@ -62,8 +62,8 @@ use tokio::time::{interval_at, sleep, timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
 use super::io::{InFlightBody, Park, Readable, Watched};
+use super::metrics::Held;
 use super::service::{self, ConnInfo};
-use super::ProxyMetrics;
 use super::{Shared, StartError, TokenSource};
 use crate::config::{Config, Limits};
 use crate::server::Shutdown;
@@ -340,7 +340,7 @@ async fn accept_loop<T: TokenSource>(
 /// connection task and by a tunnel on it, whichever ends last.
 pub(crate) struct ConnHold {
     _permit: OwnedSemaphorePermit,
-    _open: OpenConnection,
+    _open: Held,
     _drain: mpsc::Sender<()>,
     /// Triggered at the shutdown deadline.
     pub hard_stop: Shutdown,
@@ -349,22 +349,6 @@ pub(crate) struct ConnHold {
 impl std::fmt::Debug for ConnHold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnHold").finish_non_exhaustive()
-    }
-}
-
-/// Counts an open connection in the metrics while alive.
-struct OpenConnection(Arc<ProxyMetrics>);
-
-impl OpenConnection {
-    fn new(metrics: &Arc<ProxyMetrics>) -> Self {
-        metrics.connections_open.inc();
-        OpenConnection(metrics.clone())
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.connections_open.dec();
     }
 }
 
@@ -380,7 +364,7 @@ async fn connection<T: TokenSource>(
     let mut conn = ConnInfo::new(listener, peer);
     conn.hold = Some(Arc::new(ConnHold {
         _permit: permit,
-        _open: OpenConnection::new(&ctx.shared.metrics),
+        _open: Held::new(&ctx.shared.metrics.connections_open),
         _drain: ctx.drain.clone(),
         hard_stop: ctx.hard_stop.clone(),
     }));
@@ -533,7 +517,7 @@ where
         let Some(parked) = park.take() else {
             return;
         };
-        let _parked = ParkedConnection::new(&ctx.shared.metrics);
+        let _parked = Held::new(&ctx.shared.metrics.connections_parked);
         let next = tokio::select! {
             r = parked.readable() => r,
             _ = sleep(limits.idle_timeout.saturating_sub(park_after(limits))) => {
@@ -572,22 +556,6 @@ fn close_when_draining<B>(response: &mut Response<B>, version: http::Version, dr
 /// be closed at `header_read_timeout` rather than at `idle_timeout`.
 fn park_after(limits: &Limits) -> Duration {
     Duration::from_secs(1).min(limits.header_read_timeout / 4)
-}
-
-/// Counts a parked connection in the metrics while alive.
-struct ParkedConnection(Arc<ProxyMetrics>);
-
-impl ParkedConnection {
-    fn new(metrics: &Arc<ProxyMetrics>) -> Self {
-        metrics.connections_parked.inc();
-        ParkedConnection(metrics.clone())
-    }
-}
-
-impl Drop for ParkedConnection {
-    fn drop(&mut self) {
-        self.0.connections_parked.dec();
-    }
 }
 
 /// Runs hyper on the stream until the connection ends or parks (then the stream is in `park`).

@@ -1,7 +1,9 @@
 //! The proxy's metric families ([`ProxyMetrics`]): requests and their durations, requests cut
 //! short, the error table's codes, client connections (open, parked), TLS handshake failures,
-//! upgrades and their tunnels, upstream connections (made, open). Registered once per registry (`Metrics::set`); the listeners and
-//! the request path record through the `Arc` the proxy keeps, without a lock.
+//! upgrades and their tunnels, upstream connections (made, open). Registered once per registry
+//! (`Metrics::set`); the listeners and the request path record through the `Arc` the proxy keeps,
+//! without a lock. A gauge of things open (client connections, parked ones, tunnels, upstream
+//! connections) counts one for each [`Held`] alive.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +75,23 @@ fn latency_histogram() -> Histogram {
 }
 
 type Latencies = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+/// One of a gauge's count while it lives: an open client connection, a parked one, a tunnel, an
+/// upstream connection. Dropped however its holder ends (a task aborted or never polled too).
+pub struct Held(Gauge);
+
+impl Held {
+    pub fn new(gauge: &Gauge) -> Held {
+        gauge.inc();
+        Held(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// What the proxy counts.
 pub struct ProxyMetrics {

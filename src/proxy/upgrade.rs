@@ -36,7 +36,7 @@ use tokio::time::{interval_at, Instant};
 use super::error::ProxyError;
 use super::io::Activity;
 use super::listener::ConnHold;
-use super::metrics::{ProxyMetrics, RouteLabels, TunnelBytesLabels};
+use super::metrics::{Held, ProxyMetrics, RouteLabels, TunnelBytesLabels};
 use super::route::Route;
 use crate::metrics::Name;
 
@@ -115,15 +115,6 @@ pub fn check_switch(
     }
 }
 
-/// Decrements `tunnels_open` when a tunnel ends, however it ends.
-struct OpenTunnel(Arc<ProxyMetrics>);
-
-impl Drop for OpenTunnel {
-    fn drop(&mut self) {
-        self.0.tunnels_open.dec();
-    }
-}
-
 /// What a tunnel needs from its request and connection.
 pub(crate) struct Tunnel {
     pub caller: OnUpgrade,
@@ -145,8 +136,12 @@ impl Tunnel {
                 route: Name(self.route.clone()),
             })
             .inc();
-        self.metrics.tunnels_open.inc();
-        tokio::spawn(self.run());
+        // counted open until the tunnel ends, however it ends
+        let open = Held::new(&self.metrics.tunnels_open);
+        tokio::spawn(async move {
+            let _open = open;
+            self.run().await
+        });
     }
 
     async fn run(self) {
@@ -159,7 +154,6 @@ impl Tunnel {
             activity,
             idle_timeout,
         } = self;
-        let _open = OpenTunnel(metrics.clone());
         let (caller, upstream) = match tokio::try_join!(caller, upstream) {
             Ok(both) => both,
             Err(e) => {

@@ -47,6 +47,7 @@ use tokio_rustls::TlsConnector;
 
 use super::ProxyBody;
 use crate::metrics::OutcomeLabels;
+use crate::proxy::metrics::Held;
 use crate::proxy::ProxyMetrics;
 
 /// A new connection could not be made, or a request failed on one.
@@ -345,10 +346,32 @@ impl Inner {
             conn,
             since: Instant::now(),
         });
+        self.reaping(&mut origins, set);
+    }
+
+    /// Starts set `set`'s reaper unless it runs (`origins`: that set, locked), on this worker.
+    fn reaping(self: &Arc<Self>, origins: &mut Origins, set: usize) {
         if !origins.reaping {
             origins.reaping = true;
             tokio::spawn(reap(Arc::downgrade(self), set, self.idle_timeout));
         }
+    }
+
+    /// Runs a new connection in a task of its own, counted open while it runs; the handle
+    /// aborts it (closes the connection at once).
+    fn spawn_connection<F>(&self, key: &OriginKey, conn: F) -> AbortHandle
+    where
+        F: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+    {
+        let origin = format!("{}:{}", key.host(), key.port());
+        let open = Held::new(&self.metrics.upstream_connections_open);
+        tokio::spawn(async move {
+            let _open = open;
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %origin, error = %e, "upstream connection ended with an error");
+            }
+        })
+        .abort_handle()
     }
 
     /// Connects to the origin (TCP, then TLS for `https`) and starts the connection's task;
@@ -410,18 +433,8 @@ impl Inner {
             .handshake(io)
             .await
             .map_err(PoolError::Exchange)?;
-        let origin = format!("{}:{}", key.host(), key.port());
-        let open = OpenUpstream::new(&self.metrics);
-        let task = tokio::spawn(async move {
-            let _open = open;
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(upstream = %origin, error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(Conn::Http1(Handle {
-            send,
-            task: task.abort_handle(),
-        }))
+        let task = self.spawn_connection(key, conn.with_upgrades());
+        Ok(Conn::Http1(Handle { send, task }))
     }
 
     async fn http2<T>(
@@ -438,26 +451,16 @@ impl Inner {
             .handshake(io)
             .await
             .map_err(PoolError::Exchange)?;
-        let origin = format!("{}:{}", key.host(), key.port());
-        let open = OpenUpstream::new(&self.metrics);
-        let task = tokio::spawn(async move {
-            let _open = open;
-            if let Err(e) = conn.await {
-                tracing::debug!(upstream = %origin, error = %e, "upstream connection ended with an error");
-            }
-        });
+        let task = self.spawn_connection(key, conn);
         let mut origins = self.origins(set);
         origins.by_key.entry(key.clone()).or_default().h2 = Some(Http2 {
             conn: Handle {
                 send: send.clone(),
-                task: task.abort_handle(),
+                task,
             },
             used: Instant::now(),
         });
-        if !origins.reaping {
-            origins.reaping = true;
-            tokio::spawn(reap(Arc::downgrade(self), set, self.idle_timeout));
-        }
+        self.reaping(&mut origins, set);
         Ok(Conn::Http2(send))
     }
 
@@ -493,22 +496,6 @@ async fn reap(pool: Weak<Inner>, set: usize, idle_timeout: Duration) {
         if !pool.reap(set, Instant::now()) {
             return;
         }
-    }
-}
-
-/// Counts an upstream connection as open while its task runs.
-struct OpenUpstream(Arc<ProxyMetrics>);
-
-impl OpenUpstream {
-    fn new(metrics: &Arc<ProxyMetrics>) -> Self {
-        metrics.upstream_connections_open.inc();
-        OpenUpstream(metrics.clone())
-    }
-}
-
-impl Drop for OpenUpstream {
-    fn drop(&mut self) {
-        self.0.upstream_connections_open.dec();
     }
 }
 
