@@ -61,6 +61,8 @@ set -E
 trap 'printf "load.sh: stopped: line %s failed: %s\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=benches/upstream.sh
+source "$ROOT/benches/upstream.sh"
 DURATION="${DURATION:-10s}"
 CONNS="${CONNS:-64}"
 ROUNDS="${ROUNDS:-3}"
@@ -248,7 +250,6 @@ mib() { [[ $1 == - ]] && { echo -; return; }; awk -v k="$1" 'BEGIN{printf "%.1f"
 # ---------------------------------------------------------------------------------------------
 # Configuration files
 # ---------------------------------------------------------------------------------------------
-random_token() { head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='; }
 
 write_files() {
   umask 077
@@ -264,46 +265,15 @@ write_files() {
   local i
   for i in $(seq 1 "$AMP_CALLERS"); do random_token >>"$WORK/amp-keys"; done
 
-  local common_nginx="
-worker_processes 1;
-daemon off;
-worker_rlimit_nofile $NOFILE;
-events { worker_connections $((NOFILE - 100)); }
-"
-  local temp_paths="
-  client_body_temp_path $WORK/tmp/body;
-  proxy_temp_path $WORK/tmp/proxy;
-  fastcgi_temp_path $WORK/tmp/fastcgi;
-  uwsgi_temp_path $WORK/tmp/uwsgi;
-  scgi_temp_path $WORK/tmp/scgi;
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 300s;
-"
   # The upstream: a small static body (and the 1 GiB file) from nginx, keep-alive.
-  cat >"$WORK/up/nginx.conf" <<EOF
-$common_nginx
-pid $WORK/up/nginx.pid;
-http {
-$temp_paths
-  sendfile on;
-  tcp_nopush on;
-  open_file_cache max=16 inactive=300s;
-  open_file_cache_valid 300s;
-  default_type application/octet-stream;
-  server {
-    listen 127.0.0.1:$UPSTREAM_PORT backlog=4096;
-    root $WORK/www;
-  }
-}
-EOF
+  upstream_nginx_conf "$WORK" "$UPSTREAM_PORT" "$NOFILE"
   # nginx doing tokenbroker's job: drop the caller's credentials, inject a static token, add the
   # X-Forwarded-* and X-Request-Id headers, keep-alive to the upstream.
   cat >"$WORK/px/nginx.conf" <<EOF
-$common_nginx
+$(nginx_main "$NOFILE")
 pid $WORK/px/nginx.pid;
 http {
-$temp_paths
+$(nginx_http_common "$WORK")
   upstream backend {
     server 127.0.0.1:$UPSTREAM_PORT;
     keepalive 256;

@@ -19,6 +19,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=benches/upstream.sh
+source "$ROOT/benches/upstream.sh"
 TB="${1:-$ROOT/target/release/tokenbroker}"
 PROXY_CPUS="${PROXY_CPUS:-0-1}"
 LOAD_CPUS="${LOAD_CPUS:-0-1}"
@@ -63,28 +65,9 @@ mkdir -p "$WORK/www" "$WORK/tmp" "$WORK/up"
 printf 'hello from the upstream\n' >"$WORK/www/index.html"
 chmod 755 "$WORK" "$WORK/www" "$WORK/tmp"
 chmod 644 "$WORK/www/index.html"
-head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=' >"$WORK/client-secret"
-head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=' >"$WORK/bench-key"
-cat >"$WORK/up/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-events { worker_connections 4096; }
-pid $WORK/up/nginx.pid;
-http {
-  client_body_temp_path $WORK/tmp/body;
-  proxy_temp_path $WORK/tmp/proxy;
-  fastcgi_temp_path $WORK/tmp/fastcgi;
-  uwsgi_temp_path $WORK/tmp/uwsgi;
-  scgi_temp_path $WORK/tmp/scgi;
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 300s;
-  server {
-    listen 127.0.0.1:$UP_PORT backlog=4096;
-    root $WORK/www;
-  }
-}
-EOF
+random_token >"$WORK/client-secret"
+random_token >"$WORK/bench-key"
+upstream_nginx_conf "$WORK" "$UP_PORT" 4196
 hash="$(printf '%s' "$(cat "$WORK/bench-key")" | "$TB" hash-key)"
 legs=(w1 "w$WORKERS")
 declare -A PORT ADMIN PID

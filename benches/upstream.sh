@@ -1,0 +1,53 @@
+# Sourced by benches/load.sh and benches/workers.sh: what both write the same way.
+#
+# random_token: 24 random bytes, base64url without padding (keys and secrets of a run).
+# nginx_main NOFILE: the main context every nginx of a benchmark shares (one worker, foreground).
+# nginx_http_common WORK: the http-context lines every nginx of a benchmark shares (its temp
+#   paths under WORK/tmp, no access log, keep-alive connections that last the whole run).
+# upstream_nginx_conf WORK PORT NOFILE: writes WORK/up/nginx.conf, the upstream of every leg:
+#   nginx serving WORK/www (a small index.html, and whatever else the script put there) on
+#   127.0.0.1:PORT.
+
+random_token() { head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='; }
+
+nginx_main() {
+  cat <<EOF
+worker_processes 1;
+daemon off;
+worker_rlimit_nofile $1;
+events { worker_connections $(($1 - 100)); }
+EOF
+}
+
+nginx_http_common() {
+  cat <<EOF
+  client_body_temp_path $1/tmp/body;
+  proxy_temp_path $1/tmp/proxy;
+  fastcgi_temp_path $1/tmp/fastcgi;
+  uwsgi_temp_path $1/tmp/uwsgi;
+  scgi_temp_path $1/tmp/scgi;
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
+EOF
+}
+
+upstream_nginx_conf() {
+  local work="$1" port="$2" nofile="$3"
+  cat >"$work/up/nginx.conf" <<EOF
+$(nginx_main "$nofile")
+pid $work/up/nginx.pid;
+http {
+$(nginx_http_common "$work")
+  sendfile on;
+  tcp_nopush on;
+  open_file_cache max=16 inactive=300s;
+  open_file_cache_valid 300s;
+  default_type application/octet-stream;
+  server {
+    listen 127.0.0.1:$port backlog=4096;
+    root $work/www;
+  }
+}
+EOF
+}
