@@ -2,7 +2,9 @@
 //! answers are read to the end and closed when one is left unread; an HTTPS upstream that offers
 //! h2 gets one shared HTTP/2 connection; idle connections close after `limits.idle_timeout`; an
 //! upstream that closes after every answer loses no request; bytes an upstream sends after an
-//! answer never answer the next request; no connection within `connect_timeout` is a 504.
+//! answer never answer the next request; no connection within `connect_timeout` is a 504; an
+//! upstream that answers before the request's body is all sent gets no more of it, and its
+//! connection is not reused.
 //! Real emulator (tokens), real tokenbroker, a fake upstream counting its connections.
 
 #[path = "support/proxy_config.rs"]
@@ -32,13 +34,15 @@ const KEY: (&str, &str) = ("Proxy-Authorization", "Bearer alice-key");
 
 /// Emulator, a plain and a TLS fake upstream, a raw upstream that closes after each answer, one
 /// that smuggles an answer after its first, and tokenbroker with routes `/up` (plain), `/tls`
-/// (HTTPS, h2 offered), `/closing` and `/smuggler` (raw), and `/silent` (a listener that takes no
-/// connection; `connect_timeout` 300 ms).
+/// (HTTPS, h2 offered), `/closing`, `/smuggler` and `/early` (raw), and `/silent` (a listener that
+/// takes no connection; `connect_timeout` 300 ms).
 struct Fixture {
     _emu: Emulator,
     up: FakeUpstream,
     up_tls: FakeUpstream,
     closing_heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// What each connection of the early-answering upstream read after its answer.
+    early_after: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     _unanswering: (tokio::net::TcpListener, Vec<TcpStream>),
     app: AppHandle,
 }
@@ -51,6 +55,7 @@ impl Fixture {
         let (closing, closing_heads) =
             raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
         let smuggler = smuggling_upstream().await;
+        let (early, early_after) = early_answering_upstream().await;
         let unanswering = unanswering_upstream().await;
         let mut silent = route(
             "silent",
@@ -85,6 +90,7 @@ impl Fixture {
                     format!("http://{smuggler}/"),
                     &["alice"],
                 ),
+                route("early", "/early", format!("http://{early}/"), &["alice"]),
                 silent,
             ],
             limits,
@@ -96,6 +102,7 @@ impl Fixture {
             up,
             up_tls,
             closing_heads,
+            early_after,
             _unanswering: unanswering,
             app,
         }
@@ -122,17 +129,39 @@ impl Fixture {
 
 #[tokio::test]
 async fn answers_read_to_the_end_leave_their_connection_for_the_next_request() {
-    let f = Fixture::start(Limits::default()).await;
+    // Request bodies over 2 bytes are streamed, not buffered for a replay.
+    let f = Fixture::start(Limits {
+        replay_buffer_bytes: 2,
+        ..Limits::default()
+    })
+    .await;
     for i in 0..10 {
         assert_eq!(f.ok("GET", &format!("/up/get/{i}"), b"").await, "ok");
         assert_eq!(f.ok("POST", "/up/upload", b"12345").await, "5");
         assert_eq!(f.ok("HEAD", "/up/head", b"").await, "");
     }
-    assert_eq!(f.up.requests(), 30);
+    // A chunked body, streamed to its end too.
+    let mut caller = TcpStream::connect(f.app.proxy_addr("plain").unwrap())
+        .await
+        .unwrap();
+    caller
+        .write_all(
+            b"POST /up/upload HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer alice-key\r\n\
+              Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = support::read_head(&mut caller).await.expect("an answer");
+    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    let mut body = [0u8; 1];
+    caller.read_exact(&mut body).await.unwrap();
+    assert_eq!(&body, b"7");
+    assert_eq!(f.ok("GET", "/up/last", b"").await, "ok");
+    assert_eq!(f.up.requests(), 32);
     assert_eq!(
         f.up.connections(),
         1,
-        "30 requests one after another take one upstream connection"
+        "32 requests one after another take one upstream connection"
     );
     // and the proxy says so
     let connects = "tokenbroker_upstream_connects_total{outcome=\"ok\"}";
@@ -270,6 +299,93 @@ async fn bytes_after_an_answer_never_answer_the_next_request() {
         let body = f.ok("GET", &format!("/smuggler/{i}"), b"").await;
         assert_eq!(body, "good", "request {i} got a stray answer");
     }
+}
+
+/// An upstream that answers each request `403` as soon as it has read its head, without reading
+/// the request's body, and keeps the connection open, as a careless upstream does. Each
+/// connection then reports the bytes it read after its answer: at its end, or as soon as they
+/// hold `smuggled`.
+async fn early_answering_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if support::read_head(&mut stream).await.is_none() {
+                    return;
+                }
+                let answer = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                let mut after = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    after.extend_from_slice(&buf[..n]);
+                    if memchr::memmem::find(&after, b"smuggled").is_some() {
+                        break;
+                    }
+                }
+                let _ = tx.send(after);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn an_upstream_that_answers_before_the_body_gets_no_more_of_it() {
+    let mut f = Fixture::start(Limits::default()).await;
+    let proxy = f.app.proxy_addr("plain").unwrap();
+    let mut caller = TcpStream::connect(proxy).await.unwrap();
+    caller
+        .write_all(
+            b"POST /early/upload HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer alice-key\r\n\
+              Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(TIMEOUT, support::read_head(&mut caller))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 403 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The rest of the body, once the answer is in: a request, as a careless upstream would read
+    // it. (The proxy may have closed the connection by now, so a failed write is fine.)
+    let smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut rest = format!("{:x}\r\n", smuggled.len()).into_bytes();
+    rest.extend_from_slice(smuggled);
+    rest.extend_from_slice(b"\r\n0\r\n\r\n");
+    let _ = caller.write_all(&rest).await;
+    let after = tokio::time::timeout(TIMEOUT, f.early_after.recv())
+        .await
+        .expect("the upstream connection closes")
+        .expect("a report");
+    assert!(
+        memchr::memmem::find(&after, b"smuggled").is_none(),
+        "the rest of the body went to the upstream after its answer: {}",
+        String::from_utf8_lossy(&after)
+    );
+    assert_eq!(f.metric("tokenbroker_upstream_connections_open"), 0.0);
+    // and the proxy serves the next request, on a new connection
+    let (status, _, _) = try_http("POST", &f.url("/early/again"), &[KEY], "x")
+        .await
+        .expect("an answer");
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(f.metric(connects_ok()), 2.0);
+}
+
+fn connects_ok() -> &'static str {
+    "tokenbroker_upstream_connects_total{outcome=\"ok\"}"
 }
 
 /// A listening socket that never accepts, its accept queue filled: the kernel drops further

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,10 +45,10 @@ pub enum ProxyBody {
     /// An upstream's response body; a failure while it streams (broken framing, a reset, a cut)
     /// is counted in these metrics as [`upstream_body_failed`].
     Stream(UpstreamBody, Arc<ProxyMetrics>),
-    /// The caller's streamed request body, under `limits.max_body_bytes`, and the count of its
-    /// bytes read so far (for the log line); its read errors are marked as the caller's
-    /// ([`CallerBodyError`]).
-    Caller(Limited<Incoming>, Arc<AtomicU64>),
+    /// The caller's streamed request body, under `limits.max_body_bytes`, and how much of it was
+    /// read so far (for the log line, and for the upstream connection: see [`CallerRead`]); its
+    /// read errors are marked as the caller's ([`CallerBodyError`]).
+    Caller(Limited<Incoming>, Arc<CallerRead>),
     /// A response body that writes the request's log line at its end (`log`).
     Logged(Box<Logged>),
 }
@@ -58,10 +58,39 @@ impl ProxyBody {
         ProxyBody::Full(Some(bytes))
     }
 
-    /// The caller's request body, streamed, with an optional size limit; `read` counts its bytes.
-    pub fn caller(body: Incoming, limit: Option<u64>, read: Arc<AtomicU64>) -> ProxyBody {
+    /// The caller's request body, streamed, with an optional size limit; `read` follows it.
+    pub fn caller(body: Incoming, limit: Option<u64>, read: Arc<CallerRead>) -> ProxyBody {
         let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
         ProxyBody::Caller(Limited::new(body, limit), read)
+    }
+
+    /// How much of the caller's streamed body was read, for a body that is one.
+    pub fn caller_read(&self) -> Option<&Arc<CallerRead>> {
+        match self {
+            ProxyBody::Caller(_, read) => Some(read),
+            _ => None,
+        }
+    }
+}
+
+/// How much of a caller's streamed request body the upstream client has read (and so sent on),
+/// and whether it read it to its end. An upstream connection whose answer ended before its
+/// request's body did is not used again (`pool`): the rest of that body would follow on it, and
+/// an upstream that answered without reading its body could take those bytes for a request.
+#[derive(Debug, Default)]
+pub struct CallerRead {
+    bytes: AtomicU64,
+    ended: AtomicBool,
+}
+
+impl CallerRead {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The body was read to its end.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
     }
 }
 
@@ -103,11 +132,18 @@ impl Body for ProxyBody {
                 e.into()
             }),
             ProxyBody::Caller(body, read) => {
-                let poll = Pin::new(body).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &poll {
-                    if let Some(data) = frame.data_ref() {
-                        read.fetch_add(data.len() as u64, Ordering::Relaxed);
+                let poll = Pin::new(&mut *body).poll_frame(cx);
+                match &poll {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            read.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
+                        if body.is_end_stream() {
+                            read.ended.store(true, Ordering::Relaxed);
+                        }
                     }
+                    Poll::Ready(None) => read.ended.store(true, Ordering::Relaxed),
+                    _ => {}
                 }
                 poll.map_err(|e| {
                     if e.is::<LengthLimitError>() {

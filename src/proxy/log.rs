@@ -13,7 +13,6 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,7 +21,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method};
 use http_body::{Body, Frame};
 
-use super::forward::{upstream_body_failed, BoxError, ProxyBody};
+use super::forward::{upstream_body_failed, BoxError, CallerRead, ProxyBody};
 
 /// How many request body bytes were read from the caller.
 #[derive(Debug, Default)]
@@ -33,7 +32,7 @@ pub enum BytesIn {
     /// Read into memory whole.
     Known(u64),
     /// Streamed: counted as the upstream client reads it.
-    Counted(Arc<AtomicU64>),
+    Counted(Arc<CallerRead>),
 }
 
 impl BytesIn {
@@ -41,7 +40,7 @@ impl BytesIn {
         match self {
             BytesIn::None => 0,
             BytesIn::Known(n) => *n,
-            BytesIn::Counted(n) => n.load(Ordering::Relaxed),
+            BytesIn::Counted(read) => read.bytes(),
         }
     }
 }

@@ -13,6 +13,10 @@
 //! - `connect_timeout` bounds the TCP connect and the TLS handshake of a new connection.
 //!   Connections idle for `idle_timeout` are closed (at the next checkout, or by a reaper task
 //!   that runs while the pool has idle connections and ends with the pool).
+//! - A connection whose response ended before the caller's streamed request body did (an
+//!   upstream that answered early, a `413` say) is closed, not reused: the rest of that body
+//!   would follow on it, and an upstream that answered without reading the body could take
+//!   those bytes for a request (nginx closes such a connection too).
 //! - A request that a pooled connection refused before sending any of it (the upstream had just
 //!   closed it) is sent again on a new connection; a request that may have reached the upstream
 //!   is never sent twice.
@@ -45,7 +49,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use super::ProxyBody;
+use super::{CallerRead, ProxyBody};
 use crate::metrics::OutcomeLabels;
 use crate::proxy::metrics::Held;
 use crate::proxy::ProxyMetrics;
@@ -190,6 +194,7 @@ impl Pool {
     ) -> Result<Response<UpstreamBody>, PoolError> {
         let key = OriginKey::of(request.uri())?;
         let absolute = request.uri().clone();
+        let body_read = request.body().caller_read().cloned();
         let set = self.inner.set();
         loop {
             let (conn, reused) = match self.inner.checkout(set, &key) {
@@ -210,6 +215,7 @@ impl Pool {
                                 set,
                                 key,
                                 conn,
+                                body_read,
                             });
                             return Ok(response.map(|body| UpstreamBody { body, lease }));
                         }
@@ -523,10 +529,18 @@ struct Lease {
     set: usize,
     key: OriginKey,
     conn: Http1,
+    /// The caller's streamed request body, when it had one: the connection is reused only if it
+    /// was read (and sent on) to its end.
+    body_read: Option<Arc<CallerRead>>,
 }
 
 impl Lease {
+    /// The response was read to its end: the connection goes back to the pool, unless the
+    /// request's body was not all sent (then it is closed).
     fn give_back(self) {
+        if self.body_read.as_ref().is_some_and(|read| !read.ended()) {
+            return self.close();
+        }
         if let Some(pool) = self.pool.upgrade() {
             pool.checkin(self.set, self.key, self.conn);
         }
