@@ -4,7 +4,8 @@
 //! upstream that closes after every answer loses no request; bytes an upstream sends after an
 //! answer never answer the next request; no connection within `connect_timeout` is a 504; an
 //! upstream that answers before the request's body is all sent gets no more of it, and its
-//! connection is not reused.
+//! connection is not reused; answers that carry no body whatever their head says (to `HEAD`,
+//! `204`, `304`) and informational answers before the real one leave the connection in step.
 //! Real emulator (tokens), real tokenbroker, a fake upstream counting its connections.
 
 #[path = "support/proxy_config.rs"]
@@ -34,8 +35,8 @@ const KEY: (&str, &str) = ("Proxy-Authorization", "Bearer alice-key");
 
 /// Emulator, a plain and a TLS fake upstream, a raw upstream that closes after each answer, one
 /// that smuggles an answer after its first, and tokenbroker with routes `/up` (plain), `/tls`
-/// (HTTPS, h2 offered), `/closing`, `/smuggler` and `/early` (raw), and `/silent` (a listener that
-/// takes no connection; `connect_timeout` 300 ms).
+/// (HTTPS, h2 offered), `/closing`, `/smuggler`, `/early` and `/bodyless` (raw), and `/silent` (a
+/// listener that takes no connection; `connect_timeout` 300 ms).
 struct Fixture {
     _emu: Emulator,
     up: FakeUpstream,
@@ -43,6 +44,8 @@ struct Fixture {
     closing_heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// What each connection of the early-answering upstream read after its answer.
     early_after: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    /// How many connections the bodyless upstream took.
+    bodyless_conns: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     _unanswering: (tokio::net::TcpListener, Vec<TcpStream>),
     app: AppHandle,
 }
@@ -56,6 +59,7 @@ impl Fixture {
             raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
         let smuggler = smuggling_upstream().await;
         let (early, early_after) = early_answering_upstream().await;
+        let (bodyless, bodyless_conns) = bodyless_upstream().await;
         let unanswering = unanswering_upstream().await;
         let mut silent = route(
             "silent",
@@ -91,6 +95,12 @@ impl Fixture {
                     &["alice"],
                 ),
                 route("early", "/early", format!("http://{early}/"), &["alice"]),
+                route(
+                    "bodyless",
+                    "/bodyless",
+                    format!("http://{bodyless}/"),
+                    &["alice"],
+                ),
                 silent,
             ],
             limits,
@@ -103,6 +113,7 @@ impl Fixture {
             up_tls,
             closing_heads,
             early_after,
+            bodyless_conns,
             _unanswering: unanswering,
             app,
         }
@@ -386,6 +397,82 @@ async fn an_upstream_that_answers_before_the_body_gets_no_more_of_it() {
 
 fn connects_ok() -> &'static str {
     "tokenbroker_upstream_connects_total{outcome=\"ok\"}"
+}
+
+/// A keep-alive upstream whose answers by path have heads that announce a body they do not carry,
+/// as RFC 9112 6.3 says they may: `/head` (to a `HEAD`: `Content-Length: 7`), `/no-content`
+/// (`204` with `Content-Length: 5`), `/not-modified` (`304` with `Content-Length: 9`); `/hints`
+/// sends a `103 Early Hints` before its `200`; anything else is `200` with `fine`. An HTTP/1
+/// client that read a body after any of them would take the next answer's bytes for it.
+async fn bodyless_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                while let Some(head) = support::read_head(&mut stream).await {
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let target = head.split(' ').nth(1).unwrap_or_default();
+                    let answer: &[u8] = match target {
+                        "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n",
+                        "/no-content" => b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                        "/not-modified" => {
+                            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"
+                        }
+                        "/hints" => {
+                            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+                                      HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhints"
+                        }
+                        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfine",
+                    };
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test]
+async fn answers_without_a_body_keep_the_connection_in_step() {
+    let f = Fixture::start(Limits::default()).await;
+    for round in 0..3 {
+        let (status, headers, body) = try_http("HEAD", &f.url("/bodyless/head"), &[KEY], "")
+            .await
+            .expect("an answer to HEAD");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers["content-length"], "7",
+            "the upstream's length, kept"
+        );
+        assert!(body.is_empty());
+        let (status, _, body) = try_http("GET", &f.url("/bodyless/no-content"), &[KEY], "")
+            .await
+            .expect("an answer");
+        assert_eq!((status, body.len()), (StatusCode::NO_CONTENT, 0));
+        let (status, _, body) = try_http("GET", &f.url("/bodyless/not-modified"), &[KEY], "")
+            .await
+            .expect("an answer");
+        assert_eq!((status, body.len()), (StatusCode::NOT_MODIFIED, 0));
+        assert_eq!(f.ok("GET", "/bodyless/hints", b"").await, "hints");
+        assert_eq!(
+            f.ok("GET", &format!("/bodyless/plain/{round}"), b"").await,
+            "fine"
+        );
+    }
+    assert_eq!(
+        f.bodyless_conns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "15 answers, one connection"
+    );
 }
 
 /// A listening socket that never accepts, its accept queue filled: the kernel drops further
