@@ -35,11 +35,14 @@
 #   KEEP_LOGS=1: copy the processes' logs (not the keys) and oha's record of every open-loop
 #     request (oha-<load>-<leg>-<round>.sqlite: start, end, latency of each; no headers) to
 #     target/bench-load/logs-<time>/ on exit (benches/stalls.py reads them).
+#   FLOOR=1: one more leg, "floor": examples/h1_floor, the least a tokio HTTP/1 proxy can do for
+#     this request without hyper (nginx's job here and nothing else; see the example's docs), run
+#     like nginx. It shows how much of a build's CPU per request is the HTTP library's.
 #   PERF=1: after the measured runs, count each proxy's syscalls per request and record a CPU
 #     profile (perf; Debian package linux-perf) into target/bench-load/
 #
 # Ports: BASE_PORT+1 upstream, +2 nginx proxy, +3/+4 first build (listener/admin), +5 emulator,
-# +6 echo upstream, +7 amplification proxy, +10/+11, +12/+13, ... the other builds.
+# +6 echo upstream, +7 amplification proxy, +8 floor, +10/+11, +12/+13, ... the other builds.
 #
 # Pinning (2 cores): the proxies under test (each build and nginx, one worker each, only one of
 # them loaded at a time) run on PROXY_CPU; the load generator, the upstream nginx and the emulator
@@ -81,6 +84,7 @@ SKIP="${SKIP:-}"
 TB_BUILDS="${TB_BUILDS:-}"
 BUILD_EXAMPLES="${BUILD_EXAMPLES:-1}"
 KEEP_LOGS="${KEEP_LOGS:-}"
+FLOOR="${FLOOR:-}"
 # Latency threshold of the "requests over 5 ms" count, in microseconds (strictly greater).
 SLOW_US=5000
 
@@ -89,6 +93,7 @@ NGINX_PROXY_PORT=$((BASE_PORT + 2))
 EMU_PORT=$((BASE_PORT + 5))
 ECHO_PORT=$((BASE_PORT + 6))
 AMP_PORT=$((BASE_PORT + 7))
+FLOOR_PORT=$((BASE_PORT + 8))
 
 EXAMPLES="$ROOT/target/release/examples"
 RESULTS_DIR="$ROOT/target/bench-load"
@@ -115,7 +120,7 @@ parse_builds() {
     [[ $spec == *=* ]] || die "TB_BUILDS: '$spec' is not name=path"
     name="${spec%%=*}" path="${spec#*=}"
     [[ $name =~ ^[A-Za-z0-9._-]+$ ]] || die "TB_BUILDS: build name '$name' (letters, digits, . _ - only)"
-    [[ $name != direct && $name != nginx ]] || die "TB_BUILDS: '$name' is the name of another leg"
+    [[ $name != direct && $name != nginx && $name != floor ]] || die "TB_BUILDS: '$name' is the name of another leg"
     local other
     for other in "${B_NAMES[@]}"; do [[ $other != "$name" ]] || die "TB_BUILDS: '$name' twice"; done
     [[ $path == /* ]] || path="$PWD/$path"
@@ -157,14 +162,17 @@ install_tools() {
     cargo install oha --locked --version "$OHA_VERSION"
   fi
   python3 -c 'import sqlite3' 2>/dev/null || die "python3 has no sqlite3 module (needed to read oha's records)"
+  local examples=(--example idle_conns --example amplify)
+  [[ -n $FLOOR ]] && examples+=(--example h1_floor)
   if [[ -n $DEFAULT_BUILD ]]; then
-    log "cargo build --release (tokenbroker, examples idle_conns and amplify)"
-    (cd "$ROOT" && cargo build --release --bin tokenbroker --example idle_conns --example amplify)
+    log "cargo build --release (tokenbroker, examples ${examples[*]})"
+    (cd "$ROOT" && cargo build --release --bin tokenbroker "${examples[@]}")
   elif [[ $BUILD_EXAMPLES != 0 ]]; then
-    log "cargo build --release (examples idle_conns and amplify; the builds under test are not rebuilt)"
-    (cd "$ROOT" && cargo build --release --example idle_conns --example amplify)
+    log "cargo build --release (examples ${examples[*]}; the builds under test are not rebuilt)"
+    (cd "$ROOT" && cargo build --release "${examples[@]}")
   fi
   [[ -x $EXAMPLES/idle_conns && -x $EXAMPLES/amplify ]] || die "no $EXAMPLES/idle_conns or amplify"
+  [[ -z $FLOOR || -x $EXAMPLES/h1_floor ]] || die "no $EXAMPLES/h1_floor"
   local i
   for i in "${!B_NAMES[@]}"; do
     [[ -x ${B_PATHS[i]} ]] || die "build ${B_NAMES[i]}: ${B_PATHS[i]} is not an executable file"
@@ -209,6 +217,14 @@ start() {
   LAST_PID="$!"
   PIDS+=("$LAST_PID")
 }
+# The floor leg (FLOOR=1): examples/h1_floor on the proxies' CPU, its static token on stdin.
+start_floor() {
+  random_token >"$WORK/floor-token"
+  taskset -c "$PROXY_CPU" "$EXAMPLES/h1_floor" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$UPSTREAM_PORT" \
+    <"$WORK/floor-token" >"$WORK/floor.log" 2>&1 &
+  FLOOR_PID="$!"
+  PIDS+=("$FLOOR_PID")
+}
 stop_pid() {
   kill "$1" 2>/dev/null || true
   wait "$1" 2>/dev/null || true
@@ -231,6 +247,7 @@ check_all_alive() {
   alive emulator "$EMU_PID"
   alive "nginx proxy" "$PX_PID"
   for i in "${!B_NAMES[@]}"; do alive "build ${B_NAMES[i]}" "${B_PIDS[i]}"; done
+  [[ -z $FLOOR ]] || alive "floor (examples/h1_floor)" "$FLOOR_PID"
 }
 
 # sum_tree PID FILE AWK: the sum, over a process and its children (nginx: master + worker), of
@@ -498,6 +515,7 @@ leg_url() {
   case "${1%+busy}" in
     direct) echo "http://127.0.0.1:$UPSTREAM_PORT/" ;;
     nginx) echo "http://127.0.0.1:$NGINX_PROXY_PORT/" ;;
+    floor) echo "http://127.0.0.1:$FLOOR_PORT/" ;;
     *) for i in "${!B_NAMES[@]}"; do [[ ${B_NAMES[i]} != "${1%+busy}" ]] || echo "http://127.0.0.1:${B_PORTS[i]}/"; done ;;
   esac
 }
@@ -506,6 +524,7 @@ leg_pid() {
   case "${1%+busy}" in
     direct) echo "" ;;
     nginx) echo "$PX_PID" ;;
+    floor) echo "$FLOOR_PID" ;;
     *) for i in "${!B_NAMES[@]}"; do [[ ${B_NAMES[i]} != "${1%+busy}" ]] || echo "${B_PIDS[i]}"; done ;;
   esac
 }
@@ -529,7 +548,7 @@ med() {
 declare -A RSS_START=() RSS_IDLE=() RSS_LOAD=() RSS_END=()
 declare -A I_BEFORE=() I_WITH=() I_EST=() I_PER=() I_CLOSED=() I_AFTER=() I_AFTER_EST=() I_WAITED=()
 declare -A S_BEFORE=() S_PEAK=() S_AFTER=() S_SPEED=()
-UP_PID="" EMU_PID="" PX_PID=""
+UP_PID="" EMU_PID="" PX_PID="" FLOOR_PID=""
 LEGS=()
 OPEN_LEGS=()
 BUSY_PID=""
@@ -614,6 +633,7 @@ verdict() { if awk "BEGIN{exit !($1)}"; then echo met; else echo missed; fi; }
 main() {
   parse_builds
   LEGS=(direct "${B_NAMES[@]}" nginx)
+  [[ -n $FLOOR ]] && LEGS+=(floor)
   OPEN_LEGS=("${LEGS[@]}")
   if [[ ${BUSY_PROXY_CPU:-0} == 1 ]]; then OPEN_LEGS+=("${B_NAMES[-1]}+busy" nginx+busy); fi
   local est
@@ -652,6 +672,10 @@ LUA
   start nginx-proxy "$PROXY_CPU" nginx -p "$WORK/px" -c "$WORK/px/nginx.conf" -e "$WORK/px/error.log"
   PX_PID="$LAST_PID"
   wait_port "$NGINX_PROXY_PORT"
+  if [[ -n $FLOOR ]]; then
+    start_floor
+    wait_port "$FLOOR_PORT"
+  fi
   for b in "${!B_NAMES[@]}"; do
     wait_port "${B_PORTS[b]}"
     for i in $(seq 1 100); do
@@ -694,7 +718,7 @@ LUA
   for b in "${!B_NAMES[@]}"; do RSS_LOAD[${B_NAMES[b]}]="$(rss_kb "${B_PIDS[b]}")"; done
   if [[ -n "${PERF:-}" ]]; then
     log "profiles (PERF=1)"
-    for leg in "${B_NAMES[@]}" nginx; do profile_proxy "$leg" "$(leg_url "$leg")" "$(leg_pid "$leg")"; done
+    for leg in "${B_NAMES[@]}" nginx ${FLOOR:+floor}; do profile_proxy "$leg" "$(leg_url "$leg")" "$(leg_pid "$leg")"; done
   fi
 
   local first_rps load rate p50 p99 p999 pmax over nreq
@@ -792,6 +816,12 @@ summary() {
         'BEGIN{printf "  %s/nginx = %.2f   %s/direct = %.2f   CPU per request %s/nginx = %.2f\n", b, t/n, b, t/d, b, c/nc}'
     done
     awk -v n="$n_rps" -v d="$d_rps" 'BEGIN{printf "  nginx/direct = %.2f\n", n/d}'
+    if [[ -n $FLOOR ]]; then
+      for name in "${B_NAMES[@]}" nginx; do
+        awk -v b="$name" -v c="$(med CPU "$name")" -v f="$(med CPU floor)" \
+          'BEGIN{printf "  CPU per request %s/floor = %.2f (%s us over the floor)\n", b, c/f, c-f}'
+      done
+    fi
     echo "  (a proxy whose core is not ~100% busy was held back by the load generator + upstream core)"
     for load in quarter half; do
       local rate frac
@@ -803,7 +833,7 @@ summary() {
       for leg in "${OPEN_LEGS[@]}"; do lat_line "$load" "$leg"; done
       local d50 d99 added=""
       d50="$(med P50 "$load/direct")" d99="$(med P99 "$load/direct")"
-      for leg in "${B_NAMES[@]}" nginx; do
+      for leg in "${B_NAMES[@]}" nginx ${FLOOR:+floor}; do
         added+="  $leg p50 +$(($(med P50 "$load/$leg") - d50)), p99 +$(($(med P99 "$load/$leg") - d99));"
       done
       echo "  added over direct (medians, us):${added%;}"
@@ -861,6 +891,15 @@ targets() {
     if ((bo <= dov)); then line+=" $bo<=$dov"; else line+=" $bo>$dov"; ok=0; fi
   done
   echo "  $name: at a quarter load no request over 5 ms that direct does not show (per round, $name <= direct):$line: $(verdict "$ok")"
+  line="" ok=1
+  for r in $(seq 1 "$ROUNDS"); do
+    local bo="${OVER[quarter/$name/$r]}" no="${OVER[quarter/nginx/$r]}"
+    if ((bo <= no)); then line+=" $bo<=$no"; else line+=" $bo>$no"; ok=0; fi
+  done
+  echo "  $name: at a quarter load no more requests over 5 ms than nginx (per round, $name <= nginx):$line: $(verdict "$ok")"
+  local rps nrps
+  rps="$(med RPS "$name")" nrps="$(med RPS nginx)"
+  echo "  $name: throughput on one core >= nginx's (closed loop, medians): $rps vs $nrps req/s: $(verdict "$rps >= $nrps")"
   if skipped idle; then
     echo "  $name: <= 4 KiB per idle keep-alive connection: not measured (SKIP=idle): missed"
     echo "  $name: RSS a minute after the $IDLE_CONNS connections close <= 1.25 x idle: not measured (SKIP=idle): missed"
