@@ -876,8 +876,19 @@ summary() {
 }
 
 # targets BUILD: one line per target, each ending in met or missed.
+# slow_within LEG OTHER: each round's count of quarter-load requests over 5 ms of LEG against
+# OTHER's, and whether LEG's was at most OTHER's in every round (met/missed).
+slow_within() {
+  local r line="" ok=1 a b
+  for r in $(seq 1 "$ROUNDS"); do
+    a="${OVER[quarter/$1/$r]}" b="${OVER[quarter/$2/$r]}"
+    if ((a <= b)); then line+=" $a<=$b"; else line+=" $a>$b"; ok=0; fi
+  done
+  echo "$line: $(verdict "$ok")"
+}
+
 targets() {
-  local name="$1" c nc ratio r line ok
+  local name="$1" c nc ratio
   c="$(med CPU "$name")" nc="$(med CPU nginx)"
   ratio="$(awk -v c="$c" -v n="$nc" 'BEGIN{printf "%.2f", c/n}')"
   echo "  $name: proxy CPU per request <= nginx's (medians): $c vs $nc us, ratio $ratio: $(verdict "$c <= $nc")"
@@ -885,18 +896,8 @@ targets() {
   local d99 b99 n99
   d99="$(med P99 half/direct)" b99="$(med P99 "half/$name")" n99="$(med P99 half/nginx)"
   echo "  $name: added p99 at half load <= nginx's (medians, minus direct's $d99 us): +$((b99 - d99)) vs +$((n99 - d99)) us: $(verdict "$b99 - $d99 <= $n99 - $d99")"
-  line="" ok=1
-  for r in $(seq 1 "$ROUNDS"); do
-    local bo="${OVER[quarter/$name/$r]}" dov="${OVER[quarter/direct/$r]}"
-    if ((bo <= dov)); then line+=" $bo<=$dov"; else line+=" $bo>$dov"; ok=0; fi
-  done
-  echo "  $name: at a quarter load no request over 5 ms that direct does not show (per round, $name <= direct):$line: $(verdict "$ok")"
-  line="" ok=1
-  for r in $(seq 1 "$ROUNDS"); do
-    local bo="${OVER[quarter/$name/$r]}" no="${OVER[quarter/nginx/$r]}"
-    if ((bo <= no)); then line+=" $bo<=$no"; else line+=" $bo>$no"; ok=0; fi
-  done
-  echo "  $name: at a quarter load no more requests over 5 ms than nginx (per round, $name <= nginx):$line: $(verdict "$ok")"
+  echo "  $name: at a quarter load no request over 5 ms that direct does not show (per round, $name <= direct):$(slow_within "$name" direct)"
+  echo "  $name: at a quarter load no more requests over 5 ms than nginx (per round, $name <= nginx):$(slow_within "$name" nginx)"
   local rps nrps
   rps="$(med RPS "$name")" nrps="$(med RPS nginx)"
   echo "  $name: throughput on one core >= nginx's (closed loop, medians): $rps vs $nrps req/s: $(verdict "$rps >= $nrps")"
