@@ -5,7 +5,9 @@
 //! answer never answer the next request; no connection within `connect_timeout` is a 504; an
 //! upstream that answers before the request's body is all sent gets no more of it, and its
 //! connection is not reused; answers that carry no body whatever their head says (to `HEAD`,
-//! `204`, `304`) and informational answers before the real one leave the connection in step.
+//! `204`, `304`) and informational answers before the real one leave the connection in step; an
+//! idempotent request whose kept-alive connection closes under it goes out once more, another
+//! does not.
 //! Real emulator (tokens), real tokenbroker, a fake upstream counting its connections.
 
 #[path = "support/proxy_config.rs"]
@@ -35,8 +37,8 @@ const KEY: (&str, &str) = ("Proxy-Authorization", "Bearer alice-key");
 
 /// Emulator, a plain and a TLS fake upstream, a raw upstream that closes after each answer, one
 /// that smuggles an answer after its first, and tokenbroker with routes `/up` (plain), `/tls`
-/// (HTTPS, h2 offered), `/closing`, `/smuggler`, `/early` and `/bodyless` (raw), and `/silent` (a
-/// listener that takes no connection; `connect_timeout` 300 ms).
+/// (HTTPS, h2 offered), `/closing`, `/smuggler`, `/early`, `/bodyless` and `/closing-under` (raw),
+/// and `/silent` (a listener that takes no connection; `connect_timeout` 300 ms).
 struct Fixture {
     _emu: Emulator,
     up: FakeUpstream,
@@ -46,6 +48,8 @@ struct Fixture {
     early_after: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     /// How many connections the bodyless upstream took.
     bodyless_conns: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The request heads the closing-under upstream read, by connection.
+    closing_under_heads: std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
     _unanswering: (tokio::net::TcpListener, Vec<TcpStream>),
     app: AppHandle,
 }
@@ -60,6 +64,7 @@ impl Fixture {
         let smuggler = smuggling_upstream().await;
         let (early, early_after) = early_answering_upstream().await;
         let (bodyless, bodyless_conns) = bodyless_upstream().await;
+        let (closing_under, closing_under_heads) = closing_under_upstream().await;
         let unanswering = unanswering_upstream().await;
         let mut silent = route(
             "silent",
@@ -96,6 +101,12 @@ impl Fixture {
                 ),
                 route("early", "/early", format!("http://{early}/"), &["alice"]),
                 route(
+                    "closing-under",
+                    "/closing-under",
+                    format!("http://{closing_under}/"),
+                    &["alice"],
+                ),
+                route(
                     "bodyless",
                     "/bodyless",
                     format!("http://{bodyless}/"),
@@ -114,6 +125,7 @@ impl Fixture {
             closing_heads,
             early_after,
             bodyless_conns,
+            closing_under_heads,
             _unanswering: unanswering,
             app,
         }
@@ -473,6 +485,81 @@ async fn answers_without_a_body_keep_the_connection_in_step() {
         1,
         "15 answers, one connection"
     );
+}
+
+/// A keep-alive upstream that answers the first request of each connection (`first on N`, N the
+/// connection's number from 1) and, on the second, reads its head and closes the connection
+/// without an answer: an upstream closing an idle connection just as a request goes out on it.
+/// Records the heads it read, by connection.
+async fn closing_under_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<String>>::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let n = {
+                let mut seen = seen.lock().unwrap();
+                seen.push(Vec::new());
+                seen.len()
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                for answered in [true, false] {
+                    let Some(head) = support::read_head(&mut stream).await else {
+                        return;
+                    };
+                    seen.lock().unwrap()[n - 1].push(String::from_utf8_lossy(&head).into_owned());
+                    if answered {
+                        let body = format!("first on {n}");
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                // dropped: closed with the second request unanswered
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test]
+async fn an_idempotent_request_goes_out_once_more_when_its_kept_alive_connection_closes_under_it() {
+    let f = Fixture::start(Limits::default()).await;
+    // Connection 1 answers the first GET and is kept; the second GET goes out on it, the upstream
+    // closes it unanswered, and the GET goes out once more, on connection 2.
+    assert_eq!(f.ok("GET", "/closing-under/a", b"").await, "first on 1");
+    assert_eq!(f.ok("GET", "/closing-under/b", b"").await, "first on 2");
+    // A POST is not sent twice: on connection 2, closed under it, it fails.
+    let (status, _, body) = try_http("POST", &f.url("/closing-under/c"), &[KEY], "x")
+        .await
+        .expect("an answer");
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(
+        String::from_utf8_lossy(&body).contains("upstream_unavailable"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    // and the next GET is answered on a new connection
+    assert_eq!(f.ok("GET", "/closing-under/d", b"").await, "first on 3");
+    let heads = f.closing_under_heads.lock().unwrap().clone();
+    let targets: Vec<Vec<&str>> = heads
+        .iter()
+        .map(|conn| {
+            conn.iter()
+                .map(|h| h.split(' ').nth(1).unwrap_or_default())
+                .collect()
+        })
+        .collect();
+    assert_eq!(targets, [vec!["/a", "/b"], vec!["/b", "/c"], vec!["/d"]]);
 }
 
 /// A listening socket that never accepts, its accept queue filled: the kernel drops further

@@ -267,13 +267,33 @@ fn build_client(
     }))
 }
 
+/// Builds a request once more, for [`send`].
+pub type Again<'a> = &'a (dyn Fn() -> Result<Request<ProxyBody>, ProxyError> + Sync);
+
 /// Sends one request and waits up to `timeout` for the response headers.
+///
+/// When a kept-alive connection closed under the request before any answer came (the upstream
+/// closed it as the request went out: [`pool::PoolError::Closed`]) and `again` can build it once
+/// more (the caller passes it for an idempotent request whose body is in memory, as RFC 9110
+/// 9.2.2 allows and nginx does), it goes out once more, on another connection, within the same
+/// `timeout`. Any other request gets the failure (502).
 pub async fn send(
     client: &UpstreamClient,
     request: Request<ProxyBody>,
     timeout: Duration,
+    again: Option<Again<'_>>,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    match tokio::time::timeout(timeout, client.request(request)).await {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let first = tokio::time::timeout_at(deadline, client.request(request)).await;
+    let result = match (first, again) {
+        (Ok(Err(PoolError::Closed(e))), Some(again)) => {
+            tracing::debug!(error = %e, "a kept-alive upstream connection closed under the request; sending it once more");
+            // Boxed: the rare path does not widen every request's future.
+            Box::pin(tokio::time::timeout_at(deadline, client.request(again()?))).await
+        }
+        (first, _) => first,
+    };
+    match result {
         Err(_) => Err(ProxyError::UpstreamTimeout),
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) => Err(classify(&e)),
@@ -299,7 +319,7 @@ fn classify(e: &PoolError) -> ProxyError {
     let what = match e {
         PoolError::ConnectTimeout(_) => return ProxyError::UpstreamTimeout,
         PoolError::Connect(_) => "connect",
-        PoolError::Exchange(_) => "exchange",
+        PoolError::Exchange(_) | PoolError::Closed(_) => "exchange",
     };
     ProxyError::UpstreamUnavailable(format!("upstream {what} failed: {}", error_chain(e)))
 }

@@ -521,6 +521,8 @@ struct Renew<'a, T> {
 
 /// Builds and sends the request; a replayable one, after an upstream 401, once more: the token's
 /// generation is reported to the broker and the request is built again with the renewed token.
+/// An idempotent replayable one is also built again if its kept-alive connection closes under it
+/// (`forward::send`).
 /// (Each request is built in the call that sends it, so no future holds a second copy of it.)
 async fn exchange<T: TokenSource>(
     out: &Outbound<'_>,
@@ -544,10 +546,22 @@ async fn exchange<T: TokenSource>(
         Outgoing::Streaming(body) => (body, None, extensions),
     };
     let token = &renew.token.header;
+    // An idempotent request whose body is in memory goes out once more if a kept-alive
+    // connection closes under it (`forward::send`).
+    let again = replay
+        .as_ref()
+        .filter(|_| out.caller.method().is_idempotent())
+        .map(|(bytes, _)| {
+            move || {
+                let uri = out.route.upstream_uri(out.target)?;
+                Ok(out.request(uri, token, replay_body(bytes), Extensions::new(), span))
+            }
+        });
     let response = forward::send(
         client,
         out.request(uri, token, first, extensions, span),
         timeout,
+        again.as_ref().map(|again| again as forward::Again<'_>),
     )
     .await?;
     let Some((body, extensions)) = replay else {
@@ -567,7 +581,7 @@ async fn exchange<T: TokenSource>(
     let replay = {
         let uri = out.route.upstream_uri(out.target)?;
         let request = out.request(uri, &renewed.header, replay_body(&body), extensions, span);
-        forward::send(client, request, timeout)
+        forward::send(client, request, timeout, None)
     };
     replay.await
 }

@@ -18,8 +18,9 @@
 //!   would follow on it, and an upstream that answered without reading the body could take
 //!   those bytes for a request (nginx closes such a connection too).
 //! - A request that a pooled connection refused before sending any of it (the upstream had just
-//!   closed it) is sent again on a new connection; a request that may have reached the upstream
-//!   is never sent twice.
+//!   closed it) is sent again on a new connection. One that went out before the connection closed
+//!   under it, with no answer, is the caller's to send again or not ([`PoolError::Closed`]); the
+//!   pool never sends it twice itself.
 //! - **One set of connections per worker thread** (`crate::workers`): a request takes and gives
 //!   back connections of its own worker's set (index 0 off the workers), and a connection's task
 //!   and the set's reaper run on that worker, so that a request and its upstream connection share
@@ -63,13 +64,18 @@ pub enum PoolError {
     ConnectTimeout(String),
     /// The request or its response failed on the connection.
     Exchange(hyper::Error),
+    /// A kept-alive connection closed under the request (its end or a reset, after the request
+    /// went out in part or whole) before any answer came: most often the upstream closing an idle
+    /// connection just as the request was sent. Whether to send it again is the caller's call
+    /// (`forward::send`): the upstream may have read it.
+    Closed(hyper::Error),
 }
 
 impl std::fmt::Display for PoolError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PoolError::Connect(e) | PoolError::ConnectTimeout(e) => f.write_str(e),
-            PoolError::Exchange(e) => e.fmt(f),
+            PoolError::Exchange(e) | PoolError::Closed(e) => e.fmt(f),
         }
     }
 }
@@ -78,7 +84,7 @@ impl std::error::Error for PoolError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             PoolError::Connect(_) | PoolError::ConnectTimeout(_) => None,
-            PoolError::Exchange(e) => Some(e),
+            PoolError::Exchange(e) | PoolError::Closed(e) => Some(e),
         }
     }
 }
@@ -223,7 +229,13 @@ impl Pool {
                             // Refused before any of it was sent: a reused connection the upstream
                             // had just closed. A new one gets it.
                             Some(unsent) if reused => request = unsent,
-                            _ => return Err(PoolError::Exchange(e.into_error())),
+                            _ => {
+                                let e = e.into_error();
+                                return Err(match reused && closed_under(&e) {
+                                    true => PoolError::Closed(e),
+                                    false => PoolError::Exchange(e),
+                                });
+                            }
                         },
                     }
                 }
@@ -242,6 +254,16 @@ impl Pool {
             }
         }
     }
+}
+
+/// Whether an HTTP/1.1 exchange failed because its connection ended under it (the end of the
+/// stream, or a reset) rather than on what the upstream sent.
+fn closed_under(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    e.is_incomplete_message()
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted))
 }
 
 /// An HTTP/1.1 request goes out in origin form (`/path?query`) with a `Host` header naming the
