@@ -560,6 +560,7 @@ async fn an_idempotent_request_goes_out_once_more_when_its_kept_alive_connection
         })
         .collect();
     assert_eq!(targets, [vec!["/a", "/b"], vec!["/b", "/c"], vec!["/d"]]);
+    assert_eq!(f.metric("tokenbroker_upstream_resends_total"), 1.0);
 }
 
 /// A listening socket that never accepts, its accept queue filled: the kernel drops further

@@ -31,7 +31,7 @@ use crate::config::{Config, RouteConfig};
 
 mod pool;
 
-pub use pool::{Pool as UpstreamClient, UpstreamBody};
+pub use pool::{Again, Pool as UpstreamClient, UpstreamBody};
 use pool::{PoolError, PoolSettings};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -267,33 +267,20 @@ fn build_client(
     }))
 }
 
-/// Builds a request once more, for [`send`].
-pub type Again<'a> = &'a (dyn Fn() -> Result<Request<ProxyBody>, ProxyError> + Sync);
-
 /// Sends one request and waits up to `timeout` for the response headers.
 ///
-/// When a kept-alive connection closed under the request before any answer came (the upstream
-/// closed it as the request went out: [`pool::PoolError::Closed`]) and `again` can build it once
-/// more (the caller passes it for an idempotent request whose body is in memory, as RFC 9110
-/// 9.2.2 allows and nginx does), it goes out once more, on another connection, within the same
-/// `timeout`. Any other request gets the failure (502).
+/// When a kept-alive connection closes under the request before any answer came (the upstream
+/// closed it as the request went out) and `again` can build it once more (the request path
+/// passes it for an idempotent request whose body is in memory, as RFC 9110 9.2.2 allows and
+/// nginx does), the pool sends it once more, on another connection, within the same `timeout`.
+/// Any other request gets the failure (502).
 pub async fn send(
     client: &UpstreamClient,
     request: Request<ProxyBody>,
     timeout: Duration,
     again: Option<Again<'_>>,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let first = tokio::time::timeout_at(deadline, client.request(request)).await;
-    let result = match (first, again) {
-        (Ok(Err(PoolError::Closed(e))), Some(again)) => {
-            tracing::debug!(error = %e, "a kept-alive upstream connection closed under the request; sending it once more");
-            // Boxed: the rare path does not widen every request's future.
-            Box::pin(tokio::time::timeout_at(deadline, client.request(again()?))).await
-        }
-        (first, _) => first,
-    };
-    match result {
+    match tokio::time::timeout(timeout, client.request(request, again)).await {
         Err(_) => Err(ProxyError::UpstreamTimeout),
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) => Err(classify(&e)),
@@ -319,7 +306,7 @@ fn classify(e: &PoolError) -> ProxyError {
     let what = match e {
         PoolError::ConnectTimeout(_) => return ProxyError::UpstreamTimeout,
         PoolError::Connect(_) => "connect",
-        PoolError::Exchange(_) | PoolError::Closed(_) => "exchange",
+        PoolError::Exchange(_) => "exchange",
     };
     ProxyError::UpstreamUnavailable(format!("upstream {what} failed: {}", error_chain(e)))
 }

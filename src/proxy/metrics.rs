@@ -113,6 +113,9 @@ pub struct ProxyMetrics {
     pub upstream_connects: Family<OutcomeLabels, Counter>,
     /// Upstream connections open now (in use or idle in the pool).
     pub upstream_connections_open: Gauge,
+    /// Requests sent once more on another upstream connection after a pooled one was closed
+    /// under them (see `forward::pool`).
+    pub upstream_resends: Counter,
     /// The label value of a request that has no route or caller (yet).
     none: Name,
 }
@@ -140,6 +143,7 @@ impl MetricSet for ProxyMetrics {
             tunnel_bytes: Family::default(),
             upstream_connects: Family::default(),
             upstream_connections_open: Gauge::default(),
+            upstream_resends: Counter::default(),
             none: Name(Arc::from("-")),
         };
         for outcome in ["ok", "failed", "timeout"] {
@@ -215,6 +219,11 @@ impl MetricSet for ProxyMetrics {
             "upstream_connections_open",
             "Upstream connections open now, carrying a request or idle in the pool",
             m.upstream_connections_open.clone(),
+        );
+        registry.register(
+            "upstream_resends",
+            "Requests sent once more on another upstream connection because a pooled one was closed under them (refused before sending, or closed before any answer to an idempotent request); a steady rate means upstreams close idle connections sooner than limits.idle_timeout",
+            m.upstream_resends.clone(),
         );
         m
     }

@@ -553,8 +553,8 @@ async fn exchange<T: TokenSource>(
         .filter(|_| out.caller.method().is_idempotent())
         .map(|(bytes, _)| {
             move || {
-                let uri = out.route.upstream_uri(out.target)?;
-                Ok(out.request(uri, token, replay_body(bytes), Extensions::new(), span))
+                let uri = out.route.upstream_uri(out.target).ok()?;
+                Some(out.request(uri, token, replay_body(bytes), Extensions::new(), span))
             }
         });
     let response = forward::send(

@@ -18,9 +18,11 @@
 //!   would follow on it, and an upstream that answered without reading the body could take
 //!   those bytes for a request (nginx closes such a connection too).
 //! - A request that a pooled connection refused before sending any of it (the upstream had just
-//!   closed it) is sent again on a new connection. One that went out before the connection closed
-//!   under it, with no answer, is the caller's to send again or not ([`PoolError::Closed`]); the
-//!   pool never sends it twice itself.
+//!   closed it) is sent again on another connection. One that went out on a pooled HTTP/1.1
+//!   connection that then closed under it (its end or a reset) before any answer is sent once
+//!   more only when the caller can build it again ([`Again`]: the request path does so for an
+//!   idempotent request whose body is in memory); any other is never sent twice. Both are counted
+//!   in `upstream_resends_total`.
 //! - **One set of connections per worker thread** (`crate::workers`): a request takes and gives
 //!   back connections of its own worker's set (index 0 off the workers), and a connection's task
 //!   and the set's reaper run on that worker, so that a request and its upstream connection share
@@ -64,18 +66,13 @@ pub enum PoolError {
     ConnectTimeout(String),
     /// The request or its response failed on the connection.
     Exchange(hyper::Error),
-    /// A kept-alive connection closed under the request (its end or a reset, after the request
-    /// went out in part or whole) before any answer came: most often the upstream closing an idle
-    /// connection just as the request was sent. Whether to send it again is the caller's call
-    /// (`forward::send`): the upstream may have read it.
-    Closed(hyper::Error),
 }
 
 impl std::fmt::Display for PoolError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PoolError::Connect(e) | PoolError::ConnectTimeout(e) => f.write_str(e),
-            PoolError::Exchange(e) | PoolError::Closed(e) => e.fmt(f),
+            PoolError::Exchange(e) => e.fmt(f),
         }
     }
 }
@@ -84,7 +81,7 @@ impl std::error::Error for PoolError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             PoolError::Connect(_) | PoolError::ConnectTimeout(_) => None,
-            PoolError::Exchange(e) | PoolError::Closed(e) => Some(e),
+            PoolError::Exchange(e) => Some(e),
         }
     }
 }
@@ -102,6 +99,10 @@ pub struct PoolSettings {
     /// Where new connections and open ones are counted.
     pub metrics: Arc<ProxyMetrics>,
 }
+
+/// Builds a request once more (`None`: it cannot be), for a request whose kept-alive connection
+/// closed under it (see the module docs).
+pub type Again<'a> = &'a (dyn Fn() -> Option<Request<ProxyBody>> + Sync);
 
 /// A keep-alive pool of upstream connections; cloning shares it.
 #[derive(Clone)]
@@ -193,10 +194,12 @@ impl Pool {
         }
     }
 
-    /// Sends `request` (an absolute URI, `http` or `https`) on a pooled connection or a new one.
+    /// Sends `request` (an absolute URI, `http` or `https`) on a pooled connection or a new one;
+    /// `again` builds it once more if its kept-alive connection closes under it.
     pub async fn request(
         &self,
         mut request: Request<ProxyBody>,
+        mut again: Option<Again<'_>>,
     ) -> Result<Response<UpstreamBody>, PoolError> {
         let key = OriginKey::of(request.uri())?;
         let absolute = request.uri().clone();
@@ -227,14 +230,25 @@ impl Pool {
                         }
                         Err(mut e) => match e.take_message() {
                             // Refused before any of it was sent: a reused connection the upstream
-                            // had just closed. A new one gets it.
-                            Some(unsent) if reused => request = unsent,
+                            // had just closed. Another gets it.
+                            Some(unsent) if reused => {
+                                self.inner.metrics.upstream_resends.inc();
+                                request = unsent;
+                            }
                             _ => {
                                 let e = e.into_error();
-                                return Err(match reused && closed_under(&e) {
-                                    true => PoolError::Closed(e),
-                                    false => PoolError::Exchange(e),
-                                });
+                                // Sent, and the reused connection closed under it: once more,
+                                // if the caller can build it again.
+                                let fresh = match reused && closed_under(&e) {
+                                    true => again.take().and_then(|again| again()),
+                                    false => None,
+                                };
+                                let Some(fresh) = fresh else {
+                                    return Err(PoolError::Exchange(e));
+                                };
+                                tracing::debug!(error = %e, "a kept-alive upstream connection closed under the request; sending it once more");
+                                self.inner.metrics.upstream_resends.inc();
+                                request = fresh;
                             }
                         },
                     }
@@ -246,7 +260,10 @@ impl Pool {
                             return Ok(response.map(|body| UpstreamBody { body, lease: None }))
                         }
                         Err(mut e) => match e.take_message() {
-                            Some(unsent) if reused => request = unsent,
+                            Some(unsent) if reused => {
+                                self.inner.metrics.upstream_resends.inc();
+                                request = unsent;
+                            }
                             _ => return Err(PoolError::Exchange(e.into_error())),
                         },
                     }
@@ -694,7 +711,7 @@ mod tests {
                 let request = Request::get(format!("http://{addr}/"))
                     .body(ProxyBody::Empty)
                     .unwrap();
-                let response = pool.request(request).await.unwrap();
+                let response = pool.request(request, None).await.unwrap();
                 let body = response.into_body().collect().await.unwrap().to_bytes();
                 assert_eq!(&body[..], b"ok");
                 crate::workers::current()
