@@ -74,9 +74,10 @@ impl ProxyBody {
 }
 
 /// How much of a caller's streamed request body the upstream client has read (and so sent on),
-/// and whether it read it to its end. An upstream connection whose answer ended before its
-/// request's body did is not used again (`pool`): the rest of that body would follow on it, and
-/// an upstream that answered without reading its body could take those bytes for a request.
+/// and whether it read it to its end. An upstream connection whose answer began before its
+/// request's body was all read is not used again (`pool`): the rest of that body would follow on
+/// it, and an upstream that answered without reading its body could take those bytes for a
+/// request.
 #[derive(Debug, Default)]
 pub struct CallerRead {
     bytes: AtomicU64,

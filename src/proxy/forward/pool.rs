@@ -13,10 +13,10 @@
 //! - `connect_timeout` bounds the TCP connect and the TLS handshake of a new connection.
 //!   Connections idle for `idle_timeout` are closed (at the next checkout, or by a reaper task
 //!   that runs while the pool has idle connections and ends with the pool).
-//! - A connection whose response ended before the caller's streamed request body did (an
-//!   upstream that answered early, a `413` say) is closed, not reused: the rest of that body
-//!   would follow on it, and an upstream that answered without reading the body could take
-//!   those bytes for a request (nginx closes such a connection too).
+//! - A connection whose response began before the caller's streamed request body was all sent
+//!   (an upstream that answered early, a `413` say) is closed at the response's end, not reused:
+//!   the rest of that body would follow on it, and an upstream that answered without reading the
+//!   body could take those bytes for a request. (nginx does not keep such a connection either.)
 //! - A request that a pooled connection refused before sending any of it (the upstream had just
 //!   closed it) is sent again on another connection. One that went out on a pooled HTTP/1.1
 //!   connection that then closed under it (its end or a reset) before any answer is sent once
@@ -52,7 +52,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use super::{CallerRead, ProxyBody};
+use super::ProxyBody;
 use crate::metrics::OutcomeLabels;
 use crate::proxy::metrics::Held;
 use crate::proxy::ProxyMetrics;
@@ -224,7 +224,8 @@ impl Pool {
                                 set,
                                 key,
                                 conn,
-                                body_read,
+                                // An answer that began before the body was all sent.
+                                early: body_read.as_ref().is_some_and(|read| !read.ended()),
                             });
                             return Ok(response.map(|body| UpstreamBody { body, lease }));
                         }
@@ -568,16 +569,17 @@ struct Lease {
     set: usize,
     key: OriginKey,
     conn: Http1,
-    /// The caller's streamed request body, when it had one: the connection is reused only if it
-    /// was read (and sent on) to its end.
-    body_read: Option<Arc<CallerRead>>,
+    /// The response began before the caller's streamed request body was all sent: the
+    /// connection is not reused.
+    early: bool,
 }
 
 impl Lease {
     /// The response was read to its end: the connection goes back to the pool, unless the
-    /// request's body was not all sent (then it is closed).
+    /// response began before the request's body was all sent (then it is closed, and the rest of
+    /// the body never goes out).
     fn give_back(self) {
-        if self.body_read.as_ref().is_some_and(|read| !read.ended()) {
+        if self.early {
             return self.close();
         }
         if let Some(pool) = self.pool.upgrade() {
