@@ -7,7 +7,8 @@
 //! connection is not reused; answers that carry no body whatever their head says (to `HEAD`,
 //! `204`, `304`) and informational answers before the real one leave the connection in step; an
 //! idempotent request whose kept-alive connection closes under it goes out once more, another
-//! does not.
+//! does not; a request whose HTTP/2 stream the upstream refused goes out once more, whatever its
+//! method.
 //! Real emulator (tokens), real tokenbroker, a fake upstream counting its connections.
 
 #[path = "support/proxy_config.rs"]
@@ -38,7 +39,8 @@ const KEY: (&str, &str) = ("Proxy-Authorization", "Bearer alice-key");
 /// Emulator, a plain and a TLS fake upstream, a raw upstream that closes after each answer, one
 /// that smuggles an answer after its first, and tokenbroker with routes `/up` (plain), `/tls`
 /// (HTTPS, h2 offered), `/closing`, `/smuggler`, `/early`, `/bodyless` and `/closing-under` (raw),
-/// and `/silent` (a listener that takes no connection; `connect_timeout` 300 ms).
+/// `/refusing` (HTTPS, HTTP/2 only, refusing streams), and `/silent` (a listener that takes no
+/// connection; `connect_timeout` 300 ms).
 struct Fixture {
     _emu: Emulator,
     up: FakeUpstream,
@@ -50,6 +52,8 @@ struct Fixture {
     bodyless_conns: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// The request heads the closing-under upstream read, by connection.
     closing_under_heads: std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
+    /// What the refusing HTTP/2 upstream did with each stream, in order.
+    refusing_seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _unanswering: (tokio::net::TcpListener, Vec<TcpStream>),
     app: AppHandle,
 }
@@ -65,6 +69,15 @@ impl Fixture {
         let (early, early_after) = early_answering_upstream().await;
         let (bodyless, bodyless_conns) = bodyless_upstream().await;
         let (closing_under, closing_under_heads) = closing_under_upstream().await;
+        let (refusing, refusing_seen) = refusing_h2_upstream().await;
+        let mut refusing_route = route(
+            "refusing",
+            "/refusing",
+            format!("https://localhost:{}/", refusing.port()),
+            &["alice"],
+        );
+        refusing_route.upstream_ca_file =
+            Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("certs/ca.pem"));
         let unanswering = unanswering_upstream().await;
         let mut silent = route(
             "silent",
@@ -100,6 +113,7 @@ impl Fixture {
                     &["alice"],
                 ),
                 route("early", "/early", format!("http://{early}/"), &["alice"]),
+                refusing_route,
                 route(
                     "closing-under",
                     "/closing-under",
@@ -126,6 +140,7 @@ impl Fixture {
             early_after,
             bodyless_conns,
             closing_under_heads,
+            refusing_seen,
             _unanswering: unanswering,
             app,
         }
@@ -561,6 +576,79 @@ async fn an_idempotent_request_goes_out_once_more_when_its_kept_alive_connection
         .collect();
     assert_eq!(targets, [vec!["/a", "/b"], vec!["/b", "/c"], vec!["/d"]]);
     assert_eq!(f.metric("tokenbroker_upstream_resends_total"), 1.0);
+}
+
+/// An HTTPS upstream speaking HTTP/2 (the h2 crate's server, so that it can refuse a stream)
+/// that refuses every second stream of a connection (`RST_STREAM` with `REFUSED_STREAM`, before
+/// reading it: RFC 9113 8.7 says it was not processed) and answers the others with
+/// `<method> <path> on stream <n>`, n counting the connection's streams from 1. Records
+/// `answered <method> <path>` or `refused <method> <path>` per stream, in order.
+async fn refusing_h2_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let tls = upstream::tls_acceptor();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (tls, log) = (tls.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = tls.accept(stream).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                let mut n = 0;
+                while let Some(Ok((request, mut respond))) = conn.accept().await {
+                    n += 1;
+                    let what = format!("{} {}", request.method(), request.uri().path());
+                    if n % 2 == 0 {
+                        log.lock().unwrap().push(format!("refused {what}"));
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    log.lock().unwrap().push(format!("answered {what}"));
+                    let body = format!("{what} on stream {n}");
+                    let head = http::Response::builder()
+                        .header("content-length", body.len())
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut send) = respond.send_response(head, false) {
+                        let _ = send.send_data(bytes::Bytes::from(body), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_request_whose_http2_stream_was_refused_goes_out_once_more() {
+    let f = Fixture::start(Limits::default()).await;
+    // Stream 1 answered; stream 2 refused, and the GET goes out once more on stream 3.
+    assert_eq!(f.ok("GET", "/refusing/a", b"").await, "GET /a on stream 1");
+    assert_eq!(f.ok("GET", "/refusing/b", b"").await, "GET /b on stream 3");
+    // A refused stream was not processed: a POST whose body is in memory goes out once more too.
+    assert_eq!(
+        f.ok("POST", "/refusing/c", b"x").await,
+        "POST /c on stream 5"
+    );
+    assert_eq!(
+        *f.refusing_seen.lock().unwrap(),
+        [
+            "answered GET /a",
+            "refused GET /b",
+            "answered GET /b",
+            "refused POST /c",
+            "answered POST /c"
+        ]
+    );
+    assert_eq!(f.metric("tokenbroker_upstream_resends_total"), 2.0);
 }
 
 /// A listening socket that never accepts, its accept queue filled: the kernel drops further

@@ -270,11 +270,10 @@ fn build_client(
 
 /// Sends one request and waits up to `timeout` for the response headers.
 ///
-/// When a kept-alive connection closes under the request before any answer came (the upstream
-/// closed it as the request went out) and `again` can build it once more (the request path
-/// passes it for an idempotent request whose body is in memory, as RFC 9110 9.2.2 allows and
-/// nginx does), the pool sends it once more, on another connection, within the same `timeout`.
-/// Any other request gets the failure (502).
+/// With `again` (a request whose body is in memory), the pool sends it once more, within the
+/// same `timeout`, where that is safe: an HTTP/2 stream the upstream refused, or (an idempotent
+/// request, as RFC 9110 9.2.2 allows and nginx does) a kept-alive connection that closed under
+/// it before any answer. Any other failure is the caller's answer (502).
 pub async fn send(
     client: &UpstreamClient,
     request: Request<ProxyBody>,

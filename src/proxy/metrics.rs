@@ -113,8 +113,7 @@ pub struct ProxyMetrics {
     pub upstream_connects: Family<OutcomeLabels, Counter>,
     /// Upstream connections open now (in use or idle in the pool).
     pub upstream_connections_open: Gauge,
-    /// Requests sent once more on another upstream connection after a pooled one was closed
-    /// under them (see `forward::pool`).
+    /// Requests sent once more to the upstream where that is safe (see `forward::pool`).
     pub upstream_resends: Counter,
     /// The label value of a request that has no route or caller (yet).
     none: Name,
@@ -222,7 +221,7 @@ impl MetricSet for ProxyMetrics {
         );
         registry.register(
             "upstream_resends",
-            "Requests sent once more on another upstream connection because a pooled one was closed under them (refused before sending, or closed before any answer to an idempotent request); a steady rate means upstreams close idle connections sooner than limits.idle_timeout",
+            "Requests sent once more to the upstream where that is safe (a pooled connection refused them before sending or closed under an idempotent one before any answer, or the upstream refused their HTTP/2 stream); a steady rate means upstreams close idle connections sooner than limits.idle_timeout, or refuse streams",
             m.upstream_resends.clone(),
         );
         m

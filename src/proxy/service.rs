@@ -521,8 +521,8 @@ struct Renew<'a, T> {
 
 /// Builds and sends the request; a replayable one, after an upstream 401, once more: the token's
 /// generation is reported to the broker and the request is built again with the renewed token.
-/// An idempotent replayable one is also built again if its kept-alive connection closes under it
-/// (`forward::send`).
+/// A replayable one is also built again where `forward::send` may send it once more (a refused
+/// HTTP/2 stream; for an idempotent one, a kept-alive connection that closed under it).
 /// (Each request is built in the call that sends it, so no future holds a second copy of it.)
 async fn exchange<T: TokenSource>(
     out: &Outbound<'_>,
@@ -546,22 +546,23 @@ async fn exchange<T: TokenSource>(
         Outgoing::Streaming(body) => (body, None, extensions),
     };
     let token = &renew.token.header;
-    // An idempotent request whose body is in memory goes out once more if a kept-alive
-    // connection closes under it (`forward::send`).
-    let again = replay
-        .as_ref()
-        .filter(|_| out.caller.method().is_idempotent())
-        .map(|(bytes, _)| {
-            move || {
-                let uri = out.route.upstream_uri(out.target).ok()?;
-                Some(out.request(uri, token, replay_body(bytes), Extensions::new(), span))
-            }
-        });
+    // A request whose body is in memory can go out once more where that is safe
+    // (`forward::send`).
+    let again = replay.as_ref().map(|(bytes, _)| {
+        move || {
+            let uri = out.route.upstream_uri(out.target).ok()?;
+            Some(out.request(uri, token, replay_body(bytes), Extensions::new(), span))
+        }
+    });
+    let again = again.as_ref().map(|build| forward::Again {
+        build,
+        idempotent: out.caller.method().is_idempotent(),
+    });
     let response = forward::send(
         client,
         out.request(uri, token, first, extensions, span),
         timeout,
-        again.as_ref().map(|again| again as forward::Again<'_>),
+        again,
     )
     .await?;
     let Some((body, extensions)) = replay else {

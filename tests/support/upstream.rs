@@ -74,23 +74,7 @@ impl FakeUpstream {
 
     /// An HTTPS upstream with `certs/server.pem` (ALPN h2 and http/1.1).
     pub async fn start_tls() -> FakeUpstream {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let certs = CertificateDer::pem_file_iter(certs().join("server.pem"))
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = PrivateKeyDer::from_pem_file(certs_key()).unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+        Self::start_with(Some(tls_acceptor())).await
     }
 
     async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> FakeUpstream {
@@ -179,6 +163,27 @@ impl Drop for OpenConnection {
 
 fn certs_key() -> PathBuf {
     certs().join("server.key")
+}
+
+/// A TLS acceptor with `certs/server.pem` (for `localhost`), offering ALPN h2 and http/1.1.
+pub fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(certs().join("server.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(certs_key()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

@@ -17,12 +17,18 @@
 //!   (an upstream that answered early, a `413` say) is closed at the response's end, not reused:
 //!   the rest of that body would follow on it, and an upstream that answered without reading the
 //!   body could take those bytes for a request. (nginx does not keep such a connection either.)
-//! - A request that a pooled connection refused before sending any of it (the upstream had just
-//!   closed it) is sent again on another connection. One that went out on a pooled HTTP/1.1
-//!   connection that then closed under it (its end or a reset) before any answer is sent once
-//!   more only when the caller can build it again ([`Again`]: the request path does so for an
-//!   idempotent request whose body is in memory); any other is never sent twice. Both are counted
-//!   in `upstream_resends_total`.
+//! - Sending a request once more, on another connection or stream, only where that cannot do
+//!   what sending it once would not (each counted in `upstream_resends_total`):
+//!   - a request that a pooled connection refused before sending any of it (the upstream had just
+//!     closed it): always;
+//!   - one whose HTTP/2 stream the upstream refused (`RST_STREAM` with `REFUSED_STREAM`: not
+//!     processed, RFC 9113 8.7), when the caller can build it again ([`Again`]: the request path
+//!     can for every request whose body is in memory);
+//!   - one that went out on a pooled connection that then closed under it (its end, a reset, an
+//!     HTTP/2 `GOAWAY`) before any answer: when the caller can build it again and it is
+//!     idempotent (RFC 9110 9.2.2), since the upstream may have processed it.
+//!
+//!   Any other request is never sent twice, and none more than once again.
 //! - **One set of connections per worker thread** (`crate::workers`): a request takes and gives
 //!   back connections of its own worker's set (index 0 off the workers), and a connection's task
 //!   and the set's reaper run on that worker, so that a request and its upstream connection share
@@ -100,9 +106,73 @@ pub struct PoolSettings {
     pub metrics: Arc<ProxyMetrics>,
 }
 
-/// Builds a request once more (`None`: it cannot be), for a request whose kept-alive connection
-/// closed under it (see the module docs).
-pub type Again<'a> = &'a (dyn Fn() -> Option<Request<ProxyBody>> + Sync);
+/// How to build a request once more, for a request that failed where sending it again is safe
+/// (see the module docs).
+#[derive(Clone, Copy)]
+pub struct Again<'a> {
+    /// The request once more (`None`: it cannot be built).
+    pub build: &'a (dyn Fn() -> Option<Request<ProxyBody>> + Sync),
+    /// Its method is idempotent (RFC 9110 9.2.2): sending it twice does what sending it once does.
+    pub idempotent: bool,
+}
+
+impl Again<'_> {
+    /// The request once more, when `failure` allows it (on a `reused` connection).
+    fn after(self, failure: Failure, reused: bool) -> Option<Request<ProxyBody>> {
+        let safe = match failure {
+            Failure::Unprocessed => true,
+            Failure::ClosedUnder => reused && self.idempotent,
+            Failure::Other => false,
+        };
+        safe.then(|| (self.build)()).flatten()
+    }
+}
+
+/// What a failed exchange says about whether the upstream processed its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Surely not: an HTTP/2 stream it refused (`REFUSED_STREAM`).
+    Unprocessed,
+    /// The connection ended under it before any answer: the end of the stream, a reset, an
+    /// HTTP/2 `GOAWAY`. It may have.
+    ClosedUnder,
+    /// Anything else (a malformed answer, say).
+    Other,
+}
+
+impl Failure {
+    fn of(e: &hyper::Error) -> Failure {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        if e.is_incomplete_message() {
+            return Failure::ClosedUnder;
+        }
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            if let Some(h2) = s.downcast_ref::<h2::Error>() {
+                return match h2 {
+                    _ if h2.is_reset()
+                        && h2.is_remote()
+                        && h2.reason() == Some(h2::Reason::REFUSED_STREAM) =>
+                    {
+                        Failure::Unprocessed
+                    }
+                    _ if (h2.is_go_away() && h2.is_remote()) || h2.is_io() => Failure::ClosedUnder,
+                    _ => Failure::Other,
+                };
+            }
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                return match io.kind() {
+                    BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof => {
+                        Failure::ClosedUnder
+                    }
+                    _ => Failure::Other,
+                };
+            }
+            source = s.source();
+        }
+        Failure::Other
+    }
+}
 
 /// A keep-alive pool of upstream connections; cloning shares it.
 #[derive(Clone)]
@@ -195,7 +265,7 @@ impl Pool {
     }
 
     /// Sends `request` (an absolute URI, `http` or `https`) on a pooled connection or a new one;
-    /// `again` builds it once more if its kept-alive connection closes under it.
+    /// `again` builds it once more where that is safe (see the module docs).
     pub async fn request(
         &self,
         mut request: Request<ProxyBody>,
@@ -236,21 +306,7 @@ impl Pool {
                                 self.inner.metrics.upstream_resends.inc();
                                 request = unsent;
                             }
-                            _ => {
-                                let e = e.into_error();
-                                // Sent, and the reused connection closed under it: once more,
-                                // if the caller can build it again.
-                                let fresh = match reused && closed_under(&e) {
-                                    true => again.take().and_then(|again| again()),
-                                    false => None,
-                                };
-                                let Some(fresh) = fresh else {
-                                    return Err(PoolError::Exchange(e));
-                                };
-                                tracing::debug!(error = %e, "a kept-alive upstream connection closed under the request; sending it once more");
-                                self.inner.metrics.upstream_resends.inc();
-                                request = fresh;
-                            }
+                            _ => request = self.once_more(e.into_error(), reused, &mut again)?,
                         },
                     }
                 }
@@ -265,23 +321,32 @@ impl Pool {
                                 self.inner.metrics.upstream_resends.inc();
                                 request = unsent;
                             }
-                            _ => return Err(PoolError::Exchange(e.into_error())),
+                            _ => request = self.once_more(e.into_error(), reused, &mut again)?,
                         },
                     }
                 }
             }
         }
     }
-}
 
-/// Whether an HTTP/1.1 exchange failed because its connection ended under it (the end of the
-/// stream, or a reset) rather than on what the upstream sent.
-fn closed_under(e: &hyper::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
-    e.is_incomplete_message()
-        || std::error::Error::source(e)
-            .and_then(|s| s.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted))
+    /// The request to send once more after `e`, sent in part or whole, when that is safe and
+    /// `again` (taken: once at most) can build it; else `e`.
+    fn once_more(
+        &self,
+        e: hyper::Error,
+        reused: bool,
+        again: &mut Option<Again<'_>>,
+    ) -> Result<Request<ProxyBody>, PoolError> {
+        let failure = Failure::of(&e);
+        match again.take().and_then(|again| again.after(failure, reused)) {
+            Some(request) => {
+                tracing::debug!(error = %e, ?failure, "sending a request to the upstream once more");
+                self.inner.metrics.upstream_resends.inc();
+                Ok(request)
+            }
+            None => Err(PoolError::Exchange(e)),
+        }
+    }
 }
 
 /// An HTTP/1.1 request goes out in origin form (`/path?query`) with a `Host` header naming the
