@@ -128,5 +128,6 @@ for spec in "${BUILDS[@]}"; do
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   awk -v n="$name" -v t="$total" -v r="$REQUESTS" 'BEGIN{printf "  %-14s %9.0f instructions per request (%d in all)\n", n, t / r, t}'
+  if [[ -n ${KEEP:-} ]]; then cp "$out".* "$ROOT/target/callgrind-$name.out"; fi
   rm -f "$out" "$out".*
 done

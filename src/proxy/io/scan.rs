@@ -98,7 +98,8 @@ pub struct Run {
 struct Lines {
     /// The first bytes of the current line, lower-cased.
     start: [u8; 18],
-    /// Length of the current line so far (it stops counting at `start.len()`).
+    /// Length of the current line so far (it stops counting at `start.len()`, and jumps there
+    /// once the line can be neither name).
     len: usize,
     /// Inside a `Content-Length` value.
     value: Option<Value>,
@@ -138,14 +139,27 @@ impl Lines {
                 }
                 continue;
             }
-            self.start[self.len] = b.to_ascii_lowercase();
+            let lower = b.to_ascii_lowercase();
+            self.start[self.len] = lower;
             self.len += 1;
-            let line = &self.start[..self.len];
-            if line == CL {
+            // The one name the line can still be: they differ in their first byte.
+            let name = match self.start[0] {
+                b'c' => CL,
+                b't' => TE,
+                _ => &[],
+            };
+            if name.get(self.len - 1) != Some(&lower) {
+                // Neither: skip to the line's end, unless it may yet be a blank line (a CR).
+                if !(self.len == 1 && lower == b'\r') {
+                    self.len = self.start.len();
+                }
+                continue;
+            }
+            if self.len == CL.len() && name == CL {
                 self.run.content_length = true;
                 self.value = Some(Value::Before);
             }
-            self.run.transfer_encoding |= line == TE;
+            self.run.transfer_encoding |= self.len == TE.len() && name == TE;
         }
         (bytes.len(), false)
     }
@@ -342,6 +356,97 @@ impl Scanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a run of header lines says, read whole line by line (not byte by byte, as `Lines`
+    /// reads them): bytes used up to and with its blank line, whether it ended, and the run.
+    fn run_of(bytes: &[u8]) -> (usize, bool, Run) {
+        let mut run = Run::default();
+        let mut at = 0;
+        while at < bytes.len() {
+            let (line, next) = match memchr::memchr(b'\n', &bytes[at..]) {
+                Some(end) => (&bytes[at..at + end], Some(at + end + 1)),
+                None => (&bytes[at..], None),
+            };
+            let lower = line.to_ascii_lowercase();
+            if next.is_some() && (lower.is_empty() || lower == b"\r") {
+                return (next.unwrap_or_default(), true, run);
+            }
+            if lower.starts_with(CL) {
+                run.content_length = true;
+                if next.is_some() {
+                    let value = line[CL.len()..]
+                        .iter()
+                        .fold(Value::Before, |v, &b| v.push(b));
+                    run.length = run.length.and(value.end());
+                }
+            }
+            run.transfer_encoding |= lower.starts_with(TE);
+            match next {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+        (bytes.len(), false, run)
+    }
+
+    #[test]
+    fn lines_read_byte_by_byte_say_what_whole_lines_say() {
+        const LINES: &[&str] = &[
+            "GET / HTTP/1.1",
+            "Host: x",
+            "Content-Length: 5",
+            "content-length:12 ",
+            "CONTENT-LENGTH:\t7\t",
+            "Content-Length: 5, 5",
+            "Content-Length: 99999999999999999999999",
+            "Content-Length:",
+            "Content-Lengt: 1",
+            "Content-Lengthy: 1",
+            "Content-Type: text/plain",
+            "Transfer-Encoding: chunked",
+            "transfer-encodingx: chunked",
+            "Transfer-Encodin: chunked",
+            "TE: trailers",
+            "te",
+            "c",
+            "t",
+            " content-length: 4",
+            "\rcontent-length: 3",
+            "x-a-header-name-longer-than-eighteen-bytes: v",
+            "",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _ in 0..3000 {
+            let mut input = Vec::new();
+            for _ in 0..next(9) {
+                input.extend_from_slice(LINES[next(LINES.len())].as_bytes());
+                input.extend_from_slice([&b"\r\n"[..], b"\n"][next(2)]);
+            }
+            // a part of a line, or bytes after the blank line
+            let tail = LINES[next(LINES.len())].as_bytes();
+            input.extend_from_slice(&tail[..next(tail.len() + 1)]);
+            let expected = run_of(&input);
+            let mut lines = Lines::default();
+            let (mut used, mut ended, mut rest) = (0, false, &input[..]);
+            while !rest.is_empty() && !ended {
+                let part = &rest[..1 + next(rest.len())];
+                let (n, end) = lines.feed(part);
+                (used, ended, rest) = (used + n, end, &rest[n..]);
+            }
+            assert_eq!(
+                (used, ended, lines.run),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(&input)
+            );
+        }
+    }
 
     fn scan(parts: &[&[u8]]) -> bool {
         let mut s = Scanner::default();
