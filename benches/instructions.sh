@@ -12,7 +12,8 @@
 #
 # Usage: benches/instructions.sh NAME=BINARY [NAME=BINARY ...]
 #   (default: tokenbroker=target/release/tokenbroker; needs nginx, oha, valgrind)
-# Knobs: REQUESTS=3000 WARM=300 CONNS=4 BASE_PORT=19180
+# Knobs: REQUESTS=3000 WARM=300 CONNS=4 BASE_PORT=19180; KEEP=1 keeps each build's callgrind dump
+#   as target/callgrind-NAME.out (callgrind_annotate --inclusive=no target/callgrind-NAME.out).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
