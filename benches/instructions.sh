@@ -70,38 +70,7 @@ random_token >"$WORK/client-secret"
 random_token >"$WORK/bench-key"
 upstream_nginx_conf "$WORK" "$UP_PORT" 1024
 hash="$(printf '%s' "$(cat "$WORK/bench-key")" | "$FIRST" hash-key)"
-cat >"$WORK/tb.toml" <<EOF
-[[listener]]
-name = "bench"
-address = "127.0.0.1:$TB_PORT"
-
-[admin]
-address = "127.0.0.1:$ADMIN_PORT"
-
-[identity]
-base_url = "http://127.0.0.1:$EMU_PORT"
-client_id = "bench-admin"
-client_secret = { file = "client-secret" }
-
-[tokens]
-warm_up = true
-
-[[caller]]
-name = "bench"
-key_hashes = ["$hash"]
-
-[[route]]
-name = "upstream"
-path_prefix = "/"
-upstream = "http://127.0.0.1:$UP_PORT"
-allow = ["bench"]
-
-[limits]
-idle_timeout = "300s"
-
-[logging]
-level = "warn"
-EOF
+tb_bench_config "$TB_PORT" "$ADMIN_PORT" "$EMU_PORT" "$UP_PORT" "$hash" >"$WORK/tb.toml"
 
 start upstream nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/error.log"
 start emulator "$FIRST" emulate --listen "127.0.0.1:$EMU_PORT" \

@@ -7,6 +7,11 @@
 # upstream_nginx_conf WORK PORT NOFILE: writes WORK/up/nginx.conf, the upstream of every leg:
 #   nginx serving WORK/www (a small index.html, and whatever else the script put there) on
 #   127.0.0.1:PORT.
+# tb_bench_config LISTEN_PORT ADMIN_PORT EMU_PORT UP_PORT KEY_HASH [LIMITS_LINE]: prints a
+#   tokenbroker config with one listener, the admin listener, the emulator as identity service
+#   (client "bench-admin", secret in the file client-secret beside the config), one caller
+#   "bench" with KEY_HASH, one route "/" to the upstream, idle_timeout 300 s (and LIMITS_LINE),
+#   logging at warn (benches/workers.sh and benches/instructions.sh; load.sh writes its own).
 
 random_token() { head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '='; }
 
@@ -49,5 +54,41 @@ $(nginx_http_common "$work")
     root $work/www;
   }
 }
+EOF
+}
+
+tb_bench_config() {
+  cat <<EOF
+[[listener]]
+name = "bench"
+address = "127.0.0.1:$1"
+
+[admin]
+address = "127.0.0.1:$2"
+
+[identity]
+base_url = "http://127.0.0.1:$3"
+client_id = "bench-admin"
+client_secret = { file = "client-secret" }
+
+[tokens]
+warm_up = true
+
+[[caller]]
+name = "bench"
+key_hashes = ["$5"]
+
+[[route]]
+name = "upstream"
+path_prefix = "/"
+upstream = "http://127.0.0.1:$4"
+allow = ["bench"]
+
+[limits]
+idle_timeout = "300s"
+${6:-}
+
+[logging]
+level = "warn"
 EOF
 }

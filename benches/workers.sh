@@ -75,39 +75,8 @@ for i in 0 1; do
   leg="${legs[i]}"
   PORT[$leg]=$((BASE_PORT + 10 + 2 * i))
   ADMIN[$leg]=$((BASE_PORT + 11 + 2 * i))
-  cat >"$WORK/$leg.toml" <<EOF
-[[listener]]
-name = "bench"
-address = "127.0.0.1:${PORT[$leg]}"
-
-[admin]
-address = "127.0.0.1:${ADMIN[$leg]}"
-
-[identity]
-base_url = "http://127.0.0.1:$EMU_PORT"
-client_id = "bench-admin"
-client_secret = { file = "client-secret" }
-
-[tokens]
-warm_up = true
-
-[[caller]]
-name = "bench"
-key_hashes = ["$hash"]
-
-[[route]]
-name = "upstream"
-path_prefix = "/"
-upstream = "http://127.0.0.1:$UP_PORT"
-allow = ["bench"]
-
-[limits]
-idle_timeout = "300s"
-workers = ${leg#w}
-
-[logging]
-level = "warn"
-EOF
+  tb_bench_config "${PORT[$leg]}" "${ADMIN[$leg]}" "$EMU_PORT" "$UP_PORT" "$hash" \
+    "workers = ${leg#w}" >"$WORK/$leg.toml"
 done
 cat >"$WORK/key.lua" <<LUA
 local f = assert(io.open("$WORK/bench-key"))
