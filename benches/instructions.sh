@@ -40,40 +40,14 @@ done
 FIRST="${BUILDS[0]#*=}"
 
 WORK="$(mktemp -d /tmp/tokenbroker-instructions.XXXXXX)"
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-start() { # start NAME COMMAND...: in the background, output to WORK/NAME.log
-  local name="$1"
-  shift
-  "$@" >"$WORK/$name.log" 2>&1 &
-  LAST_PID="$!"
-  PIDS+=("$LAST_PID")
-}
-wait_ok() { # wait_ok URL SECONDS
-  local i
-  for i in $(seq 1 $(($2 * 10))); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
-  die "$1 never answered 200"
-}
-
+trap stop_all EXIT
 umask 077
-mkdir -p "$WORK/www" "$WORK/tmp" "$WORK/up"
-printf 'hello from the upstream\n' >"$WORK/www/index.html"
-chmod 755 "$WORK" "$WORK/www" "$WORK/tmp"
-chmod 644 "$WORK/www/index.html"
-random_token >"$WORK/client-secret"
-random_token >"$WORK/bench-key"
-upstream_nginx_conf "$WORK" "$UP_PORT" 1024
+bench_work "$WORK" "$UP_PORT" 1024
 hash="$(printf '%s' "$(cat "$WORK/bench-key")" | "$FIRST" hash-key)"
 tb_bench_config "$TB_PORT" "$ADMIN_PORT" "$EMU_PORT" "$UP_PORT" "$hash" >"$WORK/tb.toml"
 
-start upstream nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/error.log"
-start emulator "$FIRST" emulate --listen "127.0.0.1:$EMU_PORT" \
+start upstream "" nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/error.log"
+start emulator "" "$FIRST" emulate --listen "127.0.0.1:$EMU_PORT" \
   --client "bench-admin:$(cat "$WORK/client-secret")"
 wait_ok "http://127.0.0.1:$UP_PORT/" 10
 
@@ -82,7 +56,7 @@ echo "instructions per request: $REQUESTS requests over $CONNS keep-alive connec
 for spec in "${BUILDS[@]}"; do
   name="${spec%%=*}" bin="${spec#*=}"
   out="$WORK/callgrind-$name.out"
-  start "tb-$name" valgrind --tool=callgrind --callgrind-out-file="$out" \
+  start "tb-$name" "" valgrind --tool=callgrind --callgrind-out-file="$out" \
     "$bin" run --config "$WORK/tb.toml"
   pid="$LAST_PID"
   wait_ok "http://127.0.0.1:$ADMIN_PORT/readyz" 120

@@ -185,11 +185,8 @@ install_tools() {
 # Processes
 # ---------------------------------------------------------------------------------------------
 WORK=""
-PIDS=()
 cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  stop_processes
   if [[ -n "$WORK" && -d "$WORK" ]]; then
     if [[ -n $KEEP_LOGS ]]; then
       local keep
@@ -207,16 +204,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# start NAME CPU COMMAND...: runs COMMAND pinned to CPU in the background, output to
-# WORK/NAME.log; its pid is left in LAST_PID.
+# (start NAME CPU COMMAND...: benches/upstream.sh.)
 LAST_PID=""
-start() {
-  local name="$1" cpu="$2"
-  shift 2
-  taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
-  LAST_PID="$!"
-  PIDS+=("$LAST_PID")
-}
 # The floor leg (FLOOR=1): examples/h1_floor on the proxies' CPU, its static token on stdin.
 start_floor() {
   random_token >"$WORK/floor-token"
@@ -270,20 +259,16 @@ mib() { [[ $1 == - ]] && { echo -; return; }; awk -v k="$1" 'BEGIN{printf "%.1f"
 
 write_files() {
   umask 077
-  mkdir -p "$WORK/www" "$WORK/tmp" "$WORK/up" "$WORK/px"
-  printf 'hello from the upstream\n' >"$WORK/www/index.html"
+  # The upstream: a small static body (and the 1 GiB file) from nginx, keep-alive; the client
+  # secret and the caller key.
+  bench_work "$WORK" "$UPSTREAM_PORT" "$NOFILE"
+  mkdir -p "$WORK/px"
   truncate -s "${BIG_MIB}M" "$WORK/www/big.bin"
-  chmod 755 "$WORK" "$WORK/www" "$WORK/tmp"
-  chmod 644 "$WORK/www/index.html" "$WORK/www/big.bin"
-
-  random_token >"$WORK/client-secret"
-  random_token >"$WORK/bench-key"
+  chmod 644 "$WORK/www/big.bin"
   : >"$WORK/amp-keys"
   local i
   for i in $(seq 1 "$AMP_CALLERS"); do random_token >>"$WORK/amp-keys"; done
 
-  # The upstream: a small static body (and the 1 GiB file) from nginx, keep-alive.
-  upstream_nginx_conf "$WORK" "$UPSTREAM_PORT" "$NOFILE"
   # nginx doing tokenbroker's job: drop the caller's credentials, inject a static token, add the
   # X-Forwarded-* and X-Request-Id headers, keep-alive to the upstream.
   cat >"$WORK/px/nginx.conf" <<EOF

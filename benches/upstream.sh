@@ -1,4 +1,5 @@
-# Sourced by benches/load.sh and benches/workers.sh: what both write the same way.
+# Sourced by the benchmark scripts (load.sh, workers.sh, instructions.sh): what they do the same
+# way.
 #
 # random_token: 24 random bytes, base64url without padding (keys and secrets of a run).
 # nginx_main NOFILE: the main context every nginx of a benchmark shares (one worker, foreground).
@@ -7,6 +8,13 @@
 # upstream_nginx_conf WORK PORT NOFILE: writes WORK/up/nginx.conf, the upstream of every leg:
 #   nginx serving WORK/www (a small index.html, and whatever else the script put there) on
 #   127.0.0.1:PORT.
+# bench_work WORK UP_PORT NOFILE: fills WORK (made by the caller, private) for a run against the
+#   upstream: www/index.html, the throwaway client secret (client-secret) and caller key
+#   (bench-key), and the upstream nginx's config (upstream_nginx_conf).
+# start NAME CPUS COMMAND...: runs COMMAND in the background (pinned with taskset to CPUS unless
+#   CPUS is empty), output to WORK/NAME.log, its pid in LAST_PID and in PIDS, which
+#   stop_processes stops (stop_all, the scripts' EXIT trap, then removes WORK).
+# wait_ok URL SECONDS: waits for URL to answer 200, or stops the run (the script's die).
 # tb_bench_config LISTEN_PORT ADMIN_PORT EMU_PORT UP_PORT KEY_HASH [LIMITS_LINE]: prints a
 #   tokenbroker config with one listener, the admin listener, the emulator as identity service
 #   (client "bench-admin", secret in the file client-secret beside the config), one caller
@@ -91,4 +99,42 @@ ${6:-}
 [logging]
 level = "warn"
 EOF
+}
+
+bench_work() {
+  local work="$1"
+  mkdir -p "$work/www" "$work/tmp" "$work/up"
+  printf 'hello from the upstream\n' >"$work/www/index.html"
+  chmod 755 "$work" "$work/www" "$work/tmp"
+  chmod 644 "$work/www/index.html"
+  random_token >"$work/client-secret"
+  random_token >"$work/bench-key"
+  upstream_nginx_conf "$work" "$2" "$3"
+}
+
+PIDS=()
+start() {
+  local name="$1" cpus="$2"
+  shift 2
+  if [[ -n $cpus ]]; then
+    taskset -c "$cpus" "$@" >"$WORK/$name.log" 2>&1 &
+  else
+    "$@" >"$WORK/$name.log" 2>&1 &
+  fi
+  LAST_PID="$!"
+  PIDS+=("$LAST_PID")
+}
+stop_processes() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+stop_all() {
+  stop_processes
+  rm -rf "$WORK"
+}
+wait_ok() {
+  local i
+  for i in $(seq 1 $(($2 * 10))); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
+  die "$1 never answered 200"
 }

@@ -38,36 +38,9 @@ die() { echo "workers.sh: $*" >&2; exit 1; }
 for tool in nginx wrk taskset; do command -v "$tool" >/dev/null || die "$tool is not installed"; done
 
 WORK="$(mktemp -d /tmp/tokenbroker-workers.XXXXXX)"
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-start() { # start NAME CPUS COMMAND...: in the background, output to WORK/NAME.log
-  local name="$1" cpus="$2"
-  shift 2
-  taskset -c "$cpus" "$@" >"$WORK/$name.log" 2>&1 &
-  LAST_PID="$!"
-  PIDS+=("$LAST_PID")
-}
-wait_ready() { # wait_ready URL
-  local i
-  for i in $(seq 1 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
-  die "$1 never answered 200"
-}
-
+trap stop_all EXIT
 umask 077
-mkdir -p "$WORK/www" "$WORK/tmp" "$WORK/up"
-printf 'hello from the upstream\n' >"$WORK/www/index.html"
-chmod 755 "$WORK" "$WORK/www" "$WORK/tmp"
-chmod 644 "$WORK/www/index.html"
-random_token >"$WORK/client-secret"
-random_token >"$WORK/bench-key"
-upstream_nginx_conf "$WORK" "$UP_PORT" 4196
+bench_work "$WORK" "$UP_PORT" 4196
 hash="$(printf '%s' "$(cat "$WORK/bench-key")" | "$TB" hash-key)"
 legs=(w1 "w$WORKERS")
 declare -A PORT ADMIN PID
@@ -93,7 +66,7 @@ for leg in "${legs[@]}"; do
   PID[$leg]="$LAST_PID"
 done
 for leg in "${legs[@]}"; do
-  wait_ready "http://127.0.0.1:${ADMIN[$leg]}/readyz"
+  wait_ok "http://127.0.0.1:${ADMIN[$leg]}/readyz" 10
   # one request each: the path works end to end, and the pools are open
   curl -fsS -o /dev/null -H @<(printf 'Proxy-Authorization: Bearer %s\n' "$(cat "$WORK/bench-key")") \
     "http://127.0.0.1:${PORT[$leg]}/" || die "leg $leg: no 200"
